@@ -1,0 +1,56 @@
+"""Shared fixtures: offline by construction, one local Ray cluster per test session."""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports ray / transformers / mlflow.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray cluster (2 CPUs, dashboard on: Train/Tune need the State API), shared by the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=True,
+                 dashboard_host="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from instalign.config import tiny
+
+    return tiny()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic dataset in the exact gRefCOCO on-disk layout."""
+    from instalign.data.synthetic import generate_grefcoco
+
+    root = tmp_path_factory.mktemp("synthetic_grefcoco")
+    generate_grefcoco(root, num_images=24, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared_dataset(synthetic_root, ray_local, tmp_path_factory):
+    """``synthetic_root`` prepared into sharded Parquet with Ray Data."""
+    from pipelines.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared") / "grefcoco"
+    prepare_dataset(dataset="grefcoco", root=synthetic_root, out=str(out), rows_per_shard=8)
+    return out
