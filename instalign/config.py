@@ -323,7 +323,7 @@ def tiny() -> Config:
     cfg.model.backbone = BackboneConfig(
         name="swin_tiny_patch4_window7_224",
         pretrained=False,
-        kwargs=dict(img_size=128, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 6), window_size=4),
+        kwargs=dict(img_size=128, embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 6], window_size=4),
     )
     cfg.model.text_encoder = TextEncoderConfig(name=TINY_TEXT_ENCODER, pretrained=False, max_tokens=20)
     cfg.model.pixel_decoder = PixelDecoderConfig(num_layers=1, num_heads=4, num_points=2, ffn_dim=64)
