@@ -18,15 +18,28 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray cluster (2 CPUs, dashboard on: Train/Tune need the State API), shared by the session."""
+def _ray_session_guard():
+    """Shuts Ray down once at the end of the session (if any test left it running)."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session_guard):
+    """A local Ray cluster (2 CPUs, dashboard on: Train/Tune need the State API).
+
+    Started on first use and kept for the session; a test that needs its own cluster
+    (multi-node) may ``ray.shutdown()`` it, and the next user of this fixture starts it again.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=True,
                  dashboard_host="127.0.0.1")
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +60,15 @@ def synthetic_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def prepared_dataset(synthetic_root, ray_local, tmp_path_factory):
+def prepared_dataset(synthetic_root, _ray_session_guard, tmp_path_factory):
     """``synthetic_root`` prepared into sharded Parquet with Ray Data."""
+    import ray
+
     from pipelines.prepare import prepare_dataset
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=True,
+                 dashboard_host="127.0.0.1")
 
     out = tmp_path_factory.mktemp("prepared") / "grefcoco"
     prepare_dataset(dataset="grefcoco", root=synthetic_root, out=str(out), rows_per_shard=8)
