@@ -1,0 +1,162 @@
+"""Search spaces for ``instalign tune``: YAML files in ``tune_spaces/``, validated on load.
+
+A space file::
+
+    base: paper            # preset or config YAML the trials start from
+    search: random         # random | grid | optuna
+    params:
+      loss.merged_weight: {type: loguniform, low: 1.25, high: 20.0}
+      model.num_queries:  {type: grid, values: [20, 50, 100, 200]}
+
+Keys are dotted paths of ``instalign.config.Config``; every sampled value is checked by
+building the config it would produce, so a bad key, range or switch value fails here, with
+the file and the key named, before any trial starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from instalign.config import PRESETS, Config, ConfigError, apply_overrides
+
+DISTRIBUTIONS = {"uniform", "loguniform", "randint", "choice", "grid"}
+SEARCHES = {"random", "grid", "optuna"}
+
+
+class SpaceError(ValueError):
+    """A search-space file is invalid; the message names the file and the key."""
+
+
+@dataclass
+class Param:
+    key: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] = field(default_factory=list)
+
+    def candidates(self) -> list[Any]:
+        """Values that stand for the whole range in validation (ends, or every listed value)."""
+        if self.type in ("choice", "grid"):
+            return list(self.values)
+        if self.type == "randint":
+            return [int(self.low), int(self.high) - 1]
+        return [self.low, self.high]
+
+
+@dataclass
+class SearchSpace:
+    path: str
+    base: str
+    search: str
+    params: list[Param]
+
+    @property
+    def is_grid(self) -> bool:
+        return any(p.type == "grid" for p in self.params)
+
+    def grid_size(self) -> int:
+        n = 1
+        for p in self.params:
+            if p.type == "grid":
+                n *= len(p.values)
+        return n
+
+    def to_param_space(self) -> dict[str, Any]:
+        """Ray Tune's ``param_space`` (dotted key → domain), for the random and grid searches."""
+        from ray import tune
+
+        space: dict[str, Any] = {}
+        for p in self.params:
+            if p.type == "uniform":
+                space[p.key] = tune.uniform(p.low, p.high)
+            elif p.type == "loguniform":
+                space[p.key] = tune.loguniform(p.low, p.high)
+            elif p.type == "randint":
+                space[p.key] = tune.randint(int(p.low), int(p.high))
+            elif p.type == "choice":
+                space[p.key] = tune.choice(p.values)
+            else:
+                space[p.key] = tune.grid_search(p.values)
+        return space
+
+
+def load_space(path: str | Path, base_config: Config | None = None) -> SearchSpace:
+    """Read and validate a space file against ``base_config`` (or the file's ``base`` preset)."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise SpaceError(f"{where}: no such search-space file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{where}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpaceError(f"{where}: expected a mapping with 'params'")
+    unknown = sorted(set(data) - {"base", "search", "params"})
+    if unknown:
+        raise SpaceError(f"{where}: unknown top-level key(s) {unknown}; expected base, search, params")
+    base = str(data.get("base", "paper"))
+    search = str(data.get("search", "random"))
+    if search not in SEARCHES:
+        raise SpaceError(f"{where}: search={search!r}; expected one of {sorted(SEARCHES)}")
+    raw = data.get("params")
+    if not isinstance(raw, dict) or not raw:
+        raise SpaceError(f"{where}: 'params' must be a non-empty mapping of dotted config keys")
+    if base_config is None:
+        if base not in PRESETS:
+            raise SpaceError(f"{where}: base={base!r} is not a preset ({sorted(PRESETS)}); pass --config")
+        base_config = PRESETS[base]()
+    valid_keys = set(base_config.flat())
+    params = [_parse_param(where, key, spec, valid_keys) for key, spec in raw.items()]
+    if search == "grid" and not all(p.type == "grid" for p in params):
+        raise SpaceError(f"{where}: search=grid needs every param of type grid")
+    if search == "optuna" and any(p.type == "grid" for p in params):
+        raise SpaceError(f"{where}: search=optuna cannot take grid params; use choice")
+    for p in params:  # each candidate value must build a valid config
+        for value in p.candidates():
+            try:
+                apply_overrides(base_config, [f"{p.key}={json.dumps(value)}"])
+            except ConfigError as e:
+                raise SpaceError(f"{where}: {p.key}={value!r} is not a valid config value: {e}") from None
+    return SearchSpace(path=where, base=base, search=search, params=params)
+
+
+def _parse_param(where: str, key: str, spec: Any, valid_keys: set[str]) -> Param:
+    at = f"{where}: params.{key}"
+    if key not in valid_keys:
+        raise SpaceError(f"{at}: unknown config key (see `instalign.config.Config().flat()`)")
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise SpaceError(f"{at}: expected {{type: ..., ...}}")
+    kind = spec["type"]
+    if kind not in DISTRIBUTIONS:
+        raise SpaceError(f"{at}: type={kind!r}; expected one of {sorted(DISTRIBUTIONS)}")
+    extra = sorted(set(spec) - ({"type", "values"} if kind in ("choice", "grid") else {"type", "low", "high"}))
+    if extra:
+        raise SpaceError(f"{at}: unexpected field(s) {extra} for type {kind}")
+    if kind in ("choice", "grid"):
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise SpaceError(f"{at}: 'values' must be a non-empty list")
+        return Param(key, kind, values=values)
+    low, high = spec.get("low"), spec.get("high")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise SpaceError(f"{at}: 'low' and 'high' must be numbers")
+    if not low < high:
+        raise SpaceError(f"{at}: low={low} must be < high={high}")
+    if kind == "loguniform" and low <= 0:
+        raise SpaceError(f"{at}: loguniform needs low > 0")
+    if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
+        raise SpaceError(f"{at}: randint bounds must be integers")
+    return Param(key, kind, low=float(low) if kind != "randint" else int(low),
+                 high=float(high) if kind != "randint" else int(high))
+
+
+def trial_overrides(trial_config: dict[str, Any]) -> list[str]:
+    """A sampled Tune config (dotted key → value) as ``key=value`` overrides (JSON is valid YAML)."""
+    return [f"{k}={json.dumps(v)}" for k, v in sorted(trial_config.items())]
