@@ -1,0 +1,269 @@
+"""MLflow behind ``instalign.tracking.Tracker`` (DESIGN §6.9): one run per training job.
+
+Who does what:
+
+* The **driver** resolves the tracking URI, creates the run (or, when a training job with
+  the same name is resumed, finds its run again by the ``instalign.run_name`` tag: one
+  MLflow run per job, however many times it restarts) and logs what is known before
+  training — every resolved config field as a param, git commit, dataset manifest hash,
+  system info, the config YAML and the manifest as artifacts. It ends the run.
+* **Rank 0** of the Train workers opens an :class:`MlflowTracker` on that run id and logs
+  per-step and per-epoch metrics and overlays into the same run. Other ranks get the
+  ``NullTracker``. Workers never end the run: a restarted worker group keeps logging into it.
+
+The tracking URI is resolved once, on the driver, and handed to workers explicitly: Train
+workers run with their cwd inside Ray's session directory, so MLflow's cwd-relative default
+(``sqlite:///mlflow.db``) would silently point each of them at a different, empty store.
+
+``mlflow`` is imported inside functions: this module is imported by ``instalign train
+--help`` and by every Train worker, and only rank 0 pays for the import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+log = logging.getLogger(__name__)
+
+#: Tag that identifies a training job across restarts and re-runs with the same ``--name``.
+RUN_NAME_TAG = "instalign.run_name"
+MANIFEST_HASH_TAG = "instalign.dataset_manifest_sha256"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own key: the UI shows it as "Source"
+
+_MAX_PARAM_VALUE = 6000
+_MAX_KEY = 250
+_BATCH = 100  # MLflow's limit on params/tags per log_batch call
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def resolve_tracking_uri(uri: Optional[str] = None) -> str:
+    """``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else an sqlite store in the cwd.
+
+    The default is absolute (``sqlite:////abs/cwd/mlflow.db``) so that it means the same
+    store in every process it is passed to.
+    """
+    if uri:
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def default_artifact_location(tracking_uri: str) -> Optional[str]:
+    """Where new experiments keep artifacts: ``<dir of the sqlite file>/mlruns`` for a local
+    sqlite store (as MLflow's own default, but absolute); the server's choice otherwise."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlruns").resolve().as_uri()
+    return None
+
+
+def metric_key(key: str) -> str:
+    """An MLflow-legal metric/param key (``Pr@0.7`` → ``Pr_0.7``)."""
+    return _BAD_KEY_CHARS.sub("_", str(key))[:_MAX_KEY]
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+    return text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The id of experiment ``name``, created (with an absolute artifact root) if missing."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri))
+
+
+def find_run(tracking_uri: str, experiment_id: str, run_name: str):
+    """The newest run of ``experiment_id`` tagged with ``run_name`` (``None`` if there is none)."""
+    client = _client(tracking_uri)
+    escaped = run_name.replace("'", "\\'")
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{escaped}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def start_or_resume_run(*, tracking_uri: str, experiment: str, run_name: str,
+                        tags: Optional[Mapping[str, Any]] = None) -> tuple[str, bool]:
+    """Create the job's MLflow run, or reopen the one a previous attempt of ``run_name`` made.
+
+    Returns:
+        ``(run_id, resumed)``; a resumed run is set back to ``RUNNING``.
+    """
+    client = _client(tracking_uri)
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    found = find_run(tracking_uri, experiment_id, run_name)
+    all_tags = {RUN_NAME_TAG: run_name, **{k: str(v) for k, v in (tags or {}).items()}}
+    if found is not None:
+        run_id = found.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        for key, value in all_tags.items():
+            client.set_tag(run_id, key, value)
+        client.set_tag(run_id, "instalign.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return run_id, True
+    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    return run.info.run_id, False
+
+
+class MlflowTracker:
+    """``instalign.tracking.Tracker`` writing into an existing MLflow run by id.
+
+    Args:
+        run_id: the run the driver created.
+        tracking_uri: the resolved (absolute) tracking URI.
+        owns_run: end the run in :meth:`close` (the driver); workers leave it open.
+    """
+
+    def __init__(self, *, run_id: str, tracking_uri: str, owns_run: bool = False) -> None:
+        import mlflow  # noqa: F401  (imported here so non-tracking ranks never pay for it)
+
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self._client = _client(tracking_uri)
+        self._owns_run = owns_run
+        self._closed = False
+
+    # --- Tracker protocol ---------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params; a key already on the run keeps its first value (MLflow params are
+        immutable) and a changed value is recorded as an ``instalign.param_changed.*`` tag."""
+        from mlflow.entities import Param, RunTag
+
+        existing = self._client.get_run(self.run_id).data.params
+        new, changed = [], []
+        for key, value in params.items():
+            key, text = metric_key(key), _param_value(value)
+            if key not in existing:
+                new.append(Param(key, text))
+            elif existing[key] != text:
+                changed.append(RunTag(f"instalign.param_changed.{key}"[:_MAX_KEY], f"{existing[key]} -> {text}"[:5000]))
+        for i in range(0, len(new), _BATCH):
+            self._client.log_batch(self.run_id, params=new[i:i + _BATCH])
+        for i in range(0, len(changed), _BATCH):
+            self._client.log_batch(self.run_id, tags=changed[i:i + _BATCH])
+        if changed:
+            log.warning("MLflow run %s: %d param(s) differ from the first attempt's and keep their first value: %s",
+                        self.run_id, len(changed), ", ".join(t.key for t in changed))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            value = float(value)
+            if math.isfinite(value):  # MLflow stores NaN, but plots and comparisons choke on it
+                batch.append(Metric(metric_key(key), value, now, int(step)))
+        for i in range(0, len(batch), 1000):
+            self._client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+
+    def log_artifact(self, path: Union[str, Path], artifact_path: Optional[str] = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.is_file():
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        else:
+            raise FileNotFoundError(f"MlflowTracker.log_artifact: {path} does not exist")
+
+    def log_image(self, image: Any, name: str) -> None:
+        self._client.log_image(self.run_id, image, artifact_file=name)
+
+    def close(self) -> None:
+        if self._owns_run and not self._closed:
+            self._client.set_terminated(self.run_id, "FINISHED")
+        self._closed = True
+
+    # --- beyond the protocol ------------------------------------------------------------
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k[:_MAX_KEY], str(v)[:5000]) for k, v in tags.items()]
+        for i in range(0, len(items), _BATCH):
+            self._client.log_batch(self.run_id, tags=items[i:i + _BATCH])
+
+    def log_dict(self, data: Any, name: str) -> None:
+        """A JSON (``.json``) or YAML (``.yaml``) artifact from an in-memory object."""
+        self._client.log_dict(self.run_id, data, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._client.log_text(self.run_id, text, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run with ``status`` (``FINISHED``, ``FAILED``, ``KILLED``)."""
+        self._client.set_terminated(self.run_id, status)
+        self._closed = True
+
+    def __enter__(self) -> "MlflowTracker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- what the driver records ---------------------------------------------------------------
+
+def git_commit(path: Union[str, Path, None] = None) -> Optional[str]:
+    """HEAD of the git checkout containing ``path`` (this package by default), or ``None``;
+    ``-dirty`` appended when tracked files have uncommitted changes."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def system_info() -> dict[str, Any]:
+    """Versions and hardware of the driver machine (the workers' are logged by rank 0)."""
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    for mod in ("ray", "mlflow", "timm", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is just not recorded
+            info[mod] = None
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info

@@ -1,0 +1,115 @@
+"""MlflowTracker and the driver-side run bookkeeping, against a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from instalign.tracking import NullTracker, Tracker, report_to
+from pipelines.tracking_mlflow import (
+    RUN_NAME_TAG,
+    MlflowTracker,
+    default_artifact_location,
+    file_sha256,
+    git_commit,
+    metric_key,
+    resolve_tracking_uri,
+    start_or_resume_run,
+)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_resolve_tracking_uri_is_absolute_and_env_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = resolve_tracking_uri()
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert default_artifact_location(uri) == (tmp_path.resolve() / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri() == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
+    assert default_artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_metric_key_sanitises_only_illegal_characters():
+    assert metric_key("Pr@0.7") == "Pr_0.7"
+    assert metric_key("val/gIoU") == "val/gIoU"
+    assert metric_key("loss_mask_3") == "loss_mask_3"
+
+
+def test_one_run_per_name_and_tracker_logs_everything(store, tmp_path):
+    from mlflow import MlflowClient
+
+    run_id, resumed = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="job-1",
+                                          tags={"k": "v"})
+    assert not resumed
+    tracker = MlflowTracker(run_id=run_id, tracking_uri=store)
+    assert isinstance(tracker, Tracker)
+    tracker.log_params({"model.num_queries": 8, "model.backbone.kwargs": {"depths": [1, 1]}, "x": "a"})
+    report = report_to(tracker, prefix="train/")
+    report({"loss": 1.5, "nan_metric": float("nan"), "Pr@0.7": 0.25}, 3)
+    tracker.log_metrics({"loss": 1.0}, step=4)
+    (tmp_path / "cfg.yaml").write_text("a: 1\n")
+    tracker.log_artifact(tmp_path / "cfg.yaml")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "f.txt").write_text("hi")
+    tracker.log_artifact(tmp_path / "dir", artifact_path="bundle")
+    tracker.log_image(np.zeros((8, 8, 3), dtype=np.uint8), "overlays/epoch_000/0.png")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        tracker.log_artifact(tmp_path / "missing.txt")
+    tracker.close()  # a worker-side tracker does not end the run
+
+    client = MlflowClient(tracking_uri=store)
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING"
+    assert run.data.tags[RUN_NAME_TAG] == "job-1" and run.data.tags["k"] == "v"
+    assert run.data.params["model.num_queries"] == "8"
+    assert run.data.params["model.backbone.kwargs"] == '{"depths": [1, 1]}'
+    assert run.data.metrics["train/Pr_0.7"] == 0.25
+    assert "train/nan_metric" not in run.data.metrics
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(3, 1.5)]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"cfg.yaml", "bundle", "overlays"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "overlays/epoch_000")] == ["overlays/epoch_000/0.png"]
+
+    # The same name again (a resumed job) reopens the same run; changed params keep their
+    # first value and are flagged, new ones are added.
+    client.set_terminated(run_id, "FAILED")
+    again, resumed = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="job-1")
+    assert (again, resumed) == (run_id, True)
+    owner = MlflowTracker(run_id=again, tracking_uri=store, owns_run=True)
+    owner.log_params({"model.num_queries": 16, "train.max_steps": 9})
+    owner.close()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.num_queries"] == "8" and run.data.params["train.max_steps"] == "9"
+    assert run.data.tags["instalign.param_changed.model.num_queries"] == "8 -> 16"
+    # A different name is a different run.
+    other, resumed = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="job-2")
+    assert other != run_id and not resumed
+
+
+def test_null_tracker_is_a_tracker():
+    assert isinstance(NullTracker(), Tracker)
+
+
+def test_driver_metadata_helpers(tmp_path):
+    f = tmp_path / "m.json"
+    f.write_bytes(b"{}")
+    assert file_sha256(f) == "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+    commit = git_commit()
+    assert commit is None or len(commit.split("-")[0]) == 40
+    assert git_commit(tmp_path) is None  # not a checkout
+
+
+def test_pipelines_tracking_does_not_leak_mlflow_into_instalign():
+    code = "import instalign, instalign.tracking, sys; assert 'mlflow' not in sys.modules and 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
