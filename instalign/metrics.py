@@ -1,0 +1,220 @@
+"""GRES and Ref-ZOM metrics with the official semantics (DESIGN §4; paper §4.1).
+
+Results must be comparable with published numbers, so these follow ReLA's gRefCOCO
+evaluator (``refer_evaluation.py``) sample by sample. No-target is the *positive* class:
+
+============================  =========  =====================================  ==============
+GT / prediction               outcome    IoU of the sample (into gIoU)          into ΣI, ΣU
+============================  =========  =====================================  ==============
+no-target / no-target         TP         1                                      nothing
+no-target / mask              FN         0                                      U += |pred|
+targets / no-target           FP         0 (the mask counts as empty)           U += |gt|
+targets / mask                TN         |pred ∩ gt| / |pred ∪ gt|              I, U as usual
+============================  =========  =====================================  ==============
+
+* **gIoU** = mean per-sample IoU over all samples; **cIoU** = ΣI / ΣU;
+  **N_acc** = TP / (TP + FN); **T_acc** = TN / (TN + FP);
+  **Pr@0.7/0.8/0.9** = share of *targeted* samples with IoU ≥ the threshold.
+* A predicted no-target flag means an empty predicted mask (the model's inference rule,
+  DESIGN §1), so in the FP row ``|pred ∪ gt| = |gt|``. ReLA unions the raw mask there;
+  the two agree whenever a flagged prediction's mask is empty, as InstAlign's is.
+* A targeted sample whose GT and prediction are both empty (an object lost to resizing)
+  has IoU 0, as in ReLA (``0 if U == 0``).
+
+Ref-ZOM (``RefZOMMetrics``): **mIoU** and **oIoU** (= ΣI / ΣU) over samples *with*
+targets only; **Acc** = share of no-target samples whose predicted mask is empty (a
+predicted no-target flag empties the mask).
+
+All values are percentages. A metric whose denominator is zero (no samples of that
+kind yet, e.g. N_acc on a split without no-target expressions) is reported as NaN —
+never 0, which would read as a real score — and nothing raises.
+
+Accumulators are plain Python sums (``state_dict``), so evaluation can run in many
+workers or batches and be ``merge``-d, or shipped across process boundaries.
+
+Inputs to ``update``: boolean (or integer, non-zero = True) torch tensors or numpy
+arrays: masks (B, H, W), flags (B,). Letters: B batch, H×W the evaluation resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ArrayLike = Union[Tensor, np.ndarray]
+
+#: ReLA's precision thresholds.
+PR_THRESHOLDS = (0.7, 0.8, 0.9)
+
+
+def _as_bool_tensor(x: ArrayLike, name: str, device: torch.device | None) -> Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex:
+        raise TypeError(f"{name}: expected boolean values, got {x.dtype}; threshold probabilities first")
+    x = x if x.dtype == torch.bool else x != 0
+    return x.to(device) if device is not None else x
+
+
+def _per_sample(pred_masks: ArrayLike, pred_no_target: ArrayLike, gt_masks: ArrayLike,
+                gt_no_target: ArrayLike) -> list[tuple[int, int, int, bool, bool]]:
+    """Per-sample ``(I, U, |pred|, pred_nt, gt_nt)`` with one device→host copy.
+
+    The predicted mask is emptied where the no-target flag is set. I and U are of that
+    effective mask against the GT; ``|pred|`` is the effective predicted area.
+    """
+    pred = _as_bool_tensor(pred_masks, "pred_masks", None)
+    device = pred.device
+    gt = _as_bool_tensor(gt_masks, "gt_masks", device)
+    pred_nt = _as_bool_tensor(pred_no_target, "pred_no_target", device)
+    gt_nt = _as_bool_tensor(gt_no_target, "gt_no_target", device)
+    if pred.dim() != 3 or gt.shape != pred.shape:
+        raise ValueError(f"masks must both be (B, H, W) of one shape: pred_masks {tuple(pred.shape)}, "
+                         f"gt_masks {tuple(gt.shape)}")
+    b = pred.shape[0]
+    if pred_nt.shape != (b,) or gt_nt.shape != (b,):
+        raise ValueError(f"no-target flags must be ({b},): pred_no_target {tuple(pred_nt.shape)}, "
+                         f"gt_no_target {tuple(gt_nt.shape)}")
+    pred = pred & ~pred_nt[:, None, None]  # a predicted no-target means an empty mask
+    inter = (pred & gt).flatten(1).sum(1)  # (B,)
+    union = (pred | gt).flatten(1).sum(1)
+    area = pred.flatten(1).sum(1)
+    gt_area = gt.flatten(1).sum(1)
+    rows = torch.stack([inter, union, area, gt_area, pred_nt.long(), gt_nt.long()], 1).cpu().tolist()
+    out = []
+    for i, (i_, u, a, g, p_nt, g_nt) in enumerate(rows):
+        if g_nt and g:
+            raise ValueError(f"sample {i} of the batch is labelled no-target but its GT mask has {g} pixels")
+        out.append((int(i_), int(u), int(a), bool(p_nt), bool(g_nt)))
+    return out
+
+
+def _ratio(num: float, den: float) -> float:
+    """100·num/den, NaN when the denominator is 0 (the metric is undefined)."""
+    return 100.0 * num / den if den else math.nan
+
+
+class _Accumulator:
+    """Shared plain-sum state handling; subclasses define ``_KEYS``, ``update`` and ``compute``."""
+
+    _KEYS: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._state: dict[str, Union[int, float]] = {k: (0.0 if k == "iou_sum" else 0) for k in self._KEYS}
+
+    def state_dict(self) -> dict[str, Union[int, float]]:
+        """Plain Python numbers: picklable, JSON-able, summable across workers."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing, unknown = set(self._KEYS) - set(state), set(state) - set(self._KEYS)
+        if missing or unknown:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {sorted(missing)}, "
+                             f"unknown keys {sorted(unknown)}")
+        self._state = {k: (float(state[k]) if k == "iou_sum" else int(state[k])) for k in self._KEYS}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]):
+        metrics = cls()
+        metrics.load_state_dict(state)
+        return metrics
+
+    def merge(self, other: "_Accumulator"):
+        """Add another accumulator's sums into this one (other workers, other batches)."""
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        for k in self._KEYS:
+            self._state[k] += other._state[k]
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._state})"
+
+
+class GRESMetrics(_Accumulator):
+    """gRefCOCO metrics (ReLA): cIoU, gIoU, N_acc, T_acc, Pr@0.7/0.8/0.9."""
+
+    _KEYS = ("samples", "targeted", "no_target", "tp", "fn", "fp", "tn", "inter", "union", "iou_sum",
+             *(f"pr@{t}" for t in PR_THRESHOLDS))
+
+    def update(self, pred_masks: ArrayLike, pred_no_target: ArrayLike, gt_masks: ArrayLike,
+               gt_no_target: ArrayLike) -> None:
+        """Add a batch: masks (B, H, W) and flags (B,), boolean."""
+        s = self._state
+        for inter, union, area, pred_nt, gt_nt in _per_sample(pred_masks, pred_no_target, gt_masks, gt_no_target):
+            s["samples"] += 1
+            if gt_nt:
+                s["no_target"] += 1
+                if pred_nt:  # TP: IoU 1, nothing into ΣI/ΣU
+                    s["tp"] += 1
+                    s["iou_sum"] += 1.0
+                else:  # FN: IoU 0, the predicted area is all union
+                    s["fn"] += 1
+                    s["union"] += area
+                continue
+            s["targeted"] += 1
+            if pred_nt:  # FP: the mask is empty, so I = 0 and U = |gt|
+                s["fp"] += 1
+            else:
+                s["tn"] += 1
+            iou = inter / union if union else 0.0
+            s["inter"] += inter
+            s["union"] += union
+            s["iou_sum"] += iou
+            for t in PR_THRESHOLDS:
+                s[f"pr@{t}"] += int(iou >= t)
+
+    def compute(self) -> dict[str, float]:
+        """Percentages; NaN where the denominator is 0."""
+        s = self._state
+        out = {
+            "cIoU": _ratio(s["inter"], s["union"]),
+            "gIoU": _ratio(s["iou_sum"], s["samples"]),
+            "N_acc": _ratio(s["tp"], s["tp"] + s["fn"]),
+            "T_acc": _ratio(s["tn"], s["tn"] + s["fp"]),
+        }
+        for t in PR_THRESHOLDS:
+            out[f"Pr@{t}"] = _ratio(s[f"pr@{t}"], s["targeted"])
+        return out
+
+
+class RefZOMMetrics(_Accumulator):
+    """Ref-ZOM metrics: mIoU and oIoU over targeted samples, Acc over no-target samples."""
+
+    _KEYS = ("samples", "targeted", "no_target", "inter", "union", "iou_sum", "nt_correct")
+
+    def update(self, pred_masks: ArrayLike, pred_no_target: ArrayLike, gt_masks: ArrayLike,
+               gt_no_target: ArrayLike) -> None:
+        """Add a batch: masks (B, H, W) and flags (B,), boolean."""
+        s = self._state
+        for inter, union, area, _, gt_nt in _per_sample(pred_masks, pred_no_target, gt_masks, gt_no_target):
+            s["samples"] += 1
+            if gt_nt:
+                s["no_target"] += 1
+                s["nt_correct"] += int(area == 0)  # the (flag-emptied) predicted mask is empty
+                continue
+            s["targeted"] += 1
+            s["inter"] += inter
+            s["union"] += union
+            s["iou_sum"] += inter / union if union else 0.0
+
+    def compute(self) -> dict[str, float]:
+        """Percentages; NaN where the denominator is 0."""
+        s = self._state
+        return {
+            "mIoU": _ratio(s["iou_sum"], s["targeted"]),
+            "oIoU": _ratio(s["inter"], s["union"]),
+            "Acc": _ratio(s["nt_correct"], s["no_target"]),
+        }
+
+
+__all__ = ["GRESMetrics", "PR_THRESHOLDS", "RefZOMMetrics"]

@@ -1,0 +1,172 @@
+"""GRES / Ref-ZOM metrics against hand-computed cases (DESIGN §4, ReLA's semantics)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from instalign.metrics import GRESMetrics, RefZOMMetrics
+
+H = W = 4
+
+
+def mask(*cells: tuple[int, int]) -> np.ndarray:
+    """A 4×4 boolean mask with the given (row, col) cells set."""
+    m = np.zeros((H, W), dtype=bool)
+    for r, c in cells:
+        m[r, c] = True
+    return m
+
+
+EMPTY = mask()
+ROW0 = mask((0, 0), (0, 1), (0, 2), (0, 3))  # 4 px
+ROW0_3 = mask((0, 0), (0, 1), (0, 2))  # 3 px, inside ROW0
+ROW0_5 = mask((0, 0), (0, 1), (0, 2), (0, 3), (1, 0))  # 5 px, contains ROW0
+
+# One sample per outcome, with what ReLA's evaluator gives for each.
+#          pred mask                              pred_nt  gt mask  gt_nt
+GRES_CASES = [
+    (EMPTY, True, EMPTY, True),  # TP: IoU 1, nothing into I/U
+    (mask((3, 0), (3, 1), (3, 2)), False, EMPTY, True),  # FN: IoU 0, U += 3
+    (mask((0, 0), (0, 1), (2, 2), (2, 3), (3, 3), (1, 1)), True, ROW0, False),  # FP: mask emptied → I 0, U 4
+    (mask((0, 0), (0, 1), (0, 2), (1, 1)), False, ROW0, False),  # TN: I 3, U 5, IoU 0.6
+    (mask((2, 2), (2, 3)), False, mask((2, 2), (2, 3)), False),  # TN: I 2, U 2, IoU 1
+    (ROW0, False, ROW0_5, False),  # TN: I 4, U 5, IoU 0.8 (exactly the Pr@0.8 threshold)
+]
+
+
+def stack(cases, start=0, stop=None):
+    cases = cases[start:stop]
+    return (np.stack([c[0] for c in cases]), np.array([c[1] for c in cases]),
+            np.stack([c[2] for c in cases]), np.array([c[3] for c in cases]))
+
+
+def test_gres_every_branch_by_hand():
+    m = GRESMetrics()
+    m.update(*stack(GRES_CASES))
+    s = m.state_dict()
+    assert (s["tp"], s["fn"], s["fp"], s["tn"]) == (1, 1, 1, 3)
+    assert (s["samples"], s["targeted"], s["no_target"]) == (6, 4, 2)
+    assert s["inter"] == 0 + 3 + 2 + 4
+    assert s["union"] == 3 + 4 + 5 + 2 + 5
+    r = m.compute()
+    assert r["cIoU"] == pytest.approx(100 * 9 / 19)
+    assert r["gIoU"] == pytest.approx(100 * (1 + 0 + 0 + 0.6 + 1 + 0.8) / 6)
+    assert r["N_acc"] == pytest.approx(50.0)  # TP / (TP + FN) = 1 / 2
+    assert r["T_acc"] == pytest.approx(75.0)  # TN / (TN + FP) = 3 / 4
+    assert r["Pr@0.7"] == pytest.approx(50.0)  # IoUs of targeted samples: 0, 0.6, 1, 0.8
+    assert r["Pr@0.8"] == pytest.approx(50.0)  # ≥, so 0.8 counts
+    assert r["Pr@0.9"] == pytest.approx(25.0)
+
+
+def test_gres_false_positive_treats_flagged_mask_as_empty():
+    # The raw mask overlaps the GT by 2 px and covers 6: with the flag it must not count.
+    pred = mask((0, 0), (0, 1), (2, 0), (2, 1), (2, 2), (2, 3))
+    m = GRESMetrics()
+    m.update(pred[None], np.array([True]), ROW0[None], np.array([False]))
+    assert m.state_dict()["inter"] == 0 and m.state_dict()["union"] == 4
+    r = m.compute()
+    assert r["cIoU"] == 0.0 and r["gIoU"] == 0.0 and r["T_acc"] == 0.0
+    assert math.isnan(r["N_acc"])  # no no-target samples: undefined, not 0
+
+
+def test_gres_undefined_denominators_are_nan_and_never_raise():
+    r = GRESMetrics().compute()
+    assert all(math.isnan(v) for v in r.values())
+    m = GRESMetrics()
+    m.update(EMPTY[None], np.array([True]), EMPTY[None], np.array([True]))  # one TP only
+    r = m.compute()
+    assert r["gIoU"] == 100.0 and r["N_acc"] == 100.0
+    assert math.isnan(r["cIoU"]) and math.isnan(r["T_acc"]) and math.isnan(r["Pr@0.7"])
+
+
+def test_targeted_sample_with_empty_union_has_iou_zero():
+    m = GRESMetrics()
+    m.update(EMPTY[None], np.array([False]), EMPTY[None], np.array([False]))
+    r = m.compute()
+    assert r["gIoU"] == 0.0 and r["T_acc"] == 100.0 and math.isnan(r["cIoU"])
+
+
+def test_gres_merge_of_halves_equals_one_pass():
+    one = GRESMetrics()
+    one.update(*stack(GRES_CASES))
+    a, b = GRESMetrics(), GRESMetrics()
+    a.update(*stack(GRES_CASES, 0, 3))
+    b.update(*stack(GRES_CASES, 3))
+    merged = a.merge(b)
+    assert merged.state_dict() == pytest.approx(one.state_dict())
+    assert merged.compute() == pytest.approx(one.compute())
+
+
+def test_gres_state_crosses_process_boundaries():
+    m = GRESMetrics()
+    m.update(*stack(GRES_CASES))
+    state = json.loads(json.dumps(m.state_dict()))  # plain numbers only
+    again = GRESMetrics.from_state(state)
+    assert again.compute() == pytest.approx(m.compute())
+    fresh = GRESMetrics()
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == m.state_dict()
+    with pytest.raises(ValueError, match="missing keys"):
+        GRESMetrics.from_state({k: v for k, v in state.items() if k != "tp"})
+    with pytest.raises(TypeError):
+        GRESMetrics().merge(RefZOMMetrics())
+
+
+def test_numpy_and_torch_inputs_agree():
+    rng = np.random.default_rng(0)
+    pred = rng.random((8, 16, 16)) > 0.5
+    gt = rng.random((8, 16, 16)) > 0.6
+    gt_nt = np.array([0, 1, 0, 0, 1, 0, 0, 0], dtype=bool)
+    gt[gt_nt] = False
+    pred_nt = np.array([0, 1, 1, 0, 0, 0, 0, 1], dtype=bool)
+    for cls in (GRESMetrics, RefZOMMetrics):
+        a, b, c = cls(), cls(), cls()
+        a.update(pred, pred_nt, gt, gt_nt)
+        b.update(torch.from_numpy(pred), torch.from_numpy(pred_nt), torch.from_numpy(gt), torch.from_numpy(gt_nt))
+        # Integer masks are read as non-zero = True.
+        c.update(pred.astype(np.uint8), pred_nt.astype(np.int64), torch.from_numpy(gt).long(), gt_nt)
+        assert a.state_dict() == b.state_dict() == c.state_dict()
+
+
+def test_bad_inputs_get_clear_errors():
+    m = GRESMetrics()
+    with pytest.raises(TypeError, match="threshold"):
+        m.update(np.zeros((1, 4, 4), dtype=np.float32), np.array([False]), ROW0[None], np.array([False]))
+    with pytest.raises(ValueError, match="one shape"):
+        m.update(np.zeros((1, 4, 5), dtype=bool), np.array([False]), ROW0[None], np.array([False]))
+    with pytest.raises(ValueError, match=r"flags must be \(1,\)"):
+        m.update(ROW0[None], np.array([False, True]), ROW0[None], np.array([False]))
+    with pytest.raises(ValueError, match="labelled no-target but its GT mask has 4 pixels"):
+        m.update(ROW0[None], np.array([False]), ROW0[None], np.array([True]))
+    assert m.state_dict()["samples"] == 0  # nothing half-added
+
+
+def test_refzom_by_hand():
+    cases = [
+        (mask((0, 0), (0, 1), (0, 2), (1, 1)), False, ROW0, False),  # targeted: I 3, U 5
+        (ROW0_3, True, ROW0, False),  # targeted, flagged: mask emptied → I 0, U 4
+        (EMPTY, False, EMPTY, True),  # no-target, empty prediction: correct
+        (mask((3, 3), (3, 2)), False, EMPTY, True),  # no-target, 2 px predicted: wrong
+        (mask((3, 3), (3, 2)), True, EMPTY, True),  # no-target, flagged: emptied, correct
+    ]
+    m = RefZOMMetrics()
+    m.update(*stack(cases))
+    s = m.state_dict()
+    assert (s["samples"], s["targeted"], s["no_target"], s["nt_correct"]) == (5, 2, 3, 2)
+    r = m.compute()
+    assert r["mIoU"] == pytest.approx(100 * (0.6 + 0.0) / 2)
+    assert r["oIoU"] == pytest.approx(100 * 3 / 9)
+    assert r["Acc"] == pytest.approx(100 * 2 / 3)
+
+    a, b = RefZOMMetrics(), RefZOMMetrics()
+    a.update(*stack(cases, 0, 2))
+    b.update(*stack(cases, 2))
+    assert a.merge(b).state_dict() == pytest.approx(s)
+    only_targets = RefZOMMetrics()
+    only_targets.update(*stack(cases, 0, 2))
+    assert math.isnan(only_targets.compute()["Acc"])
