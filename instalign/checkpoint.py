@@ -1,0 +1,275 @@
+"""Checkpoints as self-contained directories, without pickles.
+
+A checkpoint is a directory that loads offline anywhere::
+
+    config.yaml                    the resolved Config (Config.to_yaml)
+    model.safetensors              the weights (the bare model under DDP / torch.compile)
+    text_encoder/                  the text encoder's Hugging Face config + tokenizer files
+                                   (save_pretrained), so no hub access is ever needed
+    training_state.safetensors     optional: optimizer tensors, RNG states
+    training_state.json            optional: everything else (param groups, scheduler,
+                                   step, epoch, best metric, ...) with tensor placeholders
+
+``load_model`` rebuilds the architecture with pretrained weights OFF (backbone
+``pretrained=False``; text encoder from ``<dir>/text_encoder`` with ``pretrained=False``)
+and loads the safetensors strictly, so the result is exactly what was saved. Nothing is
+ever unpickled: the optimizer and scheduler state go through a small JSON encoder whose
+tensors live in safetensors (``torch.load`` is not used at all).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model as _st_load_model, save_file, save_model as _st_save_model
+from torch import nn
+
+from instalign.config import Config, ConfigError, load_config
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_model", "load_training_state", "checkpoint_files",
+           "unwrap_model", "CONFIG_FILE", "WEIGHTS_FILE", "TEXT_ENCODER_DIR", "STATE_TENSORS_FILE", "STATE_JSON_FILE"]
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+TEXT_ENCODER_DIR = "text_encoder"
+STATE_TENSORS_FILE = "training_state.safetensors"
+STATE_JSON_FILE = "training_state.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint directory is missing, incomplete or does not match the model."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model under ``DistributedDataParallel`` (``.module``) or ``torch.compile``."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _hf_text_model(model: nn.Module):
+    """The Hugging Face ``PreTrainedModel`` inside the model (its config is what we save)."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    raise CheckpointError("save_checkpoint: the model contains no transformers.PreTrainedModel text encoder")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# --- a tiny pickle-free encoder: JSON structure + named tensors ------------------------------
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not any(k.startswith("__") and k.endswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{where}.{k}") for k, v in obj.items()}
+        # int keys (optimizer state is keyed by parameter index) must survive JSON.
+        return {"__items__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"training state at {where}: cannot store a {type(obj).__name__} without pickling; "
+                    "pass tensors, numbers, strings, lists or dicts")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- save ------------------------------------------------------------------------------------
+
+def save_checkpoint(directory: Union[str, Path], model: nn.Module, cfg: Config, *, tokenizer: Any = None,
+                    optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None,
+                    **state: Any) -> Path:
+    """Write a checkpoint directory (see the module docstring) and return its path.
+
+    Args:
+        model: the model, possibly DDP-wrapped or compiled; the bare weights are saved.
+        cfg: the run's resolved config, stored as ``config.yaml``.
+        tokenizer: saved under ``text_encoder/``; when ``None`` it is loaded from
+            ``cfg.model.text_encoder`` (which must then be available offline).
+        optimizer, scheduler: when given, the training state is saved with their state.
+        **state: extra training state (``step``, ``epoch``, ``best_metric``, ...): numbers,
+            strings, lists, dicts or tensors — nothing that needs pickling.
+
+    ``config.yaml`` is written last, so a directory without it is visibly incomplete.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = unwrap_model(model)
+
+    weights_tmp = directory / f".{WEIGHTS_FILE}.tmp"
+    _st_save_model(model, str(weights_tmp), metadata={"format": "instalign", "version": str(FORMAT_VERSION)})
+    os.replace(weights_tmp, directory / WEIGHTS_FILE)
+
+    text_dir = directory / TEXT_ENCODER_DIR
+    text_dir.mkdir(exist_ok=True)
+    _hf_text_model(model).config.save_pretrained(text_dir)
+    if tokenizer is None:
+        from instalign.modeling.text_encoder import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.text_encoder)
+    tokenizer.save_pretrained(text_dir)
+
+    if optimizer is not None or scheduler is not None or state:
+        tensors: dict[str, torch.Tensor] = {}
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "optimizer": _encode(optimizer.state_dict(), tensors, "optimizer") if optimizer is not None else None,
+            "scheduler": _encode(scheduler.state_dict(), tensors, "scheduler") if scheduler is not None else None,
+            "rng": _encode(_rng_state(), tensors, "rng"),
+            "state": _encode(state, tensors, "state"),
+        }
+        tmp = directory / f".{STATE_TENSORS_FILE}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, directory / STATE_TENSORS_FILE)
+        _atomic_write_bytes(directory / STATE_JSON_FILE, json.dumps(payload).encode())
+
+    _atomic_write_bytes(directory / CONFIG_FILE, cfg.to_yaml().encode())
+    return directory
+
+
+# --- load ------------------------------------------------------------------------------------
+
+def checkpoint_files(directory: Union[str, Path]) -> dict[str, Path]:
+    """The required files of a checkpoint; raises ``CheckpointError`` naming what is missing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory}: not a directory")
+    required = {
+        "config": directory / CONFIG_FILE,
+        "weights": directory / WEIGHTS_FILE,
+        "text_encoder_config": directory / TEXT_ENCODER_DIR / "config.json",
+        "tokenizer_config": directory / TEXT_ENCODER_DIR / "tokenizer_config.json",
+    }
+    missing = [str(p.relative_to(directory)) for p in required.values() if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} is incomplete: missing {', '.join(missing)}")
+    return required
+
+
+def _loading_config(cfg: Config, directory: Path) -> Config:
+    """``cfg`` with every pretrained-weight source turned off and the text encoder local."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.backbone.pretrained = False
+    cfg.model.text_encoder.name = str((directory / TEXT_ENCODER_DIR).resolve())
+    cfg.model.text_encoder.pretrained = False
+    return cfg
+
+
+def load_model(directory: Union[str, Path], device: Union[str, torch.device] = "cpu") -> tuple[nn.Module, Config]:
+    """Rebuild the model from a checkpoint directory and load its weights strictly.
+
+    Returns:
+        ``(model, cfg)``: the model in eval mode on ``device``; ``cfg`` is the saved config
+        with pretrained sources off and ``model.text_encoder.name`` pointing at
+        ``<dir>/text_encoder``, so ``load_tokenizer(cfg.model.text_encoder)`` and
+        ``build_model(cfg.model)`` work offline.
+    """
+    from instalign.modeling.builders import build_model
+
+    directory = Path(directory)
+    files = checkpoint_files(directory)
+    try:
+        saved = load_config(files["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {directory}: {CONFIG_FILE} is not a valid config: {e}") from None
+    cfg = _loading_config(saved, directory)
+    model = build_model(cfg.model)
+    try:
+        missing, unexpected = _st_load_model(model, str(files["weights"]), strict=False, device="cpu")
+    except Exception as e:  # safetensors raises several types for corrupt files / shape mismatches
+        raise CheckpointError(f"checkpoint {directory}: cannot load {WEIGHTS_FILE}: {e}") from e
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {directory}: {WEIGHTS_FILE} does not match the architecture in {CONFIG_FILE}: "
+            f"missing keys {sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}")
+    return model.to(device).eval(), cfg
+
+
+def load_training_state(directory: Union[str, Path], optimizer: Optional[torch.optim.Optimizer] = None,
+                        scheduler: Any = None, *, restore_rng: bool = True) -> dict[str, Any]:
+    """Restore optimizer / scheduler / RNG state in place; return the extra ``**state`` saved.
+
+    The optimizer must have been built the same way (same parameter groups) as when saved.
+    """
+    directory = Path(directory)
+    paths = [directory / STATE_JSON_FILE, directory / STATE_TENSORS_FILE]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} has no training state: missing {', '.join(missing)}")
+    try:
+        payload = json.loads(paths[0].read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {directory}: {STATE_JSON_FILE} is not valid JSON: {e}") from None
+    tensors = load_file(str(paths[1]))
+    if optimizer is not None:
+        if payload.get("optimizer") is None:
+            raise CheckpointError(f"checkpoint {directory}: {STATE_JSON_FILE} holds no optimizer state")
+        optimizer.load_state_dict(_decode(payload["optimizer"], tensors))
+    if scheduler is not None:
+        if payload.get("scheduler") is None:
+            raise CheckpointError(f"checkpoint {directory}: {STATE_JSON_FILE} holds no scheduler state")
+        scheduler.load_state_dict(_decode(payload["scheduler"], tensors))
+    if restore_rng and payload.get("rng") is not None:
+        _set_rng_state(_decode(payload["rng"], tensors))
+    return _decode(payload["state"], tensors)

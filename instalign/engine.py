@@ -1,0 +1,240 @@
+"""The plain training and evaluation loops (DESIGN §6.7) and inference post-processing (§1).
+
+One explicit loop in pure PyTorch, no Trainer class and no callback framework (torchtune's
+recipes, nanoGPT's ``train.py``): batches in, a ``report(metrics, step)`` callable out.
+Ray Train wraps these functions in ``pipelines/train.py``; the tests and the laptop
+quickstart call them with a list of batches.
+
+Post-processing follows the paper's inference rule (§3.6, eqs. 8 and 12): if the no-target
+probability p̂_nt > 0.5 the output mask is empty; otherwise the merged mask M_merged > 0.5,
+upsampled to the evaluation size. Letters: B batch, N queries, L tokens, H×W the stride-4
+mask grid, S the square input side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from instalign.data.batch import Batch
+from instalign.data.transforms import GRESTransform
+from instalign.metrics import GRESMetrics
+from instalign.modeling.outputs import BlockPrediction, InstAlignOutput
+
+__all__ = ["resolve_precision", "autocast", "train_one_epoch", "postprocess", "evaluate", "forward_batch"]
+
+Report = Callable[[dict, int], None]
+
+
+def resolve_precision(cfg_precision: str, device: Union[torch.device, str]) -> str:
+    """``auto`` → ``bf16`` on a CUDA device that supports it, else ``fp32``.
+
+    An explicit ``bf16`` is honoured on any device (CPU autocast exists, just slow); on a
+    CUDA device without bf16 support it is an error rather than a silent fp32 run.
+    """
+    device = torch.device(device)
+    if cfg_precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision={cfg_precision!r}: expected one of ['auto', 'bf16', 'fp32']")
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if cfg_precision == "auto":
+        return "bf16" if cuda_bf16 else "fp32"
+    if cfg_precision == "bf16" and device.type == "cuda" and not cuda_bf16:
+        raise ValueError(f"precision='bf16' requested but {device} does not support bfloat16")
+    return cfg_precision
+
+
+def autocast(device: Union[torch.device, str], precision: str):
+    """The forward-pass context: bf16 autocast (DESIGN §2) or nothing for fp32."""
+    device = torch.device(device)
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision={precision!r}: call resolve_precision first ('bf16' or 'fp32')")
+    return nullcontext()
+
+
+def _to_fp32(outputs: InstAlignOutput) -> InstAlignOutput:
+    """Cast every floating tensor of the outputs to fp32 (autograd flows through the cast).
+
+    Why: the criterion's BCE/dice and point sampling run in fp32 whatever the forward used
+    (Mask2Former computes its losses in fp32); under autocast the heads may return bf16.
+    """
+
+    def cast(x: Any) -> Any:
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float32:
+            return x.float()
+        if isinstance(x, BlockPrediction):
+            return dataclasses.replace(x, **{f.name: cast(getattr(x, f.name)) for f in dataclasses.fields(x)})
+        if isinstance(x, list):
+            return [cast(v) for v in x]
+        return x
+
+    return dataclasses.replace(outputs, **{f.name: cast(getattr(outputs, f.name)) for f in dataclasses.fields(outputs)})
+
+
+def forward_batch(model: nn.Module, batch: Batch, *, device: Union[torch.device, str], precision: str) -> InstAlignOutput:
+    """Move ``batch`` to ``device``, run the model under the chosen precision, return fp32 outputs."""
+    with autocast(device, precision):
+        outputs = model(batch.images, batch.input_ids, batch.attention_mask)
+    return _to_fp32(outputs) if precision != "fp32" else outputs
+
+
+def _current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The decoder's learning rate (``lr_mult == 1``), i.e. the configured ``train.lr`` schedule."""
+    groups = optimizer.param_groups
+    base = [g for g in groups if g.get("lr_mult", 1.0) == 1.0] or groups
+    return float(base[0]["lr"])
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: Callable[[InstAlignOutput, Batch], dict[str, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batches: Iterable[Batch],
+    *,
+    device: Union[torch.device, str],
+    precision: str,
+    grad_clip: float,
+    report: Report,
+    step: int = 0,
+    max_steps: int = 0,
+    log_every: int = 10,
+) -> int:
+    """Run one pass over ``batches``: forward, eq. 13 loss, backward, clip, step, schedule.
+
+    Args:
+        criterion: returns a flat dict with ``loss`` (the weighted total of eq. 13) and
+            named terms; every tensor term is averaged over the log window and reported
+            under its own name.
+        scheduler: stepped once per optimizer step (``None`` for a constant lr).
+        precision: ``bf16`` (autocast) or ``fp32``; see :func:`resolve_precision`.
+        grad_clip: max global gradient norm (0 = no clipping; the norm is still reported).
+        report: called as ``report(metrics, step)`` every ``log_every`` steps and once at the
+            end of the epoch for a partial window; metrics are the window means of the
+            loss terms plus ``lr``, ``grad_norm`` and ``samples_per_s``.
+        step: the global optimizer step before this epoch.
+        max_steps: stop once the global step reaches it (0 = no cap).
+
+    Returns:
+        The global step after this epoch.
+
+    Host-device syncs (``.item()``) happen at log points only: per-step terms are summed
+    as detached device tensors.
+    """
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
+    device = torch.device(device)
+    model.train()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    window: dict[str, Tensor] = {}
+    window_steps = window_samples = 0
+    t0 = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal window, window_steps, window_samples, t0
+        metrics = {k: float(v.item()) / window_steps for k, v in window.items()}
+        bad = [k for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(metrics[k])]
+        if bad:
+            raise FloatingPointError(f"non-finite {bad} in the {window_steps} steps before step {step}: {metrics}")
+        metrics["lr"] = _current_lr(optimizer)
+        metrics["samples_per_s"] = window_samples / max(time.perf_counter() - t0, 1e-9)
+        report(metrics, step)
+        window, window_steps, window_samples = {}, 0, 0
+        t0 = time.perf_counter()
+
+    for batch in batches:
+        if max_steps and step >= max_steps:
+            break
+        batch = batch.to(device, non_blocking=True)
+        outputs = forward_batch(model, batch, device=device, precision=precision)
+        losses = criterion(outputs, batch)
+        if "loss" not in losses:
+            raise KeyError(f"criterion returned {sorted(losses)}: the weighted total 'loss' is missing")
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        # Both return the global norm as a device tensor: no sync here.
+        if grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        step += 1
+        for name, value in losses.items():
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = value.detach().float()
+                window[name] = window[name] + value if name in window else value
+        window["grad_norm"] = window["grad_norm"] + grad_norm.detach() if "grad_norm" in window else grad_norm.detach()
+        window_steps += 1
+        window_samples += len(batch)
+        if step % log_every == 0:
+            flush()
+    if window_steps:
+        flush()
+    return step
+
+
+def postprocess(outputs: InstAlignOutput, size: Union[int, tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Paper inference (§3.6): empty mask when p̂_nt > 0.5, else σ(M_merged) > 0.5 at ``size``.
+
+    The merged *logits* are upsampled bilinearly (``GRESTransform.resize_mask_to``, the one
+    transform shared with training and serving) before the sigmoid, as Mask2Former's
+    inference does (thresholding the logit at 0 ≡ the probability at 0.5).
+
+    Args:
+        outputs: the model's output; ``merged_logits`` (B, H, W), ``no_target_logits`` (B,).
+        size: S for a square (S, S) output, or an explicit (height, width).
+
+    Returns:
+        masks (B, h, w) bool, no_target (B,) bool, merged_prob (B, h, w) float32 (σ of the
+        upsampled logits, before the no-target rule), no_target_prob (B,) float32.
+    """
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    logits = outputs.merged_logits.float()  # (B, H, W)
+    if tuple(logits.shape[-2:]) != hw:
+        logits = GRESTransform.resize_mask_to(logits, hw)  # (B, h, w), bilinear: the transform's own post-step
+    merged_prob = logits.sigmoid()
+    no_target_prob = outputs.no_target_logits.float().sigmoid()  # (B,)
+    no_target = no_target_prob > 0.5
+    masks = (merged_prob > 0.5) & ~no_target[:, None, None]
+    return masks, no_target, merged_prob, no_target_prob
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable[Batch], *, device: Union[torch.device, str], precision: str,
+             metrics: Any = None) -> Any:
+    """gRefCOCO metrics (DESIGN §4, ReLA semantics) of ``model`` over ``batches``.
+
+    Predictions are post-processed at each batch's resolution S (480 for the paper) and
+    compared with the batch's union masks and no-target flags.
+
+    Args:
+        metrics: an accumulator to update (e.g. a ``RefZOMMetrics``); a fresh
+            ``GRESMetrics`` when ``None``.
+
+    Returns:
+        The accumulator (plain sums: ``merge`` it across workers, then ``compute()``).
+    """
+    if metrics is None:
+        metrics = GRESMetrics()
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            batch = batch.to(device, non_blocking=True)
+            outputs = forward_batch(model, batch, device=device, precision=precision)
+            masks, no_target, _, _ = postprocess(outputs, tuple(batch.union_masks.shape[-2:]))
+            metrics.update(masks, no_target, batch.union_masks, batch.no_target)
+    finally:
+        model.train(was_training)
+    return metrics

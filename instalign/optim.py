@@ -1,0 +1,173 @@
+"""Optimiser and learning-rate schedule (paper §4.1; DESIGN §2).
+
+The paper trains with AdamW at lr 1e-4, decayed linearly to 1e-6 over 20 epochs. Where it
+is silent we follow Mask2Former (``train_net.py::build_optimizer``), as DESIGN §2 asks:
+
+* **Parameter groups.** The pretrained encoders learn slower than the freshly initialised
+  decoder: the visual backbone at ``lr × backbone_lr_mult`` (Mask2Former's 0.1) and the
+  pretrained text encoder (RoBERTa) at ``lr × text_encoder_lr_mult``. Only the Hugging Face
+  model itself counts as "text encoder": the linear projection to the model width C is new
+  and trains at the full rate.
+* **No weight decay** on normalisation layers (Mask2Former's ``WEIGHT_DECAY_NORM = 0``), on
+  embeddings (``WEIGHT_DECAY_EMBED = 0``: the learned queries and their positional
+  embeddings, level embeddings, word/position embeddings), on biases and other 1-D
+  parameters (PReLU slopes), and on Swin's relative-position bias tables and absolute
+  position embeddings (timm's ``no_weight_decay``). Decaying these pulls scales and offsets
+  toward zero, which regularises nothing useful.
+
+The schedule is stepped once per optimizer step, so ``total_steps`` is
+``epochs × steps_per_epoch`` and the decay is exact whatever the batch size or worker count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["build_optimizer", "build_scheduler", "param_groups", "LinearDecay"]
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)
+if hasattr(nn, "RMSNorm"):
+    _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
+
+#: Parameter-name fragments that are embeddings even when stored as a plain ``nn.Parameter``.
+_NO_DECAY_NAMES = ("pos_embed", "relative_position_bias_table", "query_embed", "query_feat",
+                   "query_pos", "level_embed", "absolute_pos_embed", "embeddings.")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _text_encoder_modules(model: nn.Module) -> list[nn.Module]:
+    """The pretrained Hugging Face model(s) inside the text encoder.
+
+    Why by type rather than by attribute name: the wrapper around RoBERTa also owns the new
+    projection to C, which must train at the full rate. Falls back to ``model.text_encoder``
+    when no ``transformers.PreTrainedModel`` is found.
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        PreTrainedModel = ()  # type: ignore[assignment]
+    found = [m for m in model.modules() if PreTrainedModel and isinstance(m, PreTrainedModel)]
+    # Keep the outermost ones only (a PreTrainedModel may nest another).
+    outer = [m for m in found if not any(m is not o and any(c is m for c in o.modules()) for o in found)]
+    if outer:
+        return outer
+    te = getattr(model, "text_encoder", None)
+    return [te] if isinstance(te, nn.Module) else []
+
+
+def _backbone_modules(model: nn.Module) -> list[nn.Module]:
+    bb = getattr(model, "backbone", None)
+    return [bb] if isinstance(bb, nn.Module) else []
+
+
+def _is_no_decay(module: nn.Module, name: str, param: nn.Parameter) -> bool:
+    if isinstance(module, _NORM_TYPES) or isinstance(module, nn.Embedding):
+        return True
+    if param.ndim <= 1:  # biases, norm affines of custom norms, PReLU slopes, 1-D embeddings
+        return True
+    return any(fragment in name for fragment in _NO_DECAY_NAMES)
+
+
+def _named_params_with_owner(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter]]:
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # tied parameters belong to one group only
+                continue
+            seen.add(id(param))
+            yield (f"{mod_name}.{p_name}" if mod_name else p_name), module, param
+
+
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float,
+                 text_encoder_lr_mult: float) -> list[dict]:
+    """AdamW parameter groups: {backbone, text_encoder, decoder} × {decay, no_decay}.
+
+    Each group carries ``name`` and ``lr_mult`` (read by the scheduler and by logging);
+    empty groups are dropped; frozen parameters (``requires_grad=False``) are left out.
+    """
+    model = _unwrap(model)
+    backbone_ids = {id(p) for m in _backbone_modules(model) for p in m.parameters()}
+    text_ids = {id(p) for m in _text_encoder_modules(model) for p in m.parameters()} - backbone_ids
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, module, param in _named_params_with_owner(model):
+        if not param.requires_grad:
+            continue
+        part = "backbone" if id(param) in backbone_ids else "text_encoder" if id(param) in text_ids else "decoder"
+        buckets.setdefault((part, _is_no_decay(module, name, param)), []).append(param)
+    mults = {"backbone": backbone_lr_mult, "text_encoder": text_encoder_lr_mult, "decoder": 1.0}
+    groups = []
+    for part in ("backbone", "text_encoder", "decoder"):
+        for no_decay in (False, True):
+            params = buckets.get((part, no_decay))
+            if params:
+                groups.append({
+                    "params": params,
+                    "name": f"{part}{'_no_decay' if no_decay else ''}",
+                    "lr": lr * mults[part],
+                    "lr_mult": mults[part],
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                })
+    if not groups:
+        raise ValueError("build_optimizer: the model has no trainable parameters")
+    return groups
+
+
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float,
+                    text_encoder_lr_mult: float, betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (paper §4.1 optimiser, Mask2Former's groups)."""
+    if lr <= 0:
+        raise ValueError(f"build_optimizer: lr must be > 0, got {lr}")
+    if weight_decay < 0 or backbone_lr_mult < 0 or text_encoder_lr_mult < 0:
+        raise ValueError("build_optimizer: weight_decay and lr multipliers must be >= 0")
+    groups = param_groups(model, lr=lr, weight_decay=weight_decay, backbone_lr_mult=backbone_lr_mult,
+                          text_encoder_lr_mult=text_encoder_lr_mult)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+@dataclass
+class LinearDecay:
+    """LR factor at step t: 1 → ``min_lr / lr`` linearly over ``total_steps``, then flat.
+
+    A callable dataclass rather than a lambda so ``LambdaLR.state_dict`` keeps its fields
+    (JSON-friendly) and the scheduler pickles across Ray workers.
+    """
+
+    total_steps: int
+    end_factor: float
+
+    def __call__(self, step: int) -> float:
+        t = min(max(step, 0), self.total_steps) / self.total_steps
+        return (1.0 - t) + t * self.end_factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, lr: float,
+                    min_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear decay from ``lr`` to ``min_lr`` over ``total_steps`` optimizer steps (paper §4.1).
+
+    The same factor scales every group, so the backbone and text encoder decay from
+    ``lr × mult`` to ``min_lr × mult`` (Mask2Former scales its multiplied groups alike).
+    """
+    if total_steps < 1:
+        raise ValueError(f"build_scheduler: total_steps must be >= 1, got {total_steps}")
+    if not 0 <= min_lr <= lr:
+        raise ValueError(f"build_scheduler: need 0 <= min_lr <= lr, got lr={lr}, min_lr={min_lr}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearDecay(total_steps, min_lr / lr))

@@ -1,0 +1,145 @@
+"""The typed config tree (DESIGN §6.3): YAML round-trip, dotted overrides, validation errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from instalign.config import (
+    PRESETS,
+    TINY_TEXT_ENCODER,
+    Config,
+    ConfigError,
+    apply_overrides,
+    load_config,
+    paper,
+    tiny,
+)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_yaml_round_trip_is_exact(preset, tmp_path):
+    cfg = PRESETS[preset]()
+    path = tmp_path / f"{preset}.yaml"
+    cfg.to_yaml(path)
+    again = load_config(path)
+    assert again == cfg
+    assert again.to_yaml() == cfg.to_yaml()
+    # The stored file is plain YAML (no Python tags) that any reader can parse.
+    assert yaml.safe_load(path.read_text())["model"]["num_queries"] == cfg.model.num_queries
+
+
+def test_presets_build_and_differ():
+    p, t = paper(), tiny()
+    assert isinstance(p, Config) and isinstance(t, Config)
+    # The paper's numbers (§4.1, eq. 13).
+    assert (p.model.image_size, p.model.hidden_dim, p.model.num_queries, p.model.num_blocks) == (480, 256, 100, 9)
+    assert (p.loss.merged_weight, p.loss.inst_weight, p.loss.nt_weight) == (5.0, 1.0, 0.1)
+    assert (p.loss.score_weight, p.loss.mask_weight, p.loss.phrase_weight) == (2.0, 5.0, 1.0)
+    assert p.model.backbone.name == "swin_base_patch4_window12_384" and p.model.text_encoder.name == "roberta-base"
+    assert (p.train.lr, p.train.min_lr, p.train.epochs, p.train.batch_size) == (1e-4, 1e-6, 20, 32)
+    assert t.model.text_encoder.name == TINY_TEXT_ENCODER and t.model.backbone.pretrained is False
+    assert t.model.image_size < p.model.image_size
+    assert load_config("tiny") == t and load_config(None) == p
+
+
+def test_dotted_overrides_apply_and_coerce():
+    cfg = load_config("tiny", ["model.num_queries=50", "loss.phrase_weight=2", "model.aggregation=fixed_threshold",
+                               "train.precision=fp32", "model.backbone.kwargs.drop_path_rate=0.1"])
+    assert cfg.model.num_queries == 50
+    assert cfg.loss.phrase_weight == 2.0 and isinstance(cfg.loss.phrase_weight, float)
+    assert cfg.model.aggregation == "fixed_threshold"
+    assert cfg.train.precision == "fp32"
+    assert cfg.model.backbone.kwargs["drop_path_rate"] == 0.1
+    # The rest of the preset is untouched, and the input config is not mutated.
+    base = tiny()
+    assert cfg.model.hidden_dim == base.model.hidden_dim
+    apply_overrides(base, ["model.num_queries=3"])
+    assert base.model.num_queries == tiny().model.num_queries
+
+
+def test_flat_keys_are_dotted_paths():
+    flat = tiny().flat()
+    assert flat["model.num_queries"] == tiny().model.num_queries
+    assert flat["loss.instance_supervision"] == "phrase_aligned"
+    assert isinstance(flat["model.backbone.kwargs"], dict)  # free-form dicts stay one value
+    # Every flat key is a valid override.
+    cfg = load_config("tiny", [f"model.num_blocks={flat['model.num_blocks'] + 1}"])
+    assert cfg.model.num_blocks == flat["model.num_blocks"] + 1
+
+
+@pytest.mark.parametrize("override, named", [
+    ("model.num_querys=5", "model.num_querys"),
+    ("modle.num_queries=5", "modle.num_queries"),
+    ("train.learning_rate=0.1", "train.learning_rate"),
+])
+def test_unknown_override_key_is_named(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config("tiny", [override])
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    data = tiny().to_dict()
+    data["loss"]["mystery_weight"] = 3.0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="mystery_weight") as err:
+        load_config(path)
+    assert "loss" in str(err.value)
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("model.aggregation=mean", ["aia", "aia_no_prelu", "fixed_threshold"]),
+    ("loss.instance_supervision=hungarian", ["phrase_aligned", "vanilla", "none"]),
+    ("model.no_target_input=pooled", ["concat", "q_global", "t_sen", "mean_queries"]),
+    ("model.decoder=detr", ["pot", "mask2former"]),
+    ("train.precision=fp16", ["auto", "bf16", "fp32"]),
+])
+def test_bad_literal_names_allowed_values(override, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    message = str(err.value)
+    assert override.split("=")[1] in message
+    for value in allowed:
+        assert value in message
+
+
+@pytest.mark.parametrize("override", ["model.num_queries=many", "train.lr=fast", "model.pre_norm=3"])
+def test_wrong_type_is_an_error(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
+        load_config("tiny", [override])
+
+
+def test_value_checks_name_the_field():
+    with pytest.raises(ConfigError, match="image_size"):
+        load_config("tiny", ["model.image_size=100"])  # not a multiple of 32
+    with pytest.raises(ConfigError, match="min_lr"):
+        load_config("tiny", ["train.min_lr=1.0"])  # above lr
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("tiny", ["model.num_queries"])
+
+
+def test_yaml_file_on_top_of_a_preset(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("preset: tiny\nmodel:\n  num_queries: 12\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, ["train.epochs=4"])
+    assert cfg.model.num_queries == 12 and cfg.train.epochs == 4
+    assert cfg.model.image_size == tiny().model.image_size  # rest from the preset
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_documented_by_type():
+    # Every leaf is a plain YAML scalar / list / mapping: the tree stores nothing exotic.
+    def leaves(obj):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from leaves(value)
+            else:
+                yield f.name, value
+
+    for name, value in leaves(paper()):
+        assert isinstance(value, (int, float, str, bool, tuple, list, dict)), name
