@@ -1,0 +1,295 @@
+"""The InstAlign training objective (paper §3.4–3.7, eqs. 7, 9 and 13; DESIGN §2).
+
+``Criterion(outputs, batch)`` returns a flat dict of named losses whose names double as
+MLflow metric names and tunable weights:
+
+* ``loss_merged`` — eq. 9: BCE + dice between the aggregated mask M_merged (its logits,
+  upsampled bilinearly from stride 4 to the ground-truth size) and the union of the
+  sample's instances. Both terms are means over the batch, so a no-target sample (empty
+  union) is pushed toward an empty merged mask; the +1 smoothing of the dice makes
+  empty-vs-empty ~0.
+* ``loss_nt`` — BCE of the no-target logit p̂_nt (eqs. 10–12) against the label.
+* ``loss_inst`` — eq. 7, after Hungarian matching (eqs. 5–6, :mod:`.matcher`):
+  ``λ_score·loss_score + λ_mask·(loss_mask + loss_dice) + λ_phrase·loss_phrase``.
+
+  - ``loss_score``: BCE of every query's relevance logit against 1 (matched) or 0
+    (unmatched). **Normalisation:** a mean over all B·N queries of the worker's batch —
+    Mask2Former's classification term is likewise a mean over queries. The paper gives
+    no re-weighting of unmatched queries, so none is applied (no ``eos_coef``).
+  - ``loss_mask`` / ``loss_dice``: point-wise BCE (mean over the points) and smoothed
+    dice of each matched pair on importance-sampled points (Mask2Former), summed over
+    pairs and divided by ``num_masks``: the number of ground-truth instances averaged
+    across workers (``all_reduce`` when ``torch.distributed`` is initialised), at least 1.
+  - ``loss_phrase``: ``L_phrase(i) = 1 − cos(P^i, Q^i)`` (eq. 3) of the matched queries,
+    summed and divided by ``num_masks`` like the mask terms (it is a per-instance term).
+
+  With deep supervision every auxiliary block is matched again and adds its own eq. 7
+  loss with equal weight; ``loss_inst`` is the sum and ``loss_inst_<k>`` the term of
+  block k (0-based, the final block last). ``loss_score``/``loss_mask``/``loss_dice``/
+  ``loss_phrase`` report the final block's unweighted terms.
+* ``loss`` — eq. 13: ``λ_merged·L_merged + λ_inst·L_inst + λ_nt·L_nt``, the only entry
+  that carries gradient; the others are detached copies for logging.
+
+Table 3's ``instance_supervision``: ``phrase_aligned`` (all of the above), ``vanilla``
+(no phrase cost in matching, no ``loss_phrase``), ``none`` (no matching and no
+instance keys at all: merged + no-target losses only).
+
+Everything is computed in fp32 with autocast disabled, whatever precision the model ran
+in. The only device→host transfer is the one the Hungarian solver needs (one per call,
+covering every supervised block).
+
+Letters: B batch, N queries, M instances, R matched pairs, P points, S input side,
+H×W the stride-4 mask grid.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from instalign.config import LossConfig
+from instalign.data.batch import Batch
+from instalign.losses.matcher import HungarianMatcher, Match
+from instalign.losses.point_sampling import point_sample, uncertain_points
+from instalign.modeling.outputs import BlockPrediction, InstAlignOutput
+
+_SUPERVISION = ("phrase_aligned", "vanilla", "none")
+
+
+def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-row smoothed dice loss ``1 - (2·|p∩t| + 1) / (|p| + |t| + 1)``.
+
+    Args:
+        logits: (R, P) logits (points or flattened pixels).
+        targets: (R, P) targets in [0, 1].
+
+    Returns:
+        (R,) losses; ~0 for a confident empty prediction of an empty target.
+    """
+    probs = logits.sigmoid()
+    inter = (probs * targets).sum(-1)
+    return 1.0 - (2.0 * inter + 1.0) / (probs.sum(-1) + targets.sum(-1) + 1.0)
+
+
+def average_num_masks(num_masks: int, device: torch.device) -> Tensor | float:
+    """Ground-truth instances per worker, averaged over workers and clamped to ≥ 1.
+
+    Mask2Former's normaliser: every worker divides its summed mask losses by the same
+    number, so the gradient does not depend on how instances fall across workers. Stays
+    a device tensor under ``torch.distributed`` (no host sync); a float otherwise.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = torch.tensor(float(num_masks), device=device)
+        dist.all_reduce(total)
+        return (total / dist.get_world_size()).clamp(min=1.0)
+    return float(max(num_masks, 1))
+
+
+class Criterion(nn.Module):
+    """Eq. 13 over eqs. 7 (instance), 9 (merged) and the no-target BCE.
+
+    Args:
+        matcher: the Hungarian matcher (eqs. 5–6); its weights are the cost weights.
+        merged_weight: λ_merged of eq. 13.
+        inst_weight: λ_inst of eq. 13.
+        nt_weight: λ_nt of eq. 13.
+        score_weight: λ_score of eq. 7.
+        mask_weight: λ_mask of eq. 7 (on BCE + dice).
+        phrase_weight: λ_phrase of eq. 7 (unused unless ``phrase_aligned``).
+        instance_supervision: ``phrase_aligned`` | ``vanilla`` | ``none`` (Table 3).
+        deep_supervision: also supervise every auxiliary block (matcher re-run).
+        num_points: points per matched pair for the mask loss.
+        oversample_ratio: importance-sampling candidates per point (Mask2Former: 3).
+        importance_sample_ratio: share of points taken where the mask is uncertain (0.75).
+    """
+
+    def __init__(
+        self,
+        *,
+        matcher: HungarianMatcher,
+        merged_weight: float,
+        inst_weight: float,
+        nt_weight: float,
+        score_weight: float,
+        mask_weight: float,
+        phrase_weight: float,
+        instance_supervision: str,
+        deep_supervision: bool,
+        num_points: int,
+        oversample_ratio: float,
+        importance_sample_ratio: float,
+    ):
+        super().__init__()
+        if instance_supervision not in _SUPERVISION:
+            raise ValueError(f"Criterion: instance_supervision={instance_supervision!r}, "
+                             f"expected one of {_SUPERVISION}")
+        if instance_supervision != "phrase_aligned" and matcher.phrase_weight:
+            raise ValueError(f"Criterion: instance_supervision={instance_supervision!r} matches without the phrase "
+                             f"cost, but the matcher has phrase_weight={matcher.phrase_weight}")
+        self.matcher = matcher
+        self.merged_weight = float(merged_weight)
+        self.inst_weight = float(inst_weight)
+        self.nt_weight = float(nt_weight)
+        self.score_weight = float(score_weight)
+        self.mask_weight = float(mask_weight)
+        self.phrase_weight = float(phrase_weight)
+        self.instance_supervision = instance_supervision
+        self.deep_supervision = bool(deep_supervision)
+        self.num_points = int(num_points)
+        self.oversample_ratio = float(oversample_ratio)
+        self.importance_sample_ratio = float(importance_sample_ratio)
+
+    def extra_repr(self) -> str:
+        return (f"instance_supervision={self.instance_supervision!r}, deep_supervision={self.deep_supervision}, "
+                f"weights(merged={self.merged_weight}, inst={self.inst_weight}, nt={self.nt_weight}, "
+                f"score={self.score_weight}, mask={self.mask_weight}, phrase={self.phrase_weight})")
+
+    # --- eq. 9 and the no-target BCE ----------------------------------------------------
+    @staticmethod
+    def merged_loss(merged_logits: Tensor, union_masks: Tensor) -> Tensor:
+        """BCE + dice between M_merged (upsampled to the GT size) and the union mask (eq. 9)."""
+        target = union_masks.float()  # (B, S, S)
+        logits = merged_logits.float()  # (B, H, W)
+        if logits.shape[-2:] != target.shape[-2:]:
+            logits = F.interpolate(logits.unsqueeze(1), size=target.shape[-2:], mode="bilinear",
+                                   align_corners=False).squeeze(1)
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        dice = dice_loss(logits.flatten(1), target.flatten(1)).mean()  # (B, S·S) → (B,) → ()
+        return bce + dice
+
+    # --- eq. 7 for one block --------------------------------------------------------------
+    def instance_terms(
+        self,
+        block: BlockPrediction,
+        matches: Sequence[Match],
+        instances: Tensor,
+        offsets: list[int],
+        num_masks: Tensor | float,
+    ) -> dict[str, Tensor]:
+        """Unweighted eq. 7 terms of one block.
+
+        Args:
+            block: the block's predictions.
+            matches: B ``(pred_idx, gt_idx)`` pairs from the matcher.
+            instances: (ΣM, S, S) every sample's GT instances, concatenated in batch order.
+            offsets: where each sample's instances start in ``instances``.
+            num_masks: the cross-worker instance normaliser.
+        """
+        score_logits = block.score_logits.float()  # (B, N)
+        mask_logits = block.mask_logits.float()  # (B, N, H, W)
+        device = score_logits.device
+        # Flat pair indices, built on the host from the solver's output, one copy to the device.
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(matches)]).to(device)
+        pred_idx = torch.cat([src for src, _ in matches]).to(device)
+        gt_idx = torch.cat([tgt + offsets[i] for i, (_, tgt) in enumerate(matches)]).to(device)
+
+        score_targets = torch.zeros_like(score_logits)
+        score_targets[batch_idx, pred_idx] = 1.0
+        terms = {"score": F.binary_cross_entropy_with_logits(score_logits, score_targets)}  # mean over B·N
+
+        if pred_idx.numel() == 0:
+            # Nothing matched (every sample is no-target): zero terms that keep the graph
+            # connected, so every input still receives a (zero) gradient.
+            zero = mask_logits.sum() * 0.0
+            terms.update(mask=zero, dice=zero)
+            if self.instance_supervision == "phrase_aligned":
+                terms["phrase"] = block.phrase_loss.float().sum() * 0.0
+            return terms
+
+        src = mask_logits[batch_idx, pred_idx].unsqueeze(1)  # (R, 1, H, W)
+        tgt = instances[gt_idx].float().unsqueeze(1)  # (R, 1, S, S)
+        coords = uncertain_points(src.detach(), num_points=self.num_points, oversample_ratio=self.oversample_ratio,
+                                  importance_sample_ratio=self.importance_sample_ratio)  # (R, P, 2)
+        labels = point_sample(tgt, coords)[:, 0]  # (R, P)
+        logits = point_sample(src, coords)[:, 0]  # (R, P)
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)  # (R,)
+        terms["mask"] = bce.sum() / num_masks
+        terms["dice"] = dice_loss(logits, labels).sum() / num_masks
+        if self.instance_supervision == "phrase_aligned":
+            terms["phrase"] = block.phrase_loss.float()[batch_idx, pred_idx].sum() / num_masks
+        return terms
+
+    def weighted_instance_loss(self, terms: dict[str, Tensor]) -> Tensor:
+        """Eq. 7: λ_score·score + λ_mask·(mask + dice) + λ_phrase·phrase."""
+        loss = self.score_weight * terms["score"] + self.mask_weight * (terms["mask"] + terms["dice"])
+        if "phrase" in terms:
+            loss = loss + self.phrase_weight * terms["phrase"]
+        return loss
+
+    # --- eq. 13 -----------------------------------------------------------------------------
+    def forward(self, outputs: InstAlignOutput, batch: Batch) -> dict[str, Tensor]:
+        """All losses of one batch; ``"loss"`` is the eq. 13 total to back-propagate."""
+        b = outputs.merged_logits.shape[0]
+        if len(batch) != b or len(batch.instance_masks) != b:
+            raise ValueError(f"Criterion: outputs are for {b} samples but the batch has {len(batch)} "
+                             f"({len(batch.instance_masks)} instance-mask tensors)")
+        device = outputs.merged_logits.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            loss_merged = self.merged_loss(outputs.merged_logits, batch.union_masks.to(device))
+            loss_nt = F.binary_cross_entropy_with_logits(outputs.no_target_logits.float(),
+                                                         batch.no_target.to(device).float())
+            total = self.merged_weight * loss_merged + self.nt_weight * loss_nt
+            logged = {"loss_merged": loss_merged, "loss_nt": loss_nt}
+            if self.instance_supervision != "none":
+                loss_inst, per_block = self._instance_loss(outputs, batch, device)
+                total = total + self.inst_weight * loss_inst
+                logged["loss_inst"] = loss_inst
+                logged.update(per_block)
+        out = {"loss": total}
+        out.update({k: v.detach() for k, v in logged.items()})
+        return out
+
+    def _instance_loss(self, outputs: InstAlignOutput, batch: Batch,
+                       device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+        blocks = [*outputs.aux, outputs.final] if self.deep_supervision else [outputs.final]
+        matches = self.matcher.match_blocks(blocks, batch.instance_masks)  # one host copy for all blocks
+        counts = [int(m.shape[0]) for m in batch.instance_masks]
+        num_masks = average_num_masks(sum(counts), device)  # every worker must reach this all_reduce
+        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        s = batch.union_masks.shape[-1]
+        instances = (torch.cat(batch.instance_masks).to(device) if sum(counts)
+                     else torch.zeros(0, s, s, dtype=torch.bool, device=device))  # (ΣM, S, S)
+
+        logged: dict[str, Tensor] = {}
+        loss_inst = None
+        for k, (block, block_matches) in enumerate(zip(blocks, matches)):
+            terms = self.instance_terms(block, block_matches, instances, offsets, num_masks)
+            block_loss = self.weighted_instance_loss(terms)
+            loss_inst = block_loss if loss_inst is None else loss_inst + block_loss
+            if len(blocks) > 1:
+                logged[f"loss_inst_{k}"] = block_loss
+        for name, value in terms.items():  # the final block's unweighted terms
+            logged[f"loss_{name}"] = value
+        return loss_inst, logged
+
+
+def build_criterion(loss_cfg: LossConfig) -> Criterion:
+    """Turn the loss config into the matcher and criterion keyword arguments."""
+    phrase_aligned = loss_cfg.instance_supervision == "phrase_aligned"
+    matcher = HungarianMatcher(
+        score_weight=loss_cfg.score_weight,
+        mask_weight=loss_cfg.mask_weight,
+        phrase_weight=loss_cfg.phrase_weight if phrase_aligned else 0.0,
+        num_points=loss_cfg.num_points,
+    )
+    return Criterion(
+        matcher=matcher,
+        merged_weight=loss_cfg.merged_weight,
+        inst_weight=loss_cfg.inst_weight,
+        nt_weight=loss_cfg.nt_weight,
+        score_weight=loss_cfg.score_weight,
+        mask_weight=loss_cfg.mask_weight,
+        phrase_weight=loss_cfg.phrase_weight,
+        instance_supervision=loss_cfg.instance_supervision,
+        deep_supervision=loss_cfg.deep_supervision,
+        num_points=loss_cfg.num_points,
+        oversample_ratio=loss_cfg.oversample_ratio,
+        importance_sample_ratio=loss_cfg.importance_sample_ratio,
+    )
+
+
+__all__ = ["Criterion", "average_num_masks", "build_criterion", "dice_loss"]
