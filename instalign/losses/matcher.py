@@ -45,10 +45,9 @@ def pairwise_sigmoid_ce(logits: Tensor, labels: Tensor) -> Tensor:
     Returns:
         (B, N, M) costs.
     """
-    pos = F.softplus(-logits)  # BCE against 1
-    neg = F.softplus(logits)  # BCE against 0
-    # Expanding BCE(x, t) = t·pos + (1 - t)·neg lets one batched matmul cover all pairs.
-    cost = torch.einsum("bnp,bmp->bnm", pos, labels) + torch.einsum("bnp,bmp->bnm", neg, 1.0 - labels)
+    # BCE(x, t) = t·softplus(-x) + (1 - t)·softplus(x) = softplus(x) - t·x: one softplus per
+    # prediction and one batched matmul over all pairs.
+    cost = F.softplus(logits).sum(-1).unsqueeze(-1) - torch.einsum("bnp,bmp->bnm", logits, labels)  # (B, N, M)
     return cost / logits.shape[-1]
 
 
