@@ -1,0 +1,388 @@
+"""Readers for the official releases → :class:`GRESSource` (DESIGN §3).
+
+Each reader takes the release as it is on disk, validates its *structure* (JSON/pickle
+readable, keys present, types right) and raises :class:`SourceFormatError` naming the file,
+the record and what is wrong. *Referential* problems — a ref naming an image or annotation
+that is not in ``instances.json`` — are left in the source for ``prepare`` to quarantine
+record by record (see :func:`reference_problems`), so one bad ref never sinks a release.
+
+Default layouts (every path can be overridden with ``refs_file=``, ``instances_file=``,
+``image_dir=``; relative overrides are taken as given, i.e. relative to the working dir):
+
+* gRefCOCO (ReLA's ``G_REFER``)::
+
+    <root>/grefcoco/grefs(unc).json      (or grefs(unc).p, read safely, as G_REFER does)
+    <root>/grefcoco/instances.json
+    <root>/images/train2014/COCO_train2014_%012d.jpg
+
+* Ref-ZOM (DMMI's release; its README merges COCO train2014 and val2014 into one folder)::
+
+    <root>/ref-zom/refs(final).p         (a pickle, read with the restricted unpickler)
+    <root>/ref-zom/instances.json
+    <root>/images/trainval2014/<images[].file_name from instances.json>
+
+* RefCOCO / RefCOCO+ / RefCOCOg (lichengunc/refer)::
+
+    <root>/<dataset>/refs(<split_by>).p   (unc | google | umd)
+    <root>/<dataset>/instances.json
+    <root>/images/train2014/<images[].file_name>
+
+Release quirks handled, and the rules chosen where the release is ambiguous:
+
+* ``ann_id`` is an int or a list; gRefCOCO's ``[-1]`` (or ``-1``) means *no target*;
+  ``-1`` mixed with real ids is malformed.
+* gRefCOCO's ``no_target`` flag is redundant with ``[-1]``. When they disagree,
+  **``ann_id`` wins**: it is what ReLA's loader and official evaluation build the ground
+  truth from (``no_target`` is never read there), and a ref with real ids has real masks.
+  Disagreements are counted and logged.
+* Ref-ZOM marks no-target refs with ``source == 'zero'`` (its ``ann_id`` is then ignored).
+* A ref's ``file_name`` (``COCO_train2014_000000581857_16.jpg``) is *not* an image file:
+  images are keyed by ``image_id`` through ``instances.json`` (``file_name`` there, else the
+  COCO pattern).
+* Refs with no ``sentences`` (empty or missing) are kept; they yield no samples.
+* Sentence text is ``raw`` (what ReLA/LAVT tokenise), else ``sent``.
+* Crowd annotations are dropped from a ref's targets, as ReLA's loader does — unless that
+  would leave a targeted ref with none, in which case they are kept (logged), so a ref
+  never silently turns into a no-target sample.
+* Duplicate ``ref_id``\\ s (ReLA only prints a warning for them) are kept and logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from instalign.data.safe_pickle import PickleReadError, safe_load
+from instalign.data.source import Annotation, GRESSource, ImageInfo, Ref, Sentence
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SourceFormatError",
+    "read_grefcoco",
+    "read_refzom",
+    "read_refcoco",
+    "read_source",
+    "reference_problems",
+    "DATASETS",
+]
+
+DATASETS = ("grefcoco", "refzom", "refcoco", "refcoco+", "refcocog")
+REFCOCO_SPLIT_BYS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
+COCO_TRAIN2014 = "COCO_train2014_{:012d}.jpg"
+
+
+class SourceFormatError(ValueError):
+    """A release file is malformed; the message names the file, the record and the problem."""
+
+
+# --------------------------------------------------------------------------- files
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _require_file(path: Path, what: str, override: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path} (pass {override}= to point at it)")
+    return path
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise SourceFormatError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise SourceFormatError(f"{path}: not valid JSON (not UTF-8 text: {exc.reason})") from exc
+
+
+def _load_refs(path: Path) -> Any:
+    if path.suffix == ".p":
+        try:
+            return safe_load(path)
+        except PickleReadError as exc:
+            raise SourceFormatError(str(exc)) from exc
+    return _load_json(path)
+
+
+def _checksum_key(path: Path, root: Path) -> str:
+    # Paths relative to the root keep manifests comparable across machines.
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+# ------------------------------------------------------------------- field checks
+class _Record:
+    """Typed access to one JSON/pickle record; every error names file and record."""
+
+    def __init__(self, path: Path, where: str, raw: Any):
+        if not isinstance(raw, dict):
+            raise SourceFormatError(f"{path}: {where} must be an object/dict, got {type(raw).__name__}")
+        self.path, self.where, self.raw = path, where, raw
+
+    def fail(self, msg: str) -> SourceFormatError:
+        return SourceFormatError(f"{self.path}: {self.where}: {msg}")
+
+    def get(self, key: str, check: Callable[[Any], bool], expected: str, *, default: Any = ...) -> Any:
+        if key not in self.raw:
+            if default is not ...:
+                return default
+            raise self.fail(f"missing key '{key}'")
+        value = self.raw[key]
+        if not check(value):
+            raise self.fail(f"key '{key}' must be {expected}, got {type(value).__name__} {value!r:.60}")
+        return value
+
+    def integer(self, key: str, **kw: Any) -> int:
+        return self.get(key, _is_int, "an int", **kw)
+
+    def string(self, key: str, **kw: Any) -> str:
+        return self.get(key, lambda v: isinstance(v, str), "a string", **kw)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_text_or_none(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _is_int_or_int_list(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, (list, tuple)) and all(_is_int(x) for x in v))
+
+
+def _as_list(v: int | list[int]) -> list[int]:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+# ---------------------------------------------------------------- instances.json
+def _read_instances(path: Path, image_dir: Path, *, need_file_name: bool
+                    ) -> tuple[dict[int, ImageInfo], dict[int, Annotation], set[int]]:
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise SourceFormatError(f"{path}: top level must be a COCO object with 'images' and 'annotations', "
+                                f"got {type(data).__name__}")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise SourceFormatError(f"{path}: key '{key}' must be a list, got "
+                                    f"{'nothing' if key not in data else type(data[key]).__name__}")
+    images: dict[int, ImageInfo] = {}
+    for i, raw in enumerate(data["images"]):
+        rec = _Record(path, f"images[{i}]", raw)
+        image_id = rec.integer("id")
+        width, height = rec.integer("width"), rec.integer("height")
+        if width <= 0 or height <= 0:
+            raise rec.fail(f"image {image_id} has size {width}x{height}")
+        if need_file_name:
+            file_name = rec.string("file_name")
+        else:
+            file_name = rec.string("file_name", default=None) or COCO_TRAIN2014.format(image_id)
+        if image_id in images:
+            raise rec.fail(f"duplicate image id {image_id}")
+        images[image_id] = ImageInfo(image_id=image_id, path=str(image_dir / file_name), width=width, height=height)
+    annotations: dict[int, Annotation] = {}
+    crowd: set[int] = set()
+    for i, raw in enumerate(data["annotations"]):
+        rec = _Record(path, f"annotations[{i}]", raw)
+        ann_id = rec.integer("id")
+        seg = rec.get("segmentation", lambda v: isinstance(v, (list, dict)), "a polygon list or an RLE dict")
+        if ann_id in annotations:
+            raise rec.fail(f"duplicate annotation id {ann_id}")
+        annotations[ann_id] = Annotation(ann_id=ann_id, image_id=rec.integer("image_id"),
+                                         category_id=rec.integer("category_id"), segmentation=seg)
+        if rec.get("iscrowd", lambda v: v in (0, 1), "0 or 1", default=0):
+            crowd.add(ann_id)
+    return images, annotations, crowd
+
+
+# ----------------------------------------------------------------------- refs
+def _sentences(rec: _Record) -> tuple[Sentence, ...]:
+    raw = rec.get("sentences", lambda v: isinstance(v, (list, tuple)), "a list", default=[])
+    out = []
+    for j, s in enumerate(raw):
+        srec = _Record(rec.path, f"{rec.where}.sentences[{j}]", s)
+        text = srec.get("raw", _is_text_or_none, "a string", default=None)
+        if not text or not text.strip():
+            text = srec.get("sent", _is_text_or_none, "a string", default=None)
+        if text is None or not text.strip():
+            raise srec.fail("no text: neither 'raw' nor 'sent' is a non-empty string")
+        out.append(Sentence(sent_id=srec.integer("sent_id"), text=text.strip()))
+    return tuple(out)
+
+
+def _parse_refs(path: Path, data: Any, targets: Callable[[_Record, list[int] | None], tuple[int, ...]],
+                crowd: set[int]) -> list[Ref]:
+    if isinstance(data, dict) and isinstance(data.get("refs"), list):
+        data = data["refs"]  # some re-exports wrap the list
+    if not isinstance(data, list):
+        raise SourceFormatError(f"{path}: must hold a list of refs, got {type(data).__name__}")
+    refs: list[Ref] = []
+    seen: set[int] = set()
+    dup: list[int] = []
+    crowd_kept: list[int] = []
+    for i, raw in enumerate(data):
+        rec = _Record(path, f"ref #{i}", raw)
+        ref_id = rec.integer("ref_id")
+        rec.where = f"ref #{i} (ref_id={ref_id})"
+        ann = rec.get("ann_id", _is_int_or_int_list, "an int or a list of ints", default=None)
+        rec.get("category_id", _is_int_or_int_list, "an int or a list of ints", default=None)
+        ann_ids = targets(rec, None if ann is None else _as_list(ann))
+        non_crowd = tuple(a for a in ann_ids if a not in crowd)
+        if len(non_crowd) < len(ann_ids):
+            if non_crowd:
+                ann_ids = non_crowd
+            else:
+                crowd_kept.append(ref_id)
+        if ref_id in seen:
+            dup.append(ref_id)
+        seen.add(ref_id)
+        refs.append(Ref(ref_id=ref_id, image_id=rec.integer("image_id"), split=rec.string("split"),
+                        ann_ids=ann_ids, sentences=_sentences(rec), no_target=not ann_ids))
+    if dup:
+        logger.warning("%s: %d duplicate ref_id(s) kept, e.g. %s", path, len(dup), dup[:5])
+    if crowd_kept:
+        logger.warning("%s: %d ref(s) refer only to crowd annotations; kept as targets, e.g. ref_id %s",
+                       path, len(crowd_kept), crowd_kept[:5])
+    return refs
+
+
+def _grefcoco_targets(disagree: list[int]) -> Callable[[_Record, list[int] | None], tuple[int, ...]]:
+    def targets(rec: _Record, ann: list[int] | None) -> tuple[int, ...]:
+        if ann is None:
+            raise rec.fail("missing key 'ann_id'")
+        flag = rec.get("no_target", lambda v: isinstance(v, bool), "a bool", default=None)
+        if -1 in ann and ann != [-1]:
+            raise rec.fail(f"ann_id {ann} mixes -1 (no target) with annotation ids")
+        ids = () if ann == [-1] else tuple(ann)
+        if not ids and ann != [-1]:
+            raise rec.fail("ann_id is an empty list (no target is written [-1])")
+        if flag is not None and flag != (not ids):
+            disagree.append(int(rec.raw["ref_id"]))
+        return ids
+    return targets
+
+
+def _refzom_targets(rec: _Record, ann: list[int] | None) -> tuple[int, ...]:
+    if rec.string("source") == "zero":
+        return ()
+    if not ann or -1 in ann:
+        raise rec.fail(f"ann_id {ann!r} names no annotation but source is {rec.raw['source']!r}, not 'zero'")
+    return tuple(ann)
+
+
+def _refcoco_targets(rec: _Record, ann: list[int] | None) -> tuple[int, ...]:
+    if not ann or -1 in ann:
+        raise rec.fail(f"ann_id {ann!r}: RefCOCO refs always have a target")
+    return tuple(ann)
+
+
+# --------------------------------------------------------------------- readers
+def _finish(dataset: str, root: Path, refs_path: Path, inst_path: Path, images: dict, annotations: dict,
+            refs: list[Ref]) -> GRESSource:
+    checksums = {_checksum_key(p, root): _sha256(p) for p in (refs_path, inst_path)}
+    logger.info("%s: %d refs, %d images, %d annotations", dataset, len(refs), len(images), len(annotations))
+    return GRESSource(dataset=dataset, images=images, annotations=annotations, refs=refs, checksums=checksums)
+
+
+def read_grefcoco(root: str | os.PathLike[str], *, refs_file: str | os.PathLike[str] | None = None,
+                  instances_file: str | os.PathLike[str] | None = None,
+                  image_dir: str | os.PathLike[str] | None = None, split_by: str = "unc") -> GRESSource:
+    """gRefCOCO as released by ReLA (layout and quirks in the module docstring)."""
+    root = Path(root)
+    if refs_file is None:
+        json_path = root / "grefcoco" / f"grefs({split_by}).json"
+        pickle_path = root / "grefcoco" / f"grefs({split_by}).p"
+        refs_file = json_path if json_path.is_file() or not pickle_path.is_file() else pickle_path
+    refs_path = _require_file(Path(refs_file), "gRefCOCO refs file", "refs_file")
+    inst_path = _require_file(Path(instances_file or root / "grefcoco" / "instances.json"),
+                              "gRefCOCO instances file", "instances_file")
+    images, annotations, crowd = _read_instances(inst_path, Path(image_dir or root / "images" / "train2014"),
+                                                 need_file_name=False)
+    disagree: list[int] = []
+    refs = _parse_refs(refs_path, _load_refs(refs_path), _grefcoco_targets(disagree), crowd)
+    if disagree:
+        logger.warning("%s: %d ref(s) whose 'no_target' flag disagrees with ann_id; ann_id wins, e.g. ref_id %s",
+                       refs_path, len(disagree), disagree[:5])
+    return _finish("grefcoco", root, refs_path, inst_path, images, annotations, refs)
+
+
+def read_refzom(root: str | os.PathLike[str], *, refs_file: str | os.PathLike[str] | None = None,
+                instances_file: str | os.PathLike[str] | None = None,
+                image_dir: str | os.PathLike[str] | None = None) -> GRESSource:
+    """Ref-ZOM (splits ``train``/``test``; ``source == 'zero'`` marks no-target refs)."""
+    root = Path(root)
+    refs_path = _require_file(Path(refs_file or root / "ref-zom" / "refs(final).p"), "Ref-ZOM refs file", "refs_file")
+    inst_path = _require_file(Path(instances_file or root / "ref-zom" / "instances.json"),
+                              "Ref-ZOM instances file", "instances_file")
+    images, annotations, crowd = _read_instances(inst_path, Path(image_dir or root / "images" / "trainval2014"),
+                                                 need_file_name=True)
+    refs = _parse_refs(refs_path, _load_refs(refs_path), _refzom_targets, crowd)
+    return _finish("refzom", root, refs_path, inst_path, images, annotations, refs)
+
+
+def read_refcoco(root: str | os.PathLike[str], dataset: str = "refcoco", split_by: str = "unc", *,
+                 refs_file: str | os.PathLike[str] | None = None,
+                 instances_file: str | os.PathLike[str] | None = None,
+                 image_dir: str | os.PathLike[str] | None = None) -> GRESSource:
+    """Classic RefCOCO / RefCOCO+ / RefCOCOg (every ref has exactly its targets; no no-target)."""
+    if dataset not in REFCOCO_SPLIT_BYS:
+        raise ValueError(f"dataset must be one of {sorted(REFCOCO_SPLIT_BYS)}, got {dataset!r}")
+    if split_by not in REFCOCO_SPLIT_BYS[dataset]:
+        raise ValueError(f"{dataset} is released split by {REFCOCO_SPLIT_BYS[dataset]}, not {split_by!r}")
+    root = Path(root)
+    refs_path = _require_file(Path(refs_file or root / dataset / f"refs({split_by}).p"),
+                              f"{dataset} refs file", "refs_file")
+    inst_path = _require_file(Path(instances_file or root / dataset / "instances.json"),
+                              f"{dataset} instances file", "instances_file")
+    images, annotations, crowd = _read_instances(inst_path, Path(image_dir or root / "images" / "train2014"),
+                                                 need_file_name=False)
+    refs = _parse_refs(refs_path, _load_refs(refs_path), _refcoco_targets, crowd)
+    return _finish(dataset, root, refs_path, inst_path, images, annotations, refs)
+
+
+def read_source(dataset: str, root: str | os.PathLike[str], *, split_by: str | None = None,
+                **paths: Any) -> GRESSource:
+    """Dispatch on ``dataset`` (one of :data:`DATASETS`); ``paths`` are the layout overrides."""
+    if dataset == "grefcoco":
+        return read_grefcoco(root, split_by=split_by or "unc", **paths)
+    if dataset == "refzom":
+        return read_refzom(root, **paths)
+    if dataset in REFCOCO_SPLIT_BYS:
+        return read_refcoco(root, dataset, split_by or REFCOCO_SPLIT_BYS[dataset][0], **paths)
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+
+
+def reference_problems(source: GRESSource) -> list[dict[str, Any]]:
+    """Refs that point at missing images/annotations, as quarantine-ready dicts.
+
+    Keys follow ``records.QUARANTINE_SCHEMA`` (minus ``dataset``/``split``, which the caller
+    has): ``image_id``, ``ref_id``, ``ann_id``, ``reason``, ``detail``.
+    """
+    problems = []
+    for ref in source.refs:
+        if ref.image_id not in source.images:
+            problems.append(dict(image_id=ref.image_id, ref_id=ref.ref_id, ann_id=-1, reason="missing_image_record",
+                                 detail=f"ref {ref.ref_id}: image {ref.image_id} is not in instances.json"))
+            continue
+        for a in ref.ann_ids:
+            ann = source.annotations.get(a)
+            if ann is None:
+                problems.append(dict(image_id=ref.image_id, ref_id=ref.ref_id, ann_id=a, reason="missing_annotation",
+                                     detail=f"ref {ref.ref_id}: annotation {a} is not in instances.json"))
+            elif ann.image_id != ref.image_id:
+                problems.append(dict(image_id=ref.image_id, ref_id=ref.ref_id, ann_id=a, reason="annotation_image_mismatch",
+                                     detail=f"ref {ref.ref_id} (image {ref.image_id}): annotation {a} "
+                                            f"belongs to image {ann.image_id}"))
+    return problems

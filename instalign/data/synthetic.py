@@ -1,0 +1,278 @@
+"""A synthetic gRefCOCO: simple shapes written in the exact on-disk release format (DESIGN §3).
+
+Why: tests, the quickstart and smoke trainings need a dataset that exercises every part of
+the pipeline — readers, prepare, loaders, the model's single-, multi- and no-target paths —
+without downloading COCO. So the generator writes what ReLA's release looks like::
+
+    <root>/grefcoco/grefs(unc).json       list of refs (ann_id int | list | [-1], no_target, ...)
+    <root>/grefcoco/instances.json        COCO images / annotations / categories
+    <root>/images/train2014/COCO_train2014_%012d.jpg
+
+Images hold 1–4 circles, squares and triangles (4 colours, 2 size classes) on a plain
+background, of varied non-square sizes; some overlap. Every target set is right *by
+construction*: an expression is generated from an attribute filter (colour, shape, size,
+side) and its targets are exactly the objects the filter selects; an occluded object's mask
+is what remains visible, and the picture is painted from those same masks.
+
+Release quirks reproduced (so the readers and prepare meet them here first): single-target
+``ann_id`` as an int for some refs and a one-element list for others, ``[-1]`` for no
+target, ``file_name`` with a RefCOCO-style suffix (not an image file), a few refs with no
+sentences, polygons for unoccluded squares/triangles, RLE for circles (compressed and
+uncompressed ``counts`` alternating) and for occluded shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_utils
+from PIL import Image
+
+from instalign.data.masks import counts_to_runs, rle_decode, rle_encode
+
+__all__ = ["generate_grefcoco", "COLOURS", "SHAPES", "SPLITS"]
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 75, 215), "yellow": (230, 195, 35)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": (0.08, 0.12), "big": (0.17, 0.23)}  # half-extent as a fraction of min(w, h)
+SPLITS = ("train", "val", "testA", "testB")
+_SPLIT_CYCLE = ("train", "val", "train", "testA", "train", "testB", "train", "train", "train", "train")
+_IMAGE_ID0 = 100_000
+_MIN_VISIBLE = 0.5  # an occluded object keeps at least half of its area visible
+
+
+@dataclass
+class _Obj:
+    ann_id: int
+    shape: str
+    colour: str
+    size: str
+    cx: float
+    cy: float
+    r: float
+    full: np.ndarray  # (h, w) bool, the whole shape
+    polygon: list[float] | None  # squares and triangles
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.colour, self.shape)
+
+
+def _rasterise(shape: str, cx: float, cy: float, r: float, h: int, w: int) -> tuple[np.ndarray, list[float] | None]:
+    if shape == "circle":
+        yy, xx = np.ogrid[:h, :w]
+        return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r, None
+    if shape == "square":
+        poly = [cx - r, cy - r, cx + r, cy - r, cx + r, cy + r, cx - r, cy + r]
+    else:
+        poly = [cx, cy - r, cx + r, cy + r, cx - r, cy + r]
+    poly = [round(v, 2) for v in poly]
+    # Rasterised by pycocotools itself, so the released polygon decodes to exactly these pixels.
+    full = rle_decode(mask_utils.frPyObjects([poly], h, w)[0]["counts"], h, w)
+    return full, poly
+
+
+def _place_objects(rng: np.random.Generator, h: int, w: int, next_ann: int) -> list[_Obj]:
+    objs: list[_Obj] = []
+    for _ in range(int(rng.integers(1, 5))):
+        shape, colour = SHAPES[rng.integers(3)], list(COLOURS)[rng.integers(4)]
+        size = "small" if rng.random() < 0.5 else "big"
+        r = min(h, w) * rng.uniform(*SIZES[size])
+        overlap_ok = rng.random() < 0.3
+        for _attempt in range(30):
+            cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
+            if not overlap_ok and any(abs(cx - o.cx) < r + o.r + 2 and abs(cy - o.cy) < r + o.r + 2 for o in objs):
+                continue
+            full, poly = _rasterise(shape, cx, cy, r, h, w)
+            cand = objs + [_Obj(next_ann + len(objs), shape, colour, size, cx, cy, r, full, poly)]
+            if overlap_ok and any(v.sum() < _MIN_VISIBLE * o.full.sum() for o, v in zip(cand, _visible(cand))):
+                continue  # would hide too much of an earlier object
+            objs = cand
+            break
+    return objs
+
+
+def _visible(objs: list[_Obj]) -> list[np.ndarray]:
+    """What remains of each object under the ones drawn after it (later = on top)."""
+    out, above = [], np.zeros_like(objs[0].full)
+    for o in reversed(objs):
+        out.append(o.full & ~above)
+        above |= o.full
+    return out[::-1]
+
+
+def _segmentation(o: _Obj, vis: np.ndarray, h: int, w: int) -> Any:
+    if o.polygon is not None and np.array_equal(vis, o.full):
+        return [o.polygon]
+    counts = rle_encode(vis)
+    if o.shape == "circle" and o.ann_id % 2:  # uncompressed RLE, as COCO's crowd-style releases
+        return {"size": [h, w], "counts": counts_to_runs(counts).tolist()}
+    return {"size": [h, w], "counts": counts}
+
+
+# ---------------------------------------------------------------- expressions
+def _phrase(colour: str | None, shape: str | None, size: str | None = None, side: str | None = None) -> str:
+    words = ["the"] + [x for x in (size, colour, shape) if x]
+    return " ".join(words) + (f" on the {side}" if side else "")
+
+
+def _single_target(o: _Obj, objs: list[_Obj], w: int) -> list[str]:
+    """Phrases that select exactly ``o`` (each checked against all objects)."""
+    same = lambda **f: [p for p in objs if all(getattr(p, k) == v for k, v in f.items())]  # noqa: E731
+    out = []
+    if len(same(shape=o.shape)) == 1:
+        out.append(_phrase(None, o.shape))
+    if len(same(colour=o.colour, shape=o.shape)) == 1:
+        out += [_phrase(o.colour, o.shape), f"{o.colour} {o.shape}"]
+    elif len(same(size=o.size, colour=o.colour, shape=o.shape)) == 1:
+        out.append(_phrase(o.colour, o.shape, o.size))
+    if len(same(size=o.size, shape=o.shape)) == 1 and len(same(shape=o.shape)) > 1:
+        out.append(_phrase(None, o.shape, o.size))
+    twins = same(colour=o.colour, shape=o.shape)
+    if len(twins) == 2:
+        other = twins[0] if twins[1] is o else twins[1]
+        if abs(o.cx - other.cx) > 0.15 * w:
+            side = "left" if o.cx < other.cx else "right"
+            out.append(_phrase(o.colour, o.shape, side=side))
+            if o.size != other.size:
+                out.append(_phrase(o.colour, o.shape, o.size, side=side))
+    return out
+
+
+def _multi_target(objs: list[_Obj]) -> list[tuple[list[_Obj], list[str]]]:
+    out = []
+    for shape in SHAPES:
+        group = [o for o in objs if o.shape == shape]
+        if len(group) >= 2:
+            out.append((group, [f"all {shape}s", f"the {shape}s", f"every {shape}"]))
+    for colour in COLOURS:
+        group = [o for o in objs if o.colour == colour]
+        if len(group) >= 2:
+            out.append((group, [f"all {colour} shapes", f"the {colour} shapes", f"every {colour} shape"]))
+    keys = Counter(o.key for o in objs)
+    unique = [o for o in objs if keys[o.key] == 1]
+    for i, a in enumerate(unique):
+        for b in unique[i + 1:]:
+            pa, pb = _phrase(a.colour, a.shape), _phrase(b.colour, b.shape)
+            out.append(([a, b], [f"{pa} and {pb}", f"{pb} and {pa}", f"{pa[4:]} and {pb[4:]}"]))
+    if len(objs) >= 2:
+        out.append((list(objs), ["all shapes", "all the shapes", "every shape"]))
+    return out
+
+
+def _no_target(rng: np.random.Generator, objs: list[_Obj]) -> list[str]:
+    present = {o.key for o in objs}
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    colour, shape = absent[rng.integers(len(absent))]
+    out = [_phrase(colour, shape), f"{colour} {shape}"]
+    if not any(o.shape == shape for o in objs):
+        out.append(f"all {shape}s")
+    if rng.random() < 0.4:  # "the big red circle" when only a small one exists: a hard negative
+        o = objs[rng.integers(len(objs))]
+        other = "small" if o.size == "big" else "big"
+        if not any(p.key == o.key and p.size == other for p in objs):
+            out[1] = _phrase(o.colour, o.shape, other)
+    return out
+
+
+def _sentences(rng: np.random.Generator, phrases: list[str], next_sent: int) -> list[dict]:
+    k = int(rng.integers(1, min(3, len(phrases)) + 1))
+    chosen = [phrases[j] for j in sorted(rng.choice(len(phrases), size=k, replace=False))]
+    return [{"tokens": p.split(), "raw": p, "sent": p, "sent_id": next_sent + j} for j, p in enumerate(chosen)]
+
+
+# ------------------------------------------------------------------- generator
+def generate_grefcoco(root: str | os.PathLike[str], num_images: int = 200, seed: int = 0, *,
+                      min_size: int = 96, max_size: int = 320, jpeg_quality: int = 90) -> dict[str, dict[str, int]]:
+    """Write a synthetic gRefCOCO under ``root``; deterministic in ``(num_images, seed)``.
+
+    Returns per-split counts — ``images``, ``refs`` (incl. refs without sentences),
+    ``samples`` (sentences), ``no_target_samples``, ``multi_target_samples`` — each a
+    ``{split: n}`` dict, for tests to compare with what the readers and ``prepare`` report.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if not 32 <= min_size < max_size:
+        raise ValueError(f"need 32 <= min_size < max_size, got {min_size}, {max_size}")
+    root = Path(root)
+    image_dir, ann_dir = root / "images" / "train2014", root / "grefcoco"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, Counter] = {k: Counter() for k in
+                                  ("images", "refs", "samples", "no_target_samples", "multi_target_samples")}
+    images, annotations, refs = [], [], []
+    next_ann, next_ref, next_sent = 1, 0, 0
+    for i in range(num_images):
+        rng = np.random.default_rng([seed, i])
+        w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+        if w == h:
+            w = w - 1 if w > min_size else w + 1
+        image_id, split = _IMAGE_ID0 + i, _SPLIT_CYCLE[i % len(_SPLIT_CYCLE)]
+        objs = _place_objects(rng, h, w, next_ann)
+        next_ann += len(objs)
+        vis = _visible(objs)
+
+        background = np.array([rng.integers(185, 245)] * 3) + rng.integers(-12, 13, size=3)
+        pixels = np.empty((h, w, 3), dtype=np.uint8)
+        pixels[:] = np.clip(background, 0, 255)
+        for o in objs:
+            pixels[o.full] = np.clip(np.array(COLOURS[o.colour]) + rng.integers(-20, 21, size=3), 0, 255)
+        file_name = f"COCO_train2014_{image_id:012d}.jpg"
+        Image.fromarray(pixels).save(image_dir / file_name, quality=jpeg_quality)
+        images.append({"id": image_id, "file_name": file_name, "width": w, "height": h, "license": 1})
+        for o, v in zip(objs, vis):
+            ys, xs = np.nonzero(v)
+            annotations.append({
+                "id": o.ann_id, "image_id": image_id, "category_id": SHAPES.index(o.shape) + 1,
+                "segmentation": _segmentation(o, v, h, w), "area": float(v.sum()), "iscrowd": 0,
+                "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)],
+            })
+
+        # (targets, phrases, keep sentences?) for every ref of this image.
+        specs: list[tuple[list[_Obj], list[str], bool]] = []
+        for o in objs:
+            phrases = _single_target(o, objs, w)
+            if phrases:
+                specs.append(([o], phrases, True))
+        multi = _multi_target(objs)
+        for j in rng.permutation(len(multi))[:2]:
+            specs.append((multi[j][0], multi[j][1], True))
+        specs.append(([], _no_target(rng, objs), True))
+        if i % 8 == 5 and specs[0][0]:  # the release has a few refs without sentences
+            specs.append((specs[0][0], specs[0][1], False))
+
+        counts["images"][split] += 1
+        for targets, phrases, with_sentences in specs:
+            sents = _sentences(rng, phrases, next_sent) if with_sentences else []
+            next_sent += len(sents)
+            ids = [o.ann_id for o in targets]
+            cats = [SHAPES.index(o.shape) + 1 for o in targets]
+            single_as_int = len(ids) == 1 and next_ref % 2 == 0
+            refs.append({
+                "ref_id": next_ref, "image_id": image_id, "split": split,
+                "file_name": f"COCO_train2014_{image_id:012d}_{next_ref}.jpg",
+                "ann_id": ids[0] if single_as_int else (ids or [-1]),
+                "category_id": cats[0] if single_as_int else (cats or [-1]),
+                "sent_ids": [s["sent_id"] for s in sents], "sentences": sents, "no_target": not ids,
+            })
+            next_ref += 1
+            counts["refs"][split] += 1
+            counts["samples"][split] += len(sents)
+            counts["no_target_samples"][split] += len(sents) * (not ids)
+            counts["multi_target_samples"][split] += len(sents) * (len(ids) > 1)
+
+    instances = {
+        "info": {"description": "InstAlign synthetic gRefCOCO", "seed": seed, "num_images": num_images},
+        "licenses": [{"id": 1, "name": "CC0"}],
+        "images": images, "annotations": annotations,
+        "categories": [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)],
+    }
+    (ann_dir / "instances.json").write_text(json.dumps(instances, separators=(",", ":")))
+    (ann_dir / "grefs(unc).json").write_text(json.dumps(refs, separators=(",", ":")))
+    return {k: {s: int(c[s]) for s in SPLITS} for k, c in counts.items()}
