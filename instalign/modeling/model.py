@@ -1,0 +1,114 @@
+"""The InstAlign model (paper §3, Fig. 2): image + expression → instances, merged mask, no-target.
+
+``InstAlign`` only wires injected submodules (built by ``builders.build_model``):
+
+    images ──backbone──► C2..C5 ──pixel decoder──► V1..V3 (strides 32/16/8), V4 (stride 4)
+    tokens ──text encoder──► T0 (B, L, C)
+    learned queries, V1..V3, T0 ──K POT blocks──► per block: ŝ (eq. 4), p̂, POA (eqs. 1–3)
+    block K: AIA (eq. 8) → merged logits; no-target head (eqs. 10–12) → p̂_nt logit
+
+``forward`` returns the same ``InstAlignOutput`` in train and eval mode; losses live in
+``instalign.losses`` and post-processing (thresholds, resizing) in the predictor. The hot
+path has no Python loop over batch items, no host syncs (``.item()``) and no
+data-dependent control flow, so it runs under ``torch.compile`` and bf16 autocast
+(softmax, POA, aggregation and the no-target input are computed in fp32).
+
+**Language awareness with ``decoder=mask2former``** (Table 3, no text in the decoder): the
+sentence feature T_sen of T0 (eq. 11) is projected and added to every learned query
+feature before block 1 (``sentence_proj``). Without it the queries, scores and masks
+would not depend on the expression at all and the switch could not learn the task; this
+is the smallest change that keeps the decoder itself text-free. With ``decoder=pot`` the
+queries meet the text only inside the blocks, as the paper describes.
+
+Parameter names for optimiser groups: ``backbone.*`` (pretrained visual encoder),
+``text_encoder.encoder.*`` (pretrained language model); everything else is new.
+
+Letters: B batch, N queries, L tokens, C width, H×W the stride-4 grid of the S×S input.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from instalign.modeling.backbone import Backbone
+from instalign.modeling.heads import InstanceAggregation, NoTargetHead, sentence_feature
+from instalign.modeling.outputs import InstAlignOutput
+from instalign.modeling.pixel_decoder import MSDeformAttnPixelDecoder
+from instalign.modeling.pot import PhraseObjectDecoder
+from instalign.modeling.text_encoder import TextEncoder
+
+
+class InstAlign(nn.Module):
+    """Instance-aware generalized referring segmentation.
+
+    Args:
+        backbone: multi-scale visual encoder (strides 4, 8, 16, 32, NCHW).
+        text_encoder: word features projected to C.
+        pixel_decoder: deformable-attention pixel decoder → (V4, [V1, V2, V3]).
+        decoder: the K POT blocks with the shared prediction heads.
+        aggregator: AIA or a Table 3 alternative (eq. 8).
+        no_target_head: p̂_nt (eqs. 10–12).
+        sentence_proj: Linear(C, C) making the queries language-aware when the decoder has
+            no text attention (``decoder=mask2former``); None for ``decoder=pot``.
+        image_size: the square input side S the model was built for.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        text_encoder: TextEncoder,
+        pixel_decoder: MSDeformAttnPixelDecoder,
+        decoder: PhraseObjectDecoder,
+        aggregator: InstanceAggregation,
+        no_target_head: NoTargetHead,
+        sentence_proj: Optional[nn.Linear],
+        image_size: int,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.text_encoder = text_encoder
+        self.pixel_decoder = pixel_decoder
+        self.decoder = decoder
+        self.aggregator = aggregator
+        self.no_target_head = no_target_head
+        self.sentence_proj = sentence_proj
+        self.image_size = image_size
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.decoder.query_feat.num_embeddings)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.decoder.blocks)
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> InstAlignOutput:
+        """Predict instances, the merged mask and no-target for a batch of (image, expression) pairs.
+
+        Args:
+            images: (B, 3, S, S) normalised.
+            input_ids: (B, L) token ids (right-padded).
+            attention_mask: (B, L) 1 for real tokens.
+
+        Returns:
+            ``InstAlignOutput``: block K's prediction in ``final``, blocks 1..K-1 in ``aux``,
+            merged logits (B, S/4, S/4), no-target logits (B,), the text mask (B, L) bool.
+        """
+        text_mask = attention_mask.bool()
+        mask_features, multi_scale = self.pixel_decoder(self.backbone(images))  # V4, [V1, V2, V3]
+        words = self.text_encoder(input_ids, attention_mask)  # T0 (B, L, C)
+        query_bias = None
+        if self.sentence_proj is not None:
+            query_bias = self.sentence_proj(sentence_feature(words, text_mask).to(words.dtype))  # (B, C)
+        preds, q_last, t_last = self.decoder(multi_scale, mask_features, words, text_mask, query_bias=query_bias)
+        final = preds[-1]
+        merged = self.aggregator(final.mask_logits, final.score_logits)  # eq. 8, pre-sigmoid
+        no_target = self.no_target_head(q_last, final.score_logits, t_last, text_mask)  # eq. 12, pre-sigmoid
+        return InstAlignOutput(final=final, merged_logits=merged, no_target_logits=no_target, text_mask=text_mask,
+                               aux=preds[:-1])
+
+
+__all__ = ["InstAlign"]
