@@ -1,0 +1,528 @@
+"""``instalign prepare``: an official release → sharded Parquet + manifest, on Ray Data (DESIGN §3).
+
+The reader of the chosen dataset (``instalign.data.readers``) parses the refs and the COCO
+annotations on the driver; this module checks them, groups the samples (one per sentence)
+by ``(image, split)`` so that each image is stored once however many expressions name it,
+and hands one *task* row per image to Ray Data. A task reads the image file, decodes it in
+full (a truncated JPEG fails here, not at training time), optionally shrinks it, and
+rasterises each target annotation to COCO RLE at the *stored* size.
+
+Nothing is dropped silently. Every bad record becomes a row of the ``_quarantine`` table
+(``QUARANTINE_SCHEMA``) with a reason code and a message naming the file/record; the
+manifest counts them. Driver-side checks: ``unknown_image`` (an annotation on an image id
+the annotation file does not list) and, from ``readers.reference_problems``,
+``missing_image_record`` (a ref on such an image id), ``missing_annotation`` (a ref naming
+an annotation id that does not exist), ``annotation_image_mismatch`` (a ref naming an
+annotation of another image). Worker-side, per row inside a ``try``: ``missing_image``,
+``corrupt_image`` (undecodable or truncated), ``image_size_mismatch`` (file size differs
+from the annotation file, so the polygons would not line up), ``invalid_segmentation``,
+``invalid_target`` (a ref dropped because one of its annotations was invalid) and
+``unexpected_error``. Ray's ``max_errored_blocks`` is never used: it drops whole blocks
+with no count (PLATFORM-FACTS, Ray Data).
+
+One execution: the UDF runs once and the result is ``materialize()``-d; the counts, the
+quarantine and the per-split Parquet writes then read those blocks. The materialised
+blocks are the output itself (encoded JPEG + RLE, ~the final Parquet size), which Ray's
+object store spills to local disk when larger than memory — cheaper than decoding every
+image twice, and simpler than a hand-written sink routing rows to split directories
+(``partition_cols`` would write ``split=train`` folders and drop the ``split`` column).
+
+Images are stored as the source bytes when the source is a JPEG that needs no resizing
+(no second lossy generation, no encode cost), otherwise re-encoded as RGB JPEG at
+``jpeg_quality``. ``image_max_side=0`` keeps the released size; the model's plain resize
+to 480×480 (ReLA) happens in the loader, so any stored size ≥ 480 loses nothing.
+``_manifest.json`` is written last and atomically: no manifest ⇔ not a finished dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from instalign.data.records import IMAGE_SCHEMA, MANIFEST_NAME, QUARANTINE_DIR, QUARANTINE_SCHEMA, SCHEMA_VERSION
+from instalign.data.readers import read_source, reference_problems
+from instalign.data.source import GRESSource
+
+log = logging.getLogger("instalign.prepare")
+
+DATASETS = ("grefcoco", "refzom", "refcoco", "refcoco+", "refcocog")
+
+#: Columns the UDF adds to ``IMAGE_SCHEMA``; dropped before writing.
+_EXTRA = [
+    ("_keep", pa.bool_()),  # the row is written (False: image quarantined or no sample left)
+    ("_quarantine", pa.string()),  # JSON list of quarantine records raised by this row
+    ("_refs", pa.int64()),
+    ("_samples", pa.int64()),
+    ("_no_target_samples", pa.int64()),
+    ("_multi_target_samples", pa.int64()),
+    ("_dropped_samples", pa.int64()),
+]
+WORK_SCHEMA = pa.schema(list(IMAGE_SCHEMA) + [pa.field(n, t) for n, t in _EXTRA], metadata=IMAGE_SCHEMA.metadata)
+
+TASK_SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("split", pa.string()),
+    ("path", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("instances", pa.list_(pa.struct([("ann_id", pa.int64()), ("category_id", pa.int32()),
+                                      ("segmentation", pa.string())]))),  # JSON: polygons and RLE differ in type
+    ("samples", IMAGE_SCHEMA.field("samples").type),
+])
+
+
+class PrepareError(RuntimeError):
+    """The inputs or the output location do not allow a (complete) prepare; the message says why."""
+
+
+def quarantine_record(*, dataset: str, split: str = "", image_id: int = -1, ref_id: int = -1, ann_id: int = -1,
+                      reason: str, detail: str) -> dict[str, Any]:
+    return dict(dataset=dataset, split=split, image_id=int(image_id), ref_id=int(ref_id), ann_id=int(ann_id),
+                reason=reason, detail=detail)
+
+
+# --- driver side: read, check, group ------------------------------------------------------
+
+def plan_tasks(source: GRESSource, splits: list[str] | None = None
+               ) -> tuple[list[dict], list[dict], dict[str, int], int]:
+    """Check refs/annotations against each other and group samples per ``(image, split)``.
+
+    Returns:
+        tasks: one dict per (image, split) in ``TASK_SCHEMA`` form, only the target instances.
+        records: quarantine records found here.
+        empty_refs: per split, refs released without sentences (valid; they yield no sample).
+        dropped: samples (sentences) lost with the quarantined refs.
+    """
+    ds = source.dataset
+    available = source.splits()
+    if splits:
+        unknown = sorted(set(splits) - set(available))
+        if unknown:
+            raise PrepareError(f"{ds}: split(s) {unknown} not in the release; available: {available}")
+    wanted = set(splits or available)
+    records: list[dict] = []
+    for ann in source.annotations.values():
+        if ann.image_id not in source.images:
+            records.append(quarantine_record(dataset=ds, image_id=ann.image_id, ann_id=ann.ann_id, reason="unknown_image",
+                                             detail=f"annotation {ann.ann_id} is on image {ann.image_id}, which the "
+                                                    f"annotation file does not list"))
+    # Keyed by (ref_id, image_id): the readers keep duplicate ref ids (ReLA only warns about them).
+    split_of = {}
+    for r in source.refs:
+        split_of.setdefault((r.ref_id, r.image_id), r.split)
+    bad_refs = set()
+    for p in reference_problems(source):  # refs naming an unknown image or a missing/foreign annotation
+        key = (p["ref_id"], p["image_id"])
+        bad_refs.add(key)
+        if split_of[key] in wanted:
+            records.append(quarantine_record(dataset=ds, split=split_of[key], **p))
+    groups: dict[tuple[int, str], dict] = {}
+    empty_refs, dropped = Counter(), 0
+    for ref in source.refs:
+        if ref.split not in wanted:
+            continue
+        if (ref.ref_id, ref.image_id) in bad_refs:
+            dropped += len(ref.sentences)
+            continue
+        if not ref.sentences:
+            empty_refs[ref.split] += 1  # released that way (gRefCOCO): yields no sample
+            continue
+        key = (ref.image_id, ref.split)
+        if key not in groups:
+            info = source.images[ref.image_id]
+            groups[key] = dict(image_id=info.image_id, split=ref.split, path=info.path, width=info.width,
+                               height=info.height, instances={}, samples=[])
+        g = groups[key]
+        for a in ref.ann_ids:
+            ann = source.annotations[a]
+            g["instances"][a] = dict(ann_id=a, category_id=ann.category_id, segmentation=json.dumps(ann.segmentation, default=_jsonable))
+        for s in ref.sentences:
+            g["samples"].append(dict(ref_id=ref.ref_id, sent_id=s.sent_id, text=s.text, ann_ids=list(ref.ann_ids),
+                                     no_target=not ref.ann_ids))
+    tasks = []
+    for key in sorted(groups):
+        g = groups[key]
+        g["instances"] = [g["instances"][a] for a in sorted(g["instances"])]
+        g["samples"].sort(key=lambda s: (s["ref_id"], s["sent_id"]))
+        tasks.append(g)
+    return tasks, records, dict(empty_refs), dropped
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, bytes):  # compressed RLE counts read from a pickle
+        return obj.decode("ascii")
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"not JSON-serialisable in a segmentation: {type(obj).__name__}")
+
+
+# --- worker side: one image row ------------------------------------------------------------
+
+def _read_bytes(path: str) -> bytes:
+    if "://" in path:
+        fs, p = pafs.FileSystem.from_uri(path)
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _stored_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    if max_side <= 0 or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _rasterise(segmentation: Any, *, height: int, width: int, out_h: int, out_w: int) -> str:
+    """COCO segmentation at the annotated size → compressed RLE counts at the stored size.
+
+    Polygons are scaled and rasterised at the stored size (exact); an RLE is decoded and
+    resized with nearest neighbour (its pixels are all there is).
+    """
+    from instalign.data.masks import resize_rle, segmentation_to_rle
+
+    if (out_h, out_w) != (height, width) and isinstance(segmentation, list):
+        sx, sy = out_w / width, out_h / height
+        segmentation = [[v * (sx if i % 2 == 0 else sy) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                         for i, v in enumerate(poly)] if isinstance(poly, list) else poly for poly in segmentation]
+        return segmentation_to_rle(segmentation, out_h, out_w)["counts"]
+    counts = segmentation_to_rle(segmentation, height, width)["counts"]
+    return resize_rle(counts, (height, width), (out_h, out_w))
+
+
+def process_task(task: dict, *, dataset: str, image_max_side: int, jpeg_quality: int) -> tuple[dict, list[dict]]:
+    """One task row → (image row with the ``_EXTRA`` columns, quarantine records)."""
+    from PIL import Image
+
+    from instalign.data.images import CorruptImageError, decode_image, encode_jpeg, read_image_size
+
+    image_id, split, path = int(task["image_id"]), task["split"], task["path"]
+    width, height = int(task["width"]), int(task["height"])
+    samples = list(task["samples"])
+    where = dict(dataset=dataset, split=split, image_id=image_id)
+    lost = f"drops {len({s['ref_id'] for s in samples})} ref(s), {len(samples)} sample(s)"
+    row = dict(image_id=image_id, dataset=dataset, split=split, orig_width=width, orig_height=height, width=0,
+               height=0, image=b"", instances=[], samples=[], _keep=False, _refs=0, _samples=0,
+               _no_target_samples=0, _multi_target_samples=0, _dropped_samples=len(samples))
+    try:
+        data = _read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError, OSError) as e:
+        return row, [quarantine_record(**where, reason="missing_image", detail=f"image {image_id}: cannot read "
+                                       f"{path}: {e}; {lost}")]
+    out_w, out_h = _stored_size(width, height, image_max_side)
+    try:
+        size = read_image_size(data, source=path)
+        # Full decode even when the bytes are kept: truncation must surface now, not in training.
+        img = decode_image(data, source=path, draft_size=(out_w, out_h) if (out_w, out_h) != size else None)
+    except CorruptImageError as e:
+        return row, [quarantine_record(**where, reason="corrupt_image", detail=f"image {image_id}: {e}; {lost}")]
+    if size != (width, height):
+        return row, [quarantine_record(**where, reason="image_size_mismatch",
+                                       detail=f"image {image_id} ({path}) is {size[0]}×{size[1]} but the "
+                                              f"annotation file says {width}×{height}; {lost}")]
+    if (out_w, out_h) == (width, height) and data[:3] == b"\xff\xd8\xff":
+        encoded = data  # already a JPEG at the stored size: no second lossy generation
+    else:
+        if img.size != (out_w, out_h):
+            img = img.resize((out_w, out_h), Image.BILINEAR, reducing_gap=3.0)  # antialiased when shrinking
+        encoded = encode_jpeg(img, quality=jpeg_quality)
+
+    records, instances, bad = [], [], set()
+    for inst in task["instances"]:
+        try:
+            rle = _rasterise(json.loads(inst["segmentation"]), height=height, width=width, out_h=out_h, out_w=out_w)
+        except Exception as e:  # noqa: BLE001 - pycocotools raises bare Exceptions/TypeErrors
+            bad.add(inst["ann_id"])
+            records.append(quarantine_record(**where, ann_id=inst["ann_id"], reason="invalid_segmentation",
+                                             detail=f"annotation {inst['ann_id']} (image {image_id}): cannot "
+                                                    f"rasterise its segmentation: {type(e).__name__}: {e}"))
+            continue
+        instances.append(dict(ann_id=inst["ann_id"], category_id=inst["category_id"], rle=rle))
+    kept, dropped_refs = [], {}
+    for s in samples:
+        hit = sorted(bad.intersection(s["ann_ids"]))
+        if hit:
+            dropped_refs.setdefault(s["ref_id"], hit)
+        else:
+            kept.append(s)
+    for ref_id, hit in dropped_refs.items():
+        records.append(quarantine_record(**where, ref_id=ref_id, ann_id=hit[0], reason="invalid_target",
+                                         detail=f"ref {ref_id} dropped: its annotation(s) {hit} are invalid"))
+    used = {a for s in kept for a in s["ann_ids"]}
+    row.update(width=out_w, height=out_h, image=encoded, instances=[i for i in instances if i["ann_id"] in used],
+               samples=kept, _keep=bool(kept), _refs=len({s["ref_id"] for s in kept}), _samples=len(kept),
+               _no_target_samples=sum(1 for s in kept if s["no_target"]),
+               _multi_target_samples=sum(1 for s in kept if len(s["ann_ids"]) > 1),
+               _dropped_samples=len(samples) - len(kept))
+    return row, records
+
+
+def process_batch(batch: pa.Table, *, dataset: str, image_max_side: int, jpeg_quality: int) -> pa.Table:
+    """Ray Data UDF: task rows → image rows; never raises for a bad row (quarantine instead)."""
+    rows = []
+    for task in batch.to_pylist():
+        try:
+            row, records = process_task(task, dataset=dataset, image_max_side=image_max_side,
+                                        jpeg_quality=jpeg_quality)
+        except Exception as e:  # noqa: BLE001 - a bug must not kill a multi-hour job: quarantine and count it
+            row = dict(image_id=task["image_id"], dataset=dataset, split=task["split"], orig_width=0, orig_height=0,
+                       width=0, height=0, image=b"", instances=[], samples=[], _keep=False, _refs=0, _samples=0,
+                       _no_target_samples=0, _multi_target_samples=0, _dropped_samples=len(task["samples"]))
+            records = [quarantine_record(dataset=dataset, split=task["split"], image_id=task["image_id"],
+                                         reason="unexpected_error",
+                                         detail=f"image {task['image_id']} ({task['path']}): {type(e).__name__}: {e}")]
+        row["_quarantine"] = json.dumps(records)
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+
+
+# --- output location ----------------------------------------------------------------------
+
+def resolve_output(out: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or a URI (s3://, gs://, file://) → (pyarrow filesystem, path in it)."""
+    if "://" in str(out):
+        return pafs.FileSystem.from_uri(str(out))
+    import os
+
+    return pafs.LocalFileSystem(), os.path.abspath(str(out))
+
+
+def check_output(fs: pafs.FileSystem, path: str, *, overwrite: bool) -> None:
+    """Refuse to mix with an existing dataset unless ``overwrite`` (which clears it)."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return
+    if info.type != pafs.FileType.Directory:
+        raise PrepareError(f"output {path} exists and is not a directory")
+    present = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    if not present:
+        return
+    if not overwrite:
+        what = "a finished dataset (_manifest.json)" if any(p.base_name == MANIFEST_NAME for p in present) \
+            else f"{len(present)} file(s) from an earlier (possibly interrupted) run"
+        raise PrepareError(f"output {path} already holds {what}; pass --overwrite (overwrite=True) to replace it")
+    log.info("overwrite: clearing %s (%d entries)", path, len(present))
+    fs.delete_dir_contents(path)
+
+
+def write_manifest(fs: pafs.FileSystem, path: str, manifest: dict) -> None:
+    """Write ``_manifest.json`` atomically: a temporary name renamed into place (local);
+    a single object PUT on object stores, which is atomic there."""
+    text = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    final = f"{path}/{MANIFEST_NAME}"
+    if fs.type_name != "local":
+        with fs.open_output_stream(final) as f:
+            f.write(text)
+        return
+    tmp = f"{path}/.{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(text)
+        fs.move(tmp, final)  # os.rename: atomic on POSIX
+    finally:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+
+
+# --- the driver -----------------------------------------------------------------------------
+
+def _format_records(records: list[dict], n: int = 5) -> str:
+    lines = [f"  [{r['reason']}] {r['detail']}" for r in records[:n]]
+    if len(records) > n:
+        lines.append(f"  ... and {len(records) - n} more")
+    return "\n".join(lines)
+
+
+def _shard_names(split: str):
+    """Stable, readable shard names (``train-00003.parquet``); the output dir was empty."""
+    from ray.data.datasource import FilenameProvider
+
+    class ShardNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"{split}-{task_index:05d}.parquet"  # unique: one write per split, into a new dir
+
+    return ShardNames(file_format="parquet")
+
+
+def _process(tasks: list[dict], *, dataset: str, image_max_side: int, jpeg_quality: int) -> tuple[Any, list[dict]]:
+    """Run the UDF over every task, once; return the materialised rows and their side columns."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # ~4 blocks per CPU keeps every core busy and progress granular, ≤ 64 images per block.
+    per_block = max(1, min(64, math.ceil(len(tasks) / (4 * cpus))))
+    blocks = [pa.Table.from_pylist(tasks[i:i + per_block], schema=TASK_SCHEMA) for i in range(0, len(tasks), per_block)]
+    work = ray.data.from_arrow(blocks).map_batches(
+        process_batch, batch_format="pyarrow", batch_size=per_block, num_cpus=1,
+        fn_kwargs=dict(dataset=dataset, image_max_side=image_max_side, jpeg_quality=jpeg_quality),
+    ).materialize()  # the one execution of the UDF (module docstring)
+    side = work.select_columns(["split"] + [n for n, _ in _EXTRA]).to_arrow_refs()  # small: no image bytes
+    return work, pa.concat_tables(ray.get(side)).to_pylist()
+
+
+def _write_splits(work: Any, counts: dict[str, dict], *, fs: pafs.FileSystem, out_path: str,
+                  rows_per_shard: int) -> dict[str, list[str]]:
+    """Write each split's kept rows from the materialised blocks to ``out/<split>/``; return file names."""
+    from ray.data import SaveMode
+    from ray.data.expressions import col
+
+    files: dict[str, list[str]] = {}
+    for split, c in counts.items():
+        files[split] = []
+        if not c["images"]:
+            continue
+        split_dir = f"{out_path}/{split}"
+        log.info("writing %s: %d images, %d samples → %s", split, c["images"], c["samples"], split_dir)
+        (work.filter(expr=(col("split") == split) & col("_keep"))
+             .drop_columns([n for n, _ in _EXTRA])
+             .write_parquet(split_dir, filesystem=fs, min_rows_per_file=rows_per_shard,
+                            filename_provider=_shard_names(split), mode=SaveMode.CREATE))
+        files[split] = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(split_dir))
+                              if i.base_name.endswith(".parquet"))
+    return files
+
+
+def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 0, jpeg_quality: int = 90,
+                    rows_per_shard: int = 256, splits: list[str] | None = None, strict: bool = False,
+                    overwrite: bool = False, address: str | None = None, progress: bool = True,
+                    split_by: str | None = None) -> dict:
+    """Prepare ``dataset`` from ``root`` into sharded Parquet at ``out``; returns the manifest.
+
+    Args:
+        dataset: one of ``DATASETS``.
+        root: the release's directory (reader-specific layout, DESIGN §3).
+        out: output directory or URI; ``out/<split>/*.parquet``, ``out/_quarantine/``, ``out/_manifest.json``.
+        image_max_side: shrink images whose long side exceeds this (0: keep the released size).
+        jpeg_quality: quality of re-encoded JPEGs.
+        rows_per_shard: minimum image rows per Parquet file (Ray's ``min_rows_per_file``).
+        splits: only these splits (default: all in the release).
+        strict: fail (before writing anything) if any record is quarantined.
+        overwrite: clear an existing output first instead of refusing.
+        address: Ray cluster address (``auto``, ``ray://host:10001``); default: the running or a new local Ray.
+        progress: Ray Data progress bars.
+        split_by: the release's split scheme (gRefCOCO/RefCOCO/+: ``unc``, RefCOCOg: ``umd``; default: those).
+    """
+    if dataset not in DATASETS:
+        raise PrepareError(f"unknown dataset {dataset!r}; choose from {list(DATASETS)}")
+    if rows_per_shard < 1 or image_max_side < 0 or not 1 <= jpeg_quality <= 100:
+        raise PrepareError("rows_per_shard must be >= 1, image_max_side >= 0, jpeg_quality in [1, 100]")
+    t0 = time.time()
+    fs, out_path = resolve_output(out)
+    check_output(fs, out_path, overwrite=overwrite)
+
+    try:
+        source = read_source(dataset, str(root), split_by=split_by)
+    except (OSError, ValueError) as e:  # SourceFormatError is a ValueError naming the file and record
+        raise PrepareError(f"cannot read {dataset} from {root}: {e}") from e
+    tasks, records, empty_refs, dropped = plan_tasks(source, splits)
+    log.info("%s: %d refs, %d annotations, %d images read; %d image rows to process, %d record(s) quarantined "
+             "while checking", dataset, len(source.refs), len(source.annotations), len(source.images), len(tasks),
+             len(records))
+    if strict and records:
+        raise PrepareError(f"--strict: {len(records)} bad record(s) in {root}:\n{_format_records(records)}")
+    if not tasks:
+        raise PrepareError(f"{dataset} at {root}: no sample to write (no ref with sentences in splits {splits})")
+
+    from pipelines.ray_utils import init_ray
+
+    init_ray(address)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    if not progress:  # otherwise Ray's default: bars on a terminal, periodic log lines elsewhere
+        ctx.enable_progress_bars = False
+    try:
+        work, stats = _process(tasks, dataset=dataset, image_max_side=image_max_side, jpeg_quality=jpeg_quality)
+        for row in stats:
+            records.extend(json.loads(row["_quarantine"]))
+        if strict and records:
+            raise PrepareError(f"--strict: {len(records)} bad record(s) in {root}:\n{_format_records(records)}")
+        counts: dict[str, dict[str, int]] = {}
+        for split in sorted(splits or source.splits()):
+            mine = [r for r in stats if r["split"] == split and r["_keep"]]
+            counts[split] = dict(images=len(mine), refs=sum(r["_refs"] for r in mine) + empty_refs.get(split, 0),
+                                 samples=sum(r["_samples"] for r in mine),
+                                 no_target_samples=sum(r["_no_target_samples"] for r in mine),
+                                 multi_target_samples=sum(r["_multi_target_samples"] for r in mine),
+                                 refs_without_sentences=empty_refs.get(split, 0))
+        files = _write_splits(work, counts, fs=fs, out_path=out_path, rows_per_shard=rows_per_shard)
+    finally:
+        ctx.enable_progress_bars = bars
+
+    fs.create_dir(f"{out_path}/{QUARANTINE_DIR}", recursive=True)
+    with fs.open_output_stream(f"{out_path}/{QUARANTINE_DIR}/quarantine.parquet") as f:
+        pq.write_table(pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA), f)
+
+    from instalign import __version__ as version
+
+    manifest = dict(
+        format="instalign-gres-parquet",
+        schema_version=SCHEMA_VERSION,
+        dataset=dataset,
+        counts=counts,
+        files=files,
+        quarantined=dict(sorted(Counter(r["reason"] for r in records).items())),
+        quarantined_samples_dropped=dropped + int(sum(r["_dropped_samples"] for r in stats)),
+        source=dict(root=str(root), checksums=dict(source.checksums)),
+        options=dict(image_max_side=image_max_side, jpeg_quality=jpeg_quality, rows_per_shard=rows_per_shard,
+                     splits=splits, strict=strict, split_by=split_by),
+        command=" ".join(shlex.quote(a) for a in sys.argv),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        instalign_version=version,
+    )
+    write_manifest(fs, out_path, manifest)
+    log.info("prepared %s in %.1fs: %s; quarantined %s", dataset, time.time() - t0,
+             {s: c["samples"] for s, c in counts.items()}, manifest["quarantined"] or "nothing")
+    return manifest
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--root", required=True, help="the release's directory (e.g. holding grefcoco/ and images/)")
+    parser.add_argument("--out", required=True, help="output directory or URI (s3://…, gs://…)")
+    parser.add_argument("--image-max-side", type=int, default=0, help="shrink images to this long side (0: keep)")
+    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--rows-per-shard", type=int, default=256, help="minimum image rows per Parquet file")
+    parser.add_argument("--splits", default="", help="comma-separated splits (default: all)")
+    parser.add_argument("--split-by", default=None, help="release split scheme (unc, umd, google; default per dataset)")
+    parser.add_argument("--strict", action="store_true", help="fail if any record would be quarantined")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    parser.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] or None
+    try:
+        manifest = prepare_dataset(dataset=args.dataset, root=args.root, out=args.out,
+                                   image_max_side=args.image_max_side, jpeg_quality=args.jpeg_quality,
+                                   rows_per_shard=args.rows_per_shard, splits=splits, strict=args.strict,
+                                   overwrite=args.overwrite, address=args.address, progress=not args.no_progress,
+                                   split_by=args.split_by)
+    except PrepareError as e:
+        print(f"instalign prepare: error: {e}", file=sys.stderr)
+        return 1
+    for split, c in manifest["counts"].items():
+        print(f"{split:>8}: {c['images']:>7} images {c['refs']:>7} refs {c['samples']:>7} samples "
+              f"({c['no_target_samples']} no-target, {c['multi_target_samples']} multi-target)")
+    print(f"quarantined: {manifest['quarantined'] or 'nothing'} → {args.out}/{QUARANTINE_DIR}")
+    return 0
