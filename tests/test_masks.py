@@ -48,7 +48,10 @@ def test_polygons_equal_pycocotools_rasterisation_and_merge_as_union():
     tri = [4.5, 2.0, 20.0, 18.5, 1.0, 18.0]
     square = [22.0, 2.0, 30.0, 2.0, 30.0, 10.0, 22.0, 10.0]
     h, w = 24, 32
-    ref = lambda polys: mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w))).astype(bool)  # noqa: E731
+
+    def ref(polys):
+        return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w))).astype(bool)
+
     for polys in ([tri], [square], [tri, square]):
         rle = segmentation_to_rle(polys, h, w)
         np.testing.assert_array_equal(rle_decode(rle["counts"], h, w), ref(polys))
@@ -167,6 +170,7 @@ def test_out_size_scales_polygons_and_resizes_rles():
         assert out["size"] == [10, 14]
         np.testing.assert_array_equal(rle_decode(out["counts"], 10, 14), want)
     # Same size is a no-op; invalid input is still rejected before scaling.
-    assert segmentation_to_rle([[0, 0, 4, 0, 4, 4]], 8, 8, out_size=(8, 8)) == segmentation_to_rle([[0, 0, 4, 0, 4, 4]], 8, 8)
+    tri = [[0, 0, 4, 0, 4, 4]]
+    assert segmentation_to_rle(tri, 8, 8, out_size=(8, 8)) == segmentation_to_rle(tri, 8, 8)
     with pytest.raises(ValueError, match="odd number"):
         segmentation_to_rle([[0, 0, 4, 0, 4]], 8, 8, out_size=(4, 4))

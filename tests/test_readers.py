@@ -137,6 +137,12 @@ def test_malformed_refs_name_the_file_and_the_record(tmp_path, mutate, message):
     assert str(info.value).startswith(str(path))
 
 
+def test_repeated_ann_ids_in_one_ref_are_kept_once(tmp_path):
+    write_grefcoco(tmp_path)
+    _corrupt_refs(tmp_path, lambda refs: refs[1].update(ann_id=[12, 11, 12]))
+    assert {r.ref_id: r.ann_ids for r in read_grefcoco(tmp_path).refs}[1] == (12, 11)
+
+
 def test_refs_file_that_is_not_json(tmp_path):
     write_grefcoco(tmp_path)
     path = tmp_path / "grefcoco" / "grefs(unc).json"
@@ -274,7 +280,8 @@ def test_refcoco_never_has_no_target(tmp_path):
     refs = pickle.loads(path.read_bytes())
     refs[2]["ann_id"] = -1
     path.write_bytes(pickle.dumps(refs, protocol=2))
-    with pytest.raises(SourceFormatError, match=r"ref #2 \(ref_id=42\): ann_id \[-1\]: RefCOCO refs always have a target"):
+    with pytest.raises(SourceFormatError,
+                       match=r"ref #2 \(ref_id=42\): ann_id \[-1\]: RefCOCO refs always have a target"):
         read_refcoco(tmp_path, "refcoco", "unc")
 
 

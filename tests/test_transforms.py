@@ -34,6 +34,12 @@ def _solid(size: tuple[int, int], colour, mode: str = "RGB") -> Image.Image:
     return Image.new(mode, size, colour)
 
 
+def _palette_with_transparency() -> Image.Image:
+    img = _solid((12, 9), (10, 200, 30)).convert("P")
+    img.info["transparency"] = 0
+    return img
+
+
 def _jpeg(img: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=95, **kw)
@@ -162,6 +168,7 @@ def test_constructor_validates():
     (_solid((12, 9), (10, 200, 30)), _png),
     (_solid((12, 9), (10, 200, 30, 128), "RGBA"), _png),
     (_solid((12, 9), (10, 200, 30)).convert("P"), _png),
+    (_palette_with_transparency(), _png),
     (_solid((12, 9), (0, 0, 0, 255), "CMYK"), _jpeg),
     (Image.fromarray(np.full((9, 12), 65535 // 2, dtype=np.uint16)), _png),
 ])
@@ -196,6 +203,14 @@ def test_draft_decodes_jpegs_smaller_but_never_below_the_request():
     assert small.size == (160, 120)  # 1/4 DCT scale: the smallest that still covers 150x110
     assert decode_image(data, draft_size=(480, 480)).size == (640, 480)  # no scale covers 480 rows
     assert decode_image(_png(_solid((640, 480), (1, 2, 3))), draft_size=(150, 110)).size == (640, 480)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns first; we refuse
+def test_oversized_images_are_refused_before_decoding(monkeypatch):
+    data = _png(_solid((40, 30), (1, 2, 3)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(CorruptImageError, match="big.png: image too large"):
+        decode_image(data, source="big.png")
 
 
 def test_exif_orientation_is_opt_in():

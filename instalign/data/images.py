@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -55,8 +54,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         arr = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")
-    if img.mode in ("LA", "PA", "RGBa", "La"):  # alpha dropped, colour kept
-        return img.convert("RGBA").convert("RGB")
+    if img.mode in ("LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        return img.convert("RGBA").convert("RGB")  # alpha dropped, colour kept
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
@@ -73,17 +72,20 @@ def decode_image(
     ``exif_transpose``: apply the EXIF orientation tag (off for dataset images, see above).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if draft_size is not None and img.format == "JPEG":
-                # Mode stays as stored (draft("RGB") would also convert CMYK badly); size only.
-                img.draft(img.mode, (int(draft_size[0]), int(draft_size[1])))
-            img.load()  # forces the decode: truncation and corruption surface here
-            if exif_transpose:
-                img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        img = Image.open(io.BytesIO(data))
+        # PIL only *warns* between MAX_IMAGE_PIXELS and twice that; refuse here instead of
+        # flipping the process-wide warnings filter (not thread-safe) to make it raise.
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and img.size[0] * img.size[1] > limit:
+            raise Image.DecompressionBombError(f"{img.size[0]}x{img.size[1]} pixels exceeds the limit of {limit}")
+        if draft_size is not None and img.format == "JPEG":
+            # Mode stays as stored (draft("RGB") would also convert CMYK badly); size only.
+            img.draft(img.mode, (int(draft_size[0]), int(draft_size[1])))
+        img.load()  # forces the decode: truncation and corruption surface here
+        if exif_transpose:
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except Image.DecompressionBombError as exc:
         raise CorruptImageError(f"{source}: image too large to decode safely ({exc})") from exc
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, struct.error) as exc:
         kind = "truncated" if "truncated" in str(exc) else "corrupt or not an image"

@@ -44,7 +44,8 @@ Release quirks handled, and the rules chosen where the release is ambiguous:
 * Crowd annotations are dropped from a ref's targets, as ReLA's loader does — unless that
   would leave a targeted ref with none, in which case they are kept (logged), so a ref
   never silently turns into a no-target sample.
-* Duplicate ``ref_id``\\ s (ReLA only prints a warning for them) are kept and logged.
+* Duplicate ``ref_id``\\ s (ReLA only prints a warning for them) are kept and logged; an id
+  repeated inside one ``ann_id`` list is kept once.
 """
 
 from __future__ import annotations
@@ -238,7 +239,8 @@ def _parse_refs(path: Path, data: Any, targets: Callable[[_Record, list[int] | N
         rec.where = f"ref #{i} (ref_id={ref_id})"
         ann = rec.get("ann_id", _is_int_or_int_list, "an int or a list of ints", default=None)
         rec.get("category_id", _is_int_or_int_list, "an int or a list of ints", default=None)
-        ann_ids = targets(rec, None if ann is None else _as_list(ann))
+        # A repeated id would become two identical ground-truth instances: keep the first.
+        ann_ids = tuple(dict.fromkeys(targets(rec, None if ann is None else _as_list(ann))))
         non_crowd = tuple(a for a in ann_ids if a not in crowd)
         if len(non_crowd) < len(ann_ids):
             if non_crowd:
@@ -382,7 +384,8 @@ def reference_problems(source: GRESSource) -> list[dict[str, Any]]:
                 problems.append(dict(image_id=ref.image_id, ref_id=ref.ref_id, ann_id=a, reason="missing_annotation",
                                      detail=f"ref {ref.ref_id}: annotation {a} is not in instances.json"))
             elif ann.image_id != ref.image_id:
-                problems.append(dict(image_id=ref.image_id, ref_id=ref.ref_id, ann_id=a, reason="annotation_image_mismatch",
+                problems.append(dict(image_id=ref.image_id, ref_id=ref.ref_id, ann_id=a,
+                                     reason="annotation_image_mismatch",
                                      detail=f"ref {ref.ref_id} (image {ref.image_id}): annotation {a} "
                                             f"belongs to image {ann.image_id}"))
     return problems

@@ -231,7 +231,7 @@ def generate_grefcoco(root: str | os.PathLike[str], num_images: int = 200, seed:
             annotations.append({
                 "id": o.ann_id, "image_id": image_id, "category_id": SHAPES.index(o.shape) + 1,
                 "segmentation": _segmentation(o, v, h, w), "area": float(v.sum()), "iscrowd": 0,
-                "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)],
+                "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
             })
 
         # (targets, phrases, keep sentences?) for every ref of this image.
