@@ -1,0 +1,240 @@
+"""``instalign evaluate``: a checkpoint or registered model on a prepared split, on Ray Data.
+
+Metrics follow ReLA's gRefCOCO semantics (DESIGN §4; paper §4.1 — cIoU, gIoU, N-acc,
+T-acc, Pr@0.7/0.8/0.9) or Ref-ZOM's (mIoU, oIoU, Acc), computed at the evaluation
+resolution S (480 for the paper) on the paper's inference rule (``engine.postprocess``:
+empty mask when p̂_nt > 0.5, else σ(M_merged) > 0.5).
+
+How it is distributed:
+
+* the driver resolves the model (a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI is
+  downloaded once, ``registry.resolve_checkpoint``), reads the checkpoint's files and puts
+  them in the Ray object store once, so workers on other nodes need no shared disk;
+* ``pipelines.loader.load_samples`` explodes image rows into samples on CPU tasks;
+* ``map_batches`` runs :class:`BatchEvaluator`, a callable class: one actor per worker (GPU
+  or CPU) builds the model once and, for each batch, runs ``instalign.engine.evaluate`` —
+  the same code as a single-process evaluation — and returns the batch's metric *sums*
+  (``state_dict``) as one row;
+* the driver merges those rows (plain sums, so the result does not depend on how samples
+  were split among workers or batches) and computes the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from instalign.metrics import GRESMetrics, RefZOMMetrics
+
+METRICS = {"gres": GRESMetrics, "refzom": RefZOMMetrics}
+#: Which metrics a dataset is reported with by default (the manifest names the dataset).
+DEFAULT_METRICS = {"refzom": "refzom"}
+
+
+def _checkpoint_payload(directory: Path) -> dict[str, bytes]:
+    """Every file of a checkpoint directory as ``{relative path: bytes}`` (for the object store)."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            files[str(path.relative_to(directory))] = path.read_bytes()
+    return files
+
+
+def _materialise(payload: dict[str, bytes]) -> Path:
+    """Write a checkpoint payload into a fresh local directory (one per actor)."""
+    root = Path(tempfile.mkdtemp(prefix="instalign-eval-ckpt-"))
+    for rel, data in payload.items():
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return root
+
+
+class BatchEvaluator:
+    """Ray Data callable class: a batch of samples in, one row of metric sums out.
+
+    Args:
+        checkpoint: ``[ObjectRef]`` of the checkpoint payload (wrapped in a list so Ray hands
+            the reference, not the bytes, to the constructor) or a local directory.
+        metrics: ``"gres"`` or ``"refzom"``.
+        device: ``"cuda"`` or ``"cpu"``.
+        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``.
+    """
+
+    def __init__(self, *, checkpoint: Any, metrics: str, device: str, precision: str = "auto") -> None:
+        import torch
+
+        from instalign.checkpoint import load_model
+        from instalign.engine import resolve_precision
+
+        if isinstance(checkpoint, list):
+            import ray
+
+            directory = _materialise(ray.get(checkpoint[0]))
+        else:
+            directory = Path(checkpoint)
+        self.device = torch.device(device)
+        self.model, cfg = load_model(directory, device=self.device)
+        self.precision = resolve_precision(precision, self.device)
+        self.metrics_cls = METRICS[metrics]
+        self.worker = uuid.uuid4().hex[:8]  # which replica summed a row: shows the work was spread
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from instalign.engine import evaluate
+        from pipelines.loader import rows_to_batch
+
+        batch = rows_to_batch(rows, device=self.device)
+        acc = evaluate(self.model, [batch], device=self.device, precision=self.precision, metrics=self.metrics_cls())
+        row = {k: np.asarray([v]) for k, v in acc.state_dict().items()}
+        row["worker"] = np.asarray([self.worker])
+        return row
+
+
+def _text_cfg(checkpoint_dir: Path):
+    """The checkpoint's config, its text encoder pointed at the tokenizer saved inside it."""
+    from instalign.checkpoint import CONFIG_FILE, TEXT_ENCODER_DIR, checkpoint_files
+    from instalign.config import load_config
+
+    checkpoint_files(checkpoint_dir)  # a clear error naming what is missing
+    cfg = load_config(checkpoint_dir / CONFIG_FILE)
+    text = dataclasses.replace(cfg.model.text_encoder, name=str((checkpoint_dir / TEXT_ENCODER_DIR).resolve()),
+                               pretrained=False)
+    return cfg, text
+
+
+def evaluate_dataset(checkpoint: str, data_dir: str, *, split: str = "val", metrics: str | None = None,
+                     num_workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float | None = None,
+                     batch_size: int = 8, max_samples: int = 0, precision: str = "auto",
+                     address: str | None = None) -> dict[str, float]:
+    """Evaluate ``checkpoint`` on ``split`` of the prepared dataset ``data_dir`` with Ray Data.
+
+    Args:
+        checkpoint: a checkpoint directory, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``
+            (resolved against the current MLflow tracking URI).
+        metrics: ``"gres"`` or ``"refzom"``; default from the dataset named in the manifest.
+        num_workers: model replicas (Ray actors).
+        gpus_per_worker: GPUs per replica (0: CPU inference).
+        cpus_per_worker: CPUs per replica; default: 1 with a GPU, else a share that leaves
+            CPUs to the decode tasks (``ray_utils.default_cpus_per_worker``).
+        max_samples: evaluate the first ``max_samples`` samples (0: all).
+        address: Ray cluster to join (default: the current connection, else a local cluster).
+
+    Returns:
+        The metrics (percentages, NaN where undefined) plus ``samples``, ``batches``,
+        ``workers_used`` (replicas that summed at least one batch) and ``seconds``.
+    """
+    import ray
+
+    from instalign.data.parquet import read_manifest
+    from pipelines.loader import load_samples
+    from pipelines.ray_utils import check_leaves_room_for_data, default_cpus_per_worker, init_ray
+    from pipelines.registry import resolve_checkpoint
+
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    cfg, text_cfg = _text_cfg(ckpt_dir)
+    manifest = read_manifest(str(data_dir))
+    if metrics is None:
+        metrics = DEFAULT_METRICS.get(str(manifest.get("dataset", "")), "gres")
+    if metrics not in METRICS:
+        raise ValueError(f"metrics={metrics!r}: expected one of {sorted(METRICS)}")
+
+    init_ray(address)
+    use_gpu = gpus_per_worker > 0
+    if cpus_per_worker is None:
+        cpus_per_worker = default_cpus_per_worker(num_workers, use_gpu=use_gpu)
+    if not use_gpu:
+        check_leaves_room_for_data(num_workers, cpus_per_worker)
+
+    t0 = time.perf_counter()
+    payload = ray.put(_checkpoint_payload(ckpt_dir))
+    ds = load_samples(str(data_dir), split, text_cfg=text_cfg, image_size=cfg.model.image_size,
+                      max_tokens=cfg.model.text_encoder.max_tokens, shuffle=False, limit=max_samples)
+    # Blocks of one batch each: an actor takes the next block when it is free, so the
+    # replicas share the split evenly (a split written as one file would be one block).
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    sums = ds.map_batches(
+        BatchEvaluator,
+        fn_constructor_kwargs=dict(checkpoint=[payload], metrics=metrics, device="cuda" if use_gpu else "cpu",
+                                   precision=precision),
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=cpus_per_worker,
+        num_gpus=gpus_per_worker or None,
+    ).take_all()
+
+    total = METRICS[metrics]()
+    for row in sums:
+        total.merge(METRICS[metrics].from_state({k: v for k, v in row.items() if k != "worker"}))
+    result = total.compute()
+    result["samples"] = total.state_dict()["samples"]
+    result["batches"] = len(sums)
+    result["workers_used"] = len({row["worker"] for row in sums})
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def format_table(result: dict[str, float], *, title: str) -> str:
+    """The metrics as an aligned two-column text table."""
+    rows = [(k, "n/a" if isinstance(v, float) and math.isnan(v) else (f"{v:.2f}" if isinstance(v, float) else str(v)))
+            for k, v in result.items()]
+    width = max(len(k) for k, _ in rows)
+    lines = [title, "-" * max(len(title), width + 10)]
+    lines += [f"{k:<{width}}  {v:>8}" for k, v in rows]
+    return "\n".join(lines)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR|models:/NAME@ALIAS|models:/NAME/VERSION",
+                        help="checkpoint directory or registered model")
+    parser.add_argument("--data", required=True, metavar="PARQUET_DIR", help="a dataset written by `instalign prepare`")
+    parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    parser.add_argument("--metrics", choices=sorted(METRICS), default=None,
+                        help="gres (cIoU, gIoU, N/T-acc, Pr@) or refzom (mIoU, oIoU, Acc); default from the dataset")
+    parser.add_argument("--num-workers", type=int, default=1, help="model replicas (Ray actors)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per replica (0: CPU)")
+    parser.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per replica (default: derived)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    parser.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N samples (0: all)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 autocast on GPU, fp32 on CPU")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (auto, HOST:PORT, ray://...); "
+                                                        "default: a private local cluster")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs "
+                                                             "(default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write the metrics as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.registry import RegistryError, configure_tracking, is_model_uri
+
+    if is_model_uri(args.checkpoint):
+        configure_tracking(args.tracking_uri)
+    try:
+        result = evaluate_dataset(args.checkpoint, args.data, split=args.split, metrics=args.metrics,
+                                  num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+                                  cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
+                                  max_samples=args.max_samples, precision=args.precision, address=args.address)
+    except (RegistryError, FileNotFoundError, ValueError) as e:
+        print(f"instalign evaluate: {e}", file=sys.stderr)
+        return 1
+    print(format_table(result, title=f"{args.checkpoint} on {args.data} [{args.split}]"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0

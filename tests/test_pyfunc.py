@@ -1,0 +1,199 @@
+"""The MLflow pyfunc: logged, registered, loaded by alias, equal to the Predictor; bad input refused.
+
+A real sqlite tracking store per module (under tmp), a real (random, tiny) checkpoint, and
+one fresh Python process that loads the model from the registry with nothing but MLflow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from instalign.config import tiny
+
+MODEL_NAME = "instalign-test-pyfunc"
+
+
+def make_checkpoint(path, *, seed: int = 0, score_bias: float = 0.0, no_target_bias: float = 0.0):
+    """A random tiny model saved as a checkpoint.
+
+    The biases shift every query's relevance logit and the no-target logit, so that a random
+    model reports instances (p̂_i > 0.5) and targets (p̂_nt < 0.5) instead of nothing.
+    """
+    from instalign.checkpoint import save_checkpoint
+    from instalign.modeling.builders import build_model
+
+    torch.manual_seed(seed)
+    cfg = tiny()
+    model = build_model(cfg.model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        params["decoder.heads.score.bias"].add_(score_bias)
+        params["no_target_head.mlp.layers.1.bias"].add_(no_target_bias)
+    return save_checkpoint(path, model, cfg)
+
+
+def png_bytes(w: int, h: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A fresh sqlite tracking store; MLflow's global URI restored afterwards."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_name="pyfunc-tests")
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def registered(store, tmp_path_factory):
+    """(checkpoint dir, model version) — the checkpoint reports targets and instances (biased logits)."""
+    from pipelines.pyfunc import log_and_register
+
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("pyfunc") / "ckpt", score_bias=2.0, no_target_bias=-2.0)
+    version = log_and_register(ckpt, registered_model_name=MODEL_NAME, alias="candidate")
+    return ckpt, version
+
+
+@pytest.fixture(scope="module")
+def loaded(registered):
+    import mlflow
+
+    return mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@candidate")
+
+
+def test_registered_with_alias_signature_and_requirements(registered):
+    import mlflow
+    from mlflow import MlflowClient
+
+    _, version = registered
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(MODEL_NAME, "candidate").version == version.version
+    info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}@candidate")
+    inputs = {c.name: c.required for c in info.signature.inputs.inputs}
+    assert inputs == {"image": False, "image_path": False, "text": True}
+    assert [c.name for c in info.signature.outputs.inputs] == ["mask", "no_target", "no_target_prob", "instances"]
+    reqs = mlflow.pyfunc.get_model_dependencies(f"models:/{MODEL_NAME}@candidate")
+    text = open(reqs).read()
+    assert "torch==" in text and "timm==" in text and "ray" not in text
+
+
+def test_predictions_equal_the_predictor(registered, loaded, tmp_path):
+    from instalign.data.masks import rle_decode
+    from instalign.predictor import Predictor
+
+    ckpt, _ = registered
+    path = tmp_path / "photo.png"
+    path.write_bytes(png_bytes(90, 70, seed=2))
+    frame = pd.DataFrame({
+        "image": [png_bytes(64, 48, seed=1), None],
+        "image_path": [None, str(path)],
+        "text": ["the red circle on the left", "all blue squares"],
+    })
+    out = loaded.predict(frame)
+    assert list(out.columns) == ["mask", "no_target", "no_target_prob", "instances"] and len(out) == 2
+
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    expected = [predictor.predict(png_bytes(64, 48, seed=1), "the red circle on the left"),
+                predictor.predict(str(path), "all blue squares")]
+    for (_, row), pred in zip(out.iterrows(), expected):
+        h, w = pred.mask.shape
+        assert row["mask"]["size"] == [h, w]
+        np.testing.assert_array_equal(rle_decode(row["mask"]["counts"], h, w), pred.mask)
+        assert row["no_target"] == pred.no_target
+        assert row["no_target_prob"] == pytest.approx(pred.no_target_prob, abs=1e-6)
+        assert len(row["instances"]) == len(pred.instances) > 0
+        for got, inst in zip(row["instances"], pred.instances):
+            assert got["score"] == pytest.approx(inst.score, abs=1e-6)
+            assert got["words"] == [w for w, _ in inst.words]
+            np.testing.assert_array_equal(rle_decode(got["mask"]["counts"], h, w), inst.mask)
+            ys, xs = np.nonzero(inst.mask)
+            if len(xs):
+                assert got["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    json.dumps(out.to_dict(orient="records"))  # what the REST server sends must be plain JSON
+
+
+@pytest.mark.parametrize("frame, message", [
+    (pd.DataFrame({"image": [b"not an image at all"], "text": ["the dog"]}), "row 0: 'image' bytes is not a readable image"),
+    (pd.DataFrame({"image": [png_bytes(8, 8)], "text": ["   "]}), "row 0: 'text' must be a non-empty string"),
+    (pd.DataFrame({"image_path": ["/nonexistent/x.png"], "text": ["the dog"]}), "does not exist"),
+    (pd.DataFrame({"image": [None], "image_path": [None], "text": ["the dog"]}), "row 0: needs an 'image'"),
+    (pd.DataFrame({"image": [png_bytes(8, 8), png_bytes(8, 8)],
+                   "text": ["ok", " ".join(["the big red circle"] * 10)]}), "row 1: text"),
+])
+def test_bad_inputs_are_clear_errors(loaded, frame, message):
+    from pipelines.pyfunc import PyfuncInputError
+
+    with pytest.raises(PyfuncInputError, match=re.escape(message)):
+        loaded.predict(frame)
+
+
+def test_too_long_text_names_the_limit(loaded):
+    from pipelines.pyfunc import PyfuncInputError
+
+    long_text = " ".join(["the big red circle"] * 10)
+    with pytest.raises(PyfuncInputError, match=r"longer than the model's limit of 20"):
+        loaded.unwrap_python_model().predict(None, pd.DataFrame({"image": [png_bytes(8, 8)], "text": [long_text]}))
+
+
+def test_missing_columns_are_clear_errors(loaded):
+    from pipelines.pyfunc import PyfuncInputError, predict_records
+
+    with pytest.raises(Exception, match="text"):
+        loaded.predict(pd.DataFrame({"image": [png_bytes(8, 8)]}))
+    predictor = loaded.unwrap_python_model().predictor
+    with pytest.raises(PyfuncInputError, match="needs a column 'image'"):
+        predict_records(predictor, pd.DataFrame({"text": ["the dog"]}))
+
+
+def test_huge_image_is_refused_before_decoding(loaded, monkeypatch):
+    import pipelines.pyfunc as pyfunc
+
+    monkeypatch.setattr(pyfunc, "MAX_PIXELS", 64 * 48 - 1)
+    with pytest.raises(pyfunc.PyfuncInputError, match=r"64x48 = 3072 pixels, above the limit of 3071"):
+        loaded.unwrap_python_model().predict(None, pd.DataFrame({"image": [png_bytes(64, 48)], "text": ["a"]}))
+
+
+def test_fresh_process_loads_by_alias_from_bundled_code(registered, store, tmp_path):
+    """Another interpreter, another cwd: MLflow alone restores the model, from the code it bundled."""
+    script = textwrap.dedent(f"""
+        import io, json, sys
+        import mlflow, pandas as pd
+        from PIL import Image
+        buf = io.BytesIO(); Image.new("RGB", (40, 30), (200, 20, 20)).save(buf, format="PNG")
+        model = mlflow.pyfunc.load_model("models:/{MODEL_NAME}@candidate")
+        out = model.predict(pd.DataFrame({{"image": [buf.getvalue()], "text": ["the red square"]}}))
+        import pipelines.pyfunc, instalign
+        print(json.dumps({{"size": out.iloc[0]["mask"]["size"], "pyfunc": pipelines.pyfunc.__file__,
+                          "instalign": instalign.__file__}}))
+    """)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["size"] == [30, 40]
+    # The bundled sources (the model's code/ directory), not this checkout, served the request.
+    for key in ("pyfunc", "instalign"):
+        assert f"{os.sep}code{os.sep}" in result[key], result

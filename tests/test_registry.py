@@ -1,0 +1,124 @@
+"""``instalign register``: aliases move between versions; models:/ URIs resolve to checkpoints.
+
+A real sqlite MLflow store under tmp; the checkpoints are random tiny models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instalign.config import tiny
+
+NAME = "instalign-test-registry"
+
+
+def make_checkpoint(path, *, seed: int = 0):
+    from instalign.checkpoint import save_checkpoint
+    from instalign.modeling.builders import build_model
+
+    torch.manual_seed(seed)
+    cfg = tiny()
+    return save_checkpoint(path, build_model(cfg.model), cfg)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow-registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_name="registry-tests")
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("registry") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def versions(store, checkpoint):
+    """Version 1 registered from a checkpoint by the CLI; version 2 by a "training" run."""
+    import mlflow
+
+    from pipelines.cli import main
+    from pipelines.pyfunc import log_and_register
+
+    assert main(["register", "--checkpoint", str(checkpoint), "--name", NAME, "--alias", "candidate",
+                 "--tracking-uri", store]) == 0
+    with mlflow.start_run(run_name="train-like") as run:
+        v2 = log_and_register(checkpoint, registered_model_name=NAME, alias="candidate", run_id=run.info.run_id)
+    return run.info.run_id, v2
+
+
+def alias_version(alias: str) -> str:
+    from mlflow import MlflowClient
+
+    return str(MlflowClient().get_model_version_by_alias(NAME, alias).version)
+
+
+def test_register_checkpoint_then_promote_the_runs_version(store, versions, capsys):
+    from pipelines.cli import main
+
+    run_id, v2 = versions
+    assert str(v2.version) == "2" and v2.run_id == run_id
+    assert alias_version("candidate") == "2"  # the alias moved from version 1 to 2
+
+    assert main(["register", "--run", run_id, "--alias", "champion", "--tracking-uri", store]) == 0
+    assert f"models:/{NAME}@champion -> version 2" in capsys.readouterr().out
+    assert alias_version("champion") == "2"
+
+    # Roll back: point champion at version 1 by hand; the registry holds exactly one champion.
+    from pipelines.registry import set_alias
+
+    set_alias(NAME, 1, "champion")
+    assert alias_version("champion") == "1"
+    from mlflow import MlflowClient
+
+    assert "champion" not in MlflowClient().get_model_version(NAME, "2").aliases
+
+
+def test_models_uri_resolves_to_the_same_checkpoint(store, versions, checkpoint, tmp_path):
+    from pipelines.registry import resolve_checkpoint
+
+    local = resolve_checkpoint(f"models:/{NAME}/2", dst=tmp_path / "dl")
+    for rel in ("config.yaml", "model.safetensors", "text_encoder/tokenizer.json"):
+        assert (local / rel).read_bytes() == (checkpoint / rel).read_bytes(), rel
+    # Only the checkpoint came down, not the bundled code.
+    assert not (tmp_path / "dl" / "code").exists()
+
+
+def test_unknown_run_alias_and_name_are_clear_errors(store, versions, capsys):
+    from pipelines.cli import main
+    from pipelines.registry import RegistryError, resolve_checkpoint
+
+    assert main(["register", "--run", "0" * 32, "--alias", "champion", "--tracking-uri", store]) == 1
+    assert "no registered model version was created by this run" in capsys.readouterr().err
+    with pytest.raises(RegistryError, match="alias nope"):
+        resolve_checkpoint(f"models:/{NAME}@nope")
+    with pytest.raises(RegistryError, match="no-such-model"):
+        resolve_checkpoint("models:/no-such-model/1")
+    run_id, _ = versions
+    assert main(["register", "--run", run_id, "--name", "other-name", "--tracking-uri", store]) == 1
+    assert "under the name 'other-name'" in capsys.readouterr().err
+    assert main(["register", "--checkpoint", "/nonexistent/ckpt", "--name", NAME, "--tracking-uri", store]) == 1
+    assert "/nonexistent/ckpt" in capsys.readouterr().err
+
+
+def test_a_run_with_two_models_needs_a_name(store, checkpoint):
+    import mlflow
+
+    from pipelines.registry import RegistryError, promote_run
+    from pipelines.pyfunc import log_model
+
+    with mlflow.start_run() as run:
+        log_model(checkpoint, name="a", registered_model_name=f"{NAME}-a")
+        log_model(checkpoint, name="b", registered_model_name=f"{NAME}-b")
+    with pytest.raises(RegistryError, match="several models"):
+        promote_run(run.info.run_id, alias="champion")
+    version = promote_run(run.info.run_id, alias="champion", name=f"{NAME}-b")
+    assert version.name == f"{NAME}-b" and "champion" in version.aliases
