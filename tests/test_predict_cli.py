@@ -1,0 +1,98 @@
+"""``instalign predict`` on a checkpoint directory: report, JSON, overlay, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from instalign.config import tiny
+
+
+def make_checkpoint(path, *, seed: int = 0, score_bias: float = 0.0, no_target_bias: float = 0.0):
+    """A random tiny model saved as a checkpoint; the biases make it report targets and instances."""
+    from instalign.checkpoint import save_checkpoint
+    from instalign.modeling.builders import build_model
+
+    torch.manual_seed(seed)
+    cfg = tiny()
+    model = build_model(cfg.model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        params["decoder.heads.score.bias"].add_(score_bias)
+        params["no_target_head.mlp.layers.1.bias"].add_(no_target_bias)
+    return save_checkpoint(path, model, cfg)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("predict") / "ckpt", score_bias=2.0, no_target_bias=-2.0)
+
+
+@pytest.fixture
+def image_path(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "scene.jpg"
+    Image.fromarray(rng.integers(0, 255, size=(72, 96, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_report_and_overlay(checkpoint, image_path, tmp_path, capsys):
+    from pipelines.cli import main
+
+    out = tmp_path / "overlay.png"
+    rc = main(["predict", "--model", str(checkpoint), "--image", str(image_path), "--text", "the red circle",
+               "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "no target  : no" in printed and "instances  :" in printed and "score" in printed
+    assert f"overlay    : {out}" in printed
+    with Image.open(out) as img:
+        assert img.format == "PNG"
+        assert img.width == 96 and img.height > 72  # the image at its size plus the title strip
+
+
+def test_json_matches_the_predictor(checkpoint, image_path, capsys):
+    from instalign.data.masks import rle_decode
+    from instalign.predictor import Predictor
+    from pipelines.cli import main
+
+    rc = main(["predict", "--model", str(checkpoint), "--image", str(image_path), "--text", "all the squares",
+               "--json", "--device", "cpu"])
+    assert rc == 0
+    record = json.loads(capsys.readouterr().out)
+    expected = Predictor.from_checkpoint(checkpoint, device="cpu").predict(str(image_path), "all the squares")
+    assert record["text"] == "all the squares" and record["mask"]["size"] == [72, 96]
+    np.testing.assert_array_equal(rle_decode(record["mask"]["counts"], 72, 96), expected.mask)
+    assert record["no_target"] == expected.no_target
+    assert [i["score"] for i in record["instances"]] == pytest.approx([i.score for i in expected.instances])
+    assert "overlay" not in record
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "/nonexistent.png", "--text", "the dog"], "image_path '/nonexistent.png' does not exist"),
+    (["--text", ""], "'text' must be a non-empty string"),
+    (["--text", "the big red circle " * 8], "longer than the model's limit of 20"),
+])
+def test_bad_inputs(checkpoint, image_path, capsys, args, message):
+    from pipelines.cli import main
+
+    argv = ["predict", "--model", str(checkpoint), "--device", "cpu"]
+    if "--image" not in args:
+        argv += ["--image", str(image_path)]
+    assert main(argv + args) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_not_an_image_and_not_a_checkpoint(checkpoint, tmp_path, capsys):
+    from pipelines.cli import main
+
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("not a picture")
+    assert main(["predict", "--model", str(checkpoint), "--image", str(bogus), "--text", "a dog"]) == 1
+    assert "is not a readable image" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path), "--image", str(bogus), "--text", "a dog"]) == 1
+    assert "incomplete" in capsys.readouterr().err
