@@ -10,13 +10,15 @@ Rows carry a uint8 (S, S, 3) image: normalisation happens on the training device
 Shuffling without an all-to-all. gRefCOCO's train split is ~200k samples of a 480×480×3
 uint8 image each (~140 GB decoded): ``random_shuffle`` over samples would push all of that
 through the object store every epoch, and even over the ~17k encoded image rows it is a
-full exchange of ~3 GB per epoch. Instead, three cheap local stages:
+full exchange of ~3 GB per epoch. Ray's local shuffle buffer is no cheap substitute either:
+it re-``take``-s Arrow tensor rows — ~8 ms per 480² image row on the 2-core dev machine,
+and a 256-sample buffer made iteration ~3× slower there. So the shuffle is done where the
+data are born, in two seeded stages:
 
-1. the Parquet files are read in a seeded random order (``read_parquet(shuffle=...)``);
-2. inside the UDF, the image rows of a file are permuted, then exploded in small chunks
-   whose samples are permuted again (a generator UDF: one file in, chunks out);
-3. the consumer adds ``iter_torch_batches(local_shuffle_buffer_size=LOCAL_SHUFFLE_BUFFER)``,
-   which breaks up the remaining locality (neighbouring samples sharing an image).
+1. the Parquet files are read in a random order (``read_parquet(shuffle=...)``);
+2. inside the UDF, the image rows of a file are permuted and taken in windows of
+   ``IMAGES_PER_WINDOW`` images whose ~15 sentences each are permuted together, then cut
+   into blocks of ``SAMPLES_PER_BLOCK`` — a batch of 32 holds sentences of ~32 images.
 
 Per-epoch orders: pass ``seed=base_seed + epoch`` (the pipeline re-executes each epoch).
 
@@ -41,12 +43,13 @@ from ray.data.datasource import FileShuffleConfig
 from instalign.data.batch import Batch
 from instalign.data.parquet import columns_to_batch, row_to_samples, samples_to_columns, split_files
 
-__all__ = ["LOCAL_SHUFFLE_BUFFER", "load_samples", "rows_to_batch", "RowsToBatch", "transform_from_text_cfg"]
+__all__ = ["load_samples", "rows_to_batch", "RowsToBatch", "transform_from_text_cfg"]
 
-#: Suggested ``iter_torch_batches(local_shuffle_buffer_size=...)`` (samples; ~20 images' worth).
-LOCAL_SHUFFLE_BUFFER = 256
-#: Images exploded per output chunk of the UDF (~15 sentences each → ~100 MB blocks at 480²).
-IMAGES_PER_CHUNK = 8
+#: Images decoded together and whose samples are shuffled together (~32 × 15 samples; at 480²
+#: ~250 MB peak per task: images, per-sample masks and the stacked output block).
+IMAGES_PER_WINDOW = 32
+#: Samples per output block (~45 MB of 480² images).
+SAMPLES_PER_BLOCK = 64
 _COLUMNS = ["image_id", "dataset", "split", "width", "height", "image", "instances", "samples"]
 
 
@@ -74,13 +77,23 @@ def _explode(batch: pa.Table, *, transform: Any | None, spec: tuple[str, int, in
     # Seeded by the block's content, not its position: file order varies, the result per file does not.
     rng = np.random.default_rng(None if seed is None else [seed, int(rows[0]["image_id"]) & 0x7FFFFFFF])
     order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
-    for start in range(0, len(rows), IMAGES_PER_CHUNK):
-        samples = [smp for i in order[start:start + IMAGES_PER_CHUNK] for smp in row_to_samples(rows[i], transform)]
-        if not samples:
-            continue
+    for start in range(0, len(rows), IMAGES_PER_WINDOW):
+        samples = [smp for i in order[start:start + IMAGES_PER_WINDOW] for smp in row_to_samples(rows[i], transform)]
         if shuffle:
             samples = [samples[j] for j in rng.permutation(len(samples))]
-        yield samples_to_columns(samples)
+        for c in range(0, len(samples), SAMPLES_PER_BLOCK):
+            yield _ray_columns(samples[c:c + SAMPLES_PER_BLOCK])
+
+
+def _ray_columns(samples: list[dict]) -> dict[str, Any]:
+    """``samples_to_columns`` with masks as a ragged uint8 object array: Arrow stores bool
+    bit-packed, and packing/``take`` on it measured ~10× slower than on uint8 (a free view)."""
+    columns = samples_to_columns(samples)
+    ragged = np.empty(len(samples), dtype=object)  # an object array: Ray does not try (and warn) to stack
+    for i, m in enumerate(columns["instance_masks"]):
+        ragged[i] = m.view(np.uint8)
+    columns["instance_masks"] = ragged
+    return columns
 
 
 def load_samples(
@@ -99,8 +112,8 @@ def load_samples(
     """A ``ray.data.Dataset`` of the samples of ``split``, one row per sentence.
 
     Columns: ``image`` (S, S, 3) uint8, ``input_ids``/``attention_mask`` (L,) int64,
-    ``instance_masks`` (M, S, S) bool (ragged: M varies per row; padded per batch by
-    :func:`rows_to_batch`), ``num_instances`` int64, ``no_target`` bool, ``sample_id`` str.
+    ``instance_masks`` (M, S, S) uint8 0/1 (ragged: M varies per row; padded and made bool per
+    batch by :func:`rows_to_batch`), ``num_instances`` int64, ``no_target`` bool, ``sample_id`` str.
 
     Args:
         data_dir: a prepared dataset (local path or URI).
@@ -109,7 +122,8 @@ def load_samples(
         text_cfg: the model's ``TextEncoderConfig``: its tokenizer is loaded lazily per worker;
         image_size: S (with ``text_cfg``).
         max_tokens: L (with ``text_cfg``; default ``text_cfg.max_tokens``).
-        shuffle: file order, image order and sample order randomised (module docstring).
+        shuffle: file order, image order and sample order randomised (module docstring); no
+            ``local_shuffle_buffer_size`` is needed when iterating.
         seed: the shuffle seed (``None``: a fresh random order); use ``seed + epoch`` per epoch.
         limit: keep the first ``limit`` samples (0: all). With ``shuffle`` a seeded random subset.
         num_cpus: CPUs per decode task.

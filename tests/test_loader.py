@@ -9,7 +9,7 @@ import torch
 from instalign.data.parquet import ParquetGRES
 from instalign.data.transforms import GRESTransform
 from instalign.modeling.text_encoder import load_tokenizer
-from pipelines.loader import LOCAL_SHUFFLE_BUFFER, RowsToBatch, load_samples, rows_to_batch
+from pipelines.loader import RowsToBatch, load_samples, rows_to_batch
 
 S = 64
 
@@ -27,8 +27,7 @@ def test_ray_loader_equals_parquet_reader(ray_local, prepared_dataset, tiny_cfg,
     by_id = {reference[i]["sample_id"]: reference[i] for i in range(len(reference))}
     ds = load_samples(str(prepared_dataset), "val", text_cfg=tiny_cfg.model.text_encoder, image_size=S, seed=1)
     seen = []
-    for batch in ds.iter_torch_batches(batch_size=5, collate_fn=RowsToBatch("cpu"),
-                                       local_shuffle_buffer_size=LOCAL_SHUFFLE_BUFFER):
+    for batch in ds.iter_torch_batches(batch_size=5, collate_fn=RowsToBatch("cpu")):
         b = len(batch)
         assert batch.images.shape == (b, 3, S, S) and batch.images.dtype == torch.float32
         assert batch.input_ids.shape == batch.attention_mask.shape == (b, transform.max_tokens)
@@ -56,7 +55,8 @@ def test_ray_loader_with_a_transform_and_limit(ray_local, prepared_dataset, tran
     for r in rows:
         assert r["image"].shape == (S, S, 3) and r["image"].dtype == np.uint8
         assert r["instance_masks"].shape == (r["num_instances"], S, S)
-        assert r["instance_masks"].dtype == bool and r["input_ids"].shape == (transform.max_tokens,)
+        assert r["instance_masks"].dtype == np.uint8 and set(np.unique(r["instance_masks"])) <= {0, 1}
+        assert r["input_ids"].shape == (transform.max_tokens,) and r["input_ids"].dtype == np.int64
     batch = rows_to_batch({k: [r[k] for r in rows] if k == "instance_masks" else np.stack([r[k] for r in rows])
                            for k in rows[0]}, "cpu", transform)
     assert len(batch) == 10 and batch.images.shape == (10, 3, S, S)

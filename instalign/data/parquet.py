@@ -177,9 +177,11 @@ def columns_to_batch(columns: Mapping[str, Any], *, device: torch.device | str =
     if transform is None:
         transform = _default_normalizer(s)
     device = torch.device(device)
-    images = transform.normalize(images.to(device, non_blocking=True))  # (B, 3, S, S) float
-    masks = [np.asarray(m, dtype=bool) for m in columns["instance_masks"]]  # B × (M_i, S, S)
-    counts = np.asarray(columns["num_instances"], dtype=np.int64)
+    # Channels-first while still uint8 (a 1-byte copy): normalising a strided view is ~2× slower.
+    images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+    images = transform.normalize(images)  # (B, 3, S, S) float
+    masks = [np.asarray(m) for m in columns["instance_masks"]]  # B × (M_i, S, S), bool or 0/1 uint8
+    counts = np.array(columns["num_instances"], dtype=np.int64)  # a writable copy for torch
     for i, m in enumerate(masks):
         if m.shape[0] != counts[i] or (m.size and m.shape[1:] != (s, s)):
             raise ValueError(f"sample {i}: instance masks of shape {m.shape} but num_instances={counts[i]}, "

@@ -1,0 +1,229 @@
+"""``instalign bench data``: prepare and loader throughput on COCO-sized synthetic data.
+
+What is measured, on data shaped like gRefCOCO (DESIGN §3) rather than the tiny test set:
+640×480 photo-like JPEGs (~COCO's file size), 7 polygon instances per image (~COCO's mean),
+~14 sentences per image (gRefCOCO: 278k expressions over 20k images), written in the exact
+gRefCOCO layout and read by the real reader.
+
+* **prepare** — ``prepare_dataset`` end to end (read the release, Ray Data decode + RLE +
+  Parquet write, manifest) in images/s, and per CPU of the Ray cluster;
+* **loader** — ``load_samples`` → ``iter_torch_batches(collate_fn=RowsToBatch)`` at S×S
+  (480 by default) in training samples/s, per CPU; measured on a second epoch (workers
+  warm: the first one pays worker start-up, tokenizer load and imports; reported too);
+* **baselines** — the same per-image functions in one plain Python process (no Ray):
+  ``process_task`` + a pyarrow write for prepare, ``ParquetGRES`` + ``collate`` for the
+  loader. On few cores Ray's per-task overhead can make it slower than the plain loop
+  (PLATFORM-FACTS, Ray Data); the table says so instead of hiding it.
+
+Targets (README Performance table): prepare ≥ 100 images/s/core, loader ≥ 150 samples/s/core.
+Speed targets live here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGETS = {"prepare": 100.0, "loader": 150.0}
+_WORDS = dict(
+    colour=["red", "blue", "green", "white", "black", "brown", "yellow", "gray"],
+    thing=["person", "man", "woman", "dog", "cat", "car", "chair", "table", "cup", "bottle", "bus", "horse"],
+    where=["on the left", "on the right", "in the middle", "at the back", "in front", "near the table",
+           "next to the window", "behind the man"],
+)
+
+
+# --- a COCO-sized gRefCOCO ------------------------------------------------------------------
+
+def _polygon(rng: np.random.Generator, w: int, h: int) -> list[float]:
+    """A star-shaped polygon with 16–40 vertices (COCO polygons are detailed)."""
+    n = int(rng.integers(16, 41))
+    cx, cy = rng.uniform(0.1 * w, 0.9 * w), rng.uniform(0.1 * h, 0.9 * h)
+    r = rng.uniform(0.05, 0.25) * min(w, h)
+    ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+    rad = r * rng.uniform(0.6, 1.0, n)
+    xs = np.clip(cx + rad * np.cos(ang), 0, w - 1)
+    ys = np.clip(cy + rad * np.sin(ang), 0, h - 1)
+    return [round(float(v), 2) for xy in zip(xs, ys) for v in xy]
+
+
+def _picture(rng: np.random.Generator, w: int, h: int, polys: list[list[float]]) -> "Image.Image":
+    from PIL import Image, ImageDraw
+
+    # Smooth colour field + fine noise: compresses like a photo (~100-200 KB at q90), not like a flat fill.
+    low = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.int16)
+    base += rng.integers(-18, 19, size=(h, w, 3), dtype=np.int16)
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for p in polys:
+        draw.polygon(p, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return img
+
+
+def make_coco_like(root: str | Path, *, num_images: int, seed: int = 0, instances: int = 7) -> dict:
+    """Write ``num_images`` COCO-sized images + refs in the gRefCOCO layout; return totals."""
+    root = Path(root)
+    image_dir, ann_dir = root / "images" / "train2014", root / "grefcoco"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, anns, refs = [], [], []
+    sent_id = 0
+    for i in range(num_images):
+        image_id, w, h = 1_000_000 + i, 640, 480
+        polys = [_polygon(rng, w, h) for _ in range(instances)]
+        _picture(rng, w, h, polys).save(image_dir / f"COCO_train2014_{image_id:012d}.jpg", quality=90)
+        images.append(dict(id=image_id, file_name=f"COCO_train2014_{image_id:012d}.jpg", width=w, height=h))
+        ids = []
+        for p in polys:
+            ids.append(len(anns) + 1)
+            anns.append(dict(id=len(anns) + 1, image_id=image_id, category_id=1, segmentation=[p], iscrowd=0,
+                             area=0.0, bbox=[0, 0, 1, 1]))
+        targets = [[a] for a in ids] + [list(rng.choice(ids, size=int(rng.integers(2, 4)), replace=False))
+                                        for _ in range(2)] + [[]]
+        for t in targets:
+            sents = []
+            for _ in range(int(rng.integers(1, 3))):
+                text = " ".join([str(rng.choice(_WORDS[k])) for k in ("colour", "thing", "where")])
+                sents.append(dict(raw=text, sent=text, tokens=text.split(), sent_id=sent_id))
+                sent_id += 1
+            refs.append(dict(ref_id=len(refs), image_id=image_id, split="train", ann_id=[int(a) for a in t] or [-1],
+                             category_id=[1] * len(t) or [-1], sentences=sents, no_target=not t,
+                             file_name=f"COCO_train2014_{image_id:012d}_{len(refs)}.jpg"))
+    (ann_dir / "instances.json").write_text(json.dumps(dict(images=images, annotations=anns, categories=[
+        dict(id=1, name="thing", supercategory="thing")])))
+    (ann_dir / "grefs(unc).json").write_text(json.dumps(refs))
+    return dict(images=num_images, annotations=len(anns), refs=len(refs), samples=sent_id)
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+def bench_prepare(root: Path, out: Path, *, rows_per_shard: int) -> dict:
+    from pipelines.prepare import prepare_dataset
+
+    t0 = time.perf_counter()
+    manifest = prepare_dataset(dataset="grefcoco", root=str(root), out=str(out), rows_per_shard=rows_per_shard,
+                               overwrite=True, progress=False)
+    return dict(seconds=time.perf_counter() - t0, items=manifest["counts"]["train"]["images"])
+
+
+def baseline_prepare(root: Path, out: Path) -> dict:
+    """The same per-image work in one process: read, plan, ``process_task`` each image, one Parquet write."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from instalign.data.readers import read_source
+    from instalign.data.records import IMAGE_SCHEMA
+    from pipelines.prepare import plan_tasks, process_task
+
+    t0 = time.perf_counter()
+    tasks, *_ = plan_tasks(read_source("grefcoco", str(root)))
+    rows = [process_task(t, dataset="grefcoco", image_max_side=0, jpeg_quality=90)[0] for t in tasks]
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in IMAGE_SCHEMA.names} for r in rows], schema=IMAGE_SCHEMA),
+                   out / "baseline.parquet")
+    return dict(seconds=time.perf_counter() - t0, items=len(rows))
+
+
+def bench_loader(data_dir: Path, *, image_size: int, batch_size: int, text_cfg) -> tuple[dict, dict]:
+    """Two epochs over the Ray loader; (cold first epoch, warm second epoch)."""
+    from pipelines.loader import RowsToBatch, load_samples
+
+    results = []
+    for epoch in range(2):
+        ds = load_samples(str(data_dir), "train", text_cfg=text_cfg, image_size=image_size, seed=epoch)
+        t0, n = time.perf_counter(), 0
+        for batch in ds.iter_torch_batches(batch_size=batch_size, collate_fn=RowsToBatch("cpu"), prefetch_batches=2):
+            n += len(batch)
+        results.append(dict(seconds=time.perf_counter() - t0, items=n))
+    return results[0], results[1]
+
+
+def baseline_loader(data_dir: Path, *, image_size: int, batch_size: int, text_cfg) -> dict:
+    from torch.utils.data import DataLoader
+
+    from instalign.data.parquet import ParquetGRES
+    from instalign.data.transforms import GRESTransform
+    from instalign.modeling.text_encoder import load_tokenizer
+
+    transform = GRESTransform(image_size=image_size, max_tokens=text_cfg.max_tokens, tokenizer=load_tokenizer(text_cfg))
+    t0 = time.perf_counter()
+    ds = ParquetGRES(str(data_dir), "train", transform)
+    n = sum(len(b) for b in DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate, num_workers=0))
+    return dict(seconds=time.perf_counter() - t0, items=n)
+
+
+def _row(stage: str, path: str, r: dict, cpus: float, unit: str) -> dict:
+    rate = r["items"] / r["seconds"]
+    return dict(stage=stage, path=path, items=r["items"], seconds=round(r["seconds"], 2), rate=round(rate, 1),
+                cpus=cpus, per_core=round(rate / cpus, 1), unit=unit, target=TARGETS.get(stage.split(" ")[0]))
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", type=int, default=192, help="synthetic 640×480 images to generate")
+    parser.add_argument("--image-size", type=int, default=480, help="loader output side S")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rows-per-shard", type=int, default=32)
+    parser.add_argument("--work-dir", default=None, help="where to write the data (default: a temporary dir)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from instalign.config import tiny
+    from pipelines.ray_utils import cluster_cpus, init_ray
+
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="instalign-bench-data-"))
+    root, out = work / "release", work / "prepared"
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    totals = make_coco_like(root, num_images=args.images)
+    print(f"generated {totals} in {time.perf_counter() - t0:.1f}s under {root}")
+    text_cfg = tiny().model.text_encoder  # offline tokenizer; tokenising is a small share of the work
+
+    init_ray(args.address)
+    cpus = cluster_cpus()
+    rows = []
+    bench_prepare(root, out, rows_per_shard=args.rows_per_shard)  # warm-up: worker start-up, imports
+    rows.append(_row("prepare", "Ray Data", bench_prepare(root, out, rows_per_shard=args.rows_per_shard),
+                     cpus, "images/s"))
+    cold, warm = bench_loader(out, image_size=args.image_size, batch_size=args.batch_size, text_cfg=text_cfg)
+    rows.append(_row(f"loader {args.image_size}²", "Ray Data, 1st epoch (cold)", cold, cpus, "samples/s"))
+    rows.append(_row(f"loader {args.image_size}²", "Ray Data, 2nd epoch", warm, cpus, "samples/s"))
+    if not args.skip_baseline:
+        rows.append(_row("prepare", "1 process, no Ray", baseline_prepare(root, work / "baseline"), 1, "images/s"))
+        rows.append(_row(f"loader {args.image_size}²", "1 process, no Ray",
+                         baseline_loader(out, image_size=args.image_size, batch_size=args.batch_size,
+                                         text_cfg=text_cfg), 1, "samples/s"))
+
+    print(f"\nmachine: {os.cpu_count()} CPUs visible, Ray cluster {cpus:g} CPUs; {args.images} images, "
+          f"{totals['samples']} samples")
+    print("| stage | path | items | s | items/s | CPUs | items/s/core | target/core |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['stage']} | {r['path']} | {r['items']} | {r['seconds']} | {r['rate']} {r['unit']} | "
+              f"{r['cpus']:g} | {r['per_core']} | {r['target'] or ''} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(totals=totals, rows=rows), indent=2))
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m pipelines.bench_data", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))
