@@ -96,3 +96,18 @@ def test_not_an_image_and_not_a_checkpoint(checkpoint, tmp_path, capsys):
     assert "is not a readable image" in capsys.readouterr().err
     assert main(["predict", "--model", str(tmp_path), "--image", str(bogus), "--text", "a dog"]) == 1
     assert "incomplete" in capsys.readouterr().err
+
+
+def test_bench_predict_reports_latency_and_throughput(tmp_path, capsys):
+    """The benchmark runs end to end and reports what it measured (no speed is asserted here)."""
+    from pipelines.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "predict", "--config", "tiny", "--device", "cpu", "--batch-sizes", "1,2", "--iters", "2",
+                 "--warmup", "0", "--image-size", "80x60", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["precision"] == "fp32" and report["request"] == "80x60 JPEG"
+    assert [r["batch"] for r in report["results"]] == [1, 2]
+    for r in report["results"]:
+        assert r["iters"] == 2 and r["mean_ms"] > 0 and r["images_per_s"] > 0
+    assert "images/s" in capsys.readouterr().out
