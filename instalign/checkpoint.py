@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model as _st_load_model, save_file, save_model as _st_save_model
 from torch import nn
 
@@ -154,24 +155,11 @@ def save_checkpoint(directory: Union[str, Path], model: nn.Module, cfg: Config, 
     ``config.yaml`` is written last, so a directory without it is visibly incomplete.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     model = unwrap_model(model)
-
-    weights_tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    _st_save_model(model, str(weights_tmp), metadata={"format": "instalign", "version": str(FORMAT_VERSION)})
-    os.replace(weights_tmp, directory / WEIGHTS_FILE)
-
-    text_dir = directory / TEXT_ENCODER_DIR
-    text_dir.mkdir(exist_ok=True)
-    _hf_text_model(model).config.save_pretrained(text_dir)
-    if tokenizer is None:
-        from instalign.modeling.text_encoder import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model.text_encoder)
-    tokenizer.save_pretrained(text_dir)
-
+    # Encode the training state first: an unstorable value fails before anything is written.
+    tensors: dict[str, torch.Tensor] = {}
+    payload = None
     if optimizer is not None or scheduler is not None or state:
-        tensors: dict[str, torch.Tensor] = {}
         payload = {
             "format_version": FORMAT_VERSION,
             "optimizer": _encode(optimizer.state_dict(), tensors, "optimizer") if optimizer is not None else None,
@@ -179,6 +167,26 @@ def save_checkpoint(directory: Union[str, Path], model: nn.Module, cfg: Config, 
             "rng": _encode(_rng_state(), tensors, "rng"),
             "state": _encode(state, tensors, "state"),
         }
+    text_model = _hf_text_model(model)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    weights_tmp = directory / f".{WEIGHTS_FILE}.tmp"
+    _st_save_model(model, str(weights_tmp), metadata={"format": "instalign", "version": str(FORMAT_VERSION)})
+    os.replace(weights_tmp, directory / WEIGHTS_FILE)
+
+    text_dir = directory / TEXT_ENCODER_DIR
+    text_dir.mkdir(exist_ok=True)
+    text_model.config.save_pretrained(text_dir)
+    if tokenizer is None:
+        from instalign.modeling.text_encoder import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.text_encoder)
+    tokenizer.save_pretrained(text_dir)
+
+    if payload is None:  # a weights-only save over an older checkpoint must not leave stale state
+        for name in (STATE_TENSORS_FILE, STATE_JSON_FILE):
+            (directory / name).unlink(missing_ok=True)
+    else:
         tmp = directory / f".{STATE_TENSORS_FILE}.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, directory / STATE_TENSORS_FILE)
@@ -216,6 +224,21 @@ def _loading_config(cfg: Config, directory: Path) -> Config:
     return cfg
 
 
+def _check_compatible(model: nn.Module, weights: Path, directory: Path) -> None:
+    """Compare tensor shapes in the file header with the freshly built model (no data read)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # corrupt header / not a safetensors file
+        raise CheckpointError(f"checkpoint {directory}: cannot read {WEIGHTS_FILE}: {e}") from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [f"{k}: file {shapes[k]} vs model {expected[k]}" for k in sorted(shapes.keys() & expected.keys())
+             if shapes[k] != expected[k]]
+    if wrong:
+        raise CheckpointError(f"checkpoint {directory}: {WEIGHTS_FILE} does not match the architecture in "
+                              f"{CONFIG_FILE} ({len(wrong)} shape mismatches, e.g. {wrong[:3]})")
+
+
 def load_model(directory: Union[str, Path], device: Union[str, torch.device] = "cpu") -> tuple[nn.Module, Config]:
     """Rebuild the model from a checkpoint directory and load its weights strictly.
 
@@ -235,9 +258,10 @@ def load_model(directory: Union[str, Path], device: Union[str, torch.device] = "
         raise CheckpointError(f"checkpoint {directory}: {CONFIG_FILE} is not a valid config: {e}") from None
     cfg = _loading_config(saved, directory)
     model = build_model(cfg.model)
+    _check_compatible(model, files["weights"], directory)
     try:
         missing, unexpected = _st_load_model(model, str(files["weights"]), strict=False, device="cpu")
-    except Exception as e:  # safetensors raises several types for corrupt files / shape mismatches
+    except Exception as e:  # safetensors raises several types for corrupt files
         raise CheckpointError(f"checkpoint {directory}: cannot load {WEIGHTS_FILE}: {e}") from e
     if missing or unexpected:
         raise CheckpointError(
