@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -168,19 +169,21 @@ def save_checkpoint(directory: Union[str, Path], model: nn.Module, cfg: Config, 
             "state": _encode(state, tensors, "state"),
         }
     text_model = _hf_text_model(model)
+    if tokenizer is None:  # loaded before anything is replaced: it may live in this very directory
+        from instalign.modeling.text_encoder import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.text_encoder)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).unlink(missing_ok=True)  # incomplete until rewritten last
 
     weights_tmp = directory / f".{WEIGHTS_FILE}.tmp"
     _st_save_model(model, str(weights_tmp), metadata={"format": "instalign", "version": str(FORMAT_VERSION)})
     os.replace(weights_tmp, directory / WEIGHTS_FILE)
 
     text_dir = directory / TEXT_ENCODER_DIR
-    text_dir.mkdir(exist_ok=True)
+    shutil.rmtree(text_dir, ignore_errors=True)  # no stale tokenizer files from an older save
+    text_dir.mkdir()
     text_model.config.save_pretrained(text_dir)
-    if tokenizer is None:
-        from instalign.modeling.text_encoder import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model.text_encoder)
     tokenizer.save_pretrained(text_dir)
 
     if payload is None:  # a weights-only save over an older checkpoint must not leave stale state

@@ -230,8 +230,8 @@ class Predictor:
             one = dataclasses.replace(outputs, merged_logits=outputs.merged_logits[b:b + 1],
                                       no_target_logits=outputs.no_target_logits[b:b + 1])
             mask, no_target, merged_prob, nt_prob = postprocess(one, (h, w))
-            n_real = int(attention_mask[b].sum())
-            ids = input_ids[b, :n_real].tolist()
+            real = attention_mask[b].bool()  # (L,): padding is never a word
+            ids = input_ids[b][real].tolist()
             word_of, words = _token_words(self.tokenizer, text, ids)
             instances = []
             if not bool(no_target[0]):
@@ -239,7 +239,7 @@ class Predictor:
                 if keep:
                     logits = outputs.final.mask_logits[b, keep].float()  # (k, H, W)
                     masks = self.transform.resize_mask_to(logits, (h, w)) > 0  # (k, h, w): σ(ŝ_i) > 0.5
-                    weights = outputs.final.phrase_weights[b, keep, :n_real].float().cpu()  # (k, L')
+                    weights = outputs.final.phrase_weights[b, keep].float().cpu()[:, real.cpu()]  # (k, L_real)
                     for j, i in enumerate(keep):
                         instances.append(InstancePrediction(
                             index=i, score=float(scores[b, i]), mask=masks[j].cpu().numpy(),

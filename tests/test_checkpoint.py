@@ -126,6 +126,18 @@ def test_ddp_wrapped_model_saves_bare_weights(trained, tmp_path):
     assert not (directory / STATE_JSON_FILE).exists()  # weights-only checkpoint
 
 
+def test_resave_a_loaded_model_in_place(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained.directory, copy)
+    model, cfg = load_model(copy)
+    save_checkpoint(copy, model, cfg)  # tokenizer=None: read from copy/text_encoder before it is rewritten
+    again, _ = load_model(copy)
+    images, ids, attn = trained.inputs
+    with torch.no_grad():
+        assert torch.equal(model(images, ids, attn).merged_logits, again(images, ids, attn).merged_logits)
+    assert not (copy / STATE_JSON_FILE).exists()  # weights-only save: the old training state is gone
+
+
 @pytest.mark.parametrize("remove", [CONFIG_FILE, WEIGHTS_FILE, f"{TEXT_ENCODER_DIR}/config.json",
                                     f"{TEXT_ENCODER_DIR}/tokenizer_config.json"])
 def test_incomplete_directory_names_the_missing_file(trained, tmp_path, remove):
