@@ -242,6 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows-per-shard", type=int, default=32)
     parser.add_argument("--work-dir", default=None, help="where to write the data (default: a temporary dir)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    parser.add_argument("--stages", default="prepare,loader", help="comma-separated: prepare, loader")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
@@ -260,18 +261,25 @@ def run(args: argparse.Namespace) -> int:
 
     init_ray(args.address)
     cpus = cluster_cpus()
+    stages = {x.strip() for x in args.stages.split(",") if x.strip()}
+    unknown = stages - {"prepare", "loader"}
+    if unknown:
+        raise SystemExit(f"instalign bench data: unknown stage(s) {sorted(unknown)}; choose from prepare, loader")
     rows = []
-    bench_prepare(root, out, rows_per_shard=args.rows_per_shard)  # warm-up: worker start-up, imports
-    rows.append(_row("prepare", "Ray Data", bench_prepare(root, out, rows_per_shard=args.rows_per_shard),
-                     cpus, "images/s"))
-    stage = f"loader {args.image_size}²"
-    for label, r in bench_loader(out, image_size=args.image_size, batch_size=args.batch_size, text_cfg=text_cfg):
-        rows.append(_row(stage, label, r, cpus, "samples/s"))
-    if not args.skip_baseline:
-        rows.append(_row("prepare", "1 process, no Ray", baseline_prepare(root, work / "baseline"), 1, "images/s"))
-        for label, r in baseline_loader(out, image_size=args.image_size, batch_size=args.batch_size,
-                                        text_cfg=text_cfg):
-            rows.append(_row(stage, label, r, 1, "samples/s"))
+    bench_prepare(root, out, rows_per_shard=args.rows_per_shard)  # warm-up (workers, imports); the loader reads it
+    if "prepare" in stages:
+        rows.append(_row("prepare", "Ray Data", bench_prepare(root, out, rows_per_shard=args.rows_per_shard),
+                         cpus, "images/s"))
+        if not args.skip_baseline:
+            rows.append(_row("prepare", "1 process, no Ray", baseline_prepare(root, work / "baseline"), 1, "images/s"))
+    if "loader" in stages:
+        stage = f"loader {args.image_size}²"
+        for label, r in bench_loader(out, image_size=args.image_size, batch_size=args.batch_size, text_cfg=text_cfg):
+            rows.append(_row(stage, label, r, cpus, "samples/s"))
+        if not args.skip_baseline:
+            for label, r in baseline_loader(out, image_size=args.image_size, batch_size=args.batch_size,
+                                            text_cfg=text_cfg):
+                rows.append(_row(stage, label, r, 1, "samples/s"))
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nmachine: {os.cpu_count()} CPUs visible, Ray cluster {cpus:g} CPUs, load average {load:.1f}; "

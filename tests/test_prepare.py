@@ -232,10 +232,21 @@ def test_write_manifest_is_atomic(tmp_path):
     fs, path = prep.resolve_output(str(tmp_path))
     prep.write_manifest(fs, path, {"a": 1})
     assert json.loads((tmp_path / MANIFEST_NAME).read_text()) == {"a": 1}
-    with pytest.raises(TypeError):
-        prep.write_manifest(fs, path, {"a": object()})  # fails while serialising: old manifest untouched
-    assert json.loads((tmp_path / MANIFEST_NAME).read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == [MANIFEST_NAME]
+
+    class RenameFails:  # the local filesystem, except that the final rename dies
+        type_name = "local"
+
+        def __getattr__(self, name):
+            return getattr(fs, name)
+
+        def move(self, src, dst):
+            raise OSError("disk vanished")
+
+    (tmp_path / MANIFEST_NAME).unlink()
+    with pytest.raises(OSError, match="disk vanished"):
+        prep.write_manifest(RenameFails(), path, {"a": 2})
+    assert list(tmp_path.iterdir()) == []  # neither a manifest nor the temporary file
 
 
 def test_cli_reports_bad_arguments(synthetic_root, tmp_path, capsys):

@@ -179,7 +179,16 @@ def columns_to_batch(columns: Mapping[str, Any], *, device: torch.device | str =
     if transform is None:
         transform = _default_normalizer(s)
     device = torch.device(device)
-    images = transform.normalize(torch.from_numpy(images).to(device, non_blocking=True))  # (B, 3, S, S) float
+    if device.type == "cpu":
+        # One sample at a time into one output: the float temporaries stay small enough for the
+        # allocator to reuse, instead of three fresh (B, 3, S, S) buffers whose page faults
+        # measured as half of the CPU cost. Bit-identical to the whole-batch call.
+        pixels = torch.from_numpy(images)
+        images = torch.empty(pixels.shape, dtype=torch.float32)  # (B, 3, S, S)
+        for i in range(b):
+            images[i: i + 1] = transform.normalize(pixels[i: i + 1])
+    else:
+        images = transform.normalize(torch.from_numpy(images).to(device, non_blocking=True))  # (B, 3, S, S)
     masks = [np.asarray(m) for m in columns["instance_masks"]]  # B × (M_i, S, S), bool or 0/1 uint8
     counts = np.asarray(columns["num_instances"], dtype=np.int64)
     for i, m in enumerate(masks):
