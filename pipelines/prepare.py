@@ -45,7 +45,7 @@ import shlex
 import sys
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -91,6 +91,7 @@ class PrepareError(RuntimeError):
 
 def quarantine_record(*, dataset: str, split: str = "", image_id: int = -1, ref_id: int = -1, ann_id: int = -1,
                       reason: str, detail: str) -> dict[str, Any]:
+    """One ``QUARANTINE_SCHEMA`` row; ``-1`` where the record is not about a ref/annotation/image."""
     return dict(dataset=dataset, split=split, image_id=int(image_id), ref_id=int(ref_id), ann_id=int(ann_id),
                 reason=reason, detail=detail)
 
@@ -510,7 +511,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Our logger only: a root handler would also print Ray Data's DEBUG records (its loggers are set to DEBUG).
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] or None
     try:
         manifest = prepare_dataset(dataset=args.dataset, root=args.root, out=args.out,
