@@ -94,7 +94,8 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
         if all(isinstance(k, str) for k in obj) and not any(k.startswith("__") and k.endswith("__") for k in obj):
             return {k: _encode(v, tensors, f"{where}.{k}") for k, v in obj.items()}
         # int keys (optimizer state is keyed by parameter index) must survive JSON.
-        return {"__items__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]}
+        items = [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]
+        return {"__items__": items}
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
     if isinstance(obj, list):

@@ -79,8 +79,9 @@ def _to_fp32(outputs: InstAlignOutput) -> InstAlignOutput:
     return dataclasses.replace(outputs, **{f.name: cast(getattr(outputs, f.name)) for f in dataclasses.fields(outputs)})
 
 
-def forward_batch(model: nn.Module, batch: Batch, *, device: Union[torch.device, str], precision: str) -> InstAlignOutput:
-    """Move ``batch`` to ``device``, run the model under the chosen precision, return fp32 outputs."""
+def forward_batch(model: nn.Module, batch: Batch, *, device: Union[torch.device, str],
+                  precision: str) -> InstAlignOutput:
+    """Run the model on an (already moved) ``batch`` under ``precision``; return fp32 outputs."""
     with autocast(device, precision):
         outputs = model(batch.images, batch.input_ids, batch.attention_mask)
     return _to_fp32(outputs) if precision != "fp32" else outputs

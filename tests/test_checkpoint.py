@@ -26,6 +26,15 @@ from instalign.modeling.text_encoder import load_tokenizer
 from instalign.optim import build_optimizer, build_scheduler
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Toy-sized tensors: one intra-op thread is faster on the shared 2-core box (see test_overfit)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model after three optimizer steps, saved with its training state."""

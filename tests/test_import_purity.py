@@ -90,3 +90,10 @@ def test_lazy_public_names_resolve():
     assert version == instalign.__version__
     assert modules == "instalign.tracking instalign.config"
     assert flags == "False False"
+
+
+def test_every_public_name_resolves():
+    for name in instalign.__all__:
+        assert getattr(instalign, name) is not None, name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        instalign.no_such_name  # noqa: B018
