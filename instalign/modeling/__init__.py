@@ -4,11 +4,11 @@ Importing this package has no side effects (no weights are read, nothing is writ
 ``build_model`` is where weights are loaded.
 """
 
+from instalign.modeling.backbone import BackboneLoadError
 from instalign.modeling.builders import build_model, instalign_paper, instalign_tiny
 from instalign.modeling.model import InstAlign
 from instalign.modeling.outputs import BlockPrediction, InstAlignOutput
 from instalign.modeling.text_encoder import TextEncoderLoadError, load_tokenizer
-from instalign.modeling.backbone import BackboneLoadError
 
 __all__ = [
     "BackboneLoadError",

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from torch import nn
+
 from instalign.config import ModelConfig, paper, tiny
 from instalign.modeling.backbone import create_backbone
 from instalign.modeling.heads import InstanceAggregation, NoTargetHead, PredictionHeads
@@ -19,7 +21,6 @@ from instalign.modeling.model import InstAlign
 from instalign.modeling.pixel_decoder import MSDeformAttnPixelDecoder
 from instalign.modeling.pot import PhraseObjectBlock, PhraseObjectDecoder
 from instalign.modeling.text_encoder import create_text_encoder
-from torch import nn
 
 #: The pixel decoder hands the POT blocks three scales (strides 32, 16, 8).
 NUM_DECODER_LEVELS = 3
