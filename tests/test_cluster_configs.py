@@ -87,6 +87,14 @@ def test_one_rayjob_per_stage_runs_that_verb(verb, runtime_env):
         # Data and checkpoints on the shared volume: every absolute path argument is under it.
         paths = [a for a in argv if a.startswith("/")]
         assert paths and all(a.startswith(SHARED_MOUNT + "/") for a in paths), argv
+        # Relative files travel in the code zip: they must exist in the repository, and a
+        # search space must load (keys, ranges and switch values checked against the config).
+        for rel in [a for a in argv if a.endswith((".yaml", ".yml")) and not a.startswith("/")]:
+            assert (REPO / rel).is_file(), rel
+            if rel.startswith("tune_spaces/"):
+                from pipelines.tune_space import load_space
+
+                assert load_space(REPO / rel).params
 
 
 def test_launcher_shape():
@@ -274,4 +282,6 @@ def test_entrypoint_splitting():
     assert entrypoint_commands("instalign synthetic --out /d && instalign prepare --root '/a b'; echo x") == [
         ["instalign", "synthetic", "--out", "/d"], ["instalign", "prepare", "--root", "/a b"], ["echo", "x"]]
     assert check_entrypoint("instalign synthetic --out /tmp/x --num-images 4", "t") == ["synthetic"]
-    assert set(shlex.split("train tune prepare")) <= set(VERBS)
+    with pytest.raises(ClusterConfigError, match="the following arguments are required: --out"):
+        check_entrypoint("instalign synthetic --num-images 4", "t")
+    assert {"prepare", "train", "tune"} <= set(VERBS)
