@@ -72,6 +72,15 @@ def ms_deform_attn_pytorch(
     return out.view(b, m * d, q).transpose(1, 2).contiguous().to(out_dtype)
 
 
+def small_tensor(data: list, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A tensor of Python numbers on ``device`` without a host sync.
+
+    ``torch.tensor(..., device="cuda")`` copies synchronously (a stream sync every forward);
+    a non-blocking copy from pageable memory is staged by the driver and returns at once.
+    """
+    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+
 #: name -> implementation with the pure-PyTorch signature. A compiled kernel would register
 #: here after a guarded import (never raising at import) and need a parity test.
 _IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {"pytorch": ms_deform_attn_pytorch}
@@ -181,10 +190,10 @@ class MSDeformAttn(nn.Module):
         # softmax jointly over levels and points, in fp32 (bf16-autocast safe)
         weights = self.attention_weights(query).view(b, q, m, lv * p).float().softmax(-1).view(b, q, m, lv, p)
         # offsets are in pixels of each level: normalise by (W_l, H_l)
-        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=query.device)
+        normalizer = small_tensor([[w, h] for h, w in spatial_shapes], query.device, torch.float32)
         locations = reference_points[:, :, None, :, None, :].float() + offsets.float() / normalizer[None, None, None, :, None, :]
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, impl=self.impl)
         return self.output_proj(out)
 
 
-__all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_pytorch", "available_implementations"]
+__all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_pytorch", "available_implementations", "small_tensor"]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from instalign.modeling.ms_deform_attn import MSDeformAttn
+from instalign.modeling.ms_deform_attn import MSDeformAttn, small_tensor
 from instalign.modeling.position_encoding import PositionEmbeddingSine
 
 
@@ -145,8 +145,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         src = torch.cat(srcs, 1)  # (B, S, C)
         if self.layers:
             pos = torch.cat(poss, 1)  # (1, S, C)
-            sizes = torch.tensor([h * w for h, w in shapes], device=src.device)
-            level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
+            starts = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
+            level_start_index = small_tensor(starts, src.device, torch.long)
             ref = self.reference_points(shapes, src.device)
             for layer in self.layers:
                 src = layer(src, pos, ref, shapes, level_start_index)
