@@ -50,14 +50,14 @@ def _checkpoint_payload(directory: Path) -> dict[str, bytes]:
     return files
 
 
-def _materialise(payload: dict[str, bytes]) -> Path:
-    """Write a checkpoint payload into a fresh local directory (one per actor)."""
-    root = Path(tempfile.mkdtemp(prefix="instalign-eval-ckpt-"))
+def _materialise(payload: dict[str, bytes]) -> tempfile.TemporaryDirectory:
+    """Write a checkpoint payload into a fresh local directory (one per actor; removed with it)."""
+    tmp = tempfile.TemporaryDirectory(prefix="instalign-eval-ckpt-")
     for rel, data in payload.items():
-        target = root / rel
+        target = Path(tmp.name) / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    return root
+    return tmp
 
 
 class BatchEvaluator:
@@ -80,11 +80,12 @@ class BatchEvaluator:
         if isinstance(checkpoint, list):
             import ray
 
-            directory = _materialise(ray.get(checkpoint[0]))
+            self._local = _materialise(ray.get(checkpoint[0]))
+            directory = Path(self._local.name)
         else:
             directory = Path(checkpoint)
         self.device = torch.device(device)
-        self.model, cfg = load_model(directory, device=self.device)
+        self.model, _ = load_model(directory, device=self.device)
         self.precision = resolve_precision(precision, self.device)
         self.metrics_cls = METRICS[metrics]
         self.worker = uuid.uuid4().hex[:8]  # which replica summed a row: shows the work was spread

@@ -15,7 +15,7 @@ Input: a DataFrame with ``text`` and either ``image`` (encoded bytes: JPEG, PNG,
 * ``mask`` — the merged mask at the original image size as COCO RLE ``{size: [h, w], counts}``
   (all zero when no-target is predicted, paper eqs. 8 and 12);
 * ``no_target`` / ``no_target_prob`` — p̂_nt > 0.5 and p̂_nt (eq. 12);
-* ``instances`` — the instance queries the predictor kept: ``score`` (p̂_i), ``bbox``
+* ``instances`` — the instance queries the predictor kept: ``query`` (i), ``score`` (p̂_i), ``bbox``
   (COCO ``[x, y, w, h]`` of the instance mask), ``mask`` (RLE) and ``words`` (the phrase the
   query aligned to, eq. 1, heaviest first) with ``word_weights`` (their shares of R's row).
 
@@ -143,6 +143,7 @@ def prediction_to_record(prediction) -> dict[str, Any]:
     instances = []
     for inst in prediction.instances:
         instances.append({
+            "query": int(inst.index),
             "score": float(inst.score),
             "bbox": mask_bbox(inst.mask),
             "mask": mask_to_rle(inst.mask),
@@ -155,6 +156,22 @@ def prediction_to_record(prediction) -> dict[str, Any]:
         "no_target_prob": float(prediction.no_target_prob),
         "instances": instances,
     }
+
+
+def record_to_prediction(record: dict[str, Any]):
+    """The inverse of :func:`prediction_to_record` (masks decoded), e.g. to draw a served answer."""
+    from instalign.data.masks import rle_decode
+    from instalign.predictor import InstancePrediction, Prediction
+
+    def decode(rle: dict[str, Any]) -> np.ndarray:
+        h, w = rle["size"]
+        return rle_decode(rle["counts"], int(h), int(w))
+
+    instances = [InstancePrediction(index=int(inst["query"]), score=float(inst["score"]), mask=decode(inst["mask"]),
+                                    words=list(zip(inst["words"], inst["word_weights"])))
+                 for inst in record["instances"]]
+    return Prediction(mask=decode(record["mask"]), no_target=bool(record["no_target"]),
+                      no_target_prob=float(record["no_target_prob"]), instances=instances)
 
 
 # --- the pyfunc ------------------------------------------------------------------------------
@@ -226,6 +243,7 @@ def signature():
 
     rle = Object([Property("size", Array("long")), Property("counts", "string")])
     instance = Object([
+        Property("query", "long"),
         Property("score", "double"),
         Property("bbox", Array("double")),
         Property("mask", rle),

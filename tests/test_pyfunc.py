@@ -132,6 +132,14 @@ def test_predictions_equal_the_predictor(registered, loaded, tmp_path):
                 assert got["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
     json.dumps(out.to_dict(orient="records"))  # what the REST server sends must be plain JSON
 
+    # A served record carries everything needed to draw it again (quickstart's overlay).
+    from pipelines.pyfunc import record_to_prediction
+
+    back = record_to_prediction(out.iloc[1].to_dict())
+    np.testing.assert_array_equal(back.mask, expected[1].mask)
+    assert [(i.index, i.words) for i in back.instances] == \
+        [(i.index, [(w, pytest.approx(v)) for w, v in i.words]) for i in expected[1].instances]
+
 
 @pytest.mark.parametrize("frame, message", [
     (pd.DataFrame({"image": [b"not an image at all"], "text": ["the dog"]}), "row 0: 'image' bytes is not a readable image"),
