@@ -258,6 +258,12 @@ def run(args: argparse.Namespace) -> int:
     totals = make_coco_like(root, num_images=args.images)
     print(f"generated {totals} in {time.perf_counter() - t0:.1f}s under {root}")
     text_cfg = tiny().model.text_encoder  # offline tokenizer; tokenising is a small share of the work
+    import torch
+
+    # One intra-op thread in this process (the collate of both loaders runs here), as Ray gives its
+    # 1-CPU tasks: measured on a busy 2-core machine, two threads spin-waiting for each other cost
+    # 5× the CPU time of the same collate on one thread.
+    torch.set_num_threads(1)
 
     init_ray(args.address)
     cpus = cluster_cpus()
