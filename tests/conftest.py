@@ -37,7 +37,7 @@ def ray_local(_ray_session_guard):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=True,
+        ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=True,
                  dashboard_host="127.0.0.1")
     return ray
 
@@ -67,7 +67,7 @@ def prepared_dataset(synthetic_root, _ray_session_guard, tmp_path_factory):
     from pipelines.prepare import prepare_dataset
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=True,
+        ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=True,
                  dashboard_host="127.0.0.1")
 
     out = tmp_path_factory.mktemp("prepared") / "grefcoco"
