@@ -177,48 +177,57 @@ def test_registry_model_matches_the_checkpoint_predictor(registered, expected):
     assert got == expected
 
 
-def test_http_serving_answers_and_rejects_bad_input_cleanly(registered, expected):
-    from pycocotools import mask as mask_utils
-
-    good = (["image", "text"], [[_b64(_png(IMAGE_SIZE)), "the red ball on the left"]])
-    bad_cases = {
-        "not an image": ((["image", "text"], [[_b64(b"these bytes are no image at all"), "the ball"]]),
-                         "not a readable image"),
-        "empty expression": ((["image", "text"], [[_b64(_png(IMAGE_SIZE)), ""]]), "non-empty"),
-        "expression over the token limit": ((["image", "text"], [[_b64(_png(IMAGE_SIZE)), " ".join(["ball"] * 60)]]),
-                                            "token"),
-        "huge image": ((["image", "text"], [[_b64(_png((7000, 6000), mode="L")), "the ball"]]), "pixels"),
-        "missing text column": ((["image"], [[_b64(_png(IMAGE_SIZE))]]), "text"),
-        "missing image column": ((["text"], [["the ball"]]), "image"),
-    }
+@pytest.fixture(scope="module")
+def server(registered):
     with model_server(f"models:/{MODEL_NAME}@champion", registered["tracking_uri"],
                       registered["root"] / "server.log") as url:
-        status, body = invoke(url, *good)
-        assert status == 200, body
-        (row,) = body["predictions"]
-        decoded = mask_utils.decode({"size": row["mask"]["size"], "counts": row["mask"]["counts"].encode()})
-        assert decoded.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0])  # (h, w) of the image sent
-        assert isinstance(row["no_target"], bool) and 0.0 <= row["no_target_prob"] <= 1.0
-        assert row["no_target"] == (row["no_target_prob"] > 0.5)
-        if row["no_target"]:
-            assert not decoded.any()
-        _close(row, expected)
+        yield url
 
-        problems = []
-        for what, ((columns, rows), needle) in bad_cases.items():
-            status, body = invoke(url, columns, rows)
-            text = json.dumps(body)
-            message = str(body.get("message", ""))
-            if not 400 <= status < 500:
-                problems.append(f"{what}: HTTP {status}, expected 4xx: {text[:300]}")
-            if needle not in message:
-                problems.append(f"{what}: message does not name the problem ({needle!r}): {message[:300]!r}")
-            if "Traceback" in text or "stack_trace" in body:
-                problems.append(f"{what}: the response leaks a Python stack trace: {text[:300]}")
-        assert not problems, "\n".join(problems)
 
-        # Still serving, and still the same answer.
-        status, body = invoke(url, *good)
-        assert status == 200, body
-        _close(body["predictions"][0], expected)
-        assert np.isfinite(body["predictions"][0]["no_target_prob"])
+GOOD = (["image", "text"], [[_b64(_png(IMAGE_SIZE)), "the red ball on the left"]])
+
+#: Bad input at the boundary → (columns, rows), a phrase the error message must contain.
+BAD = {
+    "not-an-image": ((["image", "text"], [[_b64(b"these bytes are no image at all"), "the ball"]]),
+                     "not a readable image"),
+    "empty-expression": ((["image", "text"], [[_b64(_png(IMAGE_SIZE)), ""]]), "non-empty"),
+    "expression-over-token-limit": ((["image", "text"], [[_b64(_png(IMAGE_SIZE)), " ".join(["ball"] * 60)]]),
+                                    "token"),
+    "huge-image": ((["image", "text"], [[_b64(_png((7000, 6000), mode="L")), "the ball"]]), "pixels"),
+    "missing-text-column": ((["image"], [[_b64(_png(IMAGE_SIZE))]]), "text"),
+    "missing-image-column": ((["text"], [["the ball"]]), "image"),
+}
+
+
+def test_http_good_request(server, expected):
+    from pycocotools import mask as mask_utils
+
+    status, body = invoke(server, *GOOD)
+    assert status == 200, body
+    (row,) = body["predictions"]
+    decoded = mask_utils.decode({"size": row["mask"]["size"], "counts": row["mask"]["counts"].encode()})
+    assert decoded.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0])  # (h, w) of the image sent, not the model's input
+    assert isinstance(row["no_target"], bool) and 0.0 <= row["no_target_prob"] <= 1.0
+    assert row["no_target"] == (row["no_target_prob"] > 0.5)
+    if row["no_target"]:
+        assert not decoded.any()
+    _close(row, expected)  # the served model is the checkpoint's Predictor
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_http_bad_input_is_a_clean_4xx(server, case):
+    (columns, rows), needle = BAD[case]
+    status, body = invoke(server, columns, rows)
+    text = json.dumps(body)
+    assert 400 <= status < 500, f"HTTP {status}: {text[:500]}"
+    assert needle in str(body.get("message", "")), f"the message does not name the problem ({needle!r}): {text[:500]}"
+    assert "Traceback" not in text and "stack_trace" not in body, f"the response leaks a stack trace: {text[:500]}"
+
+
+def test_http_still_serving_after_bad_inputs(server, expected):
+    for (columns, rows), _ in BAD.values():  # whatever the order tests ran in
+        invoke(server, columns, rows)
+    status, body = invoke(server, *GOOD)
+    assert status == 200, body
+    _close(body["predictions"][0], expected)
+    assert np.isfinite(body["predictions"][0]["no_target_prob"])
