@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import re
 import shlex
@@ -264,7 +265,7 @@ def check_launcher(cfg: dict[str, Any], where: str) -> None:
         _fail(where, f"head_start_ray_commands: --dashboard-host={host} — the job API runs arbitrary code; "
                      "bind it to 127.0.0.1 and reach it with `ray dashboard` (an SSH tunnel)")
     try:
-        validate_config(prepare_config(dict(cfg)))
+        validate_config(prepare_config(copy.deepcopy(cfg)))  # prepare_config fills defaults in place
     except Exception as e:  # jsonschema.ValidationError, ValueError: Ray's own messages
         _fail(where, f"Ray's launcher schema rejects it: {type(e).__name__}: {str(e).splitlines()[0]}")
 
