@@ -147,6 +147,7 @@ def ray_head(num_cpus: int = 2, attempts: int = 2):
             _stop_group(head)
             if attempt == attempts:
                 pytest.fail(f"{e}\n(logs kept in {temp_dir})")
+            shutil.rmtree(temp_dir, ignore_errors=True)
     client.diagnostics = lambda: f"{diagnostics(temp_dir)}\n(Ray logs kept in {temp_dir})"  # for failure messages
     failed = True
     try:
