@@ -181,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{k:<10}: {v}")
     print(f"{'batch':>5} {'mean ms':>10} {'p50 ms':>10} {'p90 ms':>10} {'images/s':>10}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['mean_ms']:>10.1f} {r['p50_ms']:>10.1f} {r['p90_ms']:>10.1f} {r['images_per_s']:>10.2f}")
+        print(f"{r['batch']:>5} {r['mean_ms']:>10.1f} {r['p50_ms']:>10.1f} {r['p90_ms']:>10.1f} "
+              f"{r['images_per_s']:>10.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({**header, "results": rows}, indent=2))
     return 0

@@ -217,8 +217,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: bf16 autocast on GPU, fp32 on CPU")
     parser.add_argument("--address", default=None, help="Ray cluster to join (auto, HOST:PORT, ray://...); "
                                                         "default: a private local cluster")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs "
-                                                             "(default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI for models:/ URIs "
+                             "(default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the metrics as JSON here")
 
 

@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON (the pyfunc's format)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--top-words", type=int, default=3, help="words reported per instance")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs "
-                                                             "(default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI for models:/ URIs "
+                             "(default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -135,7 +135,8 @@ def pick_val_sample(data_dir: str, split: str) -> dict[str, Any]:
         for row in pq.read_table(path, filesystem=fs, columns=["image_id", "image", "samples"]).to_pylist():
             for smp in row["samples"]:
                 found = {"image_id": row["image_id"], "image": row["image"], "text": smp["text"],
-                         "targets": len(smp["ann_ids"]), "sample_id": f"{row['image_id']}:{smp['ref_id']}:{smp['sent_id']}"}
+                         "targets": len(smp["ann_ids"]),
+                         "sample_id": f"{row['image_id']}:{smp['ref_id']}:{smp['sent_id']}"}
                 if len(smp["ann_ids"]) >= 2:
                     return found
                 if fallback is None and smp["ann_ids"]:
@@ -304,7 +305,8 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"where everything goes (default: ./{DEFAULT_WORKDIR})")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
+                        help=f"where everything goes (default: ./{DEFAULT_WORKDIR})")
     parser.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES, help="synthetic images (60 %% train)")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (CPU)")

@@ -142,7 +142,8 @@ def test_predictions_equal_the_predictor(registered, loaded, tmp_path):
 
 
 @pytest.mark.parametrize("frame, message", [
-    (pd.DataFrame({"image": [b"not an image at all"], "text": ["the dog"]}), "row 0: 'image' bytes is not a readable image"),
+    (pd.DataFrame({"image": [b"not an image at all"], "text": ["the dog"]}),
+     "row 0: 'image' bytes is not a readable image"),
     (pd.DataFrame({"image": [png_bytes(8, 8)], "text": ["   "]}), "row 0: 'text' must be a non-empty string"),
     (pd.DataFrame({"image_path": ["/nonexistent/x.png"], "text": ["the dog"]}), "does not exist"),
     (pd.DataFrame({"image": [None], "image_path": [None], "text": ["the dog"]}), "row 0: needs an 'image'"),
