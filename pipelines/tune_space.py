@@ -15,7 +15,6 @@ the file and the key named, before any trial starts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +120,7 @@ def load_space(path: str | Path, base_config: Config | None = None) -> SearchSpa
     for p in params:  # each candidate value must build a valid config
         for value in p.candidates():
             try:
-                apply_overrides(base_config, [f"{p.key}={json.dumps(value)}"])
+                apply_overrides(base_config, [f"{p.key}={yaml_value(value)}"])
             except ConfigError as e:
                 raise SpaceError(f"{where}: {p.key}={value!r} is not a valid config value: {e}") from None
     return SearchSpace(path=where, base=base, search=search, params=params)
@@ -157,6 +156,16 @@ def _parse_param(where: str, key: str, spec: Any, valid_keys: set[str]) -> Param
                  high=float(high) if kind != "randint" else int(high))
 
 
+def yaml_value(value: Any) -> str:
+    """``value`` as the YAML text an override carries, read back as exactly ``value``.
+
+    Not JSON: YAML 1.1 reads JSON's ``1e-05`` as a *string* (a float needs a dot there), so a
+    small learning rate would not survive the round trip; PyYAML writes ``1.0e-05``.
+    """
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"))
+    return text[:-len("\n...\n")] if text.endswith("\n...\n") else text.strip()
+
+
 def trial_overrides(trial_config: dict[str, Any]) -> list[str]:
-    """A sampled Tune config (dotted key → value) as ``key=value`` overrides (JSON is valid YAML)."""
-    return [f"{k}={json.dumps(v)}" for k, v in sorted(trial_config.items())]
+    """A sampled Tune config (dotted key → value) as ``key=value`` overrides."""
+    return [f"{k}={yaml_value(v)}" for k, v in sorted(trial_config.items())]

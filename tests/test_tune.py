@@ -1,0 +1,233 @@
+"""``instalign tune``: the planning arithmetic and report writers (fast), then one real search —
+Ray Tune over Ray Train on the tiny preset, MLflow in a temp store, ASHA, registry, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import yaml
+
+from instalign.config import load_config
+
+GOOD_LR, TINY_LR = 1e-2, 1e-9
+
+
+# --- fast: no Ray cluster ------------------------------------------------------------------
+
+def test_only_validated_reports_reach_tune_and_iterations_count_epochs():
+    from pipelines.tune import validated_report
+
+    assert validated_report({"step": 2, "epoch": 0, "epoch_step": 2, "val_gIoU": math.nan}, "val_gIoU") is None
+    assert validated_report({"step": 2, "epoch": 0, "epoch_step": 2}, "val_gIoU") is None
+    end_of_epoch = validated_report({"step": 8, "epoch": 2, "epoch_step": 0, "val_gIoU": 41.5}, "val_gIoU")
+    assert end_of_epoch["training_iteration"] == 2 and end_of_epoch["val_gIoU"] == 41.5
+    # train.max_steps stopped the run inside its third epoch: that epoch was begun, so it counts.
+    assert validated_report({"step": 9, "epoch": 2, "epoch_step": 1, "val_cIoU": 3.0}, "val_cIoU")[
+        "training_iteration"] == 3
+
+
+def test_concurrency_leaves_room_for_data_and_respects_gpus():
+    from pipelines.tune import TRIAL_CPU, data_cpus_per_task, default_cpus_per_worker, plan_concurrency
+
+    assert data_cpus_per_task(0.5) == 0.5 and data_cpus_per_task(0.75) == 0.25 and data_cpus_per_task(2.0) == 1.0
+    # 2 CPUs: two trials of one 0.45-CPU worker take 0.92 and leave a whole CPU for Ray Data's
+    # reads; two 0.5-CPU ones would leave 0.98 — measured to hang (the read tasks take 1 CPU).
+    assert plan_concurrency(total_cpus=2, total_gpus=0, num_workers=1, cpus_per_worker=0.45, gpus_per_worker=0,
+                            max_concurrent=None) == 2
+    with pytest.raises(ValueError, match=r"--max-concurrent 2 does not fit: .*0\.51 CPUs.*at most 1 at once"):
+        plan_concurrency(total_cpus=2, total_gpus=0, num_workers=1, cpus_per_worker=0.5, gpus_per_worker=0,
+                         max_concurrent=2)
+    with pytest.raises(ValueError, match="not even one trial fits"):
+        plan_concurrency(total_cpus=2, total_gpus=0, num_workers=2, cpus_per_worker=1.0, gpus_per_worker=0,
+                         max_concurrent=None)
+    # GPUs bound it: 8 GPUs, 2 workers × 1 GPU per trial → 4 trials, though 64 CPUs would fit more.
+    assert plan_concurrency(total_cpus=64, total_gpus=8, num_workers=2, cpus_per_worker=1.0, gpus_per_worker=1,
+                            max_concurrent=None) == 4
+    with pytest.raises(ValueError, match="GPUs"):
+        plan_concurrency(total_cpus=64, total_gpus=8, num_workers=2, cpus_per_worker=1.0, gpus_per_worker=1,
+                         max_concurrent=5)
+    # The derived CPU share keeps a CPU for data and the trial drivers' slivers on top.
+    c = default_cpus_per_worker(total_cpus=2, num_workers=1, concurrent=1, use_gpu=False)
+    assert c == 0.75 and plan_concurrency(total_cpus=2, total_gpus=0, num_workers=1, cpus_per_worker=c,
+                                          gpus_per_worker=0, max_concurrent=1) == 1
+    assert 2 - (TRIAL_CPU + c) >= 1
+    assert default_cpus_per_worker(total_cpus=2, num_workers=1, concurrent=1, use_gpu=True) == 1.0
+
+
+def test_expected_iterations_follow_the_schedule():
+    from pipelines.tune import expected_iterations
+
+    cfg = load_config("tiny", ["train.epochs=3", "train.batch_size=8"])
+    assert expected_iterations(cfg, 32, max_iterations=10) == 3
+    assert expected_iterations(cfg, 32, max_iterations=2) == 2  # ASHA's max_t caps it
+    # max_steps=5 with 4 steps per epoch: a full epoch and a begun one.
+    assert expected_iterations(load_config(cfg, ["train.max_steps=5"]), 32, max_iterations=10) == 2
+
+
+def test_optuna_search_needs_the_extra(tmp_path, monkeypatch):
+    from pipelines.tune import build_search_alg
+    from pipelines.tune_space import load_space
+
+    path = tmp_path / "tpe.yaml"
+    path.write_text("base: tiny\nsearch: optuna\nparams:\n  train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n")
+    space = load_space(path)
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"tpe\.yaml: search=optuna needs Optuna.*instalign\[optuna\]"):
+        build_search_alg(space, metric="val_gIoU", mode="max", seed=0, max_concurrent=2)
+
+
+def test_random_and_grid_searchers_carry_the_concurrency_limit():
+    """Tune ignores ``max_concurrent_trials`` beside a generator instance: the limit must be in it."""
+    from pipelines.tune import build_search_alg
+    from pipelines.tune_space import load_space
+
+    for name in ("loss_weights", "queries"):
+        space = load_space(f"tune_spaces/{name}.yaml")
+        assert build_search_alg(space, metric="val_gIoU", mode="max", seed=0, max_concurrent=3).max_concurrent == 3
+
+
+def test_scheduler_arguments_are_checked():
+    from pipelines.tune import build_scheduler
+
+    assert type(build_scheduler("none", max_iterations=3, grace_period=1, reduction_factor=2)).__name__ == \
+        "FIFOScheduler"
+    with pytest.raises(ValueError, match="grace period 4"):
+        build_scheduler("asha", max_iterations=3, grace_period=4, reduction_factor=2)
+    with pytest.raises(ValueError, match="scheduler='hyperband'"):
+        build_scheduler("hyperband", max_iterations=3, grace_period=1, reduction_factor=2)
+
+
+def test_table_and_plot_of_trials(tmp_path):
+    from pipelines.tune import TrialRow, pick_best, plot_metric_vs_params, write_table
+    from pipelines.tune_space import load_space
+
+    space_path = tmp_path / "s.yaml"
+    space_path.write_text("base: tiny\nsearch: random\nparams:\n"
+                          "  loss.merged_weight: {type: loguniform, low: 1.0, high: 10.0}\n"
+                          "  model.aggregation: {type: choice, values: [aia, aia_no_prelu, fixed_threshold]}\n")
+    space = load_space(space_path)
+    rows = [TrialRow("a_00000", "completed", {"loss.merged_weight": 2.0, "model.aggregation": "aia"}, 3, 40.0, 39.0,
+                     2, "/ckpt/a", "run-a"),
+            TrialRow("a_00001", "stopped_early", {"loss.merged_weight": 8.0, "model.aggregation": "aia_no_prelu"}, 1,
+                     20.0, 20.0, 1, "/ckpt/b", "run-b"),
+            TrialRow("a_00002", "error", {"loss.merged_weight": 1.5, "model.aggregation": "fixed_threshold"}, 0,
+                     math.nan, math.nan, 0, None, None, "RuntimeError: boom")]
+    assert pick_best(rows, "max").trial_id == "a_00000" and pick_best(rows, "min").trial_id == "a_00001"
+    csv_path, json_path = write_table(rows, "val_gIoU", tmp_path)
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].split(",")[:6] == ["trial_id", "status", "iterations", "val_gIoU_best", "val_gIoU_last",
+                                       "best_iteration"]
+    assert "loss.merged_weight" in lines[0] and len(lines) == 4 and "RuntimeError: boom" in lines[3]
+    table = json.loads(json_path.read_text())  # strict JSON: a missing metric is null, not NaN
+    assert [r["status"] for r in table] == ["completed", "stopped_early", "error"] and table[2]["best"] is None
+    png = plot_metric_vs_params(rows, space, "val_gIoU", tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_shipped_spaces_become_tune_domains():
+    from ray.tune.search.sample import Domain
+
+    from pipelines.tune_space import load_space
+
+    lw = load_space("tune_spaces/loss_weights.yaml").to_param_space()
+    assert set(lw) == {f"loss.{k}_weight" for k in ("merged", "inst", "nt", "score", "mask", "phrase")}
+    assert all(isinstance(d, Domain) and 0.025 <= d.lower < d.upper <= 20.0 for d in lw.values())
+    grid = load_space("tune_spaces/ablations.yaml").to_param_space()
+    assert grid["model.decoder"] == {"grid_search": ["pot", "mask2former"]}
+
+
+def test_cli_parses_the_documented_options():
+    from pipelines.cli import build_parser
+
+    args = build_parser("tune").parse_args(
+        ["tune", "--space", "tune_spaces/loss_weights.yaml", "--data", "/d", "--config", "tiny", "--num-samples", "4",
+         "--max-concurrent", "2", "--workers-per-trial", "2", "--gpus-per-worker", "1", "--cpus-per-worker", "2",
+         "--metric", "val_cIoU", "--mode", "max", "--name", "s1", "--storage-path", "/r", "--experiment", "e",
+         "--register-best", "m", "--max-iterations", "6", "--grace-period", "2", "--reduction-factor", "2",
+         "train.epochs=6"])
+    assert (args.num_samples, args.max_concurrent, args.workers_per_trial, args.gpus_per_worker) == (4, 2, 2, 1.0)
+    assert (args.metric, args.name, args.register_best, args.max_iterations, args.grace_period) == \
+        ("val_cIoU", "s1", "m", 6, 2)
+    assert args.overrides == ["train.epochs=6"] and args.scheduler == "asha"
+
+
+# --- a real search -------------------------------------------------------------------------
+
+BASE_OVERRIDES = ["data.max_train_samples=32", "data.max_val_samples=8", "data.num_overlays=0", "train.epochs=2",
+                  "train.batch_size=8", "train.min_lr=0.0", "train.log_every_steps=1", "loss.num_points=256"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_search_tracks_trials_registers_the_best_and_resumes(prepared_dataset, ray_local, tmp_path):
+    """4 trials × 2 epochs × 4 steps, one 0.45-CPU worker each, 2 at a time (grid order: the two
+    lr=1e-2 trials first). The lr=1e-9 trials cannot move the weights: their val gIoU stays the
+    initial model's, 0 on these 8 targeted samples (it calls every sample no-target); after 4
+    steps at 1e-2 the model predicts targets (gIoU 19–31 in 4 of 4 offline runs of this setup,
+    nt_weight 0.5). The first lr=1e-9 trial reaches ASHA's first rung (grace 1, rate 2) after
+    both others recorded there, and is stopped unless both of them also scored 0."""
+    from mlflow import MlflowClient
+
+    from pipelines.tune import CHILD_STATUS, TRIAL_ID_TAG, trial_config, tune
+
+    space = tmp_path / "lr.yaml"
+    space.write_text(yaml.safe_dump({"base": "tiny", "search": "grid", "params": {
+        "train.lr": {"type": "grid", "values": [GOOD_LR, TINY_LR]},
+        "loss.nt_weight": {"type": "grid", "values": [0.5, 1.0]}}}))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kwargs = dict(config="tiny", overrides=tuple(BASE_OVERRIDES), max_concurrent=2, workers_per_trial=1,
+                  cpus_per_worker=0.45, name="lr-search", storage_path=str(tmp_path / "ray"), experiment="test-tune",
+                  tracking_uri=store, scheduler="asha", max_iterations=2, grace_period=1, reduction_factor=2,
+                  max_failures=1)
+    result = tune(str(space), str(prepared_dataset), register_best="tune-best", **kwargs)
+
+    rows = {r.trial_id: r for r in result.trials}
+    assert len(rows) == 4 and not [r for r in rows.values() if r.status == "error"], [r.error for r in rows.values()]
+    stopped = [r for r in rows.values() if r.status == "stopped_early"]
+    assert stopped and all(r.iterations == 1 for r in stopped)
+    assert all(r.iterations == 2 for r in rows.values() if r.status == "completed")
+    assert result.best.params["train.lr"] == GOOD_LR and result.best.checkpoint_path
+    tiny_lr = [r.best for r in rows.values() if r.params["train.lr"] == TINY_LR]
+    assert result.best.best > max(tiny_lr)
+
+    # The best config: a complete training config with the best trial's values.
+    best_cfg = load_config(result.best_config_path)
+    assert best_cfg == trial_config(load_config("tiny", BASE_OVERRIDES), result.best.params)
+    assert best_cfg.train.lr == GOOD_LR and best_cfg.loss.nt_weight == result.best.params["loss.nt_weight"]
+
+    # MLflow: the parent holds the search; each trial's training run is its child.
+    client = MlflowClient(tracking_uri=store)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["instalign.kind"] == "tune"
+    assert parent.data.metrics["best_val_gIoU"] == pytest.approx(result.best.best)
+    assert parent.data.metrics["trials_stopped_early"] == len(stopped)
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"trials.csv", "trials.json", "val_gIoU_vs_params.png", "best_config.yaml", "search"} <= artifacts
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert sorted(c.data.tags[TRIAL_ID_TAG] for c in children) == sorted(rows)
+    for child in children:
+        row = rows[child.data.tags[TRIAL_ID_TAG]]
+        assert child.info.status == CHILD_STATUS[row.status]
+        assert float(child.data.params["train.lr"]) == row.params["train.lr"]
+        assert float(child.data.params["loss.nt_weight"]) == row.params["loss.nt_weight"]
+        # A stopped trial may validate once more before its kill lands: Tune saw its first rows only.
+        val = [m.value for m in sorted(client.get_metric_history(child.info.run_id, "val_gIoU"), key=lambda m: m.step)]
+        assert len(val) >= row.iterations and max(val[:row.iterations]) == pytest.approx(row.best)
+        assert client.get_metric_history(child.info.run_id, "loss")  # per-step training metrics from rank 0
+
+    version = client.get_model_version_by_alias("tune-best", "candidate")
+    assert version.run_id == result.best.mlflow_run_id and result.registered_version == str(version.version)
+
+    # The same name again restores the finished search: nothing re-runs, same parent run.
+    again = tune(str(space), str(prepared_dataset), **kwargs)
+    assert again.restored and again.parent_run_id == result.parent_run_id
+    assert {r.trial_id: (r.status, r.best) for r in again.trials} == {k: (r.status, r.best) for k, r in rows.items()}
+    assert len(client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 4
+    # ...but a different search under that name is refused before anything runs.
+    with pytest.raises(ValueError, match="'lr-search' already exists .* choose a new --name"):
+        tune(str(space), str(prepared_dataset), **{**kwargs, "overrides": (*BASE_OVERRIDES, "train.epochs=3")})

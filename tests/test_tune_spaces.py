@@ -1,0 +1,132 @@
+"""The shipped search spaces (``tune_spaces/*.yaml``) and the space loader's errors; no Ray."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from instalign.config import Config, load_config, paper, tiny
+from pipelines.tune_space import SpaceError, load_space, trial_overrides, yaml_value
+
+SPACES = sorted((Path(__file__).resolve().parents[1] / "tune_spaces").glob("*.yaml"))
+
+
+def write(tmp_path: Path, params: dict, **top) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"base": "tiny", "search": "random", **top, "params": params}))
+    return path
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_shipped_space_loads_for_both_presets(path):
+    for base in (None, paper(), tiny()):
+        space = load_space(path, base)
+        assert space.params and space.search in ("random", "grid", "optuna")
+        assert set(p.key for p in space.params) <= set((base or paper()).flat())
+
+
+def test_shipped_spaces_are_what_their_comments_say():
+    spaces = {p.stem: load_space(p) for p in SPACES}
+    assert {"loss_weights", "queries", "ablations"} <= set(spaces)
+    # Loss weights: log-uniform over [λ/4, 4λ] around the paper's λ of eqs. 5–7 and 13.
+    lw, defaults = spaces["loss_weights"], paper().flat()
+    assert lw.search == "random" and len(lw.params) == 6
+    for p in lw.params:
+        assert p.type == "loguniform"
+        assert math.sqrt(p.low * p.high) == pytest.approx(defaults[p.key]) and p.high / p.low == pytest.approx(16)
+    assert spaces["queries"].grid_size() == 8 and spaces["queries"].search == "grid"
+    # Table 3: 3 supervisions × 3 aggregations × 4 no-target inputs × 2 decoders.
+    assert spaces["ablations"].grid_size() == 72 and spaces["ablations"].search == "grid"
+
+
+def test_every_ablation_grid_point_is_a_valid_training_config():
+    """Each value is checked alone on load; here every *combination* builds a config."""
+    space = load_space(next(p for p in SPACES if p.stem == "ablations"))
+    keys = [p.key for p in space.params]
+    seen = set()
+    for values in itertools.product(*(p.values for p in space.params)):
+        cfg = load_config(paper(), trial_overrides(dict(zip(keys, values))))
+        flat = cfg.flat()
+        assert tuple(flat[k] for k in keys) == values
+        seen.add(values)
+    assert len(seen) == 72
+
+
+def test_overrides_round_trip_every_value_type():
+    """JSON's ``1e-09`` reads back from YAML as a string; the override text must not."""
+    for value in (1e-9, 2.5e-05, 0.003, 5.0, 100, "aia", "yes", True, [20, 50]):
+        assert yaml.safe_load(yaml_value(value)) == value
+    cfg = load_config(tiny(), trial_overrides({"train.lr": 1e-9, "train.min_lr": 1e-10, "model.decoder": "mask2former",
+                                               "loss.deep_supervision": False, "model.num_queries": 20}))
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.model.decoder, cfg.loss.deep_supervision, cfg.model.num_queries) == \
+        (1e-9, 1e-10, "mask2former", False, 20)
+    assert trial_overrides({"b.x": 1, "a.y": "z"}) == ["a.y=z", "b.x=1"]
+
+
+def test_bad_key_names_the_file_and_the_key(tmp_path):
+    path = write(tmp_path, {"loss.no_such_weight": {"type": "uniform", "low": 0.0, "high": 1.0}})
+    with pytest.raises(SpaceError, match=rf"{path}: params\.loss\.no_such_weight: unknown config key"):
+        load_space(path)
+    path = write(tmp_path, {"model": {"type": "choice", "values": [1]}})  # a section, not a field
+    with pytest.raises(SpaceError, match=rf"{path}: params\.model: unknown config key"):
+        load_space(path)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"type": "uniform", "low": 2.0, "high": 1.0}, r"low=2\.0 must be < high=1\.0"),
+    ({"type": "uniform", "low": 1.0, "high": 1.0}, r"low=1\.0 must be < high=1\.0"),
+    ({"type": "loguniform", "low": 0.0, "high": 1.0}, "loguniform needs low > 0"),
+    ({"type": "uniform", "low": "a", "high": 1.0}, "'low' and 'high' must be numbers"),
+    ({"type": "randint", "low": 1.5, "high": 4}, "randint bounds must be integers"),
+    ({"type": "normal", "low": 0.0, "high": 1.0}, "type='normal'; expected one of"),
+    ({"type": "uniform", "low": 0.0, "high": 1.0, "values": [1]}, r"unexpected field\(s\) \['values'\]"),
+    ({"type": "choice", "values": []}, "'values' must be a non-empty list"),
+])
+def test_bad_range_names_the_file_and_the_key(tmp_path, spec, message):
+    path = write(tmp_path, {"loss.merged_weight": spec})
+    with pytest.raises(SpaceError, match=rf"{path}: params\.loss\.merged_weight: {message}"):
+        load_space(path)
+
+
+def test_a_range_the_config_refuses_names_the_file_the_key_and_the_value(tmp_path):
+    path = write(tmp_path, {"loss.merged_weight": {"type": "uniform", "low": -1.0, "high": 5.0}})
+    with pytest.raises(SpaceError, match=rf"{path}: loss\.merged_weight=-1\.0 is not a valid config value: "
+                                         r".*loss\.merged_weight must be >= 0"):
+        load_space(path)
+    path = write(tmp_path, {"model.num_queries": {"type": "randint", "low": 0, "high": 10}})
+    with pytest.raises(SpaceError, match=rf"{path}: model\.num_queries=0 .*num_queries must be >= 1"):
+        load_space(path)
+
+
+@pytest.mark.parametrize("key, bad", [("model.aggregation", "max_pool"), ("model.no_target_input", "cls_token"),
+                                      ("loss.instance_supervision", "strong"), ("model.decoder", "detr")])
+def test_bad_switch_value_names_the_file_the_key_and_the_choices(tmp_path, key, bad):
+    good = getattr(getattr(Config(), key.split(".")[0]), key.split(".")[1])
+    path = write(tmp_path, {key: {"type": "grid", "values": [good, bad]}}, search="grid")
+    with pytest.raises(SpaceError, match=rf"{path}: {key}='{bad}' is not a valid config value: .*expected one of"):
+        load_space(path)
+
+
+def test_bad_file_structure(tmp_path):
+    with pytest.raises(SpaceError, match="no such search-space file"):
+        load_space(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(SpaceError, match=r"list\.yaml: expected a mapping"):
+        load_space(tmp_path / "list.yaml")
+    uniform = {"loss.nt_weight": {"type": "uniform", "low": 0.05, "high": 0.2}}
+    with pytest.raises(SpaceError, match=r"unknown top-level key\(s\) \['trials'\]"):
+        load_space(write(tmp_path, uniform, trials=3))
+    with pytest.raises(SpaceError, match="search='bayes'"):
+        load_space(write(tmp_path, uniform, search="bayes"))
+    with pytest.raises(SpaceError, match="search=grid needs every param of type grid"):
+        load_space(write(tmp_path, uniform, search="grid"))
+    with pytest.raises(SpaceError, match="search=optuna cannot take grid params"):
+        load_space(write(tmp_path, {"model.num_queries": {"type": "grid", "values": [20, 50]}}, search="optuna"))
+    with pytest.raises(SpaceError, match=r"base='huge' is not a preset"):
+        load_space(write(tmp_path, uniform, base="huge"))
+    with pytest.raises(SpaceError, match="'params' must be a non-empty mapping"):
+        load_space(write(tmp_path, {}))
