@@ -28,7 +28,9 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -267,3 +269,35 @@ def system_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
+
+
+def log_run_inputs(tracker: MlflowTracker, cfg: Any, manifest: Mapping[str, Any], data_dir: str,
+                   run_params: Mapping[str, Any]) -> None:
+    """What a training run starts from: every resolved config field and run setting as a
+    param, git commit and dataset manifest hash as tags, the config YAML, the manifest and
+    the driver's system info as artifacts.
+
+    The manifest hash is over its canonical JSON (sorted keys), so it names the dataset's
+    content and provenance independently of where the dataset is stored.
+    """
+    tracker.log_params({**cfg.flat(), **{f"run.{k}": v for k, v in run_params.items()}})
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    tracker.set_tags({GIT_COMMIT_TAG: git_commit() or "unknown", MANIFEST_HASH_TAG: digest,
+                      "instalign.dataset": manifest.get("dataset", "?"), "instalign.data_dir": data_dir})
+    tracker.log_text(cfg.to_yaml(), "config.yaml")
+    tracker.log_dict(dict(manifest), "dataset/_manifest.json")
+    tracker.log_dict(system_info(), "system_info.json")
+
+
+def log_checkpoint(tracker: MlflowTracker, checkpoint_dir: Union[str, Path], artifact_path: str) -> None:
+    """A checkpoint directory as artifacts under ``artifact_path``, without its training state.
+
+    Only what inference needs (weights, config, tokenizer): the optimizer state is twice the
+    model's size and belongs to the Ray run directory, which resumes from it.
+    """
+    from instalign.checkpoint import STATE_JSON_FILE, STATE_TENSORS_FILE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "checkpoint"
+        shutil.copytree(checkpoint_dir, dst, ignore=shutil.ignore_patterns(STATE_JSON_FILE, STATE_TENSORS_FILE))
+        tracker.log_artifact(dst, artifact_path)  # a directory: its files land under artifact_path/

@@ -17,13 +17,13 @@ and the criterion normalises its instance terms by instances averaged over worke
 update equals a single-process step on the global batch. Two sharding modes:
 
 * ``streaming`` (default, any dataset size): Ray Data's ``streaming_split(equal=True)``;
-  every epoch re-reads the Parquet in a fresh random order (``seed=None``; a fixed seed
-  when ``data.max_train_samples`` picks a subset, so the subset stays the same). Which
-  worker gets which rows is decided at run time: disjoint, not reproducible.
+  every epoch re-reads the Parquet in a fresh random order (``seed=None``; with
+  ``data.max_train_samples`` a fresh random subset). Which worker gets which rows is
+  decided at run time: disjoint, not reproducible.
 * ``ordered`` (small data, reproducibility): the split is materialised once in a seeded
-  order; every worker iterates all of it with a shuffle buffer seeded by ``seed + epoch``
-  and keeps its own slice of each global batch. Global batches are then identical for any
-  worker count — a 2-worker run matches a 1-worker run step for step.
+  order; every worker iterates all of it, permutes windows of 8 global batches by
+  ``(seed, epoch)`` and keeps its own slice of each global batch. Global batches are then
+  identical for any worker count — a 2-worker run matches a 1-worker run step for step.
 
 Validation every epoch (and when ``train.max_steps`` stops a run): each worker evaluates
 its part of the val split (``streaming_split(equal=False)``: nothing dropped), the metric
@@ -56,7 +56,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -65,7 +64,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
 
 from instalign.config import Config, load_config
@@ -76,6 +74,8 @@ SCORE_METRIC = "val_gIoU"
 FAIL_AT_STEP_ENV = "INSTALIGN_TEST_FAIL_AT_STEP"
 FAIL_MARKER_ENV = "INSTALIGN_TEST_FAIL_MARKER"
 DATA_ORDERS = ("streaming", "ordered")
+#: ``ordered`` mode: global batches shuffled together per epoch.
+ORDERED_WINDOW_BATCHES = 8
 
 
 @dataclass
@@ -162,6 +162,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             model = build_model(cfg.model)
             tokenizer = load_tokenizer(cfg.model.text_encoder)
         model = ray.train.torch.prepare_model(model)  # DDP (+ device move); a no-op wrapper for 1 worker
+        if t.compile:
+            model = torch.compile(model)  # checkpoint/optimizer code unwraps ``_orig_mod`` and ``module``
         optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, backbone_lr_mult=t.backbone_lr_mult,
                                     text_encoder_lr_mult=t.text_encoder_lr_mult)
         scheduler = build_scheduler(optimizer, total_steps=total_steps, lr=t.lr, min_lr=t.min_lr)
@@ -246,22 +248,29 @@ class _Worker:
     # --- data ------------------------------------------------------------------------------
     def _train_batches(self, epoch: int, skip: int):
         """This worker's ``Batch``-es of ``epoch`` (module docstring: the two data orders)."""
-        from pipelines.loader import LOCAL_SHUFFLE_BUFFER
+        from pipelines.loader import RowsToBatch, rows_to_batch
 
-        seed = self.cfg.train.seed
-        if self.spec.data_order == "ordered":
-            # Every rank sees the same global batches of the whole split; each keeps its slice.
-            b = self.local_batch
-            batches = self.train_shard.iter_torch_batches(
-                batch_size=self.cfg.train.batch_size, drop_last=True,
-                collate_fn=Collate(self.device, rows=(self.rank * b, (self.rank + 1) * b)),
-                local_shuffle_buffer_size=max(LOCAL_SHUFFLE_BUFFER, self.cfg.train.batch_size),
-                local_shuffle_seed=seed + epoch)
-            return itertools.islice(batches, skip, None)
-        return self.train_shard.iter_torch_batches(
-            batch_size=self.local_batch, drop_last=True, collate_fn=Collate(self.device),
-            local_shuffle_buffer_size=max(LOCAL_SHUFFLE_BUFFER, self.local_batch),
-            local_shuffle_seed=seed + epoch * self.world + self.rank)
+        if self.spec.data_order == "streaming":
+            return self.train_shard.iter_torch_batches(batch_size=self.local_batch, drop_last=True,
+                                                       collate_fn=RowsToBatch(self.device))
+        b, r = self.local_batch, self.rank
+        mine = ({k: v[r * b:(r + 1) * b] for k, v in rows.items()} for rows in self._global_batches(epoch))
+        return (rows_to_batch(rows, self.device) for rows in itertools.islice(mine, skip, None))
+
+    def _global_batches(self, epoch: int):
+        """``ordered``: the split's global batches, permuted within windows by ``(seed, epoch)``.
+
+        Every rank computes the same sequence (same materialised order, same seeds), whatever
+        the world size. The permutation is numpy indexing of in-memory rows — Ray's local
+        shuffle buffer re-``take``-s Arrow tensor rows and measured several times slower.
+        """
+        size = self.cfg.train.batch_size
+        window = size * ORDERED_WINDOW_BATCHES
+        for k, rows in enumerate(self.train_shard.iter_batches(batch_size=window, batch_format="numpy")):
+            n = len(rows["sample_id"])
+            perm = np.random.default_rng([self.cfg.train.seed, epoch, k]).permutation(n)
+            for start in range(0, n - size + 1, size):  # a partial global batch at the end is dropped
+                yield {name: col[perm[start:start + size]] for name, col in rows.items()}
 
     def _audited(self, batches, step: int):
         """Record sample ids (audit) and fire the test fault hook, then pass batches on."""
@@ -308,9 +317,10 @@ class _Worker:
         from instalign.checkpoint import unwrap_model
         from instalign.engine import evaluate
         from instalign.metrics import GRESMetrics
+        from pipelines.loader import RowsToBatch
 
         model = unwrap_model(self.model)  # no DDP hooks in eval: shards may differ in length
-        batches = self.val_shard.iter_torch_batches(batch_size=self.local_batch, collate_fn=Collate(self.device))
+        batches = self.val_shard.iter_torch_batches(batch_size=self.local_batch, collate_fn=RowsToBatch(self.device))
         local = evaluate(model, batches, device=self.device, precision=self.precision)
         merged = GRESMetrics()
         for s in self._gather(local.state_dict()):
@@ -359,27 +369,6 @@ class _Worker:
                             scheduler=self.scheduler, step=step, epoch=epoch, epoch_step=epoch_step,
                             val_metrics={k: v for k, v in (val or {}).items() if math.isfinite(v)})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-
-
-class Collate(NumpyBatchCollateFn):
-    """``iter_torch_batches`` collate: numpy rows → ``Batch`` on ``device`` (``pipelines.loader``).
-
-    Args:
-        device: where the batch goes (images are normalised there).
-        rows: ``(start, stop)`` — keep only these rows of each batch (the ``ordered`` mode's
-            per-rank slice of a global batch); all rows when ``None``.
-    """
-
-    def __init__(self, device: Any, rows: Optional[tuple[int, int]] = None) -> None:
-        self.device = device
-        self.rows = rows
-
-    def __call__(self, batch: dict[str, np.ndarray]):
-        from pipelines.loader import rows_to_batch
-
-        if self.rows is not None:
-            batch = {k: v[self.rows[0]:self.rows[1]] for k, v in batch.items()}
-        return rows_to_batch(batch, self.device)
 
 
 # --- the driver side -------------------------------------------------------------------------
@@ -439,19 +428,19 @@ def build_datasets(cfg: Config, data_dir: str, *, data_order: str, num_cpus: flo
                   max_tokens=cfg.model.text_encoder.max_tokens, num_cpus=num_cpus)
     d = cfg.data
     if data_order == "ordered":
-        train = load_samples(data_dir, d.train_split, shuffle=True, seed=cfg.train.seed, limit=d.max_train_samples,
-                             **common)
+        # One seeded order, fixed for the run, whatever the worker count. ``preserve_order`` must
+        # be on when the datasets are created (each captures the context) and while executing.
         ctx = ray.data.DataContext.get_current()
         before, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-        try:  # one seeded order, fixed for the run, whatever the worker count
-            train = train.materialize()
+        try:
+            train = load_samples(data_dir, d.train_split, shuffle=True, seed=cfg.train.seed,
+                                 limit=d.max_train_samples, **common).materialize()
         finally:
             ctx.execution_options.preserve_order = before
     else:
-        # A fresh file/image/sample order every epoch (the pipeline re-executes per epoch), but
-        # a fixed seed when a subset is taken: the subset must not change between epochs.
-        seed = cfg.train.seed if d.max_train_samples else None
-        train = load_samples(data_dir, d.train_split, shuffle=True, seed=seed, limit=d.max_train_samples, **common)
+        # A fresh random order every epoch (the pipeline re-executes per epoch); a cap then
+        # takes a different random subset each epoch.
+        train = load_samples(data_dir, d.train_split, shuffle=True, seed=None, limit=d.max_train_samples, **common)
     datasets = {"train": train,
                 "val": load_samples(data_dir, d.val_split, shuffle=False, limit=d.max_val_samples, **common)}
     if d.num_overlays:
@@ -501,37 +490,12 @@ def _storage_path(storage_path: Optional[str]) -> str:
     return str(Path(storage_path or "ray_results").expanduser().resolve())
 
 
-def _log_run_inputs(tracker: Any, cfg: Config, manifest: dict, data_dir: str, run_params: dict) -> None:
-    """Params (whole config + run settings), tags, and the config / manifest / system info as artifacts."""
-    import hashlib
-
-    from pipelines.tracking_mlflow import GIT_COMMIT_TAG, MANIFEST_HASH_TAG, git_commit, system_info
-
-    tracker.log_params({**cfg.flat(), **{f"run.{k}": v for k, v in run_params.items()}})
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    tracker.set_tags({GIT_COMMIT_TAG: git_commit() or "unknown", MANIFEST_HASH_TAG: digest,
-                      "instalign.dataset": manifest.get("dataset", "?"), "instalign.data_dir": data_dir})
-    tracker.log_text(cfg.to_yaml(), "config.yaml")
-    tracker.log_dict(manifest, "dataset/_manifest.json")
-    tracker.log_dict(system_info(), "system_info.json")
-
-
-def _log_checkpoint(tracker: Any, checkpoint: Any, artifact_path: str) -> None:
-    """The checkpoint without its optimizer state (the model, config and tokenizer only)."""
-    from instalign.checkpoint import STATE_JSON_FILE, STATE_TENSORS_FILE
-
-    with checkpoint.as_directory() as src, tempfile.TemporaryDirectory() as tmp:
-        dst = Path(tmp) / "checkpoint"
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns(STATE_JSON_FILE, STATE_TENSORS_FILE))
-        tracker.log_artifact(dst, artifact_path)  # a directory: its files land under artifact_path/
-
-
 def train(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: bool = False, gpus_per_worker: float = 1.0,
           cpus_per_worker: Optional[float] = None, name: Optional[str] = None, storage_path: Optional[str] = None,
           experiment: str = "instalign", register_as: Optional[str] = None, max_failures: int = 2,
           tracking_uri: Optional[str] = None, address: Optional[str] = None, placement_strategy: str = "PACK",
           data_order: str = "streaming", data_cpus_per_task: Optional[float] = None,
-          sample_log_dir: Optional[str] = None) -> TrainResult:
+          sample_log_dir: Optional[str] = None, callbacks: Optional[list] = None) -> TrainResult:
     """Train InstAlign on Ray Train, tracked in one MLflow run; resume if ``name`` ran before.
 
     Args:
@@ -553,10 +517,13 @@ def train(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: bool = F
         data_order: ``streaming`` or ``ordered`` (module docstring).
         data_cpus_per_task: CPUs per decode task of Ray Data (default: what a worker leaves of a CPU).
         sample_log_dir: audit aid: per-rank JSONL of the sample ids of every step.
+        callbacks: Ray Train ``UserCallback``-s, e.g. Tune's ``TuneReportCallback`` when a Tune
+            trial runs this function (rank 0's reports then become the trial's results).
     """
     from instalign.data.parquet import read_manifest
     from pipelines.ray_utils import check_leaves_room_for_data, default_cpus_per_worker, init_ray
-    from pipelines.tracking_mlflow import MlflowTracker, resolve_tracking_uri, start_or_resume_run
+    from pipelines.tracking_mlflow import (MlflowTracker, log_checkpoint, log_run_inputs, resolve_tracking_uri,
+                                           start_or_resume_run)
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -586,7 +553,7 @@ def train(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: bool = F
     run_id, resumed = start_or_resume_run(tracking_uri=tracking_uri, experiment=experiment, run_name=name)
     tracker = MlflowTracker(run_id=run_id, tracking_uri=tracking_uri, owns_run=True)
     try:
-        _log_run_inputs(tracker, cfg, manifest, data_dir, dict(
+        log_run_inputs(tracker, cfg, manifest, data_dir, dict(
             num_workers=num_workers, use_gpu=use_gpu, gpus_per_worker=gpus_per_worker if use_gpu else 0,
             cpus_per_worker=cpus_per_worker, per_worker_batch=cfg.train.batch_size // num_workers,
             data_order=data_order, train_samples=n_train, val_samples=n_val, steps_per_epoch=steps_per_epoch,
@@ -596,13 +563,15 @@ def train(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: bool = F
         datasets = build_datasets(cfg, data_dir, data_order=data_order, num_cpus=data_cpus)
         trainer = build_trainer(cfg, spec, datasets, num_workers=num_workers, use_gpu=use_gpu,
                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                                storage_path=storage, max_failures=max_failures, placement_strategy=placement_strategy)
+                                storage_path=storage, max_failures=max_failures, placement_strategy=placement_strategy,
+                                callbacks=callbacks)
         result = trainer.fit()
         best, last = best_checkpoint(result), result.checkpoint
         tags = {"instalign.ray_run_path": result.path}
         if best is not None:
             tags["instalign.best_checkpoint"] = best.path
-            _log_checkpoint(tracker, best, "checkpoints/best")
+            with best.as_directory() as ckpt_dir:
+                log_checkpoint(tracker, ckpt_dir, "checkpoints/best")
         tracker.set_tags(tags)
         registered = None
         if register_as and best is not None:
