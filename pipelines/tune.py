@@ -66,8 +66,9 @@ METRICS = ("val_gIoU", "val_cIoU", "val_N_acc", "val_T_acc", "val_Pr@0.7", "val_
 SCHEDULERS = ("asha", "none")
 #: CPUs kept free for Ray Data: its file-listing and Parquet read tasks take a whole CPU each.
 DATA_CPUS = 1.0
-#: MLflow status of a trial's child run by its outcome.
-CHILD_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "error": "FAILED"}
+#: MLflow status of a trial's child run by its outcome (``unfinished``: the search was
+#: interrupted; the same command again resumes the trial and reopens its run).
+CHILD_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "error": "FAILED", "unfinished": "KILLED"}
 _TRIAL_DIR_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")
 
 
@@ -173,9 +174,8 @@ def build_search_alg(space: SearchSpace, *, metric: str, mode: str, seed: int, m
     """
     if space.search == "optuna":
         require_optuna(space)
-        from ray.tune.search.optuna import OptunaSearch
-
         from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
 
         return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=seed), max_concurrent=max_concurrent)
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -185,6 +185,7 @@ def build_search_alg(space: SearchSpace, *, metric: str, mode: str, seed: int, m
 
 def build_scheduler(kind: str, *, max_iterations: int, grace_period: int, reduction_factor: float,
                     time_attr: str = "training_iteration"):
+    """ASHA on :func:`validated_report`'s iterations (epochs), or FIFO (every trial to its end)."""
     if kind == "none":
         from ray.tune.schedulers import FIFOScheduler
 
@@ -247,11 +248,20 @@ def trial_driver(config: dict[str, Any], settings: TrialSettings) -> None:
     callback = ValidatedReportCallback(settings.metric)  # made here: it binds this Tune session's queue
     env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     run = ray.remote(num_cpus=0, max_retries=0)(train_trial).options(runtime_env={"env_vars": env})
-    ray.get(run.remote(config, settings, trial_id, callback))
+    final = ray.get(run.remote(config, settings, trial_id, callback))
+    if final is not None:
+        # The run's last validated state once more: a trial whose Train run was already at its
+        # end when the search resumed reports nothing during fit() and would have no result.
+        ray.tune.report(final)
 
 
-def train_trial(config: dict[str, Any], settings: TrialSettings, trial_id: str, callback: Any) -> None:
-    """One trial's training: its MLflow child run, its Ray Datasets, its ``TorchTrainer``."""
+def train_trial(config: dict[str, Any], settings: TrialSettings, trial_id: str,
+                callback: Any) -> Optional[dict[str, Any]]:
+    """One trial's training: its MLflow child run, its Ray Datasets, its ``TorchTrainer``.
+
+    Returns:
+        The run's final metrics as a Tune result (:func:`validated_report`), or ``None``.
+    """
     from pipelines.tracking_mlflow import MlflowTracker, log_run_inputs, start_or_resume_run
     from pipelines.train import RunSpec, build_datasets, build_trainer, count_samples
 
@@ -282,6 +292,10 @@ def train_trial(config: dict[str, Any], settings: TrialSettings, trial_id: str, 
         tracker.end("FAILED")
         raise
     tracker.end("FINISHED")
+    final = validated_report(dict(result.metrics or {}), s.metric)
+    if final is not None and result.checkpoint is not None:
+        final["checkpoint_path"] = result.checkpoint.path
+    return final
 
 
 # --- after the search -----------------------------------------------------------------------
@@ -315,13 +329,20 @@ class TuneResult:
     best_config_path: Optional[str]
     report_dir: str
     restored: bool = False
+    complete: bool = True  # False: interrupted (Ctrl-C, SIGUSR1); the same command resumes it
     registered_version: Optional[str] = None
     artifacts: list[str] = field(default_factory=list)
 
 
 def summarize(grid: Any, *, base: Config, metric: str, mode: str, train_samples: int, max_iterations: int,
-              run_ids: dict[str, str]) -> list[TrialRow]:
-    """One :class:`TrialRow` per trial of a ``ResultGrid`` (best over all its iterations)."""
+              run_ids: dict[str, str], tune_status: dict[str, str]) -> list[TrialRow]:
+    """One :class:`TrialRow` per trial of a ``ResultGrid`` (best over all its iterations).
+
+    ``tune_status`` is Tune's own state of each trial (``TERMINATED``, ``ERROR``; anything else
+    after ``fit`` returns means the search was interrupted). Tune does not record *why* a
+    trial terminated: one that ended before the iterations its config schedules (capped by
+    ASHA's ``max_t``) was stopped early.
+    """
     rows = []
     for r in grid:
         history = r.metrics_dataframe
@@ -340,8 +361,10 @@ def summarize(grid: Any, *, base: Config, metric: str, mode: str, train_samples:
                 best_it, iterations = int(h.at[i, "training_iteration"]), int(h["training_iteration"].max())
                 ckpt = h.at[i, "checkpoint_path"] if "checkpoint_path" in h else None
                 ckpt = ckpt if isinstance(ckpt, str) else None
-        if r.error is not None:
+        if r.error is not None or tune_status.get(trial_id) == "ERROR":
             status = "error"
+        elif tune_status.get(trial_id, "TERMINATED") != "TERMINATED":
+            status = "unfinished"
         else:
             expected = expected_iterations(trial_config(base, r.config), train_samples, max_iterations)
             status = "completed" if iterations >= expected else "stopped_early"
@@ -378,7 +401,8 @@ def write_table(rows: list[TrialRow], metric: str, out_dir: Path) -> list[Path]:
 
 
 def plot_metric_vs_params(rows: list[TrialRow], space: SearchSpace, metric: str, path: Path) -> Path:
-    """One panel per hyper-parameter: each trial's best metric against its value (x: stopped early)."""
+    """One panel per hyper-parameter: each trial's best metric against its value (o: completed,
+    x: stopped early, +: unfinished)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,7 +416,7 @@ def plot_metric_vs_params(rows: list[TrialRow], space: SearchSpace, metric: str,
         numeric = p.type in ("uniform", "loguniform", "randint") or all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in p.values)
         labels = [] if numeric else [str(v) for v in p.values]
-        for status, marker in (("completed", "o"), ("stopped_early", "x")):
+        for status, marker in (("completed", "o"), ("stopped_early", "x"), ("unfinished", "+")):
             pts = [(r.params[p.key], r.best) for r in rows if r.status == status and p.key in r.params
                    and math.isfinite(r.best)]
             if pts:
@@ -574,21 +598,23 @@ def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple
                 run_config=ray_tune.RunConfig(name=name, storage_path=storage, verbose=1))
         grid = tuner.fit()
         result = _finish(grid, parent=parent, space=space, base=base, metric=metric, mode=mode, n_train=n_train,
-                         max_iterations=max_iterations, storage=storage, name=name, exp_path=exp_path,
-                         tracking_uri=tracking_uri, experiment=experiment, register_best=register_best)
+                         max_iterations=max_iterations, expected_trials=num_samples * space.grid_size(),
+                         storage=storage, name=name, exp_path=exp_path, tracking_uri=tracking_uri,
+                         experiment=experiment, register_best=register_best)
         result.restored = restored
     except BaseException as e:
         parent.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    parent.end("FINISHED")
+    parent.end("FINISHED" if result.complete else "KILLED")
     return result
 
 
 def _finish(grid: Any, *, parent: Any, space: SearchSpace, base: Config, metric: str, mode: str, n_train: int,
-            max_iterations: int, storage: str, name: str, exp_path: str, tracking_uri: str, experiment: str,
-            register_best: Optional[str]) -> TuneResult:
+            max_iterations: int, expected_trials: int, storage: str, name: str, exp_path: str, tracking_uri: str,
+            experiment: str, register_best: Optional[str]) -> TuneResult:
     """Table, plot and best config into the parent run; close the children; maybe register."""
     from mlflow import MlflowClient
+    from ray.tune import ExperimentAnalysis
 
     from pipelines.tracking_mlflow import ensure_experiment
 
@@ -596,8 +622,11 @@ def _finish(grid: Any, *, parent: Any, space: SearchSpace, base: Config, metric:
     children = client.search_runs([ensure_experiment(tracking_uri, experiment)],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'", max_results=5000)
     run_ids = {c.data.tags.get(TRIAL_ID_TAG): c.info.run_id for c in children}
+    # Tune returns from fit() on SIGINT too, with the state saved: read each trial's state back.
+    tune_status = {t.trial_id: t.status for t in ExperimentAnalysis(exp_path).trials}
     rows = summarize(grid, base=base, metric=metric, mode=mode, train_samples=n_train, max_iterations=max_iterations,
-                     run_ids=run_ids)
+                     run_ids=run_ids, tune_status=tune_status)
+    complete = len(rows) >= expected_trials and not any(r.status == "unfinished" for r in rows)
     for row in rows:  # a trial ASHA stops is killed with its driver: its run was left RUNNING (or FAILED)
         if row.mlflow_run_id:
             client.set_tag(row.mlflow_run_id, "instalign.tune.status", row.status)
@@ -621,7 +650,11 @@ def _finish(grid: Any, *, parent: Any, space: SearchSpace, base: Config, metric:
     parent.log_metrics({"trials": len(rows), "trials_stopped_early": sum(r.status == "stopped_early" for r in rows),
                         "trials_errored": sum(r.status == "error" for r in rows)}, step=0)
     registered = None
-    if register_best:
+    if not complete:
+        log.warning("search %s was interrupted: %d of %d trials ran, %d unfinished; the report so far is in %s. "
+                    "Run the same command (same --name and --storage-path) to resume it.", name, len(rows),
+                    expected_trials, sum(r.status == "unfinished" for r in rows), report_dir)
+    elif register_best:
         if best is None or not best.checkpoint_path:
             raise RuntimeError(f"search {name!r}: no trial reported a checkpoint with a finite {metric}; "
                                "nothing to register")
@@ -640,7 +673,7 @@ def _finish(grid: Any, *, parent: Any, space: SearchSpace, base: Config, metric:
         parent.set_tags({"instalign.tune.registered": f"{register_best}/{registered}"})
     return TuneResult(name=name, path=exp_path, parent_run_id=parent.run_id, tracking_uri=tracking_uri, metric=metric,
                       mode=mode, trials=rows, best=best, best_config_path=str(best_config_path) if best_config_path
-                      else None, report_dir=str(report_dir), registered_version=registered,
+                      else None, report_dir=str(report_dir), complete=complete, registered_version=registered,
                       artifacts=[str(a) for a in artifacts])
 
 
@@ -689,9 +722,12 @@ def run(args: argparse.Namespace) -> int:
     best = result.best
     print(json.dumps({
         "name": result.name, "path": result.path, "restored": result.restored, "parent_run_id": result.parent_run_id,
-        "trials": {s: sum(r.status == s for r in result.trials) for s in ("completed", "stopped_early", "error")},
+        "complete": result.complete,
+        "trials": {s: sum(r.status == s for r in result.trials) for s in CHILD_STATUS},
         "best": None if best is None else {"trial_id": best.trial_id, result.metric: best.best, "params": best.params,
                                            "checkpoint": best.checkpoint_path, "mlflow_run_id": best.mlflow_run_id},
         "best_config": result.best_config_path, "registered_version": result.registered_version,
         "report_dir": result.report_dir}, indent=2, default=str))
+    if not result.complete:
+        return 130  # interrupted, as a shell reports Ctrl-C
     return 0 if best is not None else 1

@@ -231,3 +231,57 @@ def test_asha_search_tracks_trials_registers_the_best_and_resumes(prepared_datas
     # ...but a different search under that name is refused before anything runs.
     with pytest.raises(ValueError, match="'lr-search' already exists .* choose a new --name"):
         tune(str(space), str(prepared_dataset), **{**kwargs, "overrides": (*BASE_OVERRIDES, "train.epochs=3")})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_search_resumes_where_it_stopped(prepared_dataset, ray_local, tmp_path):
+    """SIGUSR1 (Tune's graceful stop, as Ctrl-C) once the first of two trials has validated its
+    first epoch; the same call again restores the search. The interrupted trial's Train run
+    resumes from its checkpoint — no epoch is validated twice and its iteration count goes on
+    from the epochs it had — and the trial that never started runs."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from mlflow import MlflowClient
+
+    from pipelines.tune import TRIAL_ID_TAG, tune
+
+    space = tmp_path / "nt.yaml"
+    space.write_text(yaml.safe_dump({"base": "tiny", "search": "grid", "params": {
+        "loss.nt_weight": {"type": "grid", "values": [0.5, 1.0]}}}))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kwargs = dict(config="tiny", overrides=(*BASE_OVERRIDES, f"train.lr={GOOD_LR}"), max_concurrent=1,
+                  workers_per_trial=1, cpus_per_worker=0.45, name="nt-search", storage_path=str(tmp_path / "ray"),
+                  experiment="test-tune-resume", tracking_uri=store, scheduler="none", max_failures=0)
+    done = threading.Event()
+
+    def interrupt_after_first_result():
+        results = tmp_path / "ray" / "nt-search"
+        while not done.is_set():
+            if any(len(p.read_text().splitlines()) >= 2 for p in results.glob("*/progress.csv")):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=interrupt_after_first_result, daemon=True)
+    watcher.start()
+    try:
+        first = tune(str(space), str(prepared_dataset), **kwargs)
+    finally:
+        done.set()
+        watcher.join()
+    assert not first.complete and [r.status for r in first.trials] == ["unfinished"]
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_run(first.parent_run_id).info.status == "KILLED"
+
+    second = tune(str(space), str(prepared_dataset), **kwargs)
+    assert second.restored and second.complete and second.parent_run_id == first.parent_run_id
+    assert [(r.status, r.iterations) for r in second.trials] == [("completed", 2), ("completed", 2)]
+    assert client.get_run(second.parent_run_id).info.status == "FINISHED"
+    resumed = next(r for r in second.trials if r.trial_id == first.trials[0].trial_id)
+    history = client.get_metric_history(resumed.mlflow_run_id, "val_gIoU")
+    assert sorted(m.step for m in history) == [4, 8]  # resumed from its checkpoint, not retrained
+    assert client.get_run(resumed.mlflow_run_id).data.tags[TRIAL_ID_TAG] == resumed.trial_id
