@@ -36,6 +36,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 #: Refuse images above this many pixels (≈ 6000×6000): decoding one would take gigabytes
 #: before the model even resizes it to its input side. PIL's own bomb guard is at 89 M.
@@ -55,8 +57,15 @@ _RUNTIME_PACKAGES = ("torch", "timm", "transformers", "safetensors", "tokenizers
                      "pycocotools", "pillow", "pyyaml", "pandas")
 
 
-class PyfuncInputError(ValueError):
-    """A request row is invalid; the message names the row and the problem."""
+class PyfuncInputError(MlflowException, ValueError):
+    """A request row is invalid; the message names the row and the problem.
+
+    An ``MlflowException`` with ``INVALID_PARAMETER_VALUE``: the scoring server then answers
+    400 with this message, instead of a generic message plus the server's stack trace.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 # --- input validation ------------------------------------------------------------------------

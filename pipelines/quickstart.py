@@ -37,10 +37,13 @@ from typing import Any, Iterator
 DEFAULT_WORKDIR = "instalign-quickstart"
 MODEL_NAME = "instalign-quickstart"
 EXPERIMENT = "quickstart"
-#: Measured on 2 CPU cores (README, Performance): the tiny model is far above both baselines
-#: after this much data and training, and the whole quickstart stays under 10 minutes.
+#: Measured on this 2-core machine (240 images → 1519 train / 197 val samples, 189 steps per
+#: epoch of 8): val gIoU 43 after epoch 1 and 49 after epoch 2, flat after (49.1 at epoch 6),
+#: against 22.8 for the best trivial baseline (always no-target) and 0 for always-empty.
+#: Four epochs keep the margin and the whole quickstart well under 10 minutes (about 0.18 s
+#: per step when the machine is otherwise idle).
 DEFAULT_NUM_IMAGES = 240
-DEFAULT_EPOCHS = 6
+DEFAULT_EPOCHS = 4
 
 
 def _print(msg: str) -> None:

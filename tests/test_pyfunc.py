@@ -206,3 +206,53 @@ def test_fresh_process_loads_by_alias_from_bundled_code(registered, store, tmp_p
     # The bundled sources (the model's code/ directory), not this checkout, served the request.
     for key in ("pyfunc", "instalign"):
         assert f"{os.sep}code{os.sep}" in result[key], result
+
+
+@pytest.mark.slow
+def test_rest_server_answers_and_refuses_clearly(registered, store, tmp_path):
+    """``mlflow models serve --env-manager local`` on the alias: a prediction, and a 400 that names
+    the problem without the server's stack trace."""
+    import base64
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@candidate",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def post(payload):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "the model server did not start"
+                time.sleep(2)
+        image = base64.b64encode(png_bytes(50, 40)).decode()
+        status, body = post({"dataframe_split": {"columns": ["image", "text"], "data": [[image, "the red circle"]]}})
+        assert status == 200 and body["predictions"][0]["mask"]["size"] == [40, 50]
+        status, body = post({"dataframe_split": {"columns": ["image", "text"],
+                                                 "data": [[base64.b64encode(b"junk").decode(), "a dog"]]}})
+        assert status == 400
+        assert "row 0: 'image' bytes is not a readable image" in body["message"]
+        assert "stack_trace" not in body
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
