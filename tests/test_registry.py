@@ -6,20 +6,10 @@ A real sqlite MLflow store under tmp; the checkpoints are random tiny models.
 from __future__ import annotations
 
 import pytest
-import torch
 
-from instalign.config import tiny
+from tiny_checkpoint import make_checkpoint
 
 NAME = "instalign-test-registry"
-
-
-def make_checkpoint(path, *, seed: int = 0):
-    from instalign.checkpoint import save_checkpoint
-    from instalign.modeling.builders import build_model
-
-    torch.manual_seed(seed)
-    cfg = tiny()
-    return save_checkpoint(path, build_model(cfg.model), cfg)
 
 
 @pytest.fixture(scope="module")
