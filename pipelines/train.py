@@ -121,6 +121,17 @@ def unpack_loop_config(config: dict[str, Any]) -> tuple[Config, RunSpec]:
     return Config.from_dict(config, source="train_loop_config"), spec
 
 
+def leaves_parameters_unused(cfg: Config) -> bool:
+    """Whether some parameters get no gradient under this Table 3 combination (DDP must know).
+
+    Block K's word update (object-to-text attention) is read only by the phrase loss and by
+    T_sen; with ``decoder=pot``, no phrase loss (``vanilla``/``none``) and a no-target head fed
+    by ``q_global`` alone, nothing reads it.
+    """
+    return (cfg.model.decoder == "pot" and cfg.model.no_target_input == "q_global"
+            and cfg.loss.instance_supervision != "phrase_aligned")
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -161,7 +172,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             _seed_everything(t.seed)  # the same initial weights on every rank and for any world size
             model = build_model(cfg.model)
             tokenizer = load_tokenizer(cfg.model.text_encoder)
-        model = ray.train.torch.prepare_model(model)  # DDP (+ device move); a no-op wrapper for 1 worker
+        # DDP (+ device move); a no-op wrapper for 1 worker. Only configs that leave parameters
+        # without a gradient pay for DDP's unused-parameter search (see ``leaves_parameters_unused``).
+        model = ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": leaves_parameters_unused(cfg)})
         if t.compile:
             model = torch.compile(model)  # checkpoint/optimizer code unwraps ``_orig_mod`` and ``module``
         optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, backbone_lr_mult=t.backbone_lr_mult,
