@@ -42,6 +42,18 @@ def ray_local(_ray_session_guard):
     return ray
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Toy-sized tensors: intra-op threads cost more than they give (measured on the 2-core box:
+    ~0.1 s CPU per step with one thread, ~2 s CPU with two while other jobs compete)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from instalign.config import tiny

@@ -23,13 +23,7 @@ from instalign.optim import build_optimizer, build_scheduler, param_groups
 from instalign.tracking import NullTracker, Tracker, finite_metrics, report_to
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Toy-sized tensors: one intra-op thread is faster on the shared 2-core box (see test_overfit)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}

@@ -74,16 +74,6 @@ def _merged_iou(pred: torch.Tensor, gt: torch.Tensor) -> float:
     return float((pred & gt).sum()) / max(float((pred | gt).sum()), 1.0)
 
 
-@pytest.fixture
-def one_thread():
-    """Toy-sized tensors: intra-op threads cost more than they give (measured on the 2-core box:
-    ~0.1 s CPU per step with one thread, ~2 s CPU with two while other jobs compete)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_tiny_model_overfits_one_batch_with_the_default_loss(one_thread):
     cfg = tiny()
     loss_cfg = LossConfig()  # exactly as shipped, not the tiny preset's cheaper point count

@@ -17,13 +17,7 @@ from instalign.modeling.text_encoder import load_tokenizer
 from instalign.predictor import Prediction, Predictor, _token_words, load_image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Toy-sized tensors: one intra-op thread is faster on the shared 2-core box (see test_overfit)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 H, W = 61, 97  # odd and non-square: the model sees 128×128
 
