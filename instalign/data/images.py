@@ -15,6 +15,11 @@ Policies, in one place:
   always forced here — a truncated JPEG raises instead of yielding a half-grey image.
   ``ImageFile.LOAD_TRUNCATED_IMAGES`` (a process-wide switch) is never touched. Every
   failure is a :class:`CorruptImageError` naming the source.
+* **Bounded input.** Files are read only when they are regular files (a link to
+  ``/dev/zero`` or a FIFO is refused, never read forever or waited on) and only up to a byte
+  cap; decoding is refused from the header when the picture has more than ``max_pixels``
+  pixels, *before* any pixel is decoded (a 0.6 MB JPEG can claim 35 M pixels). Both refusals
+  raise :class:`ImageTooLargeError`, so a caller can tell a bomb from a broken file.
 * **Speed.** With ``draft_size`` a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8)
   that still covers the size asked for — the decoder does less work and the later resize
   starts from fewer pixels. Valid only when the caller resizes to ``draft_size`` or
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 
 import numpy as np
@@ -32,6 +38,10 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "CorruptImageError",
+    "ImageTooLargeError",
+    "NotARegularFileError",
+    "DEFAULT_MAX_IMAGE_BYTES",
+    "read_regular_file",
     "decode_image",
     "open_image",
     "read_image_size",
@@ -41,8 +51,77 @@ __all__ = [
 ]
 
 
+#: Byte cap of :func:`open_image` / :func:`read_regular_file` callers that name none: far above
+#: any photograph (COCO's largest JPEG is ~1 MB), far below what would hurt a worker.
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+
 class CorruptImageError(ValueError):
     """Bytes that are not a decodable image (truncated, corrupt, unknown format, too large)."""
+
+
+class ImageTooLargeError(CorruptImageError):
+    """An image over a byte or pixel cap (e.g. a decompression bomb); refused before decoding."""
+
+
+class NotARegularFileError(OSError):
+    """A path that is not a regular file (a directory, FIFO, device, socket), refused unread."""
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _refuse_irregular(path: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise NotARegularFileError(f"{path}: not a regular file ({kind})")
+
+
+def read_regular_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of the regular file at ``path``, at most ``max_bytes`` of them.
+
+    Symlinks are followed (datasets are often linked into place), but what they point at
+    must be a regular file: ``stat`` is checked before opening, the file is opened
+    non-blocking (a FIFO swapped in after the check cannot make ``open`` wait for a writer)
+    and checked again on the open descriptor, and reading stops one byte past the cap (a
+    file growing while read cannot exhaust memory).
+
+    Raises:
+        FileNotFoundError, PermissionError, …: the ``OSError`` of ``stat``/``open``.
+        NotARegularFileError: a directory, FIFO, device or socket.
+        ImageTooLargeError: more than ``max_bytes`` bytes.
+    """
+    path = os.fspath(path)
+    _refuse_irregular(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        _refuse_irregular(path, st.st_mode)
+        if st.st_size > max_bytes:
+            raise ImageTooLargeError(f"{path}: file is {st.st_size} bytes, over the cap of {max_bytes}")
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:
+            raise ImageTooLargeError(f"{path}: file grew past the cap of {max_bytes} bytes while being read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _pixel_cap(max_pixels: int | None) -> int | None:
+    return Image.MAX_IMAGE_PIXELS if max_pixels is None else (max_pixels or None)
+
+
+def _check_pixels(img: Image.Image, limit: int | None, source: str) -> None:
+    if limit and img.size[0] * img.size[1] > limit:
+        raise ImageTooLargeError(f"{source}: image too large to decode safely ({img.size[0]}x{img.size[1]} "
+                                 f"= {img.size[0] * img.size[1]} pixels exceeds the limit of {limit})")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -65,19 +144,21 @@ def decode_image(
     source: str = "<bytes>",
     draft_size: tuple[int, int] | None = None,
     exif_transpose: bool = False,
+    max_pixels: int | None = None,
 ) -> Image.Image:
     """Decode ``data`` to an RGB ``PIL.Image`` (fully loaded).
 
     ``draft_size=(w, h)``: allow the JPEG decoder to downscale to no less than ``(w, h)``.
     ``exif_transpose``: apply the EXIF orientation tag (off for dataset images, see above).
+    ``max_pixels``: refuse (:class:`ImageTooLargeError`) from the header a picture with more
+    pixels; ``None``: ``PIL.Image.MAX_IMAGE_PIXELS``; ``0``: no cap of our own (PIL's own
+    refusal above twice its limit still applies).
     """
     try:
         img = Image.open(io.BytesIO(data))
         # PIL only *warns* between MAX_IMAGE_PIXELS and twice that; refuse here instead of
         # flipping the process-wide warnings filter (not thread-safe) to make it raise.
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and img.size[0] * img.size[1] > limit:
-            raise Image.DecompressionBombError(f"{img.size[0]}x{img.size[1]} pixels exceeds the limit of {limit}")
+        _check_pixels(img, _pixel_cap(max_pixels), source)
         if draft_size is not None and img.format == "JPEG":
             # Mode stays as stored (draft("RGB") would also convert CMYK badly); size only.
             img.draft(img.mode, (int(draft_size[0]), int(draft_size[1])))
@@ -85,29 +166,41 @@ def decode_image(
         if exif_transpose:
             img = ImageOps.exif_transpose(img)
         return to_rgb(img)
-    except Image.DecompressionBombError as exc:
-        raise CorruptImageError(f"{source}: image too large to decode safely ({exc})") from exc
+    except CorruptImageError:
+        raise
+    except Image.DecompressionBombError as exc:  # PIL's own refusal, in Image.open
+        raise ImageTooLargeError(f"{source}: image too large to decode safely ({exc})") from exc
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, struct.error) as exc:
         kind = "truncated" if "truncated" in str(exc) else "corrupt or not an image"
         raise CorruptImageError(f"{source}: {kind} ({type(exc).__name__}: {exc})") from exc
 
 
-def open_image(path: str | os.PathLike[str], **kwargs) -> Image.Image:
-    """Read the file at ``path`` and :func:`decode_image` it (errors name the path)."""
+def open_image(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES, **kwargs) -> Image.Image:
+    """Read the regular file at ``path`` (:func:`read_regular_file`, at most ``max_bytes``) and
+    :func:`decode_image` it; every failure is a :class:`CorruptImageError` naming the path."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular_file(path, max_bytes=max_bytes)
+    except NotARegularFileError as exc:
+        raise CorruptImageError(f"cannot read {exc}") from exc
     except OSError as exc:
         raise CorruptImageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     return decode_image(data, source=path, **kwargs)
 
 
-def read_image_size(data: bytes, *, source: str = "<bytes>") -> tuple[int, int]:
-    """``(width, height)`` from the header only (no pixel decode); as stored, EXIF ignored."""
+def read_image_size(data: bytes, *, source: str = "<bytes>", max_pixels: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` from the header only (no pixel decode); as stored, EXIF ignored.
+
+    ``max_pixels`` as in :func:`decode_image`: a header claiming more is refused here already.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
+            _check_pixels(img, _pixel_cap(max_pixels), source)
             return img.size
+    except CorruptImageError:
+        raise
+    except Image.DecompressionBombError as exc:  # PIL's own refusal (over twice its limit)
+        raise ImageTooLargeError(f"{source}: image too large to decode safely ({exc})") from exc
     except (OSError, SyntaxError, ValueError, struct.error) as exc:  # struct.error: some plugins leak it
         raise CorruptImageError(f"{source}: corrupt or not an image ({exc})") from exc
 

@@ -1,0 +1,127 @@
+"""Hostile image files: irregular files are refused unread, bytes and pixels are capped (issue 11)."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from instalign.data.images import (CorruptImageError, ImageTooLargeError, NotARegularFileError, decode_image,
+                                   open_image, read_image_size, read_regular_file)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width``×``height`` 8-bit gray pixels, with one tiny IDAT:
+    what a decompression bomb looks like to anything that trusts the header."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _jpeg(size=(32, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), 90, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _returns_within(fn, seconds: float = 20.0):
+    """Run ``fn`` in a daemon thread; fail (instead of hanging the suite) if it blocks."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"blocked for more than {seconds}s"
+    return box
+
+
+def test_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "image.jpg"
+    os.mkfifo(fifo)
+    box = _returns_within(lambda: open_image(fifo))
+    assert isinstance(box.get("error"), CorruptImageError), box
+    assert "FIFO" in str(box["error"]) and str(fifo) in str(box["error"])
+    box = _returns_within(lambda: read_regular_file(fifo))
+    assert isinstance(box.get("error"), NotARegularFileError), box
+
+
+def test_symlink_to_dev_zero_is_refused_unread(tmp_path):
+    link = tmp_path / "zero.jpg"
+    link.symlink_to("/dev/zero")
+    box = _returns_within(lambda: open_image(link))
+    assert isinstance(box.get("error"), CorruptImageError) and "character device" in str(box["error"]), box
+
+
+def test_symlink_to_a_regular_file_is_followed(tmp_path):
+    real = tmp_path / "real.jpg"
+    real.write_bytes(_jpeg())
+    link = tmp_path / "link.jpg"
+    link.symlink_to(real)
+    assert read_regular_file(link) == real.read_bytes()
+    assert open_image(link).size == (32, 24)
+
+
+def test_directory_and_missing_file(tmp_path):
+    with pytest.raises(NotARegularFileError, match="a directory"):
+        read_regular_file(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        read_regular_file(tmp_path / "absent.jpg")
+
+
+def test_byte_cap(tmp_path):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(_jpeg() + b"\0" * 4096)
+    with pytest.raises(ImageTooLargeError, match="over the cap of 1000"):
+        read_regular_file(path, max_bytes=1000)
+    with pytest.raises(ImageTooLargeError):
+        open_image(path, max_bytes=1000)
+    assert len(read_regular_file(path, max_bytes=1 << 20)) == path.stat().st_size
+
+
+def test_decompression_bomb_is_too_large_not_a_crash():
+    bomb = png_header_only(30000, 30000)  # 900 M pixels in ~100 bytes: PIL's own refusal (> 2x its limit)
+    assert len(bomb) < 200
+    with pytest.raises(ImageTooLargeError, match="too large"):
+        read_image_size(bomb, source="bomb.png")
+    with pytest.raises(ImageTooLargeError, match="bomb.png: image too large"):
+        decode_image(bomb, source="bomb.png")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_pixel_cap_is_checked_on_the_header():
+    data = png_header_only(4000, 3000)  # 12 M pixels claimed, the pixel data is not even there
+    with pytest.raises(ImageTooLargeError, match="12000000 pixels exceeds the limit of 1000000"):
+        read_image_size(data, source="x.png", max_pixels=1_000_000)
+    with pytest.raises(ImageTooLargeError, match="exceeds the limit of 1000000"):
+        decode_image(data, source="x.png", max_pixels=1_000_000)
+    assert read_image_size(data, max_pixels=20_000_000) == (4000, 3000)  # under the cap: the header is fine
+    with pytest.raises(CorruptImageError) as err:  # ... and the missing pixel data is then a corrupt image
+        decode_image(data, max_pixels=20_000_000)
+    assert not isinstance(err.value, ImageTooLargeError)
+    assert decode_image(_jpeg(), max_pixels=32 * 24).size == (32, 24)
+
+
+def test_corrupt_image_is_not_too_large():
+    with pytest.raises(CorruptImageError) as err:
+        read_image_size(b"not an image", source="x")
+    assert not isinstance(err.value, ImageTooLargeError)
+
+
+def test_open_image_still_names_the_path(tmp_path: Path):
+    with pytest.raises(CorruptImageError, match="missing.jpg: cannot read"):
+        open_image(tmp_path / "missing.jpg")
