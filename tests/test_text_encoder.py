@@ -31,13 +31,13 @@ def test_tiny_roberta_is_written_once_deterministically_and_loads(tmp_path, monk
     monkeypatch.setenv("INSTALIGN_CACHE", str(tmp_path / "a"))
     first = ensure_tiny_roberta()
     assert first == tmp_path / "a" / "tiny-roberta"
-    assert json.loads((first / "instalign_tiny.json").read_text())["version"] == VERSION
+    assert json.loads((first / "_SEALED.json").read_text())["meta"]["version"] == VERSION
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_roberta() == first and (first / "model.safetensors").stat().st_mtime_ns == stamp  # not rewritten
     second = ensure_tiny_roberta(tmp_path / "b" / "tiny-roberta")
     for name in ("tokenizer.json", "config.json", "model.safetensors"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
-    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".tiny-roberta-")]  # no temp dirs left
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".tiny-roberta.tmp")]  # no temp dirs left
 
     tokenizer = load_tokenizer(TextEncoderConfig(name=TINY_TEXT_ENCODER, pretrained=False))
     assert type(tokenizer).__name__.startswith("RobertaTokenizer")

@@ -10,23 +10,31 @@ positions, COCO categories, relations, counts, "no target" phrasing), so two mac
 get byte-identical files. The weights are a seeded random init (nothing is pretrained),
 saved as well so ``pretrained=True`` also loads the same deterministic model.
 
-Location: ``$INSTALIGN_CACHE/tiny-roberta`` or ``~/.cache/instalign/tiny-roberta``,
-written into a temporary sibling directory and renamed into place (atomic; a concurrent
-writer that loses the race uses the winner's copy).
+Location: ``<cache root>/tiny-roberta`` (:func:`instalign.cache.cache_root`). It is built
+once by :func:`instalign.integrity.build_once`: under a file lock, into a temporary sibling,
+sealed with every file's size and digest, then renamed into place; concurrent processes
+(the ranks of a DDP group) wait for the first and share its copy, and a damaged copy is
+rebuilt. The files are written here with plain ``to_json_file`` / safetensors calls, not
+``PreTrainedModel.save_pretrained``: under an initialised ``torch.distributed`` that writes
+the model files on rank 0 only, and a non-zero rank that built the cache used to publish a
+directory without ``config.json`` or weights.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from itertools import product
 from pathlib import Path
 
+from instalign.cache import cache_root
+from instalign.integrity import build_once
+
 #: Bump when the corpus, the tokenizer recipe or the config change: a stale directory is rebuilt.
-VERSION = 1
-_STAMP = "instalign_tiny.json"
+VERSION = 2
+_KIND = "tiny-roberta"
+#: What a complete copy must hold (the seal lists these and every other file written).
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa ids 0..4
 VOCAB_SIZE = 1024
 MODEL_CONFIG = dict(
@@ -92,21 +100,14 @@ def corpus() -> list[str]:
 
 
 def cache_dir() -> Path:
-    """Where the tiny text encoder lives (``$INSTALIGN_CACHE`` or ``~/.cache/instalign``)."""
-    base = os.environ.get("INSTALIGN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "instalign")
-    return Path(base) / "tiny-roberta"
-
-
-def _is_complete(path: Path) -> bool:
-    try:
-        return json.loads((path / _STAMP).read_text()).get("version") == VERSION
-    except (OSError, ValueError):
-        return False
+    """Where the tiny text encoder lives: ``<cache root>/tiny-roberta``."""
+    return cache_root() / "tiny-roberta"
 
 
 def _write(out: Path) -> None:
     """Train the tokenizer and write tokenizer + config + seeded weights in HF layout."""
     import torch
+    from safetensors.torch import save_file
     from tokenizers import ByteLevelBPETokenizer
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
 
@@ -127,33 +128,21 @@ def _write(out: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = RobertaModel(config, add_pooling_layer=False)
-    model.save_pretrained(str(out))
-    (out / _STAMP).write_text(json.dumps({"version": VERSION, "name": "instalign/tiny-roberta"}))
+    # Not model.save_pretrained: it skips the files on non-zero ranks (module docstring).
+    config.to_json_file(str(out / "config.json"))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def ensure_tiny_roberta(path: Path | None = None) -> Path:
-    """Return the directory of the tiny RoBERTa, writing it first if needed (atomic rename).
+    """Return the directory of the tiny RoBERTa, building it first if it is missing or damaged.
 
     Raises:
         OSError: the cache directory is not writable (set ``INSTALIGN_CACHE``).
     """
     path = Path(path) if path is not None else cache_dir()
-    if _is_complete(path):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-roberta-", dir=path.parent))
-    try:
-        _write(tmp)
-        if path.exists() and not _is_complete(path):
-            shutil.rmtree(path, ignore_errors=True)  # an older VERSION: rebuild
-        try:
-            os.rename(tmp, path)  # atomic on one filesystem; fails if another writer won
-        except OSError:
-            if not _is_complete(path):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return build_once(path, _write, kind=_KIND, meta={"version": VERSION, "name": "instalign/tiny-roberta"},
+                      required=REQUIRED_FILES)
 
 
-__all__ = ["ensure_tiny_roberta", "cache_dir", "corpus", "VERSION", "MODEL_CONFIG"]
+__all__ = ["ensure_tiny_roberta", "cache_dir", "corpus", "VERSION", "MODEL_CONFIG", "REQUIRED_FILES"]
