@@ -46,6 +46,14 @@ Release quirks handled, and the rules chosen where the release is ambiguous:
   never silently turns into a no-target sample.
 * Duplicate ``ref_id``\\ s (ReLA only prints a warning for them) are kept and logged; an id
   repeated inside one ``ann_id`` list is kept once.
+
+Hostile or broken files (issue 11) end in a :class:`SourceFormatError` naming the file and the
+record, never in a bare ``RecursionError`` or ``OverflowError``: JSON nested too deeply to
+parse, ints outside the range the Parquet schema stores (ids are int64, sizes and category
+ids int32 — checked here, before any worker starts), a segmentation nested deeper than a
+polygon list. What the readers keep but ``prepare`` must not trust is left for it to
+quarantine: split names that are not safe directory names (:func:`is_safe_split_name`) and
+image ``file_name``\\ s that are absolute or climb out of the image directory.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,12 +78,29 @@ __all__ = [
     "read_refcoco",
     "read_source",
     "reference_problems",
+    "is_safe_split_name",
     "DATASETS",
 ]
 
 DATASETS = ("grefcoco", "refzom", "refcoco", "refcoco+", "refcocog")
 REFCOCO_SPLIT_BYS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
 COCO_TRAIN2014 = "COCO_train2014_{:012d}.jpg"
+
+#: Split names become directory names under ``prepare --out``: one path component, no leading
+#: dot (so never ``.``/``..`` or hidden), no separator, at most 64 characters.
+_SAFE_SPLIT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}\Z")
+#: Signed ranges of the Arrow columns the ints end up in (``instalign.data.records``).
+_INT_RANGE = {64: (-(1 << 63), (1 << 63) - 1), 32: (-(1 << 31), (1 << 31) - 1)}
+#: Containers below a segmentation's top level: 1 for COCO's shapes (polygons in a list; counts
+#: and size in an RLE dict). 2 is admitted so plausible mistakes (polygons of ``[x, y]`` pairs,
+#: a list of RLE dicts) reach prepare's per-annotation quarantine; deeper is not a
+#: segmentation, and nesting thousands deep would only exhaust the recursion limit downstream.
+_SEGMENTATION_DEPTH = 2
+
+
+def is_safe_split_name(name: object) -> bool:
+    """Whether ``name`` can be a split directory: ``[A-Za-z0-9_][A-Za-z0-9_.-]*``, ≤ 64 chars."""
+    return isinstance(name, str) and _SAFE_SPLIT.match(name) is not None
 
 
 class SourceFormatError(ValueError):
@@ -104,6 +130,11 @@ def _load_json(path: Path) -> Any:
         raise SourceFormatError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
     except UnicodeDecodeError as exc:
         raise SourceFormatError(f"{path}: not valid JSON (not UTF-8 text: {exc.reason})") from exc
+    except RecursionError:
+        raise SourceFormatError(f"{path}: JSON nested too deeply to be a release file (Python's parser gave up "
+                                f"at its recursion limit)") from None
+    except ValueError as exc:  # e.g. an int literal of more than 4300 digits
+        raise SourceFormatError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def _load_refs(path: Path) -> Any:
@@ -145,8 +176,18 @@ class _Record:
             raise self.fail(f"key '{key}' must be {expected}, got {type(value).__name__} {value!r:.60}")
         return value
 
-    def integer(self, key: str, **kw: Any) -> int:
-        return self.get(key, _is_int, "an int", **kw)
+    def integer(self, key: str, *, bits: int = 64, **kw: Any) -> int:
+        """An int that fits the ``bits``-bit signed column it is stored in."""
+        return self.in_range(key, self.get(key, _is_int, "an int", **kw), bits)
+
+    def in_range(self, key: str, value: Any, bits: int = 64) -> Any:
+        """``value`` (an int, a list of ints or None) after checking every int fits ``bits`` bits."""
+        lo, hi = _INT_RANGE[bits]
+        for v in () if value is None else _as_list(value):
+            if not lo <= v <= hi:
+                shown = v if v.bit_length() <= 256 else f"an int of {v.bit_length()} bits"
+                raise self.fail(f"key '{key}' holds {shown}, outside the signed {bits}-bit range it is stored in")
+        return value
 
     def string(self, key: str, **kw: Any) -> str:
         return self.get(key, lambda v: isinstance(v, str), "a string", **kw)
@@ -168,6 +209,18 @@ def _as_list(v: int | list[int]) -> list[int]:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of lists/tuples/dicts in ``value``, counted iteratively and at most ``limit``."""
+    depth, level = 0, [value]
+    while depth < limit:
+        level = [c for v in level if isinstance(v, (list, tuple, dict))
+                 for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (list, tuple, dict))]
+        if not level:
+            return depth
+        depth += 1
+    return depth
+
+
 # ---------------------------------------------------------------- instances.json
 def _read_instances(path: Path, image_dir: Path, *, need_file_name: bool
                     ) -> tuple[dict[int, ImageInfo], dict[int, Annotation], set[int]]:
@@ -183,7 +236,7 @@ def _read_instances(path: Path, image_dir: Path, *, need_file_name: bool
     for i, raw in enumerate(data["images"]):
         rec = _Record(path, f"images[{i}]", raw)
         image_id = rec.integer("id")
-        width, height = rec.integer("width"), rec.integer("height")
+        width, height = rec.integer("width", bits=32), rec.integer("height", bits=32)
         if width <= 0 or height <= 0:
             raise rec.fail(f"image {image_id} has size {width}x{height}")
         if need_file_name:
@@ -199,10 +252,13 @@ def _read_instances(path: Path, image_dir: Path, *, need_file_name: bool
         rec = _Record(path, f"annotations[{i}]", raw)
         ann_id = rec.integer("id")
         seg = rec.get("segmentation", lambda v: isinstance(v, (list, dict)), "a polygon list or an RLE dict")
+        if _depth(seg, _SEGMENTATION_DEPTH + 1) > _SEGMENTATION_DEPTH:
+            raise rec.fail(f"key 'segmentation' is nested more than {_SEGMENTATION_DEPTH + 1} levels deep: "
+                           f"neither a polygon list nor an RLE dict")
         if ann_id in annotations:
             raise rec.fail(f"duplicate annotation id {ann_id}")
         annotations[ann_id] = Annotation(ann_id=ann_id, image_id=rec.integer("image_id"),
-                                         category_id=rec.integer("category_id"), segmentation=seg)
+                                         category_id=rec.integer("category_id", bits=32), segmentation=seg)
         if rec.get("iscrowd", lambda v: v in (0, 1), "0 or 1", default=0):
             crowd.add(ann_id)
     return images, annotations, crowd
@@ -237,8 +293,9 @@ def _parse_refs(path: Path, data: Any, targets: Callable[[_Record, list[int] | N
         rec = _Record(path, f"ref #{i}", raw)
         ref_id = rec.integer("ref_id")
         rec.where = f"ref #{i} (ref_id={ref_id})"
-        ann = rec.get("ann_id", _is_int_or_int_list, "an int or a list of ints", default=None)
-        rec.get("category_id", _is_int_or_int_list, "an int or a list of ints", default=None)
+        ann = rec.in_range("ann_id", rec.get("ann_id", _is_int_or_int_list, "an int or a list of ints", default=None))
+        rec.in_range("category_id", rec.get("category_id", _is_int_or_int_list, "an int or a list of ints",
+                                            default=None), bits=32)
         # A repeated id would become two identical ground-truth instances: keep the first.
         ann_ids = tuple(dict.fromkeys(targets(rec, None if ann is None else _as_list(ann))))
         non_crowd = tuple(a for a in ann_ids if a not in crowd)

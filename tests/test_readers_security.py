@@ -1,0 +1,110 @@
+"""Hostile release files end in a SourceFormatError naming the file and record (issue 11),
+and what the readers keep for prepare to quarantine (unsafe split names, escaping paths)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+
+from fixtures_official import write_grefcoco, write_refzom
+from instalign.data.readers import SourceFormatError, is_safe_split_name, read_grefcoco, read_refzom
+
+
+def _edit_json(path: Path, mutate) -> None:
+    data = json.loads(path.read_text())
+    mutate(data)
+    path.write_text(json.dumps(data))
+
+
+def test_deeply_nested_json_is_a_format_error_not_a_recursion_error(tmp_path):
+    write_grefcoco(tmp_path)
+    path = tmp_path / "grefcoco" / "grefs(unc).json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SourceFormatError, match=r"grefs\(unc\)\.json: JSON nested too deeply") as err:
+        read_grefcoco(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_huge_int_literal_is_a_format_error(tmp_path):
+    write_grefcoco(tmp_path)
+    path = tmp_path / "grefcoco" / "instances.json"
+    path.write_text('{"images": [{"id": ' + "9" * 5000 + "}]}")
+    with pytest.raises(SourceFormatError, match=r"instances\.json: not valid JSON"):
+        read_grefcoco(tmp_path)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda refs: refs[0].update(ref_id=2 ** 63), r"ref #0: key 'ref_id' holds 9223372036854775808, outside the "
+                                                  r"signed 64-bit range"),
+    (lambda refs: refs[1].update(image_id=-(2 ** 63) - 1), r"key 'image_id' holds -9223372036854775809"),
+    (lambda refs: refs[1].update(ann_id=[11, 2 ** 64]), r"key 'ann_id' holds 18446744073709551616"),
+    (lambda refs: refs[1].update(category_id=2 ** 31), r"key 'category_id' holds 2147483648, outside the signed "
+                                                       r"32-bit range"),
+    (lambda refs: refs[0]["sentences"][0].update(sent_id=2 ** 70), r"sentences\[0\]: key 'sent_id' holds"),
+])
+def test_ids_beyond_the_stored_range_name_the_record(tmp_path, mutate, message):
+    write_grefcoco(tmp_path)
+    path = tmp_path / "grefcoco" / "grefs(unc).json"
+    _edit_json(path, mutate)
+    with pytest.raises(SourceFormatError, match=message) as err:
+        read_grefcoco(tmp_path)
+    assert str(err.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["images"][0].update(id=2 ** 63), r"images\[0\]: key 'id' holds 9223372036854775808"),
+    (lambda d: d["images"][0].update(width=2 ** 31), r"images\[0\]: key 'width' holds 2147483648, outside the "
+                                                     r"signed 32-bit"),
+    (lambda d: d["annotations"][0].update(category_id=-(2 ** 31) - 1), r"annotations\[0\]: key 'category_id'"),
+    (lambda d: d["annotations"][1].update(segmentation=[[[[0, 1, 2]]]]),
+     r"annotations\[1\]: key 'segmentation' is nested more than 3 levels deep"),
+])
+def test_instances_beyond_range_or_too_deep(tmp_path, mutate, message):
+    write_grefcoco(tmp_path)
+    path = tmp_path / "grefcoco" / "instances.json"
+    _edit_json(path, mutate)
+    with pytest.raises(SourceFormatError, match=message) as err:
+        read_grefcoco(tmp_path)
+    assert str(err.value).startswith(str(path))
+
+
+def test_plausible_malformed_segmentations_are_left_for_quarantine(tmp_path):
+    write_grefcoco(tmp_path)
+    _edit_json(tmp_path / "grefcoco" / "instances.json",
+               lambda d: d["annotations"][0].update(segmentation=[[[0, 0], [4, 0], [4, 4]]]))
+    src = read_grefcoco(tmp_path)  # prepare quarantines it as invalid_segmentation, one annotation only
+    assert any(a.segmentation == [[[0, 0], [4, 0], [4, 4]]] for a in src.annotations.values())
+
+
+def test_pickled_id_beyond_int64(tmp_path):
+    write_refzom(tmp_path)
+    path = tmp_path / "ref-zom" / "refs(final).p"
+    refs = pickle.loads(path.read_bytes())
+    refs[0]["image_id"] = 10 ** 400  # a pickle carries any int; str() of it would still work here
+    path.write_bytes(pickle.dumps(refs, protocol=2))
+    with pytest.raises(SourceFormatError, match=r"refs\(final\)\.p: ref #0 \(ref_id=0\): key 'image_id' holds "
+                                                r"an int of 1329 bits"):
+        read_refzom(tmp_path)
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("train", True), ("testA", True), ("val_2", True), ("v1.0-test", True), ("_x", True), ("9", True),
+    ("../../escaped", False), ("..", False), (".", False), (".hidden", False), ("a/b", False), ("a\\b", False),
+    ("/abs", False), ("", False), ("x" * 65, False), ("tab\t", False), ("new\nline", False), ("sp ace", False),
+    (3, False), (None, False), ("-rf", False),
+])
+def test_safe_split_names(name, ok):
+    assert is_safe_split_name(name) is ok
+
+
+def test_readers_keep_what_prepare_quarantines(tmp_path):
+    write_grefcoco(tmp_path)
+    _edit_json(tmp_path / "grefcoco" / "grefs(unc).json", lambda refs: refs[0].update(split="../../escaped"))
+    _edit_json(tmp_path / "grefcoco" / "instances.json",
+               lambda d: d["images"][0].update(file_name="/etc/passwd"))
+    src = read_grefcoco(tmp_path)
+    assert "../../escaped" in src.splits()
+    assert any(i.path == "/etc/passwd" for i in src.images.values())
