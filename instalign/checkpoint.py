@@ -9,6 +9,14 @@ A checkpoint is a directory that loads offline anywhere::
     training_state.safetensors     optional: optimizer tensors, RNG states
     training_state.json            optional: everything else (param groups, scheduler,
                                    step, epoch, best metric, ...) with tensor placeholders
+    _SEALED.json                   written last: every file above with its size and SHA-256
+                                   (``instalign.integrity``)
+
+Completeness is proven by the seal, not by which file was written last: Ray's storage
+upload, MLflow artifacts and rsync copy files in any order, so a reader anywhere checks
+each listed file's size and digest (:func:`checkpoint_files`) and a missing, truncated or
+altered file is named in a :class:`CheckpointError` — never loaded (a checkpoint without its
+``tokenizer.json`` used to load a 5-token tokenizer and answer every expression alike).
 
 ``load_model`` rebuilds the architecture with pretrained weights OFF (backbone
 ``pretrained=False``; text encoder from ``<dir>/text_encoder`` with ``pretrained=False``)
@@ -35,16 +43,21 @@ from safetensors.torch import load_file, load_model as _st_load_model, save_file
 from torch import nn
 
 from instalign.config import Config, ConfigError, load_config
+from instalign.integrity import IntegrityError, seal, unseal, verify
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_model", "load_training_state", "checkpoint_files",
-           "unwrap_model", "CONFIG_FILE", "WEIGHTS_FILE", "TEXT_ENCODER_DIR", "STATE_TENSORS_FILE", "STATE_JSON_FILE"]
+           "unwrap_model", "REQUIRED_FILES", "CONFIG_FILE", "WEIGHTS_FILE", "TEXT_ENCODER_DIR", "STATE_TENSORS_FILE", "STATE_JSON_FILE"]
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 TEXT_ENCODER_DIR = "text_encoder"
 STATE_TENSORS_FILE = "training_state.safetensors"
 STATE_JSON_FILE = "training_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SEAL_KIND = "checkpoint"
+#: Files every checkpoint lists in its seal (the tokenizer's own files are listed as saved).
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, f"{TEXT_ENCODER_DIR}/config.json",
+                  f"{TEXT_ENCODER_DIR}/tokenizer_config.json")
 
 
 class CheckpointError(FileNotFoundError):
@@ -154,7 +167,8 @@ def save_checkpoint(directory: Union[str, Path], model: nn.Module, cfg: Config, 
         **state: extra training state (``step``, ``epoch``, ``best_metric``, ...): numbers,
             strings, lists, dicts or tensors — nothing that needs pickling.
 
-    ``config.yaml`` is written last, so a directory without it is visibly incomplete.
+    The seal is removed first and written last: a directory re-saved in place is visibly
+    incomplete until every file is back.
     """
     directory = Path(directory)
     model = unwrap_model(model)
@@ -175,7 +189,7 @@ def save_checkpoint(directory: Union[str, Path], model: nn.Module, cfg: Config, 
 
         tokenizer = load_tokenizer(cfg.model.text_encoder)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).unlink(missing_ok=True)  # incomplete until rewritten last
+    unseal(directory)  # incomplete until sealed again, last
 
     weights_tmp = directory / f".{WEIGHTS_FILE}.tmp"
     _st_save_model(model, str(weights_tmp), metadata={"format": "instalign", "version": str(FORMAT_VERSION)})
@@ -197,26 +211,35 @@ def save_checkpoint(directory: Union[str, Path], model: nn.Module, cfg: Config, 
         _atomic_write_bytes(directory / STATE_JSON_FILE, json.dumps(payload).encode())
 
     _atomic_write_bytes(directory / CONFIG_FILE, cfg.to_yaml().encode())
+    written = [CONFIG_FILE, WEIGHTS_FILE] + sorted(p.relative_to(directory).as_posix()
+                                                   for p in text_dir.rglob("*") if p.is_file())
+    if payload is not None:
+        written += [STATE_TENSORS_FILE, STATE_JSON_FILE]
+    seal(directory, kind=SEAL_KIND, files=written, meta={"format_version": FORMAT_VERSION})
     return directory
 
 
 # --- load ------------------------------------------------------------------------------------
 
-def checkpoint_files(directory: Union[str, Path]) -> dict[str, Path]:
-    """The required files of a checkpoint; raises ``CheckpointError`` naming what is missing."""
+def checkpoint_files(directory: Union[str, Path], *, digests: bool = True) -> dict[str, Path]:
+    """The required files of a checkpoint, after checking every file against the seal.
+
+    Raises:
+        CheckpointError: naming the checkpoint and the missing, truncated or altered file.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory}: not a directory")
-    required = {
+    try:
+        verify(directory, kind=SEAL_KIND, required=REQUIRED_FILES, digests=digests)
+    except IntegrityError as e:
+        raise CheckpointError(f"checkpoint {directory} is incomplete or damaged: {e.file}: {e.problem}") from None
+    return {
         "config": directory / CONFIG_FILE,
         "weights": directory / WEIGHTS_FILE,
         "text_encoder_config": directory / TEXT_ENCODER_DIR / "config.json",
         "tokenizer_config": directory / TEXT_ENCODER_DIR / "tokenizer_config.json",
     }
-    missing = [str(p.relative_to(directory)) for p in required.values() if not p.is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint {directory} is incomplete: missing {', '.join(missing)}")
-    return required
 
 
 def _loading_config(cfg: Config, directory: Path) -> Config:
@@ -257,6 +280,8 @@ def load_model(directory: Union[str, Path], device: Union[str, torch.device] = "
     directory = Path(directory)
     files = checkpoint_files(directory)
     try:
+        if not files["config"].read_text().strip():
+            raise ConfigError("the file is empty")
         saved = load_config(files["config"])
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {directory}: {CONFIG_FILE} is not a valid config: {e}") from None
@@ -286,10 +311,14 @@ def load_training_state(directory: Union[str, Path], optimizer: Optional[torch.o
     if missing:
         raise CheckpointError(f"checkpoint {directory} has no training state: missing {', '.join(missing)}")
     try:
+        verify(directory, kind=SEAL_KIND, required=[STATE_JSON_FILE, STATE_TENSORS_FILE])
+    except IntegrityError as e:
+        raise CheckpointError(f"checkpoint {directory} is incomplete or damaged: {e.file}: {e.problem}") from None
+    try:
         payload = json.loads(paths[0].read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {directory}: {STATE_JSON_FILE} is not valid JSON: {e}") from None
-    tensors = load_file(str(paths[1]))
+        tensors = load_file(str(paths[1]))
+    except Exception as e:  # json / safetensors errors of a file altered after sealing
+        raise CheckpointError(f"checkpoint {directory}: cannot read its training state: {e}") from None
     if optimizer is not None:
         if payload.get("optimizer") is None:
             raise CheckpointError(f"checkpoint {directory}: {STATE_JSON_FILE} holds no optimizer state")

@@ -183,7 +183,7 @@ def publish(tmp: PathLike, final: PathLike) -> Path:
 
 
 def build_once(final: PathLike, build: Callable[[Path], Any], *, kind: str, meta: Optional[dict[str, Any]] = None,
-               required: Iterable[str] = (), digests: bool = True) -> Path:
+               required: Iterable[str] = (), digests: bool = True, sealed_by_build: bool = False) -> Path:
     """Return ``final`` if it verifies; otherwise build it (once, whoever else is asking).
 
     ``build(tmp)`` writes the content into an empty temporary sibling directory; it is then
@@ -192,6 +192,11 @@ def build_once(final: PathLike, build: Callable[[Path], Any], *, kind: str, meta
     ``meta`` differs from ``meta`` (an older recipe), is rebuilt with a warning naming what
     was wrong. Whatever ``torch.distributed`` state the caller is in,
     the process that builds writes every file itself.
+
+    ``sealed_by_build``: the content arrives with its own seal (a download of a sealed
+    directory); it is verified in full, digests included, instead of being sealed here — a
+    fresh seal would bless whatever the transfer delivered. ``digests`` then applies to the
+    check of an existing entry only.
     """
     final = Path(final)
     required = list(required)
@@ -217,8 +222,11 @@ def build_once(final: PathLike, build: Callable[[Path], Any], *, kind: str, meta
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             build(tmp)
-            seal(tmp, kind=kind, meta=meta)
-            verify(tmp, kind=kind, required=required, digests=False)
+            if sealed_by_build:
+                verify(tmp, kind=kind, required=required, digests=True)
+            else:
+                seal(tmp, kind=kind, meta=meta)
+                verify(tmp, kind=kind, required=required, digests=False)
             publish(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -15,21 +15,32 @@ Two ways in:
 
 ``resolve_checkpoint`` is the other direction, shared by ``evaluate`` and ``predict``: a
 ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI becomes a local checkpoint directory
-(only that artifact is downloaded, not the bundled code).
+(only that artifact is downloaded, not the bundled code). Downloads go to one cache,
+``<cache root>/models/<store>/<name>/<version>`` (``instalign.cache``; ``<store>`` is a short
+digest of the tracking URI, so two registries never share an entry): a registered version's
+files never change, so each version is downloaded once, by one process (others wait on a
+lock and reuse it), checked against the checkpoint's own seal, and renamed into place — a
+partial download is never used. An alias is resolved to its version on every call, so
+moving ``@champion`` is seen at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import logging
 import os
+import shutil
 import sys
-import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 
 #: Artifact key of the checkpoint directory inside the pyfunc model (see ``pipelines.pyfunc``).
 CHECKPOINT_ARTIFACT = "checkpoint"
+
+log = logging.getLogger(__name__)
 
 
 class RegistryError(RuntimeError):
@@ -52,15 +63,16 @@ def configure_tracking(tracking_uri: str | None) -> str:
     return uri
 
 
-def resolve_checkpoint(source: str | os.PathLike, *, dst: str | os.PathLike | None = None) -> Path:
-    """A checkpoint directory, or a ``models:/`` URI resolved to one on local disk.
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a ``models:/`` URI resolved to one in the local cache.
 
     Args:
-        source: a directory, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
-        dst: where to download a registered checkpoint (default: a fresh temporary directory).
+        source: a directory, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a logged
+            model ``models:/m-<id>``.
 
     Returns:
-        The local checkpoint directory.
+        The local checkpoint directory (checked against its seal when it was downloaded;
+        ``instalign.checkpoint.load_model`` checks it again on every load).
     """
     if not is_model_uri(source):
         path = Path(source)
@@ -70,21 +82,48 @@ def resolve_checkpoint(source: str | os.PathLike, *, dst: str | os.PathLike | No
 
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    from instalign.cache import cache_root
+    from instalign.checkpoint import REQUIRED_FILES, SEAL_KIND
+    from instalign.integrity import IntegrityError, build_once
 
     uri = str(source).rstrip("/")
-    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="instalign-model-"))
-    dst.mkdir(parents=True, exist_ok=True)
+    client = mlflow.MlflowClient()
     try:
-        mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=str(dst)))
+        key = get_model_name_and_version(client, uri)  # (name, version) or (logged model id,)
     except MlflowException as e:
         raise RegistryError(f"{uri}: {e.message}") from None
-    meta = yaml.safe_load(mlmodel.read_text()) or {}
-    artifacts = (meta.get("flavors", {}).get("python_function", {}) or {}).get("artifacts") or {}
-    if CHECKPOINT_ARTIFACT not in artifacts:
-        raise RegistryError(f"{uri}: not an InstAlign model (its MLmodel has no {CHECKPOINT_ARTIFACT!r} artifact; "
-                            f"artifacts: {sorted(artifacts)})")
-    rel = artifacts[CHECKPOINT_ARTIFACT]["path"]
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{rel}", dst_path=str(dst)))
+    pinned = f"models:/{key[0]}/{key[1]}" if len(key) == 2 else f"models:/{key[0]}"
+    store = hashlib.sha256(client.tracking_uri.encode()).hexdigest()[:12]
+    entry = cache_root() / "models" / store / Path(*(quote(str(k), safe="") for k in key))
+
+    def download(out: Path) -> None:
+        log.info("downloading %s (%s) into %s", uri, pinned, entry)
+        scratch = out / ".download"
+        try:
+            mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{pinned}/MLmodel", dst_path=str(scratch)))
+            meta = yaml.safe_load(mlmodel.read_text()) or {}
+            artifacts = (meta.get("flavors", {}).get("python_function", {}) or {}).get("artifacts") or {}
+            if CHECKPOINT_ARTIFACT not in artifacts:
+                raise RegistryError(f"{uri}: not an InstAlign model (its MLmodel has no {CHECKPOINT_ARTIFACT!r} "
+                                    f"artifact; artifacts: {sorted(artifacts)})")
+            rel = artifacts[CHECKPOINT_ARTIFACT]["path"]
+            checkpoint = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{pinned}/{rel}",
+                                                                  dst_path=str(scratch / "artifacts")))
+        except MlflowException as e:
+            raise RegistryError(f"{uri}: {e.message}") from None
+        for item in checkpoint.iterdir():
+            os.rename(item, out / item.name)
+        shutil.rmtree(scratch)
+
+    try:
+        # Cache hits check sizes only: load_model verifies every digest when it loads.
+        return build_once(entry, download, kind=SEAL_KIND, required=REQUIRED_FILES, digests=False,
+                          sealed_by_build=True)
+    except IntegrityError as e:
+        raise RegistryError(f"{uri}: the registered checkpoint is incomplete or damaged: {e.file}: {e.problem}") \
+            from None
 
 
 def version_for_run(run_id: str, *, name: str | None = None):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Set before anything imports ray / transformers / mlflow.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -13,6 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# Every test session builds its caches (the tiny text encoder, registry downloads) from
+# nothing, as a fresh machine does: a good copy in the home directory cannot hide a
+# first-run failure. Ray workers started by the tests inherit this variable.
+if "INSTALIGN_CACHE" not in os.environ:
+    os.environ["INSTALIGN_CACHE"] = tempfile.mkdtemp(prefix="instalign-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["INSTALIGN_CACHE"], True)
 
 import pytest  # noqa: E402
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from instalign.checkpoint import (
     save_checkpoint,
 )
 from instalign.config import TINY_TEXT_ENCODER, tiny
+from instalign.integrity import SEAL_FILE, seal
 from instalign.modeling.builders import build_model
 from instalign.modeling.text_encoder import load_tokenizer
 from instalign.optim import build_optimizer, build_scheduler
@@ -141,14 +143,46 @@ def test_resave_a_loaded_model_in_place(trained, tmp_path):
     assert not (copy / STATE_JSON_FILE).exists()  # weights-only save: the old training state is gone
 
 
-@pytest.mark.parametrize("remove", [CONFIG_FILE, WEIGHTS_FILE, f"{TEXT_ENCODER_DIR}/config.json",
-                                    f"{TEXT_ENCODER_DIR}/tokenizer_config.json"])
-def test_incomplete_directory_names_the_missing_file(trained, tmp_path, remove):
-    directory = trained.directory
+SEALED = [CONFIG_FILE, WEIGHTS_FILE, STATE_TENSORS_FILE, STATE_JSON_FILE, f"{TEXT_ENCODER_DIR}/config.json",
+          f"{TEXT_ENCODER_DIR}/tokenizer_config.json", f"{TEXT_ENCODER_DIR}/tokenizer.json"]
+
+
+def test_the_seal_lists_every_file(trained):
+    listed = json.loads((trained.directory / SEAL_FILE).read_text())["files"]
+    assert set(SEALED) <= set(listed)
+    on_disk = {p.relative_to(trained.directory).as_posix() for p in trained.directory.rglob("*") if p.is_file()}
+    assert on_disk - set(listed) == {SEAL_FILE}
+
+
+@pytest.mark.parametrize("damage", ["remove", "truncate", "alter"])
+@pytest.mark.parametrize("name", SEALED)
+def test_a_missing_or_damaged_file_fails_loading_naming_it(trained, tmp_path, name, damage):
     copy = tmp_path / "copy"
-    shutil.copytree(directory, copy)
-    (copy / remove).unlink()
-    with pytest.raises(CheckpointError, match=remove.replace("/", "[/\\\\]")):
+    shutil.copytree(trained.directory, copy)
+    path = copy / name
+    if damage == "remove":
+        path.unlink()
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # same size, one byte flipped: only the digest sees it
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(name)):
+        model, _ = load_model(copy)
+        load_training_state(copy, build_optimizer(model, lr=1e-3, weight_decay=0.05, backbone_lr_mult=0.1,
+                                                  text_encoder_lr_mult=0.1))
+
+
+def test_an_unsealed_or_empty_config_checkpoint_is_refused(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained.directory, copy)
+    (copy / SEAL_FILE).unlink()  # a partial copy, or written by an older version
+    with pytest.raises(CheckpointError, match=f"{SEAL_FILE}: missing"):
+        load_model(copy)
+    (copy / CONFIG_FILE).write_text("")
+    seal(copy, kind="checkpoint")  # sealed as empty: the config error, not "245 shape mismatches"
+    with pytest.raises(CheckpointError, match="config.yaml is not a valid config: the file is empty"):
         load_model(copy)
 
 
@@ -162,11 +196,13 @@ def test_other_bad_directories(trained, tmp_path):
     copy = tmp_path / "other"
     shutil.copytree(directory, copy)
     (copy / CONFIG_FILE).write_text(cfg.to_yaml().replace("num_blocks: 3", "num_blocks: 2"))
+    seal(copy, kind="checkpoint")  # a consistent seal over inconsistent content
     with pytest.raises(CheckpointError, match="does not match"):
         load_model(copy)
-    # Corrupt weights file.
+    # A weights file that is not safetensors at all, sealed as it is.
     (copy / CONFIG_FILE).write_text(cfg.to_yaml())
     (copy / WEIGHTS_FILE).write_bytes(b"not safetensors")
+    seal(copy, kind="checkpoint")
     with pytest.raises(CheckpointError, match=WEIGHTS_FILE):
         load_model(copy)
 

@@ -5,6 +5,8 @@ A real sqlite MLflow store under tmp; the checkpoints are random tiny models.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tiny_checkpoint import make_checkpoint
@@ -75,11 +77,40 @@ def test_register_checkpoint_then_promote_the_runs_version(store, versions, caps
 def test_models_uri_resolves_to_the_same_checkpoint(store, versions, checkpoint, tmp_path):
     from pipelines.registry import resolve_checkpoint
 
-    local = resolve_checkpoint(f"models:/{NAME}/2", dst=tmp_path / "dl")
-    for rel in ("config.yaml", "model.safetensors", "text_encoder/tokenizer.json"):
+    local = resolve_checkpoint(f"models:/{NAME}/2")
+    for rel in ("config.yaml", "model.safetensors", "text_encoder/tokenizer.json", "_SEALED.json"):
         assert (local / rel).read_bytes() == (checkpoint / rel).read_bytes(), rel
-    # Only the checkpoint came down, not the bundled code.
-    assert not (tmp_path / "dl" / "code").exists()
+    # Only the checkpoint came down, not the bundled code, into the cache entry of version 2.
+    assert local.parts[-2:] == (NAME, "2") and local.parent.parent.parent.name == "models"
+    assert not (local / "code").exists() and not (local / ".download").exists()
+    from mlflow import MlflowClient
+
+    champion = MlflowClient().get_model_version_by_alias(NAME, "champion").version
+    assert resolve_checkpoint(f"models:/{NAME}@champion").parts[-2:] == (NAME, str(champion))
+
+
+def test_concurrent_resolves_share_one_download(store, versions, tmp_path):
+    """Two processes asking for the same version at once: one downloads, the other waits and reuses it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
+            "from pipelines.registry import resolve_checkpoint; print(resolve_checkpoint(sys.argv[1]))")
+    env = {**os.environ, "INSTALIGN_CACHE": str(tmp_path / "cache"), "MLFLOW_TRACKING_URI": store}
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"models:/{NAME}/1"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    paths = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(paths) == 1
+    downloads = sum(err.count("downloading models:/") for _, err in outs)
+    assert downloads == 1, [err for _, err in outs]
+    entry = Path(paths.pop())
+    assert sorted(p.name for p in entry.parent.iterdir()) == [".1.lock", "1"]  # no temporaries left
+    from instalign.checkpoint import load_model
+
+    load_model(entry)
 
 
 def test_unknown_run_alias_and_name_are_clear_errors(store, versions, capsys):
