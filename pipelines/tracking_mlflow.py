@@ -15,6 +15,13 @@ The tracking URI is resolved once, on the driver, and handed to workers explicit
 workers run with their cwd inside Ray's session directory, so MLflow's cwd-relative default
 (``sqlite:///mlflow.db``) would silently point each of them at a different, empty store.
 
+Everything written to MLflow through this module — run names, params, tags, and the text of
+``log_dict`` / ``log_text`` artifacts (the config YAML, the dataset manifest with the command
+line that made it) — passes through ``pipelines.redaction.redact`` first: a storage path or
+URI that carries credentials (``s3://KEY:SECRET@bucket/…``, ``…?token=…``) is recorded with
+``***`` in their place. MLflow params cannot be rewritten once logged, so this happens before
+anything reaches the store, not as a clean-up afterwards.
+
 ``mlflow`` is imported inside functions: this module is imported by ``instalign train
 --help`` and by every Train worker, and only rank 0 pays for the import.
 """
@@ -35,6 +42,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from pipelines.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +87,23 @@ def metric_key(key: str) -> str:
 
 
 def _param_value(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+    text = redact(json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value))
     return text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."
+
+
+def _tag_value(value: Any) -> str:
+    return redact(str(value))[:5000]
+
+
+def redact_data(data: Any) -> Any:
+    """``data`` (JSON-like: dicts, lists, scalars) with every string redacted, keys included."""
+    if isinstance(data, str):
+        return redact(data)
+    if isinstance(data, Mapping):
+        return {redact(k) if isinstance(k, str) else k: redact_data(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [redact_data(v) for v in data]
+    return data
 
 
 def _client(tracking_uri: str):
@@ -112,13 +136,17 @@ def start_or_resume_run(*, tracking_uri: str, experiment: str, run_name: str,
                         tags: Optional[Mapping[str, Any]] = None) -> tuple[str, bool]:
     """Create the job's MLflow run, or reopen the one a previous attempt of ``run_name`` made.
 
+    The run name and tags are redacted (module docstring); a name that carried a credential
+    is found again by its redacted form, so resuming still works.
+
     Returns:
         ``(run_id, resumed)``; a resumed run is set back to ``RUNNING``.
     """
     client = _client(tracking_uri)
     experiment_id = ensure_experiment(tracking_uri, experiment)
+    run_name = redact(run_name)
     found = find_run(tracking_uri, experiment_id, run_name)
-    all_tags = {RUN_NAME_TAG: run_name, **{k: str(v) for k, v in (tags or {}).items()}}
+    all_tags = {RUN_NAME_TAG: run_name, **{k: _tag_value(v) for k, v in (tags or {}).items()}}
     if found is not None:
         run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -161,7 +189,7 @@ class MlflowTracker:
             if key not in existing:
                 new.append(Param(key, text))
             elif existing[key] != text:
-                changed.append(RunTag(f"instalign.param_changed.{key}"[:_MAX_KEY], f"{existing[key]} -> {text}"[:5000]))
+                changed.append(RunTag(f"instalign.param_changed.{key}"[:_MAX_KEY], _tag_value(f"{existing[key]} -> {text}")))
         for i in range(0, len(new), _BATCH):
             self._client.log_batch(self.run_id, params=new[i:i + _BATCH])
         for i in range(0, len(changed), _BATCH):
@@ -203,16 +231,17 @@ class MlflowTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k[:_MAX_KEY], str(v)[:5000]) for k, v in tags.items()]
+        items = [RunTag(k[:_MAX_KEY], _tag_value(v)) for k, v in tags.items()]
         for i in range(0, len(items), _BATCH):
             self._client.log_batch(self.run_id, tags=items[i:i + _BATCH])
 
     def log_dict(self, data: Any, name: str) -> None:
-        """A JSON (``.json``) or YAML (``.yaml``) artifact from an in-memory object."""
-        self._client.log_dict(self.run_id, data, name)
+        """A JSON (``.json``) or YAML (``.yaml``) artifact from an in-memory object (strings redacted)."""
+        self._client.log_dict(self.run_id, redact_data(data), name)
 
     def log_text(self, text: str, name: str) -> None:
-        self._client.log_text(self.run_id, text, name)
+        """A text artifact (redacted)."""
+        self._client.log_text(self.run_id, redact(text), name)
 
     def end(self, status: str = "FINISHED") -> None:
         """End the run with ``status`` (``FINISHED``, ``FAILED``, ``KILLED``)."""
@@ -301,3 +330,13 @@ def log_checkpoint(tracker: MlflowTracker, checkpoint_dir: Union[str, Path], art
         dst = Path(tmp) / "checkpoint"
         shutil.copytree(checkpoint_dir, dst, ignore=shutil.ignore_patterns(STATE_JSON_FILE, STATE_TENSORS_FILE))
         tracker.log_artifact(dst, artifact_path)  # a directory: its files land under artifact_path/
+
+
+def redacted_context_tags() -> dict[str, str]:
+    """The tags MLflow adds on its own to a run or logged model (``mlflow.source.name`` — the
+    script path —, ``mlflow.source.git.repoURL`` — the git remote, which may embed a token —,
+    ``mlflow.user``, ...), redacted. Passed explicitly as ``tags=`` to ``mlflow.start_run`` and
+    ``log_model``, they replace MLflow's verbatim values before anything is stored."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return {key: _tag_value(value) for key, value in resolve_tags().items()}

@@ -113,3 +113,55 @@ def test_driver_metadata_helpers(tmp_path):
 def test_pipelines_tracking_does_not_leak_mlflow_into_instalign():
     code = "import instalign, instalign.tracking, sys; assert 'mlflow' not in sys.modules and 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+
+#: Credentials as a careless user would type them into a storage path and a command line.
+S3_WITH_KEYS = "s3://AKIAKEY123:SeCrEt456@bucket/x"
+TOKEN_URL = "https://store.example/data?token=abc987xyz&v=1"
+SECRETS = ("AKIAKEY123", "SeCrEt456", "abc987xyz", "hunter2")
+
+
+def test_credentials_never_reach_the_run(store, tmp_path, tiny_cfg):
+    """Run name, params, tags and the logged manifest/config: every string is redacted before
+    MLflow stores it (params are immutable, so nothing may be cleaned up afterwards)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipelines.tracking_mlflow import log_run_inputs
+
+    # Recorded verbatim by a careless caller (not through redaction.command_line).
+    command = f"instalign train --data {S3_WITH_KEYS} --storage-path {TOKEN_URL} --aws-secret-access-key=hunter2"
+    run_id, _ = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="job?token=abc987xyz",
+                                    tags={"instalign.source": TOKEN_URL})
+    tracker = MlflowTracker(run_id=run_id, tracking_uri=store, owns_run=True)
+    manifest = {"dataset": "grefcoco", "command": command, "sources": {"root": S3_WITH_KEYS}}
+    log_run_inputs(tracker, tiny_cfg, manifest, f"{S3_WITH_KEYS}/prepared",
+                   {"storage_path": f"{S3_WITH_KEYS}/ray_results?X-Amz-Signature=abc987xyz", "command": command})
+    tracker.set_tags({"instalign.ray_run_path": f"{TOKEN_URL}/run"})
+    tracker.log_params({"run.storage_path": f"{S3_WITH_KEYS}/other"})  # a changed value becomes a tag
+    tracker.close()
+
+    client = MlflowClient(tracking_uri=store)
+    run = client.get_run(run_id)
+    recorded = {"run_name": run.info.run_name, **run.data.params, **run.data.tags}
+    leaks = {k: v for k, v in recorded.items() if any(s in v for s in SECRETS)}
+    assert not leaks, f"credentials stored in MLflow: {leaks}"
+    # Redacted, not dropped: what the values were is still readable.
+    assert run.data.params["run.storage_path"] == "s3://***@bucket/x/ray_results?X-Amz-Signature=***"
+    assert run.data.params["run.command"] == ("instalign train --data s3://***@bucket/x --storage-path "
+                                              "https://store.example/data?token=***&v=1 --aws-secret-access-key=***")
+    assert run.data.tags["instalign.data_dir"] == "s3://***@bucket/x/prepared"
+    assert run.data.tags["instalign.source"] == "https://store.example/data?token=***&v=1"
+    assert "instalign.param_changed.run.storage_path" in run.data.tags
+
+    local = client.download_artifacts(run_id, "dataset/_manifest.json", str(tmp_path))
+    with open(local) as f:
+        logged = json.load(f)
+    assert not any(s in json.dumps(logged) for s in SECRETS), logged
+    assert logged["command"] == run.data.params["run.command"]
+
+    # The same (redacted) name finds the same run again: resuming still works.
+    again, resumed = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="job?token=abc987xyz")
+    assert (again, resumed) == (run_id, True)
