@@ -163,7 +163,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     max_steps = min(t.max_steps or total_steps, total_steps)
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "epoch_step": 0}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, skipped = usable_checkpoint(ray.train.get_checkpoint())
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as ckpt_dir:
         if ckpt_dir:
             model, saved = load_model(ckpt_dir)
@@ -190,10 +190,56 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     worker = _Worker(cfg=cfg, spec=spec, rank=rank, world=world, device=device, model=model, optimizer=optimizer,
                      scheduler=scheduler, criterion=build_criterion(cfg.loss).to(device), tokenizer=tokenizer,
                      precision=resolve_precision(t.precision, device), max_steps=max_steps)
+    if checkpoint is not None:
+        worker.record_resume(checkpoint.path, skipped)
     try:
         worker.run(step=int(state["step"]), epoch=int(state["epoch"]), epoch_step=int(state["epoch_step"]))
     finally:
         worker.tracker.close()
+
+
+def usable_checkpoint(latest: Any) -> tuple[Any, list[tuple[str, str]]]:
+    """The newest checkpoint of the run that verifies, and the newer ones skipped with why.
+
+    Ray resumes from the latest registered checkpoint, whatever its state; a damaged one (a
+    truncated ``training_state.safetensors``, a partial upload) would fail every restart the
+    same way. So every rank lists the run's checkpoint directories (``step_<n>``, siblings of
+    the latest), newest first, and takes the first whose seal verifies
+    (``instalign.checkpoint.checkpoint_files``). Every rank sees the same storage, so every
+    rank picks the same one. None verifying is an error naming each and its problem.
+    """
+    import posixpath
+    import re
+
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from instalign.checkpoint import CheckpointError, checkpoint_files
+
+    if latest is None:
+        return None, []
+    fs, parent = latest.filesystem, posixpath.dirname(latest.path.rstrip("/"))
+    latest_name = posixpath.basename(latest.path.rstrip("/"))
+    names = sorted((info.base_name for info in fs.get_file_info(pafs.FileSelector(parent))
+                    if info.type == pafs.FileType.Directory and re.fullmatch(r"step_\d{8}", info.base_name)
+                    and info.base_name <= latest_name), reverse=True)
+    if latest_name not in names:  # not one of ours: trust Ray's choice
+        names.insert(0, latest_name)
+    skipped: list[tuple[str, str]] = []
+    for name in names:
+        candidate = ray.train.Checkpoint(posixpath.join(parent, name), filesystem=fs)
+        try:
+            with candidate.as_directory() as local:
+                checkpoint_files(local)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", name, e)
+            skipped.append((name, str(e)))
+            continue
+        if skipped:
+            log.warning("resuming from %s: the newer checkpoint(s) %s are damaged (see above)", name,
+                        ", ".join(n for n, _ in skipped))
+        return candidate, skipped
+    raise CheckpointError(f"no usable checkpoint in {parent}: " + "; ".join(f"{n}: {why}" for n, why in skipped))
 
 
 class _Worker:
@@ -239,6 +285,17 @@ class _Worker:
         if self.rank == 0 and hasattr(self.tracker, "set_tags"):
             self.tracker.set_tags({"instalign.worker_nodes": json.dumps(nodes), "instalign.num_workers": self.world})
         self._log_samples({"event": "start", "rank": self.rank, "world": self.world, "node_id": nodes[self.rank]})
+
+    def record_resume(self, path: str, skipped: list[tuple[str, str]]) -> None:
+        """Say where this run resumed from (and which damaged checkpoints it passed over)."""
+        name = os.path.basename(path.rstrip("/"))
+        if self.rank == 0:
+            if skipped:
+                log.warning("resumed from %s, skipping damaged %s", name, [n for n, _ in skipped])
+            if hasattr(self.tracker, "set_tags"):
+                self.tracker.set_tags({"instalign.resumed_from": name,
+                                       "instalign.skipped_checkpoints": json.dumps(dict(skipped))[:4000]})
+        self._log_samples({"event": "resume", "rank": self.rank, "from": name, "skipped": [n for n, _ in skipped]})
 
     def _log_samples(self, record: dict) -> None:
         if self.spec.sample_log_dir:

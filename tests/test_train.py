@@ -116,15 +116,25 @@ def test_two_worker_training_tracks_checkpoints_and_resumes(prepared_dataset, ra
     best = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
     assert "checkpoints/best/model.safetensors" in best and "checkpoints/best/training_state.json" not in best
 
-    # --- the same name again, with a higher step budget: resumes at step 6 ---------------
+    # --- the latest checkpoint is damaged (a truncated upload): resume skips it --------------
+    state_file = Path(first.last_checkpoint) / "training_state.safetensors"
+    state_file.write_bytes(state_file.read_bytes()[:100])
+
+    # --- the same name again, with a higher step budget: resumes at step 4, the last good one
     second = train(small_cfg(max_steps=8), str(prepared_dataset), sample_log_dir=str(tmp_path / "s2"),
                    register_as="instalign-train-test", **kwargs)
     assert second.resumed and second.mlflow_run_id == first.mlflow_run_id and second.path == first.path
     assert second.metrics["step"] == 8 and second.metrics["epoch"] == 2 and second.metrics["epoch_step"] == 0
-    assert steps_of(read_jsonl(tmp_path / "s2" / "rank0.jsonl")) == [7, 8]  # not from step 0
+    resumes = [r for r in read_jsonl(tmp_path / "s2" / "rank0.jsonl") if r.get("event") == "resume"]
+    assert resumes == [{"event": "resume", "rank": 0, "from": "step_00000004", "skipped": ["step_00000006"]}]
+    assert steps_of(read_jsonl(tmp_path / "s2" / "rank0.jsonl")) == [5, 6, 7, 8]  # not from step 0, nor 6
+    tags = client.get_run(first.mlflow_run_id).data.tags
+    assert tags["instalign.resumed_from"] == "step_00000004"
+    assert "training_state.safetensors" in json.loads(tags["instalign.skipped_checkpoints"])["step_00000006"]
+    checkpoint_files(second.last_checkpoint)  # step 6 was written again, whole
     runs = client.search_runs([run.info.experiment_id])
     assert [r.info.run_id for r in runs] == [first.mlflow_run_id]  # one MLflow run for the job
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 9))
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == list(range(1, 9))
     # The LR schedule continued from the checkpoint: linear decay over 2 epochs × 4 steps.
     cfg = small_cfg()
     lr7 = [m.value for m in client.get_metric_history(run.info.run_id, "lr") if m.step == 7]
