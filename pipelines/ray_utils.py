@@ -1,35 +1,45 @@
-"""Connecting to Ray the same way from every entry point (train, evaluate, tune, tests).
+"""Connecting to Ray the same way from every entry point (train, evaluate, tune, prepare, quickstart).
 
-Two cases, chosen by ``--address``:
+Which cluster, chosen by ``--address`` — never by accident:
 
-* **no address** — start a private single-node cluster for this process. It is made quiet
-  and offline-friendly (no usage stats, no progress bars, token auth off because nobody else
-  can reach it), and the dashboard — which Ray Train V2 needs for its State API (without it
-  finished runs leak placement groups) — listens on the loopback interface only, so a
-  laptop run does not publish a control panel to the network.
-* **an address** (``auto``, ``HOST:PORT`` or ``ray://HOST:10001``) — join that cluster as
-  it is configured; nothing about its security is changed from here.
+* **no address** — start a **private** single-node cluster for this process
+  (``ray.init(address="local")``), and say so. A plain ``ray.init()`` would silently join
+  any cluster already running on the machine (another user's job, a test's) and compete
+  with its jobs for CPUs; that hung a Tune search for 14 minutes without a word.
+* **an address** (``auto``, ``HOST:PORT`` or ``ray://HOST:10001``), or ``RAY_ADDRESS`` in
+  the environment (a Ray Job's entrypoint gets it) — join that cluster as it is configured;
+  nothing about its security is changed from here.
+
+Security of the private cluster: Ray's GCS, raylet and workers listen on every network
+interface (Ray 2.60 has no switch to bind them all to loopback), so the cluster keeps Ray's
+token authentication (``RAY_AUTH_MODE=token``, the token in ``~/.ray/auth_token``,
+generated on first use): a process on another host that can route to this one cannot
+connect without the token. The dashboard, which Ray Train V2 needs for its State API
+(without it finished runs leak placement groups), listens on loopback only. Authentication
+is never switched off here; a ``RAY_AUTH_MODE=disabled`` set by the user in the
+environment is obeyed with a warning.
 
 Also the CPU arithmetic that keeps Ray Train from starving Ray Data: Train workers that
 reserve every CPU leave no slot for the ``map_batches`` tasks that decode their input and
-the run hangs forever (PLATFORM-FACTS, "Deadlock"); :func:`default_cpus_per_worker`
-leaves room on purpose.
+the run hangs forever (:func:`default_cpus_per_worker` leaves room on purpose), and
+:class:`ResourceWaitReporter`, which says what a run waits for when it waits.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
-#: Environment that makes a private local cluster quiet; never applied when joining a cluster.
+#: Environment of a private local cluster; never applied when joining a cluster.
 LOCAL_ENV = {
-    "RAY_AUTH_MODE": "disabled",  # 2.60 default is token auth; a private loopback cluster needs none
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",  # no usage report from a private run (and none offline)
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
 }
 
@@ -54,15 +64,15 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
              runtime_env: Optional[Mapping[str, Any]] = None, quiet: bool = True) -> None:
     """Connect this process to Ray: join ``address`` or start a private local cluster.
 
-    A process that is already connected (a test fixture, a notebook) is left as it is:
-    Ray allows one connection per process and re-initialising would drop the caller's.
+    A process that is already connected (a test fixture, a notebook, a Tune trial) is left
+    as it is: Ray allows one connection per process and re-initialising would drop the caller's.
 
     Args:
-        address: ``None`` to start a local cluster; ``"auto"``, ``"HOST:PORT"`` or
-            ``"ray://HOST:PORT"`` to join a running one.
+        address: ``None`` to start a private local cluster (unless ``RAY_ADDRESS`` is set);
+            ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"`` to join a running one.
         num_cpus: CPUs a local cluster advertises (default: all); ignored when joining.
         runtime_env: Ray runtime environment for this job (``env_vars``, ``working_dir``...).
-        quiet: log only errors from Ray and keep worker output off the driver's terminal.
+        quiet: only Ray's own errors; worker output stays off the driver's terminal.
     """
     import ray
 
@@ -72,12 +82,21 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     common: dict[str, Any] = dict(runtime_env=dict(runtime_env) if runtime_env else None)
     if quiet:
         common.update(logging_level="ERROR", log_to_driver=False)
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, **common)
         return
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **common)
+    if not sys.stderr.isatty():  # progress bars for people; a log file gets Ray Data's summaries instead
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    mode = os.environ.get("RAY_AUTH_MODE", "token")  # unset: Ray 2.60 turns token auth on for a new cluster
+    if mode.lower() != "token":
+        log.warning("RAY_AUTH_MODE=%s is set: the private Ray cluster runs WITHOUT authentication while its ports "
+                    "listen on every interface; unset it to keep Ray's token authentication", mode)
+    log.info("starting a private local Ray cluster (pass --address auto or HOST:PORT to use a running one)")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **common)
 
 
 def forwarded_env(extra: Iterable[str] = ()) -> dict[str, str]:
@@ -137,3 +156,72 @@ def check_leaves_room_for_data(num_workers: int, cpus_per_worker: float, *, tota
             f"{num_workers} workers × {cpus_per_worker} CPUs take all {total} CPUs of the cluster: the Ray Data "
             "tasks that decode the training data could never be scheduled and the run would hang. "
             "Lower --cpus-per-worker (fractions are fine, e.g. 0.5) or add nodes.")
+
+
+class ResourceWaitReporter:
+    """Say what a run waits for when its workers or trials cannot be placed.
+
+    A Train worker group or Tune trial whose resources the cluster cannot give waits
+    silently and forever (a 2-node request on 1 node, GPUs on a CPU cluster, CPUs held by
+    another job). This thread polls Ray's State API every ``every_s`` seconds; a placement
+    group or actor pending for more than ``after_s`` seconds is logged at WARNING with what
+    it asks for, beside what the cluster has free and in total — at most once per
+    ``every_s``. Used as a context manager around ``fit()``.
+    """
+
+    def __init__(self, *, after_s: float = 60.0, every_s: float = 60.0, logger: logging.Logger = log) -> None:
+        self.after_s, self.every_s, self.log = after_s, every_s, logger
+        self._first_seen: dict[str, float] = {}
+        self._last_report = -float("inf")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="instalign-resource-waits", daemon=True)
+        self.reports: list[str] = []
+
+    def __enter__(self) -> "ResourceWaitReporter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _pending(self) -> dict[str, str]:
+        """``{id: what it asks for}`` of pending placement groups and actors."""
+        from ray.util.state import list_actors, list_placement_groups
+
+        waiting = {}
+        for pg in list_placement_groups(filters=[("state", "=", "PENDING")], detail=True, raise_on_missing_output=False):
+            waiting[f"pg:{pg.placement_group_id}"] = (f"placement group {pg.name or pg.placement_group_id[:8]} "
+                                                      f"({pg.topology_strategy or ''} bundles {pg.bundles})")
+        for actor in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True,
+                                 raise_on_missing_output=False):
+            waiting[f"actor:{actor.actor_id}"] = f"actor {actor.class_name} ({actor.required_resources})"
+        return waiting
+
+    def check_once(self, now: Optional[float] = None) -> Optional[str]:
+        """One poll; returns (and logs) the report when something has waited too long."""
+        import ray
+
+        now = time.monotonic() if now is None else now
+        pending = self._pending()
+        self._first_seen = {k: self._first_seen.get(k, now) for k in pending}
+        late = {k: v for k, v in pending.items() if now - self._first_seen[k] >= self.after_s}
+        if not late or now - self._last_report < self.every_s:
+            return None
+        self._last_report = now
+        free = {k: round(v, 2) for k, v in ray.available_resources().items() if not k.startswith("node:")}
+        total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+        waited = max(now - self._first_seen[k] for k in late)
+        message = (f"waiting for resources for {waited:.0f} s: {'; '.join(sorted(late.values()))}. The cluster has "
+                   f"{free} free of {total} ({len(ray.nodes())} node(s)). Free resources, add nodes, or ask for less "
+                   f"(--num-workers, --cpus-per-worker, --gpus-per-worker).")
+        self.log.warning(message)
+        self.reports.append(message)
+        return message
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(10.0, self.after_s / 2, self.every_s)):
+            try:
+                self.check_once()
+            except Exception as e:  # the State API can be briefly unavailable; never break the run
+                self.log.debug("resource-wait check failed: %s", e)

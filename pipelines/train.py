@@ -592,7 +592,8 @@ def train(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: bool = F
             trial runs this function (rank 0's reports then become the trial's results).
     """
     from instalign.data.parquet import read_manifest
-    from pipelines.ray_utils import check_leaves_room_for_data, default_cpus_per_worker, init_ray
+    from pipelines.ray_utils import (ResourceWaitReporter, check_leaves_room_for_data, default_cpus_per_worker,
+                                     init_ray)
     from pipelines.tracking_mlflow import (MlflowTracker, log_checkpoint, log_run_inputs, resolve_tracking_uri,
                                            start_or_resume_run)
 
@@ -636,7 +637,8 @@ def train(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: bool = F
                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                 storage_path=storage, max_failures=max_failures, placement_strategy=placement_strategy,
                                 callbacks=callbacks)
-        result = trainer.fit()
+        with ResourceWaitReporter():  # a run that cannot be placed says what it waits for
+            result = trainer.fit()
         best, last = best_checkpoint(result), result.checkpoint
         tags = {"instalign.ray_run_path": result.path}
         if best is not None:

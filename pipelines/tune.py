@@ -484,7 +484,7 @@ def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple
     from ray import tune as ray_tune
 
     from instalign.data.parquet import read_manifest
-    from pipelines.ray_utils import init_ray
+    from pipelines.ray_utils import ResourceWaitReporter, init_ray
     from pipelines.tracking_mlflow import (MlflowTracker, ensure_experiment, find_run, resolve_tracking_uri,
                                            start_or_resume_run)
     from pipelines.train import DATA_ORDERS, count_samples
@@ -596,7 +596,8 @@ def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple
                     search_alg=build_search_alg(space, metric=metric, mode=mode, seed=seed,
                                                 max_concurrent=concurrency)),
                 run_config=ray_tune.RunConfig(name=name, storage_path=storage, verbose=1))
-        grid = tuner.fit()
+        with ResourceWaitReporter():  # trials that cannot be placed: say what they wait for
+            grid = tuner.fit()
         result = _finish(grid, parent=parent, space=space, base=base, metric=metric, mode=mode, n_train=n_train,
                          max_iterations=max_iterations, expected_trials=num_samples * space.grid_size(),
                          storage=storage, name=name, exp_path=exp_path, tracking_uri=tracking_uri,

@@ -1,0 +1,167 @@
+"""Which Ray cluster a verb uses, and whether strangers can use it.
+
+* A verb without ``--address`` starts a private cluster even when another one runs on the
+  machine (a plain ``ray.init()`` would join it and compete for its CPUs).
+* That private cluster keeps Ray's token authentication: its ports listen on every
+  interface (Ray 2.60 cannot bind them all to loopback), so the test lists every listening
+  socket of the cluster's processes and proves that a client without the token cannot
+  connect through a non-loopback one.
+* A run whose workers cannot be placed says what it waits for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Runs in a fresh interpreter with the user's environment (no test conveniences).
+PRIVATE_CLUSTER = textwrap.dedent("""
+    import json, logging, os, sys
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from pipelines.ray_utils import init_ray
+    init_ray()
+    import ray
+    ctx = ray.get_runtime_context()
+    print(json.dumps({"gcs_address": ctx.gcs_address, "pid": os.getpid(),
+                      "token": os.path.isfile(os.path.expanduser("~/.ray/auth_token"))}), flush=True)
+    sys.stdin.readline()  # hold the cluster until the test is done with it
+    ray.shutdown()
+""")
+
+TOKENLESS_CLIENT = textwrap.dedent("""
+    import sys, ray
+    @ray.remote
+    def f():
+        return "ran"
+    ray.init(address=sys.argv[1], logging_level="ERROR")
+    print(ray.get(f.remote(), timeout=30))
+""")
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == pid and p not in found]
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
+def _listening_sockets(pids: set[int]) -> list[tuple[str, int, int]]:
+    """``(address, port, pid)`` of every listening TCP socket the given processes hold (from /proc)."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:
+            continue
+    sockets = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            hex_addr, hex_port = local.split(":")
+            raw = bytes.fromhex(hex_addr)
+            if width == 8:
+                address = ".".join(str(b) for b in raw[::-1])
+            else:  # four little-endian 32-bit words
+                words = [raw[i:i + 4][::-1] for i in range(0, 16, 4)]
+                address = ":".join(b"".join(words)[i:i + 2].hex() for i in range(0, 16, 2))
+            sockets.append((address, int(hex_port, 16), inodes[inode]))
+    return sockets
+
+
+def _is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("0000:0000:0000:0000:0000:0000:0000:0001",)
+
+
+@pytest.mark.ray
+def test_private_cluster_is_new_and_keeps_token_authentication(ray_local, tmp_path):
+    """The session's test cluster (``ray_local``) runs on this machine; the verb must not join it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", PRIVATE_CLUSTER], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:]
+        info = json.loads(line)
+        assert info["gcs_address"] != ray_local.get_runtime_context().gcs_address  # a new cluster, not ours
+        assert info["token"]  # Ray generated the cluster's token in the user's home
+
+        sockets = _listening_sockets(_descendants(info["pid"]))
+        exposed = sorted({(a, p) for a, p, _ in sockets if not _is_loopback(a)})
+        gcs_port = int(info["gcs_address"].rsplit(":", 1)[1])
+        assert (("0.0.0.0", gcs_port) in exposed or any(p == gcs_port for _, p in exposed)), sockets
+        # Every exposed port belongs to a cluster that demands the token: a client without it
+        # (another home, authentication off on its side) cannot connect through the network address.
+        host_ip = info["gcs_address"].rsplit(":", 1)[0]
+        stranger = {k: v for k, v in env.items()}
+        stranger.update(HOME=str(tmp_path / "stranger"), RAY_AUTH_MODE="disabled")
+        attempt = subprocess.run([sys.executable, "-c", TOKENLESS_CLIENT, f"{host_ip}:{gcs_port}"], cwd=tmp_path,
+                                 env=stranger, capture_output=True, text=True, timeout=180)
+        assert "ran" not in attempt.stdout.split(), attempt.stdout
+        assert attempt.returncode != 0
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log = proc.stderr.read()
+    assert "starting a private local Ray cluster" in log
+
+
+@pytest.mark.ray
+def test_a_run_that_cannot_be_placed_says_what_it_waits_for(ray_local, caplog):
+    import logging
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipelines.ray_utils import ResourceWaitReporter
+
+    pg = placement_group([{"CPU": 64}], name="too-big")  # the test cluster has 2 CPUs
+    try:
+        reporter = ResourceWaitReporter(after_s=0.0, every_s=0.0)
+        with caplog.at_level(logging.WARNING, logger="pipelines.ray_utils"):
+            message = None
+            for _ in range(20):  # the State API may take a moment to list the new group
+                message = reporter.check_once()
+                if message:
+                    break
+                import time
+
+                time.sleep(0.5)
+        assert message and "too-big" in message and "'CPU': 64" in message and "free of" in message
+        assert message in caplog.text
+    finally:
+        remove_placement_group(pg)
