@@ -3,6 +3,14 @@
 Each verb lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 this file only routes, and imports a verb's module (and so Ray, MLflow, torch) when that
 verb runs, so ``instalign --help`` stays instant.
+
+Errors the user can act on — a bad file, a bad record, a wrong option — end as one message
+``instalign <verb>: <what is wrong>`` on stderr and exit status 1, whichever verb raised
+them: the project's own error classes (:data:`USER_ERRORS`) and the built-in ones that name a
+file or a value (``FileNotFoundError``, ``PermissionError``, ``ValueError`` …). ``--debug``
+(before or after the verb) shows the traceback instead. Anything else is a bug and keeps its
+traceback. Messages pass through :func:`pipelines.redaction.redact`: an error that quotes a
+URI never prints its credentials.
 """
 
 from __future__ import annotations
@@ -23,26 +31,89 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("pipelines.bench", "benchmarks: model, data, predict"),
 }
 
+#: The project's user-facing errors, as ``(module, class name)``. They are looked up in
+#: ``sys.modules`` only when an error is being reported, never imported: an exception of a
+#: class whose module was never imported cannot have been raised, and ``--help`` stays instant.
+USER_ERRORS: tuple[tuple[str, str], ...] = (
+    ("pipelines.prepare", "PrepareError"),
+    ("instalign.checkpoint", "CheckpointError"),
+    ("instalign.config", "ConfigError"),
+    ("pipelines.registry", "RegistryError"),
+    ("instalign.data.safe_pickle", "UnsafePickleError"),
+    ("instalign.modeling.backbone", "BackboneLoadError"),
+    ("instalign.modeling.text_encoder", "TextEncoderLoadError"),
+    ("pipelines.cluster_config", "ClusterConfigError"),
+    ("mlflow.exceptions", "MlflowException"),  # e.g. a registered model or alias that does not exist
+)
+#: Built-in errors that, raised out of a verb, describe the input (a path, a value), not a bug.
+BUILTIN_USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,
+                                                        NotADirectoryError, ValueError)
+
+DEBUG_HELP = "show the full traceback of an error instead of a one-line message"
+
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instalign", description="Generalized referring segmentation with InstAlign.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (module, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == verb:  # only the chosen verb's module is imported
             importlib.import_module(module).add_arguments(p)
+        # SUPPRESS: when absent after the verb, the value given before it (or False) stands.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user's error inside a Ray task error (``RayTaskError(ValueError)`` carries it as ``.cause``)."""
+    while any(c.__name__ == "RayTaskError" for c in type(exc).__mro__) and isinstance(
+            getattr(exc, "cause", None), BaseException):
+        exc = exc.cause
+    return exc
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """:data:`BUILTIN_USER_ERRORS` plus the :data:`USER_ERRORS` whose modules are loaded."""
+    found = []
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return BUILTIN_USER_ERRORS + tuple(found)
+
+
+def describe(exc: BaseException) -> str | None:
+    """The message to print for ``exc`` if it is a user-facing error, else ``None`` (a bug)."""
+    exc = _cause(exc)
+    if not isinstance(exc, user_error_types()):
+        return None
+    from pipelines.redaction import redact
+
+    return redact(str(exc).strip() or type(exc).__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verb = argv[0] if argv and argv[0] in VERBS else None
+    verb = argv[0] if argv and argv[0] in VERBS else next((a for a in argv if a in VERBS), None)
     args = build_parser(verb).parse_args(argv)
     if args.verb is None:
         build_parser().print_help()
         return 2
-    module = importlib.import_module(VERBS[args.verb][0])
-    return int(module.run(args) or 0)
+    try:
+        module = importlib.import_module(VERBS[args.verb][0])
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"instalign {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - re-raised below unless it is a user-facing error
+        message = None if args.debug else describe(exc)
+        if message is None:
+            raise
+        print(f"instalign {args.verb}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,12 +13,22 @@ manifest counts them. Driver-side checks: ``unknown_image`` (an annotation on an
 the annotation file does not list) and, from ``readers.reference_problems``,
 ``missing_image_record`` (a ref on such an image id), ``missing_annotation`` (a ref naming
 an annotation id that does not exist), ``annotation_image_mismatch`` (a ref naming an
-annotation of another image). Worker-side, per row inside a ``try``: ``missing_image``,
-``corrupt_image`` (undecodable or truncated), ``image_size_mismatch`` (file size differs
-from the annotation file, so the polygons would not line up), ``invalid_segmentation``,
-``invalid_target`` (a ref dropped because one of its annotations was invalid) and
-``unexpected_error``. Ray's ``max_errored_blocks`` is never used: it drops whole blocks
-with no count (PLATFORM-FACTS, Ray Data).
+annotation of another image); ``unsafe_split`` (a ref whose split name could not be a
+directory under ``--out``: ``../../escaped``) and ``path_escape`` (an image whose
+``file_name`` is absolute or climbs out of ``--root``). Worker-side, per row inside a
+``try``: ``missing_image``, ``not_regular_file`` (a FIFO, a device such as a link to
+``/dev/zero``, a directory — refused unread), ``image_too_large`` (over the byte cap, or a
+header claiming more pixels than the pixel cap: decompression bombs), ``corrupt_image``
+(undecodable or truncated), ``image_size_mismatch`` (file size differs from the annotation
+file, so the polygons would not line up), ``invalid_segmentation``, ``invalid_target`` (a
+ref dropped because one of its annotations was invalid) and ``unexpected_error``. Ray's
+``max_errored_blocks`` is never used: it drops whole blocks with no count (PLATFORM-FACTS,
+Ray Data).
+
+Release files are not trusted to steer paths (issue 11): split names must pass
+``readers.is_safe_split_name`` before they become directories, image paths must stay inside
+``--root`` (checked lexically: symlinked image folders keep working), and only regular
+files are read, up to ``max_image_bytes``; decoding is refused above ``max_image_pixels``.
 
 One execution: the UDF runs once and the result is ``materialize()``-d; the counts, the
 quarantine and the per-split Parquet writes then read those blocks. The materialised
@@ -32,6 +42,13 @@ Images are stored as the source bytes when the source is a JPEG that needs no re
 ``jpeg_quality``. ``image_max_side=0`` keeps the released size; the model's plain resize
 to 480×480 (ReLA) happens in the loader, so any stored size ≥ 480 loses nothing.
 ``_manifest.json`` is written last and atomically: no manifest ⇔ not a finished dataset.
+
+``overwrite`` never destroys before it builds: the new dataset is written to a hidden sibling
+(``.<name>.prepare-<hex>`` beside ``--out``) and swapped in only once its manifest is written;
+a prepare that fails (``--strict`` with a bad source, a crash, Ctrl-C) removes the sibling
+and leaves the old dataset as it was. Locally the swap is two renames; object stores have no
+rename, so there the old prefix is deleted and the new one copied in, manifest last. The
+manifest records the command line and the source root redacted (``pipelines.redaction``).
 """
 
 from __future__ import annotations
@@ -41,7 +58,7 @@ import datetime as _dt
 import json
 import logging
 import math
-import shlex
+import os
 import sys
 import time
 import uuid
@@ -53,13 +70,19 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from instalign.data.images import DEFAULT_MAX_IMAGE_BYTES
+from instalign.data.readers import is_safe_split_name, read_source, reference_problems
 from instalign.data.records import IMAGE_SCHEMA, MANIFEST_NAME, QUARANTINE_DIR, QUARANTINE_SCHEMA, SCHEMA_VERSION
-from instalign.data.readers import read_source, reference_problems
+from instalign.data.safe_pickle import UnsafePickleError
 from instalign.data.source import GRESSource
+from pipelines.redaction import command_line, redact
 
 log = logging.getLogger("instalign.prepare")
 
 DATASETS = ("grefcoco", "refzom", "refcoco", "refcoco+", "refcocog")
+#: Decoded-pixel cap per image: 50 M pixels (150 MB as RGB) is an 8K photograph; COCO's largest
+#: image has 0.4 M. A header claiming more is ``image_too_large`` before any pixel is decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 #: Columns the UDF adds to ``IMAGE_SCHEMA``; dropped before writing.
 _EXTRA = [
@@ -98,9 +121,15 @@ def quarantine_record(*, dataset: str, split: str = "", image_id: int = -1, ref_
 
 # --- driver side: read, check, group ------------------------------------------------------
 
-def plan_tasks(source: GRESSource, splits: list[str] | None = None
+def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_root: str | os.PathLike[str] | None = None
                ) -> tuple[list[dict], list[dict], dict[str, int], int]:
     """Check refs/annotations against each other and group samples per ``(image, split)``.
+
+    Args:
+        source: what a reader returned.
+        splits: only these splits (default: every split of the release with a safe name).
+        image_root: image paths must stay inside it (``path_escape`` otherwise); ``prepare_dataset``
+            passes ``--root``. ``None`` skips that check (for sources built in code, not read).
 
     Returns:
         tasks: one dict per (image, split) in ``TASK_SCHEMA`` form, only the target instances.
@@ -109,13 +138,23 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None
         dropped: samples (sentences) lost with the quarantined refs.
     """
     ds = source.dataset
-    available = source.splits()
+    for s in splits or ():
+        if not is_safe_split_name(s):
+            raise PrepareError(f"{ds}: split name {s!r:.80} is not a safe directory name (letters, digits, "
+                               f"'_', '.', '-'; not starting with '.'; at most 64 characters)")
+    records: list[dict] = []
+    unsafe = [r for r in source.refs if not is_safe_split_name(r.split)]
+    for ref in unsafe:  # whatever --splits says: no selection can name them, and the release is suspect
+        records.append(quarantine_record(
+            dataset=ds, image_id=ref.image_id, ref_id=ref.ref_id, reason="unsafe_split",
+            detail=f"ref {ref.ref_id}: split {ref.split!r:.80} is not a safe directory name (letters, digits, '_', "
+                   f"'.', '-'; not starting with '.'; at most 64 characters); drops {len(ref.sentences)} sample(s)"))
+    available = sorted({r.split for r in source.refs if is_safe_split_name(r.split)})
     if splits:
         unknown = sorted(set(splits) - set(available))
         if unknown:
             raise PrepareError(f"{ds}: split(s) {unknown} not in the release; available: {available}")
     wanted = set(splits or available)
-    records: list[dict] = []
     for ann in source.annotations.values():
         if ann.image_id not in source.images:
             records.append(quarantine_record(dataset=ds, image_id=ann.image_id, ann_id=ann.ann_id, reason="unknown_image",
@@ -132,7 +171,7 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None
         if split_of[key] in wanted:
             records.append(quarantine_record(dataset=ds, split=split_of[key], **p))
     groups: dict[tuple[int, str], dict] = {}
-    empty_refs, dropped = Counter(), 0
+    empty_refs, dropped = Counter(), sum(len(r.sentences) for r in unsafe)
     for ref in source.refs:
         if ref.split not in wanted:
             continue
@@ -154,9 +193,20 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None
         for s in ref.sentences:
             g["samples"].append(dict(ref_id=ref.ref_id, sent_id=s.sent_id, text=s.text, ann_ids=list(ref.ann_ids),
                                      no_target=not ref.ann_ids))
+    inside = None if image_root is None else os.path.join(os.path.abspath(image_root), "")
     tasks = []
     for key in sorted(groups):
         g = groups[key]
+        if inside is not None and not os.path.abspath(g["path"]).startswith(inside):
+            # Lexical (abspath normalises ``..``; symlinks are not resolved): an image folder
+            # linked into the root is fine, a file_name of "/etc/passwd" or "../../x" is not.
+            refs = {s["ref_id"] for s in g["samples"]}
+            dropped += len(g["samples"])
+            records.append(quarantine_record(
+                dataset=ds, split=g["split"], image_id=g["image_id"], reason="path_escape",
+                detail=f"image {g['image_id']}: its file {g['path']!r:.200} is outside --root {inside[:-1]!r:.200} "
+                       f"(an absolute or '..' file_name); drops {len(refs)} ref(s), {len(g['samples'])} sample(s)"))
+            continue
         g["instances"] = [g["instances"][a] for a in sorted(g["instances"])]
         g["samples"].sort(key=lambda s: (s["ref_id"], s["sent_id"]))
         tasks.append(g)
@@ -172,15 +222,6 @@ def _jsonable(obj: Any) -> Any:
 
 
 # --- worker side: one image row ------------------------------------------------------------
-
-def _read_bytes(path: str) -> bytes:
-    if "://" in path:
-        fs, p = pafs.FileSystem.from_uri(path)
-        with fs.open_input_stream(p) as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
 
 def _stored_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     if max_side <= 0 or max(width, height) <= max_side:
@@ -206,11 +247,14 @@ def _rasterise(segmentation: Any, *, height: int, width: int, out_h: int, out_w:
     return resize_rle(counts, (height, width), (out_h, out_w))
 
 
-def process_task(task: dict, *, dataset: str, image_max_side: int, jpeg_quality: int) -> tuple[dict, list[dict]]:
+def process_task(task: dict, *, dataset: str, image_max_side: int, jpeg_quality: int,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict, list[dict]]:
     """One task row → (image row with the ``_EXTRA`` columns, quarantine records)."""
     from PIL import Image
 
-    from instalign.data.images import CorruptImageError, decode_image, encode_jpeg, read_image_size
+    from instalign.data.images import (CorruptImageError, ImageTooLargeError, NotARegularFileError, decode_image,
+                                       encode_jpeg, read_image_size, read_regular_file)
 
     image_id, split, path = int(task["image_id"]), task["split"], task["path"]
     width, height = int(task["width"]), int(task["height"])
@@ -221,15 +265,22 @@ def process_task(task: dict, *, dataset: str, image_max_side: int, jpeg_quality:
                height=0, image=b"", instances=[], samples=[], _keep=False, _refs=0, _samples=0,
                _no_target_samples=0, _multi_target_samples=0, _dropped_samples=len(samples))
     try:
-        data = _read_bytes(path)
-    except (FileNotFoundError, IsADirectoryError, OSError) as e:
+        data = read_regular_file(path, max_bytes=max_image_bytes)  # no FIFO wait, no endless /dev/zero
+    except NotARegularFileError as e:
+        return row, [quarantine_record(**where, reason="not_regular_file", detail=f"image {image_id}: {e}; {lost}")]
+    except ImageTooLargeError as e:
+        return row, [quarantine_record(**where, reason="image_too_large", detail=f"image {image_id}: {e}; {lost}")]
+    except OSError as e:
         return row, [quarantine_record(**where, reason="missing_image", detail=f"image {image_id}: cannot read "
                                        f"{path}: {e}; {lost}")]
     out_w, out_h = _stored_size(width, height, image_max_side)
     try:
-        size = read_image_size(data, source=path)
+        size = read_image_size(data, source=path, max_pixels=max_image_pixels)  # bombs stop at the header
         # Full decode even when the bytes are kept: truncation must surface now, not in training.
-        img = decode_image(data, source=path, draft_size=(out_w, out_h) if (out_w, out_h) != size else None)
+        img = decode_image(data, source=path, draft_size=(out_w, out_h) if (out_w, out_h) != size else None,
+                           max_pixels=max_image_pixels)
+    except ImageTooLargeError as e:
+        return row, [quarantine_record(**where, reason="image_too_large", detail=f"image {image_id}: {e}; {lost}")]
     except CorruptImageError as e:
         return row, [quarantine_record(**where, reason="corrupt_image", detail=f"image {image_id}: {e}; {lost}")]
     if size != (width, height):
@@ -273,13 +324,13 @@ def process_task(task: dict, *, dataset: str, image_max_side: int, jpeg_quality:
     return row, records
 
 
-def process_batch(batch: pa.Table, *, dataset: str, image_max_side: int, jpeg_quality: int) -> pa.Table:
-    """Ray Data UDF: task rows → image rows; never raises for a bad row (quarantine instead)."""
+def process_batch(batch: pa.Table, *, dataset: str, **options: Any) -> pa.Table:
+    """Ray Data UDF: task rows → image rows; never raises for a bad row (quarantine instead).
+    ``options`` are :func:`process_task`'s keyword arguments."""
     rows = []
     for task in batch.to_pylist():
         try:
-            row, records = process_task(task, dataset=dataset, image_max_side=image_max_side,
-                                        jpeg_quality=jpeg_quality)
+            row, records = process_task(task, dataset=dataset, **options)
         except Exception as e:  # noqa: BLE001 - a bug must not kill a multi-hour job: quarantine and count it
             row = dict(image_id=task["image_id"], dataset=dataset, split=task["split"], orig_width=0, orig_height=0,
                        width=0, height=0, image=b"", instances=[], samples=[], _keep=False, _refs=0, _samples=0,
@@ -298,27 +349,73 @@ def resolve_output(out: str) -> tuple[pafs.FileSystem, str]:
     """A local path or a URI (s3://, gs://, file://) → (pyarrow filesystem, path in it)."""
     if "://" in str(out):
         return pafs.FileSystem.from_uri(str(out))
-    import os
-
     return pafs.LocalFileSystem(), os.path.abspath(str(out))
 
 
-def check_output(fs: pafs.FileSystem, path: str, *, overwrite: bool) -> None:
-    """Refuse to mix with an existing dataset unless ``overwrite`` (which clears it)."""
+def check_output(fs: pafs.FileSystem, path: str, *, overwrite: bool) -> bool:
+    """Refuse to mix with an existing dataset unless ``overwrite``.
+
+    Returns whether ``path`` holds something that a finished prepare must *replace*; nothing
+    is deleted here (``overwrite`` builds beside it, see :func:`replace_output`).
+    """
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        return
+        return False
     if info.type != pafs.FileType.Directory:
         raise PrepareError(f"output {path} exists and is not a directory")
     present = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     if not present:
-        return
+        return False
     if not overwrite:
         what = "a finished dataset (_manifest.json)" if any(p.base_name == MANIFEST_NAME for p in present) \
             else f"{len(present)} file(s) from an earlier (possibly interrupted) run"
         raise PrepareError(f"output {path} already holds {what}; pass --overwrite (overwrite=True) to replace it")
-    log.info("overwrite: clearing %s (%d entries)", path, len(present))
-    fs.delete_dir_contents(path)
+    return True
+
+
+def sibling_path(path: str, tag: str) -> str:
+    """``<parent>/.<name>.<tag>-<hex>``: a hidden neighbour of ``path`` on the same filesystem
+    (so that a local swap is a rename, never a copy across devices)."""
+    parent, _, name = path.rstrip("/").rpartition("/")
+    if not parent or not name:
+        raise PrepareError(f"output {path} has no parent to build a replacement beside; use a sub-directory")
+    return f"{parent}/.{name}.{tag}-{uuid.uuid4().hex[:12]}"
+
+
+def _copy_tree_manifest_last(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(src, recursive=True)) if i.type == pafs.FileType.File]
+    for f in sorted(files, key=lambda p: p.rsplit("/", 1)[-1] == MANIFEST_NAME):  # the manifest goes last
+        target = dst + f[len(src):]
+        fs.create_dir(target.rpartition("/")[0], recursive=True)
+        fs.copy_file(f, target)
+
+
+def replace_output(fs: pafs.FileSystem, built: str, path: str) -> None:
+    """Put the finished dataset at ``built`` in place of the old one at ``path``.
+
+    Local filesystems: rename the old one aside, rename the new one in (rolled back if that
+    fails), delete the old one. Object stores (no rename): delete the old prefix, copy the new
+    one in with the manifest last — an interruption there leaves ``path`` without a manifest
+    (an unfinished dataset, by definition) and the complete build at ``built``, which the
+    error names.
+    """
+    if fs.type_name == "local":
+        old = sibling_path(path, "replaced")
+        fs.move(path, old)
+        try:
+            fs.move(built, path)
+        except BaseException:
+            fs.move(old, path)
+            raise
+        fs.delete_dir(old)
+        return
+    fs.delete_dir(path)
+    try:
+        _copy_tree_manifest_last(fs, built, path)
+    except Exception as e:
+        raise PrepareError(f"replacing {path}: copying the new dataset in failed ({type(e).__name__}: {e}); the "
+                           f"complete new dataset is at {built}, the old one is gone") from e
+    fs.delete_dir(built)
 
 
 def write_manifest(fs: pafs.FileSystem, path: str, manifest: dict) -> None:
@@ -360,17 +457,27 @@ def _shard_names(split: str):
     return ShardNames(file_format="parquet")
 
 
-def _process(tasks: list[dict], *, dataset: str, image_max_side: int, jpeg_quality: int) -> tuple[Any, list[dict]]:
+def _task_table(tasks: list[dict], root: str) -> pa.Table:
+    """The tasks as Arrow, built on the driver *before* Ray starts: a value the schema cannot
+    hold is a one-line error here, not an ``OverflowError`` inside a running cluster."""
+    try:
+        return pa.Table.from_pylist(tasks, schema=TASK_SCHEMA)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
+        raise PrepareError(f"{redact(str(root))}: a record does not fit the dataset schema "
+                           f"({type(e).__name__}: {e})") from e
+
+
+def _process(tasks: pa.Table, *, dataset: str, **options: Any) -> tuple[Any, list[dict]]:
     """Run the UDF over every task, once; return the materialised rows and their side columns."""
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # ~4 blocks per CPU keeps every core busy and progress granular, ≤ 64 images per block.
-    per_block = max(1, min(64, math.ceil(len(tasks) / (4 * cpus))))
-    blocks = [pa.Table.from_pylist(tasks[i:i + per_block], schema=TASK_SCHEMA) for i in range(0, len(tasks), per_block)]
+    per_block = max(1, min(64, math.ceil(tasks.num_rows / (4 * cpus))))
+    blocks = [tasks.slice(i, per_block) for i in range(0, tasks.num_rows, per_block)]
     work = ray.data.from_arrow(blocks).map_batches(
         process_batch, batch_format="pyarrow", batch_size=per_block, num_cpus=1,
-        fn_kwargs=dict(dataset=dataset, image_max_side=image_max_side, jpeg_quality=jpeg_quality),
+        fn_kwargs=dict(dataset=dataset, **options),
     ).materialize()  # the one execution of the UDF (module docstring)
     side = work.select_columns(["split"] + [n for n, _ in _EXTRA]).to_arrow_refs()  # small: no image bytes
     return work, pa.concat_tables(ray.get(side)).to_pylist()
@@ -384,11 +491,13 @@ def _write_splits(work: Any, counts: dict[str, dict], *, fs: pafs.FileSystem, ou
 
     files: dict[str, list[str]] = {}
     for split, c in counts.items():
+        if not is_safe_split_name(split):  # plan_tasks admits none; this line is what keeps writes inside out
+            raise PrepareError(f"refusing to write split {split!r:.80}: not a safe directory name")
         files[split] = []
         if not c["images"]:
             continue
         split_dir = f"{out_path}/{split}"
-        log.info("writing %s: %d images, %d samples → %s", split, c["images"], c["samples"], split_dir)
+        log.info("writing %s: %d images, %d samples → %s", split, c["images"], c["samples"], redact(split_dir))
         (work.filter(expr=(col("split") == split) & col("_keep"))
              .drop_columns([n for n, _ in _EXTRA])
              .write_parquet(split_dir, filesystem=fs, min_rows_per_file=rows_per_shard,
@@ -401,44 +510,78 @@ def _write_splits(work: Any, counts: dict[str, dict], *, fs: pafs.FileSystem, ou
 def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 0, jpeg_quality: int = 90,
                     rows_per_shard: int = 256, splits: list[str] | None = None, strict: bool = False,
                     overwrite: bool = False, address: str | None = None, progress: bool = True,
-                    split_by: str | None = None) -> dict:
+                    split_by: str | None = None, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
     """Prepare ``dataset`` from ``root`` into sharded Parquet at ``out``; returns the manifest.
 
     Args:
         dataset: one of ``DATASETS``.
-        root: the release's directory (reader-specific layout, DESIGN §3).
+        root: the release's directory (reader-specific layout, DESIGN §3); images must lie inside it.
         out: output directory or URI; ``out/<split>/*.parquet``, ``out/_quarantine/``, ``out/_manifest.json``.
         image_max_side: shrink images whose long side exceeds this (0: keep the released size).
         jpeg_quality: quality of re-encoded JPEGs.
         rows_per_shard: minimum image rows per Parquet file (Ray's ``min_rows_per_file``).
         splits: only these splits (default: all in the release).
         strict: fail (before writing anything) if any record is quarantined.
-        overwrite: clear an existing output first instead of refusing.
+        overwrite: replace an existing output — built beside it, swapped in when complete.
         address: Ray cluster address (``auto``, ``ray://host:10001``); default: the running or a new local Ray.
         progress: Ray Data progress bars.
         split_by: the release's split scheme (gRefCOCO/RefCOCO/+: ``unc``, RefCOCOg: ``umd``; default: those).
+        max_image_bytes: image files larger than this are ``image_too_large``, unread.
+        max_image_pixels: images whose header claims more pixels are ``image_too_large``, undecoded.
     """
     if dataset not in DATASETS:
         raise PrepareError(f"unknown dataset {dataset!r}; choose from {list(DATASETS)}")
     if rows_per_shard < 1 or image_max_side < 0 or not 1 <= jpeg_quality <= 100:
         raise PrepareError("rows_per_shard must be >= 1, image_max_side >= 0, jpeg_quality in [1, 100]")
+    if max_image_bytes < 1 or max_image_pixels < 1:
+        raise PrepareError("max_image_bytes and max_image_pixels must be >= 1")
     t0 = time.time()
     fs, out_path = resolve_output(out)
-    check_output(fs, out_path, overwrite=overwrite)
+    replacing = check_output(fs, out_path, overwrite=overwrite)
 
     try:
         source = read_source(dataset, str(root), split_by=split_by)
-    except (OSError, ValueError) as e:  # SourceFormatError is a ValueError naming the file and record
-        raise PrepareError(f"cannot read {dataset} from {root}: {e}") from e
-    tasks, records, empty_refs, dropped = plan_tasks(source, splits)
+    except (OSError, ValueError, UnsafePickleError) as e:  # SourceFormatError/UnsafePickleError name file and record
+        raise PrepareError(f"cannot read {dataset} from {redact(str(root))}: {e}") from e
+    tasks, records, empty_refs, dropped = plan_tasks(source, splits, image_root=root)
     log.info("%s: %d refs, %d annotations, %d images read; %d image rows to process, %d record(s) quarantined "
              "while checking", dataset, len(source.refs), len(source.annotations), len(source.images), len(tasks),
              len(records))
     if strict and records:
-        raise PrepareError(f"--strict: {len(records)} bad record(s) in {root}:\n{_format_records(records)}")
+        raise PrepareError(f"--strict: {len(records)} bad record(s) in {redact(str(root))}:\n"
+                           f"{_format_records(records)}")
     if not tasks:
-        raise PrepareError(f"{dataset} at {root}: no sample to write (no ref with sentences in splits {splits})")
+        raise PrepareError(f"{dataset} at {redact(str(root))}: no sample to write (no ref with sentences in "
+                           f"splits {splits})")
+    task_table = _task_table(tasks, root)
 
+    build_path = sibling_path(out_path, "prepare") if replacing else out_path
+    if replacing:
+        log.info("overwrite: building the new dataset in %s; %s is replaced only once it is complete",
+                 redact(build_path), redact(out_path))
+    try:
+        manifest = _build(fs, build_path, task_table, records, empty_refs, dropped, source=source, root=root,
+                          dataset=dataset, splits=splits, strict=strict, split_by=split_by, address=address,
+                          progress=progress, image_max_side=image_max_side, jpeg_quality=jpeg_quality,
+                          rows_per_shard=rows_per_shard, max_image_bytes=max_image_bytes,
+                          max_image_pixels=max_image_pixels)
+    except BaseException:
+        if replacing and fs.get_file_info(build_path).type != pafs.FileType.NotFound:
+            fs.delete_dir(build_path)  # the old dataset was never touched
+        raise
+    if replacing:
+        replace_output(fs, build_path, out_path)
+    log.info("prepared %s in %.1fs: %s; quarantined %s", dataset, time.time() - t0,
+             {s: c["samples"] for s, c in manifest["counts"].items()}, manifest["quarantined"] or "nothing")
+    return manifest
+
+
+def _build(fs: pafs.FileSystem, out_path: str, task_table: pa.Table, records: list[dict], empty_refs: dict[str, int],
+           dropped: int, *, source: GRESSource, root: str, dataset: str, splits: list[str] | None, strict: bool,
+           split_by: str | None, address: str | None, progress: bool, image_max_side: int, jpeg_quality: int,
+           rows_per_shard: int, max_image_bytes: int, max_image_pixels: int) -> dict:
+    """Process on Ray Data and write the whole dataset at ``out_path``, manifest last."""
     from pipelines.ray_utils import init_ray
 
     init_ray(address)
@@ -449,13 +592,15 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
     if not progress:  # otherwise Ray's default: bars on a terminal, periodic log lines elsewhere
         ctx.enable_progress_bars = False
     try:
-        work, stats = _process(tasks, dataset=dataset, image_max_side=image_max_side, jpeg_quality=jpeg_quality)
+        work, stats = _process(task_table, dataset=dataset, image_max_side=image_max_side, jpeg_quality=jpeg_quality,
+                               max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)
         for row in stats:
             records.extend(json.loads(row["_quarantine"]))
         if strict and records:
-            raise PrepareError(f"--strict: {len(records)} bad record(s) in {root}:\n{_format_records(records)}")
+            raise PrepareError(f"--strict: {len(records)} bad record(s) in {redact(str(root))}:\n"
+                               f"{_format_records(records)}")
         counts: dict[str, dict[str, int]] = {}
-        for split in sorted(splits or source.splits()):
+        for split in sorted(splits or {r.split for r in source.refs if is_safe_split_name(r.split)}):
             mine = [r for r in stats if r["split"] == split and r["_keep"]]
             counts[split] = dict(images=len(mine), refs=sum(r["_refs"] for r in mine) + empty_refs.get(split, 0),
                                  samples=sum(r["_samples"] for r in mine),
@@ -467,8 +612,9 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
         ctx.enable_progress_bars = bars
 
     fs.create_dir(f"{out_path}/{QUARANTINE_DIR}", recursive=True)
+    written = [dict(r, detail=redact(r["detail"])) for r in records]  # details quote paths: nothing secret kept
     with fs.open_output_stream(f"{out_path}/{QUARANTINE_DIR}/quarantine.parquet") as f:
-        pq.write_table(pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA), f)
+        pq.write_table(pa.Table.from_pylist(written, schema=QUARANTINE_SCHEMA), f)
 
     from instalign import __version__ as version
 
@@ -480,16 +626,15 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
         files=files,
         quarantined=dict(sorted(Counter(r["reason"] for r in records).items())),
         quarantined_samples_dropped=dropped + int(sum(r["_dropped_samples"] for r in stats)),
-        source=dict(root=str(root), checksums=dict(source.checksums)),
+        source=dict(root=redact(str(root)), checksums=dict(source.checksums)),
         options=dict(image_max_side=image_max_side, jpeg_quality=jpeg_quality, rows_per_shard=rows_per_shard,
-                     splits=splits, strict=strict, split_by=split_by),
-        command=" ".join(shlex.quote(a) for a in sys.argv),
+                     splits=splits, strict=strict, split_by=split_by, max_image_bytes=max_image_bytes,
+                     max_image_pixels=max_image_pixels),
+        command=command_line(sys.argv),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         instalign_version=version,
     )
     write_manifest(fs, out_path, manifest)
-    log.info("prepared %s in %.1fs: %s; quarantined %s", dataset, time.time() - t0,
-             {s: c["samples"] for s, c in counts.items()}, manifest["quarantined"] or "nothing")
     return manifest
 
 
@@ -505,12 +650,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", default="", help="comma-separated splits (default: all)")
     parser.add_argument("--split-by", default=None, help="release split scheme (unc, umd, google; default per dataset)")
     parser.add_argument("--strict", action="store_true", help="fail if any record would be quarantined")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output (built beside it, swapped in only when complete)")
+    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                        help=f"larger image files are quarantined unread (default: {DEFAULT_MAX_IMAGE_BYTES})")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help=f"images claiming more pixels are quarantined undecoded (default: "
+                             f"{DEFAULT_MAX_IMAGE_PIXELS})")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     parser.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors are raised (``PrepareError`` & co.): ``pipelines.cli`` turns them into one line and exit 1."""
     # Our logger only: a root handler would also print Ray Data's DEBUG records (its loggers are set to DEBUG).
     if not log.handlers:
         handler = logging.StreamHandler()
@@ -518,17 +670,14 @@ def run(args: argparse.Namespace) -> int:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] or None
-    try:
-        manifest = prepare_dataset(dataset=args.dataset, root=args.root, out=args.out,
-                                   image_max_side=args.image_max_side, jpeg_quality=args.jpeg_quality,
-                                   rows_per_shard=args.rows_per_shard, splits=splits, strict=args.strict,
-                                   overwrite=args.overwrite, address=args.address, progress=not args.no_progress,
-                                   split_by=args.split_by)
-    except PrepareError as e:
-        print(f"instalign prepare: error: {e}", file=sys.stderr)
-        return 1
+    manifest = prepare_dataset(dataset=args.dataset, root=args.root, out=args.out,
+                               image_max_side=args.image_max_side, jpeg_quality=args.jpeg_quality,
+                               rows_per_shard=args.rows_per_shard, splits=splits, strict=args.strict,
+                               overwrite=args.overwrite, address=args.address, progress=not args.no_progress,
+                               split_by=args.split_by, max_image_bytes=args.max_image_bytes,
+                               max_image_pixels=args.max_image_pixels)
     for split, c in manifest["counts"].items():
         print(f"{split:>8}: {c['images']:>7} images {c['refs']:>7} refs {c['samples']:>7} samples "
               f"({c['no_target_samples']} no-target, {c['multi_target_samples']} multi-target)")
-    print(f"quarantined: {manifest['quarantined'] or 'nothing'} → {args.out}/{QUARANTINE_DIR}")
+    print(f"quarantined: {manifest['quarantined'] or 'nothing'} → {redact(str(args.out))}/{QUARANTINE_DIR}")
     return 0
