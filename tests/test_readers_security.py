@@ -108,3 +108,16 @@ def test_readers_keep_what_prepare_quarantines(tmp_path):
     src = read_grefcoco(tmp_path)
     assert "../../escaped" in src.splits()
     assert any(i.path == "/etc/passwd" for i in src.images.values())
+
+
+def test_deeply_nested_pickle_value_is_a_format_error(tmp_path):
+    """A pickle builds nesting without recursion; the error message must not recurse either."""
+    write_refzom(tmp_path)
+    depth = 200_000
+    nested = b"]" * depth + b"a" * (depth - 1)  # EMPTY_LIST ... APPEND: a list inside a list, 200 000 deep
+    payload = (b"\x80\x02]}(X\x06\x00\x00\x00ref_idK\x00X\x06\x00\x00\x00ann_id" + nested + b"ua.")
+    (tmp_path / "ref-zom" / "refs(final).p").write_bytes(payload)
+    with pytest.raises(SourceFormatError, match=r"ref #0 \(ref_id=0\): key 'ann_id' must be an int or a list of "
+                                                r"ints, got list \[\[\[\.\.\.\]\]\]") as err:
+        read_refzom(tmp_path)
+    assert len(str(err.value)) < 300

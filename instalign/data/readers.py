@@ -63,6 +63,7 @@ import json
 import logging
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,6 +97,17 @@ _INT_RANGE = {64: (-(1 << 63), (1 << 63) - 1), 32: (-(1 << 31), (1 << 31) - 1)}
 #: a list of RLE dicts) reach prepare's per-annotation quarantine; deeper is not a
 #: segmentation, and nesting thousands deep would only exhaust the recursion limit downstream.
 _SEGMENTATION_DEPTH = 2
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 2, 60, 60, 40
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = 6
+
+
+def _brief(value: Any) -> str:
+    """A short repr of a value from a release file, for messages: bounded in length and depth
+    (a plain ``repr`` of a list nested 100 000 deep, which a pickle can carry, recurses out)."""
+    return _BRIEF.repr(value)
 
 
 def is_safe_split_name(name: object) -> bool:
@@ -173,7 +185,7 @@ class _Record:
             raise self.fail(f"missing key '{key}'")
         value = self.raw[key]
         if not check(value):
-            raise self.fail(f"key '{key}' must be {expected}, got {type(value).__name__} {value!r:.60}")
+            raise self.fail(f"key '{key}' must be {expected}, got {type(value).__name__} {_brief(value)}")
         return value
 
     def integer(self, key: str, *, bits: int = 64, **kw: Any) -> int:
@@ -323,7 +335,7 @@ def _grefcoco_targets(disagree: list[int]) -> Callable[[_Record, list[int] | Non
             raise rec.fail("missing key 'ann_id'")
         flag = rec.get("no_target", lambda v: isinstance(v, bool), "a bool", default=None)
         if -1 in ann and ann != [-1]:
-            raise rec.fail(f"ann_id {ann} mixes -1 (no target) with annotation ids")
+            raise rec.fail(f"ann_id {_brief(ann)} mixes -1 (no target) with annotation ids")
         ids = () if ann == [-1] else tuple(ann)
         if not ids and ann != [-1]:
             raise rec.fail("ann_id is an empty list (no target is written [-1])")
@@ -337,13 +349,13 @@ def _refzom_targets(rec: _Record, ann: list[int] | None) -> tuple[int, ...]:
     if rec.string("source") == "zero":
         return ()
     if not ann or -1 in ann:
-        raise rec.fail(f"ann_id {ann!r} names no annotation but source is {rec.raw['source']!r}, not 'zero'")
+        raise rec.fail(f"ann_id {_brief(ann)} names no annotation but source is {_brief(rec.raw['source'])}, not 'zero'")
     return tuple(ann)
 
 
 def _refcoco_targets(rec: _Record, ann: list[int] | None) -> tuple[int, ...]:
     if not ann or -1 in ann:
-        raise rec.fail(f"ann_id {ann!r}: RefCOCO refs always have a target")
+        raise rec.fail(f"ann_id {_brief(ann)}: RefCOCO refs always have a target")
     return tuple(ann)
 
 
