@@ -4,6 +4,7 @@ and what the readers keep for prepare to quarantine (unsafe split names, escapin
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -121,3 +122,16 @@ def test_deeply_nested_pickle_value_is_a_format_error(tmp_path):
                                                 r"ints, got list \[\[\[\.\.\.\]\]\]") as err:
         read_refzom(tmp_path)
     assert len(str(err.value)) < 300
+
+
+def test_release_file_that_is_a_fifo_or_device_is_refused_unread(tmp_path):
+    write_grefcoco(tmp_path)
+    refs = tmp_path / "grefcoco" / "grefs(unc).json"
+    refs.unlink()
+    os.mkfifo(refs)  # json.load would wait for a writer forever
+    with pytest.raises(SourceFormatError, match=r"grefs\(unc\)\.json is not a regular file"):
+        read_grefcoco(tmp_path)
+    refs.unlink()
+    refs.symlink_to("/dev/zero")
+    with pytest.raises(SourceFormatError, match="not a regular file"):
+        read_grefcoco(tmp_path)

@@ -129,7 +129,9 @@ def _sha256(path: Path) -> str:
 
 
 def _require_file(path: Path, what: str, override: str) -> Path:
-    if not path.is_file():
+    if not path.is_file():  # follows symlinks: a link to /dev/zero or a FIFO is refused here, unread
+        if path.exists():
+            raise SourceFormatError(f"{what} {path} is not a regular file (a directory, FIFO or device)")
         raise FileNotFoundError(f"{what} not found: {path} (pass {override}= to point at it)")
     return path
 
