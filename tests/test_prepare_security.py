@@ -86,7 +86,8 @@ def test_hostile_release_is_quarantined_and_writes_only_under_out(ray_local, tmp
     assert unsafe["ref_id"] == release["victim"]["ref_id"] and "'../../escaped'" in unsafe["detail"]
 
     # Nothing escaped: every file is under out, and out holds only split folders, quarantine, manifest.
-    assert not (tmp_path / "escaped").exists() and not (out.parent / "escaped").exists()
+    assert not (tmp_path / "deep" / "escaped").exists()  # where out/../../escaped would have gone
+    assert all(out in p.parents for p in (tmp_path / "deep").rglob("*") if not p.is_dir())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["deep", "outside", release["root"].name])
     assert {p.name for p in out.iterdir()} <= {"train", "val", "testA", "testB", QUARANTINE_DIR, MANIFEST_NAME}
     stored = {r["image_id"] for s in manifest["files"] for n in manifest["files"][s]
