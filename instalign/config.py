@@ -8,8 +8,8 @@ into keyword arguments there: no ``nn.Module`` ever receives a config object.
 
 Two presets:
 
-* ``paper`` — the paper's model (§3, §4.1): Swin-B ``swin_base_patch4_window12_384`` at
-  480×480, RoBERTa-base, C=256, N=100 queries, K=9 Phrase-Object Transformer blocks, a
+* ``paper`` — the paper's model (§3, §4.1): Swin-B ``swin_base_patch4_window12_384`` with
+  its ImageNet-22k weights (timm tag ``ms_in22k``, as Mask2Former and ReLA) at 480×480, RoBERTa-base, C=256, N=100 queries, K=9 Phrase-Object Transformer blocks, a
   6-layer deformable pixel decoder and the loss weights of eq. 13 and eq. 5–7.
 * ``tiny`` — the same architecture at toy width for tests and the quickstart: a
   one-block-per-stage Swin at 128×128 and a 2-layer RoBERTa, random init, CPU-fast.
@@ -29,7 +29,7 @@ import yaml
 InstanceSupervision = Literal["phrase_aligned", "vanilla", "none"]
 Aggregation = Literal["aia", "aia_no_prelu", "fixed_threshold"]
 NoTargetInput = Literal["concat", "q_global", "t_sen", "mean_queries"]
-Decoder = Literal["pot", "mask2former"]
+Decoder = Literal["pot", "mask2former", "rela"]
 Precision = Literal["auto", "bf16", "fp32"]
 
 #: Reserved text-encoder name: a 2-layer RoBERTa with a byte-level BPE tokenizer that
@@ -59,7 +59,10 @@ def _check_literal(obj: Any, name: str) -> None:
 class BackboneConfig:
     """Visual encoder (paper §3.1): any timm model that supports ``features_only``."""
 
-    name: str = "swin_base_patch4_window12_384"
+    #: A timm name, optionally with a pretrained tag after a dot. The paper (like Mask2Former
+    #: and ReLA) starts from Swin-B's ImageNet-22k weights: the tag ``ms_in22k``. Without a tag
+    #: timm would pick its default, ``ms_in22k_ft_in1k`` (fine-tuned on ImageNet-1k).
+    name: str = "swin_base_patch4_window12_384.ms_in22k"
     #: True: the timm hub weights; a path: a local weights file (.safetensors/.pth); False: random init.
     pretrained: Union[bool, str] = True
     #: Feature levels to take; the pixel decoder reads channels/strides from timm's ``feature_info``.
@@ -127,6 +130,8 @@ class ModelConfig:
     #: τ for ``aggregation=fixed_threshold``: instances with p̂ > τ are unioned.
     score_threshold: float = 0.5
     no_target_input: NoTargetInput = "concat"
+    #: ``pot`` (the paper's blocks), ``mask2former`` (no text anywhere in the decoder) or
+    #: ``rela`` (ReLA's region-language cross-attention in place of the object–text step).
     decoder: Decoder = "pot"
 
     def __post_init__(self) -> None:
@@ -146,6 +151,10 @@ class LossConfig:
     merged_weight: float = 5.0  # λ_merged (eq. 13)
     inst_weight: float = 1.0  # λ_inst (eq. 13)
     nt_weight: float = 0.1  # λ_nt (eq. 13)
+    #: Weight of the no-target (positive) samples in the no-target BCE. The paper is silent on
+    #: class balance; 1 is the plain BCE. ``(1 - share) / share`` for a train split whose
+    #: no-target share is ``share`` balances the classes (the quickstart sets it that way).
+    nt_pos_weight: float = 1.0
     score_weight: float = 2.0  # λ_score (eqs. 5, 7)
     mask_weight: float = 5.0  # λ_mask, on BCE + dice (eqs. 5, 7)
     phrase_weight: float = 1.0  # λ_phrase (eqs. 3, 5, 7)
@@ -159,6 +168,7 @@ class LossConfig:
         _check_literal(self, "instance_supervision")
         for name in ("merged_weight", "inst_weight", "nt_weight", "score_weight", "mask_weight", "phrase_weight"):
             _check(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
+        _check(self.nt_pos_weight > 0, "loss.nt_pos_weight must be > 0")
         _check(self.num_points >= 1, "loss.num_points must be >= 1")
         _check(self.oversample_ratio >= 1.0, "loss.oversample_ratio must be >= 1")
         _check(0.0 <= self.importance_sample_ratio <= 1.0, "loss.importance_sample_ratio must be in [0, 1]")
@@ -193,8 +203,13 @@ class TrainConfig:
     weight_decay: float = 0.05
     backbone_lr_mult: float = 0.1  # Mask2Former's backbone multiplier
     text_encoder_lr_mult: float = 0.1  # as the backbone: both are pretrained encoders
-    #: Full-model gradient-norm clip (Mask2Former's 0.01 is for its own loss scale; 0 = off).
-    grad_clip: float = 1.0
+    #: Full-model gradient-norm clip (0 = off). The paper is silent; Mask2Former (and ReLA, built
+    #: on it) clip the full model's gradient norm at 0.01 with AdamW (``CLIP_TYPE: full_model``,
+    #: ``CLIP_VALUE: 0.01``), so the paper preset does too. Under AdamW a clip that fires on
+    #: every step only re-weights steps against each other (Adam divides out the global
+    #: scale); the engine logs the pre-clip norm (``grad_norm``) and the share of clipped
+    #: steps (``grad_clipped``) so a user sees it.
+    grad_clip: float = 0.01
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     seed: int = 0
     log_every_steps: int = 10
@@ -208,6 +223,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr must be > 0 and 0 <= train.min_lr <= train.lr")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off)")
 
 
 @dataclass

@@ -18,14 +18,14 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from instalign.data.batch import Batch
 from instalign.data.transforms import GRESTransform
-from instalign.metrics import GRESMetrics
+from instalign.metrics import GRESMetrics, NoTargetScores
 from instalign.modeling.outputs import BlockPrediction, InstAlignOutput
 
 __all__ = ["resolve_precision", "autocast", "train_one_epoch", "postprocess", "evaluate", "forward_batch"]
@@ -120,7 +120,10 @@ def train_one_epoch(
         grad_clip: max global gradient norm (0 = no clipping; the norm is still reported).
         report: called as ``report(metrics, step)`` every ``log_every`` steps and once at the
             end of the epoch for a partial window; metrics are the window means of the
-            loss terms plus ``lr``, ``grad_norm`` and ``samples_per_s``.
+            loss terms plus ``lr``, ``grad_norm`` (the global norm *before* clipping),
+            ``grad_clipped`` (the share of the window's steps whose norm exceeded
+            ``grad_clip``: 1.0 means every step was clipped; 0 without clipping) and
+            ``samples_per_s``.
         step: the global optimizer step before this epoch.
         max_steps: stop once the global step reaches it (0 = no cap).
 
@@ -161,11 +164,12 @@ def train_one_epoch(
             raise KeyError(f"criterion returned {sorted(losses)}: the weighted total 'loss' is missing")
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        # Both return the global norm as a device tensor: no sync here.
+        # Both return the global norm before clipping as a device tensor: no sync here.
         if grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        clipped = (grad_norm.detach() > grad_clip).float() if grad_clip > 0 else torch.zeros((), device=device)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -174,7 +178,8 @@ def train_one_epoch(
             if isinstance(value, Tensor) and value.numel() == 1:
                 value = value.detach().float()
                 window[name] = window[name] + value if name in window else value
-        window["grad_norm"] = window["grad_norm"] + grad_norm.detach() if "grad_norm" in window else grad_norm.detach()
+        for name, value in (("grad_norm", grad_norm.detach()), ("grad_clipped", clipped)):
+            window[name] = window[name] + value if name in window else value
         window_steps += 1
         window_samples += len(batch)
         if step % log_every == 0:
@@ -212,7 +217,7 @@ def postprocess(outputs: InstAlignOutput, size: Union[int, tuple[int, int]]) -> 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[Batch], *, device: Union[torch.device, str], precision: str,
-             metrics: Any = None) -> Any:
+             metrics: Any = None, scores: Optional[NoTargetScores] = None) -> Any:
     """gRefCOCO metrics (DESIGN §4, ReLA semantics) of ``model`` over ``batches``.
 
     Predictions are post-processed at each batch's resolution S (480 for the paper) and
@@ -221,6 +226,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], *, device: Union[torch.
     Args:
         metrics: an accumulator to update (e.g. a ``RefZOMMetrics``); a fresh
             ``GRESMetrics`` when ``None``.
+        scores: also add every sample's p̂_nt to this ``NoTargetScores`` (the head's AUROC).
 
     Returns:
         The accumulator (plain sums: ``merge`` it across workers, then ``compute()``).
@@ -234,8 +240,10 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], *, device: Union[torch.
         for batch in batches:
             batch = batch.to(device, non_blocking=True)
             outputs = forward_batch(model, batch, device=device, precision=precision)
-            masks, no_target, _, _ = postprocess(outputs, tuple(batch.union_masks.shape[-2:]))
+            masks, no_target, _, no_target_prob = postprocess(outputs, tuple(batch.union_masks.shape[-2:]))
             metrics.update(masks, no_target, batch.union_masks, batch.no_target)
+            if scores is not None:
+                scores.update(no_target_prob, batch.no_target)
     finally:
         model.train(was_training)
     return metrics

@@ -38,11 +38,23 @@ def test_presets_build_and_differ():
     assert (p.model.image_size, p.model.hidden_dim, p.model.num_queries, p.model.num_blocks) == (480, 256, 100, 9)
     assert (p.loss.merged_weight, p.loss.inst_weight, p.loss.nt_weight) == (5.0, 1.0, 0.1)
     assert (p.loss.score_weight, p.loss.mask_weight, p.loss.phrase_weight) == (2.0, 5.0, 1.0)
-    assert p.model.backbone.name == "swin_base_patch4_window12_384" and p.model.text_encoder.name == "roberta-base"
+    # ImageNet-22k Swin-B (the tag; without it timm picks the 1k fine-tune), RoBERTa-base.
+    assert p.model.backbone.name == "swin_base_patch4_window12_384.ms_in22k" and p.model.text_encoder.name == "roberta-base"
     assert (p.train.lr, p.train.min_lr, p.train.epochs, p.train.batch_size) == (1e-4, 1e-6, 20, 32)
+    # Where the paper is silent: Mask2Former's full-model clip at 0.01; plain no-target BCE, 0.5 threshold.
+    assert p.train.grad_clip == 0.01 and p.loss.nt_pos_weight == 1.0 and p.model.decoder == "pot"
     assert t.model.text_encoder.name == TINY_TEXT_ENCODER and t.model.backbone.pretrained is False
     assert t.model.image_size < p.model.image_size
     assert load_config("tiny") == t and load_config(None) == p
+
+
+def test_table3_decoder_rows_and_no_target_balance_validate():
+    assert load_config("tiny", ["model.decoder=rela"]).model.decoder == "rela"
+    assert load_config("tiny", ["loss.nt_pos_weight=4.2"]).loss.nt_pos_weight == 4.2
+    with pytest.raises(ConfigError, match="nt_pos_weight"):
+        load_config("tiny", ["loss.nt_pos_weight=-1"])
+    with pytest.raises(ConfigError, match="grad_clip"):
+        load_config("tiny", ["train.grad_clip=-0.1"])
 
 
 def test_dotted_overrides_apply_and_coerce():
@@ -94,7 +106,7 @@ def test_unknown_yaml_key_is_named(tmp_path):
     ("model.aggregation=mean", ["aia", "aia_no_prelu", "fixed_threshold"]),
     ("loss.instance_supervision=hungarian", ["phrase_aligned", "vanilla", "none"]),
     ("model.no_target_input=pooled", ["concat", "q_global", "t_sen", "mean_queries"]),
-    ("model.decoder=detr", ["pot", "mask2former"]),
+    ("model.decoder=detr", ["pot", "mask2former", "rela"]),
     ("train.precision=fp16", ["auto", "bf16", "fp32"]),
 ])
 def test_bad_literal_names_allowed_values(override, allowed):

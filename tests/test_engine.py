@@ -97,6 +97,30 @@ def test_train_one_epoch_reduces_loss_and_reports(parts):
     assert step == 14 and reports[-1][0] == 14  # partial window flushed at epoch end
 
 
+def test_grad_norm_is_reported_before_clipping_with_the_clipped_share(parts):
+    """``grad_norm`` is the norm the clip saw (not the clipped one); ``grad_clipped`` the share of clipped steps."""
+    import copy
+
+    cfg, transform = parts
+    model = _model(cfg)
+    criterion = build_criterion(cfg.loss)
+    batch = scene_batch(transform, 1)
+    twin = copy.deepcopy(model)
+    torch.manual_seed(123)  # the criterion's point sampling draws random numbers: same draw twice
+    criterion(twin(batch.images, batch.input_ids, batch.attention_mask), batch)["loss"].backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in twin.parameters() if p.grad is not None]).item()
+    for clip, share in ((1e-6, 1.0), (1e9, 0.0), (0.0, 0.0)):
+        m = copy.deepcopy(model)
+        optimizer = build_optimizer(m, lr=1e-4, weight_decay=0.0, backbone_lr_mult=1.0, text_encoder_lr_mult=1.0)
+        reports = []
+        torch.manual_seed(123)
+        train_one_epoch(m, criterion, optimizer, None, [batch], device="cpu", precision="fp32", grad_clip=clip,
+                        report=lambda metrics, s: reports.append(metrics), log_every=1)
+        (metrics,) = reports
+        assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-4), clip
+        assert metrics["grad_clipped"] == share, clip
+
+
 def test_max_steps_stops_early(parts):
     cfg, transform = parts
     model = _model(cfg)

@@ -105,7 +105,8 @@ def perfect_case():
 def test_perfect_predictions_give_near_zero_losses():
     out, batch = perfect_case()
     losses = criterion()(out, batch)
-    for name in ("loss", "loss_merged", "loss_nt", "loss_inst", "loss_score", "loss_mask", "loss_dice", "loss_phrase"):
+    for name in ("loss", "loss_merged", "loss_nt", "loss_inst", "loss_score", "loss_unmatched", "loss_mask",
+                 "loss_dice", "loss_phrase"):
         assert losses[name].item() < 1e-3, name
     swapped = [torch.zeros(0, S, S, dtype=torch.bool), torch.ones(1, S, S, dtype=torch.bool)]
     wrong = criterion()(out, make_batch(swapped))
@@ -135,9 +136,10 @@ def test_no_target_batch_has_no_mask_terms_but_still_gradients():
     batch = make_batch([torch.zeros(0, S, S, dtype=torch.bool)] * 2)
     losses = criterion()(out, batch)
     assert losses["loss_mask"] == 0 and losses["loss_dice"] == 0 and losses["loss_phrase"] == 0
-    # Every query is unmatched: the score term is BCE against 0 averaged over B·N queries.
-    expected = F.binary_cross_entropy_with_logits(out.final.score_logits, torch.zeros(2, 4))
-    assert losses["loss_score"].item() == pytest.approx(expected.item())
+    # Every query is unmatched: BCE against 0 summed over all B·N queries, divided by max(0 instances, 1).
+    expected = F.binary_cross_entropy_with_logits(out.final.score_logits, torch.zeros(2, 4), reduction="sum")
+    assert losses["loss_unmatched"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses["loss_score"] == 0
     losses["loss"].backward()
     for t in (out.final.mask_logits, out.final.phrase_loss, out.aux[0].mask_logits):
         assert t.grad is not None and t.grad.abs().sum() == 0  # connected, zero
@@ -152,7 +154,7 @@ def test_total_is_eq13_and_gradients_reach_every_input():
     total = 5.0 * losses["loss_merged"] + 1.0 * losses["loss_inst"] + 0.1 * losses["loss_nt"]
     assert losses["loss"].item() == pytest.approx(total.item(), rel=1e-6)
     assert losses["loss"].requires_grad and not losses["loss_inst"].requires_grad
-    final = (2.0 * losses["loss_score"] + 5.0 * (losses["loss_mask"] + losses["loss_dice"])
+    final = (2.0 * losses["loss_score"] + losses["loss_unmatched"] + 5.0 * (losses["loss_mask"] + losses["loss_dice"])
              + 1.0 * losses["loss_phrase"])
     assert losses["loss_inst_2"].item() == pytest.approx(final.item(), rel=1e-6)  # final block is last
     losses["loss"].backward()
@@ -177,7 +179,8 @@ def test_vanilla_has_no_phrase_term_and_no_phrase_cost():
     losses = crit(out, make_batch(random_instances([2, 1])))
     assert "loss_phrase" not in losses and "loss_inst" in losses
     assert losses["loss_inst_1"].item() == pytest.approx(
-        (2.0 * losses["loss_score"] + 5.0 * (losses["loss_mask"] + losses["loss_dice"])).item(), rel=1e-6)
+        (2.0 * losses["loss_score"] + losses["loss_unmatched"]
+         + 5.0 * (losses["loss_mask"] + losses["loss_dice"])).item(), rel=1e-6)
     losses["loss"].backward()
     assert out.final.phrase_loss.grad is None
     with pytest.raises(ValueError, match="matches without the phrase cost"):
@@ -201,6 +204,68 @@ def test_deep_supervision_adds_one_term_per_block():
     assert out.aux[0].mask_logits.grad is None and out.final.mask_logits.grad is not None
 
 
+# --- eq. 7 and eq. 13 by hand ----------------------------------------------------------------
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@pytest.mark.parametrize("nt_pos_weight", [1.0, 3.0])
+def test_every_term_against_a_hand_computation(nt_pos_weight):
+    """Sample 0: one full-image instance; sample 1: no target; N = 3 queries of constant masks.
+
+    With constant logits every point-sampled value is known, so each term of eqs. 7, 9, 13 can be
+    written out: query 1 of sample 0 is the cheapest match (best score, mask and phrase); the
+    other 2 + 3 queries are unmatched.
+    """
+    h, n, p = S // 4, 3, 64
+    scores = [[-1.0, 2.0, 0.5], [-2.0, 0.3, -0.7]]
+    masks = [[-1.5, 3.0, 0.2], [0.4, -0.6, 1.1]]
+    phrase = [[0.9, 0.1, 0.6], [0.5, 0.4, 0.3]]
+    merged, nt = [1.2, -0.8], [-0.4, 0.9]
+    out = InstAlignOutput(
+        final=block(torch.tensor(masks)[:, :, None, None].expand(2, n, h, h), torch.tensor(scores),
+                    torch.tensor(phrase)),
+        merged_logits=leaf(torch.tensor(merged)[:, None, None].expand(2, h, h)),
+        no_target_logits=leaf(torch.tensor(nt)), text_mask=torch.ones(2, L, dtype=torch.bool))
+    batch = make_batch([torch.ones(1, S, S, dtype=torch.bool), torch.zeros(0, S, S, dtype=torch.bool)])
+    crit = criterion(num_points=p, deep_supervision=False, nt_pos_weight=nt_pos_weight)
+    losses = crit(out, batch)
+
+    num_masks = 1  # one GT instance in the batch (one worker)
+    c = masks[0][1]
+    score = softplus(-scores[0][1]) / num_masks  # λ_score's term: matched query, BCE(p̂, 1)
+    unmatched = (softplus(scores[0][0]) + softplus(scores[0][2]) + sum(softplus(x) for x in scores[1])) / num_masks
+    mask = softplus(-c) / num_masks  # BCE against 1 at every point
+    dice = (1 - (2 * p * sigmoid(c) + 1) / (p * sigmoid(c) + p + 1)) / num_masks
+    phrase_term = phrase[0][1] / num_masks
+    inst = 2.0 * score + 1.0 * unmatched + 5.0 * (mask + dice) + 1.0 * phrase_term  # eq. 7
+    area = S * S
+    merged_bce = (softplus(-merged[0]) + softplus(merged[1])) / 2  # full target, empty target
+    merged_dice = ((1 - (2 * area * sigmoid(merged[0]) + 1) / (area * sigmoid(merged[0]) + area + 1))
+                   + (1 - 1 / (area * sigmoid(merged[1]) + 1))) / 2
+    loss_nt = (softplus(nt[0]) + nt_pos_weight * softplus(-nt[1])) / 2  # sample 1 is the positive
+    total = 5.0 * (merged_bce + merged_dice) + 1.0 * inst + 0.1 * loss_nt  # eq. 13
+
+    expected = {"loss_score": score, "loss_unmatched": unmatched, "loss_mask": mask, "loss_dice": dice,
+                "loss_phrase": phrase_term, "loss_inst": inst, "loss_merged": merged_bce + merged_dice,
+                "loss_nt": loss_nt, "loss": total}
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
+    assert 1.0 * unmatched > 2.0 * score  # the unweighted unmatched sum is what eq. 7 makes dominant here
+
+
+def test_nt_pos_weight_must_be_positive():
+    from instalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="nt_pos_weight"):
+        LossConfig(nt_pos_weight=0.0)
+
+
 # --- normalisation ------------------------------------------------------------------------
 
 def constant_case(n: int, counts: list[int], logit: float):
@@ -222,9 +287,10 @@ def test_mask_terms_are_normalised_by_the_number_of_instances():
     dice = 1 - (2 * p * prob + 1) / (p * prob + p + 1)
     assert losses["loss_dice"].item() == pytest.approx(pairs * dice / num_masks, rel=1e-5)
     assert losses["loss_phrase"].item() == pytest.approx(pairs * 0.25 / num_masks, rel=1e-6)
-    # Score: BCE(-3, 1) for the 3 matched queries, BCE(-3, 0) for the 1 unmatched, mean over B·N = 4.
-    score = (3 * math.log1p(math.exp(3.0)) + 1 * math.log1p(math.exp(-3.0))) / 4
-    assert losses["loss_score"].item() == pytest.approx(score, rel=1e-6)
+    # Scores: BCE(-3, 1) for the 3 matched queries, BCE(-3, 0) for the 1 unmatched, each summed and
+    # divided by the same 4 instances (eq. 7's ratio between its terms).
+    assert losses["loss_score"].item() == pytest.approx(3 * math.log1p(math.exp(3.0)) / num_masks, rel=1e-6)
+    assert losses["loss_unmatched"].item() == pytest.approx(1 * math.log1p(math.exp(-3.0)) / num_masks, rel=1e-6)
 
 
 def _distributed_worker(rank: int, world: int, init_file: str, result_dir: str) -> None:

@@ -8,25 +8,37 @@ MLflow metric names and tunable weights:
   sample's instances. Both terms are means over the batch, so a no-target sample (empty
   union) is pushed toward an empty merged mask; the +1 smoothing of the dice makes
   empty-vs-empty ~0.
-* ``loss_nt`` — BCE of the no-target logit p̂_nt (eqs. 10–12) against the label.
-* ``loss_inst`` — eq. 7, after Hungarian matching (eqs. 5–6, :mod:`.matcher`):
-  ``λ_score·loss_score + λ_mask·(loss_mask + loss_dice) + λ_phrase·loss_phrase``.
+* ``loss_nt`` — BCE of the no-target logit p̂_nt (eqs. 10–12) against the label, a mean
+  over the batch. ``nt_pos_weight`` weighs the positive (no-target) samples: 1 is the
+  paper's plain BCE; ``(1 − share) / share`` for a split whose no-target share is
+  ``share`` balances the two classes (the paper is silent on class balance; see README).
+* ``loss_inst`` — eq. 7, after Hungarian matching (eqs. 5–6, :mod:`.matcher`)::
 
-  - ``loss_score``: BCE of every query's relevance logit against 1 (matched) or 0
-    (unmatched). **Normalisation:** a mean over all B·N queries of the worker's batch —
-    Mask2Former's classification term is likewise a mean over queries. The paper gives
-    no re-weighting of unmatched queries, so none is applied (no ``eos_coef``).
-  - ``loss_mask`` / ``loss_dice``: point-wise BCE (mean over the points) and smoothed
-    dice of each matched pair on importance-sampled points (Mask2Former), summed over
-    pairs and divided by ``num_masks``: the number of ground-truth instances averaged
-    across workers (``all_reduce`` when ``torch.distributed`` is initialised), at least 1.
-  - ``loss_phrase``: ``L_phrase(i) = 1 − cos(P^i, Q^i)`` (eq. 3) of the matched queries,
-    summed and divided by ``num_masks`` like the mask terms (it is a per-instance term).
+      L_inst = Σ_matched [λ_score·BCE(p̂_i, 1) + λ_mask·(BCE + dice)(ŝ_i, s_j) + λ_phrase·L_phrase(i)]
+             + Σ_unmatched BCE(p̂_i, 0)
+
+  **Normalisation across the batch and the workers.** Every sum runs over all queries of
+  all samples of the worker's batch and is divided by ``num_masks``: the number of
+  ground-truth instances in the worker's batch, averaged across workers (an
+  ``all_reduce`` when ``torch.distributed`` is initialised) and clamped to ≥ 1
+  (Mask2Former's normaliser). One divisor for every term keeps the ratio eq. 7 writes
+  between them; averaging it across workers makes the gradient independent of how
+  instances fall among workers (DDP then averages the workers' gradients).
+  λ_score weighs only the matched score term; the unmatched term has weight 1, as eq. 7
+  writes (no ``eos_coef``-style down-weighting: the paper gives none).
+
+  Logged, unweighted, each already divided by ``num_masks``:
+
+  - ``loss_score``: Σ over matched queries of BCE(p̂_i, 1);
+  - ``loss_unmatched``: Σ over unmatched queries of BCE(p̂_i, 0);
+  - ``loss_mask`` / ``loss_dice``: point-wise BCE (mean over the points) and smoothed dice
+    of each matched pair on importance-sampled points (Mask2Former);
+  - ``loss_phrase``: ``L_phrase(i) = 1 − cos(P^i, Q^i)`` (eq. 3) of the matched queries.
 
   With deep supervision every auxiliary block is matched again and adds its own eq. 7
   loss with equal weight; ``loss_inst`` is the sum and ``loss_inst_<k>`` the term of
-  block k (0-based, the final block last). ``loss_score``/``loss_mask``/``loss_dice``/
-  ``loss_phrase`` report the final block's unweighted terms.
+  block k (0-based, the final block last). ``loss_score``/``loss_unmatched``/``loss_mask``/
+  ``loss_dice``/``loss_phrase`` report the final block's terms.
 * ``loss`` — eq. 13: ``λ_merged·L_merged + λ_inst·L_inst + λ_nt·L_nt``, the only entry
   that carries gradient; the others are detached copies for logging.
 
@@ -97,6 +109,7 @@ class Criterion(nn.Module):
         merged_weight: λ_merged of eq. 13.
         inst_weight: λ_inst of eq. 13.
         nt_weight: λ_nt of eq. 13.
+        nt_pos_weight: weight of the no-target (positive) samples in ``loss_nt`` (1: plain BCE).
         score_weight: λ_score of eq. 7.
         mask_weight: λ_mask of eq. 7 (on BCE + dice).
         phrase_weight: λ_phrase of eq. 7 (unused unless ``phrase_aligned``).
@@ -122,8 +135,11 @@ class Criterion(nn.Module):
         num_points: int,
         oversample_ratio: float,
         importance_sample_ratio: float,
+        nt_pos_weight: float = 1.0,
     ):
         super().__init__()
+        if nt_pos_weight <= 0:
+            raise ValueError(f"Criterion: nt_pos_weight must be > 0, got {nt_pos_weight}")
         if instance_supervision not in _SUPERVISION:
             raise ValueError(f"Criterion: instance_supervision={instance_supervision!r}, "
                              f"expected one of {_SUPERVISION}")
@@ -134,6 +150,7 @@ class Criterion(nn.Module):
         self.merged_weight = float(merged_weight)
         self.inst_weight = float(inst_weight)
         self.nt_weight = float(nt_weight)
+        self.nt_pos_weight = float(nt_pos_weight)
         self.score_weight = float(score_weight)
         self.mask_weight = float(mask_weight)
         self.phrase_weight = float(phrase_weight)
@@ -146,6 +163,7 @@ class Criterion(nn.Module):
     def extra_repr(self) -> str:
         return (f"instance_supervision={self.instance_supervision!r}, deep_supervision={self.deep_supervision}, "
                 f"weights(merged={self.merged_weight}, inst={self.inst_weight}, nt={self.nt_weight}, "
+                f"nt_pos={self.nt_pos_weight}, "
                 f"score={self.score_weight}, mask={self.mask_weight}, phrase={self.phrase_weight})")
 
     # --- eq. 9 and the no-target BCE ----------------------------------------------------
@@ -160,6 +178,12 @@ class Criterion(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, target)
         dice = dice_loss(logits.flatten(1), target.flatten(1)).mean()  # (B, S·S) → (B,) → ()
         return bce + dice
+
+    def no_target_loss(self, no_target_logits: Tensor, no_target: Tensor) -> Tensor:
+        """BCE of p̂_nt (eq. 12) against the label, positives weighted by ``nt_pos_weight``; mean over B."""
+        target = no_target.float()  # (B,)
+        pos_weight = None if self.nt_pos_weight == 1.0 else target.new_tensor(self.nt_pos_weight)
+        return F.binary_cross_entropy_with_logits(no_target_logits.float(), target, pos_weight=pos_weight)
 
     # --- eq. 7 for one block --------------------------------------------------------------
     def instance_terms(
@@ -187,9 +211,11 @@ class Criterion(nn.Module):
         pred_idx = torch.cat([src for src, _ in matches]).to(device)
         gt_idx = torch.cat([tgt + offsets[i] for i, (_, tgt) in enumerate(matches)]).to(device)
 
-        score_targets = torch.zeros_like(score_logits)
-        score_targets[batch_idx, pred_idx] = 1.0
-        terms = {"score": F.binary_cross_entropy_with_logits(score_logits, score_targets)}  # mean over B·N
+        matched = torch.zeros_like(score_logits, dtype=torch.bool)  # (B, N)
+        matched[batch_idx, pred_idx] = True
+        # Eq. 7's score terms, summed over queries: BCE(x, 1) = softplus(-x), BCE(x, 0) = softplus(x).
+        terms = {"score": F.softplus(-score_logits).masked_fill(~matched, 0.0).sum() / num_masks,
+                 "unmatched": F.softplus(score_logits).masked_fill(matched, 0.0).sum() / num_masks}
 
         if pred_idx.numel() == 0:
             # Nothing matched (every sample is no-target): zero terms that keep the graph
@@ -214,8 +240,9 @@ class Criterion(nn.Module):
         return terms
 
     def weighted_instance_loss(self, terms: dict[str, Tensor]) -> Tensor:
-        """Eq. 7: λ_score·score + λ_mask·(mask + dice) + λ_phrase·phrase."""
-        loss = self.score_weight * terms["score"] + self.mask_weight * (terms["mask"] + terms["dice"])
+        """Eq. 7: λ_score·score + unmatched + λ_mask·(mask + dice) + λ_phrase·phrase."""
+        loss = (self.score_weight * terms["score"] + terms["unmatched"]
+                + self.mask_weight * (terms["mask"] + terms["dice"]))
         if "phrase" in terms:
             loss = loss + self.phrase_weight * terms["phrase"]
         return loss
@@ -230,8 +257,7 @@ class Criterion(nn.Module):
         device = outputs.merged_logits.device
         with torch.autocast(device_type=device.type, enabled=False):
             loss_merged = self.merged_loss(outputs.merged_logits, batch.union_masks.to(device))
-            loss_nt = F.binary_cross_entropy_with_logits(outputs.no_target_logits.float(),
-                                                         batch.no_target.to(device).float())
+            loss_nt = self.no_target_loss(outputs.no_target_logits, batch.no_target.to(device))
             total = self.merged_weight * loss_merged + self.nt_weight * loss_nt
             logged = {"loss_merged": loss_merged, "loss_nt": loss_nt}
             if self.instance_supervision != "none":
@@ -281,6 +307,7 @@ def build_criterion(loss_cfg: LossConfig) -> Criterion:
         merged_weight=loss_cfg.merged_weight,
         inst_weight=loss_cfg.inst_weight,
         nt_weight=loss_cfg.nt_weight,
+        nt_pos_weight=loss_cfg.nt_pos_weight,
         score_weight=loss_cfg.score_weight,
         mask_weight=loss_cfg.mask_weight,
         phrase_weight=loss_cfg.phrase_weight,
