@@ -18,6 +18,18 @@ parameters as one worker after the same number of steps. What makes the comparis
   are 0, and Swin's stochastic depth (timm's default ``drop_path_rate=0.1``) is turned off;
   no BatchNorm either (Swin and the decoder use LayerNorm/GroupNorm, which do not mix
   samples across the batch).
+
+Only what is deterministic is compared. Two reductions in another order differ in the last
+bits, and AdamW turns such noise on a near-zero gradient into a full step of ``lr`` (its
+update is ``m / sqrt(v)``, about ±1 whatever the gradient's size): after a few steps the two
+runs' parameters and losses drift apart for no fault of the code (a 0.7 % loss difference
+at step 6 failed a correct tree once). So the optimiser's steps are made negligible
+(``lr = 1e-12``: far below an fp32 ulp of any weight that matters), which keeps every step's
+loss a function of the same weights and the same global batch: all six steps' losses and
+gradient norms (DDP's averaged gradient) must then agree to float-summation noise
+(1e-5 relative, measured ≤ 1e-6); a wrong batch split, a summed instead of averaged
+gradient or a wrong instance normaliser is off by ≥ 1e-2. That the optimiser then applies
+the averaged gradient is torch's AdamW, exercised by every other training test.
 """
 
 from __future__ import annotations
@@ -59,7 +71,7 @@ def test_two_nodes_two_workers_equal_one_worker(prepared_dataset, tmp_path):
     cfg = load_config("tiny", ["data.max_train_samples=32", "data.max_val_samples=6", "data.num_overlays=0",
                                "train.epochs=2", "train.batch_size=8", "train.max_steps=6", "train.log_every_steps=1",
                                "train.precision=fp32", "loss.mask_weight=0", "loss.num_points=256",
-                               "model.backbone.kwargs.drop_path_rate=0.0"])
+                               "model.backbone.kwargs.drop_path_rate=0.0", "train.lr=1.0e-12", "train.min_lr=1.0e-12"])
     ray.shutdown()  # this test owns the cluster; the ray_local fixture starts a fresh one when next used
     # The dashboard (Train's State API) on a free port: the default 8265 may belong to another cluster.
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, include_dashboard=True,
@@ -96,34 +108,27 @@ def test_two_nodes_two_workers_equal_one_worker(prepared_dataset, tmp_path):
         assert len(seen) == len(set(seen))
     assert [single[s] for s in (1, 2)] != [single[s] for s in (5, 6)]  # the epoch-seeded shuffle moved
 
-    # The loss trajectory is the same: the loss at step k is a function of the parameters
-    # after k-1 steps, and the ranks' window means average to the full-batch loss. Step 1
-    # (same init, same batch) agrees to float precision; later steps drift by rounding noise
-    # that AdamW amplifies (measured: ≤ 1e-4 relative on the losses, ≤ 8e-4 on grad_norm by
-    # step 6) — far below what another batch or a wrong gradient scale gives (≥ 1e-2).
+    # Every step's loss is the same function of the same weights and the same global batch;
+    # the ranks' window means average to the full-batch value (module docstring).
     client = MlflowClient(tracking_uri=common["tracking_uri"])
     for key in ("loss", "loss_merged", "loss_inst", "loss_nt", "grad_norm"):
         curves = [[m.value for m in sorted(client.get_metric_history(r.mlflow_run_id, key), key=lambda m: m.step)]
                   for r in (two, one)]
         assert len(curves[0]) == len(curves[1]) == 6, key
-        assert curves[0][0] == pytest.approx(curves[1][0], rel=1e-6), key
-        assert curves[0] == pytest.approx(curves[1], rel=2e-3), key
+        assert curves[0] == pytest.approx(curves[1], rel=1e-5), key
+    # A different batch would not pass: consecutive steps' losses differ by far more than that.
+    single_losses = [m.value for m in sorted(client.get_metric_history(one.mlflow_run_id, "loss"),
+                                             key=lambda m: m.step)]
+    assert max(abs(a / b - 1) for a, b in zip(single_losses, single_losses[1:])) > 1e-3
 
-    # Parameters after 6 steps: equal up to float summation order. Not every element: a few
-    # parameters have an exactly-zero gradient in exact arithmetic (e.g. conv biases right
-    # before a one-channel-per-group GroupNorm), so only rounding noise drives them, and
-    # AdamW turns any nonzero noise into steps of up to ~lr. A real divergence (other
-    # batches, other init, gradients summed instead of averaged) moves nearly all of them.
+    # Both checkpoints hold the same weights: the same seeded init on every rank.
     w2 = load_file(str(Path(two.last_checkpoint) / "model.safetensors"))
     w1 = load_file(str(Path(one.last_checkpoint) / "model.safetensors"))
     assert w2.keys() == w1.keys()
-    close = sum(int(torch.isclose(w2[k], w1[k], rtol=1e-4, atol=2e-5).sum()) for k in w1)
-    total = sum(w1[k].numel() for k in w1)
-    worst = sorted(((w2[k] - w1[k]).abs().max().item(), k) for k in w1)[-3:]
-    assert close / total > 0.998, f"{total - close} of {total} parameters differ; largest: {worst}"
+    worst = max((w2[k] - w1[k]).abs().max().item() for k in w1)
+    assert worst < 1e-6, worst
     torch.manual_seed(cfg.train.seed)
     init = build_model(cfg.model).state_dict()
-    moved = sum(int((~torch.isclose(w1[k], init[k], rtol=1e-4, atol=2e-5)).sum()) for k in w1 if k in init)
-    assert moved / total > 0.5  # ... and training did move them (the comparison is not vacuous)
+    assert all(torch.allclose(w1[k], init[k], rtol=0, atol=1e-6) for k in w1 if k in init)
     # Validation covered every val sample on both (equal=False split: nothing dropped).
     assert two.metrics["val_samples"] == one.metrics["val_samples"] == 6
