@@ -2,7 +2,7 @@
 
 Command lines and storage paths are worth recording (they say how a result was made), but
 they can carry secrets: ``s3://KEY:SECRET@bucket/path``, ``https://host/x?token=…``,
-``--password hunter2``, ``AWS_SECRET_ACCESS_KEY=…``. Everything the project records
+``--password hunter2``, ``AWS_SECRET_ACCESS_KEY=…`` — as argv words or already joined. Everything the project records
 passes through :func:`redact` first, so a secret typed on a command line never reaches a
 ``_manifest.json``, an MLflow param or tag, or a log line.
 
@@ -28,8 +28,11 @@ _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/
 _QUERY = re.compile(rf"(?P<key>[?&;][^=&\s#]*{_SECRET_WORD}[^=&\s#]*=)(?P<value>[^&\s#]*)", re.IGNORECASE)
 #: ``NAME=value`` where NAME looks like a secret (``AWS_SECRET_ACCESS_KEY=…``, ``--token=…``).
 _ASSIGN = re.compile(rf"(?P<key>(?:^|(?<=[\s'\"]))(?:--?)?[A-Za-z0-9_.\-]*{_SECRET_WORD}[A-Za-z0-9_.\-]*=)"
-                     rf"(?P<value>[^\s'\"]+)", re.IGNORECASE)
+                     rf"(?P<value>'[^']*'|\"[^\"]*\"|[^\s'\"]+)", re.IGNORECASE)
 _FLAG = re.compile(rf"^--?[A-Za-z0-9_.\-]*{_SECRET_WORD}[A-Za-z0-9_.\-]*$", re.IGNORECASE)
+#: ``--token VALUE`` inside an already joined command line: the word after a secret-looking flag.
+_FLAG_VALUE = re.compile(rf"(?P<key>(?:^|(?<=\s))--?[A-Za-z0-9_.\-]*{_SECRET_WORD}[A-Za-z0-9_.\-]*)(?P<space>\s+)"
+                         rf"(?!-)(?P<value>(?:'[^']*'|\"[^\"]*\"|\S+))", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
@@ -38,6 +41,7 @@ def redact(text: str) -> str:
         return text
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
     text = _QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
+    text = _FLAG_VALUE.sub(lambda m: f"{m['key']}{m['space']}{MASK}", text)
     return _ASSIGN.sub(lambda m: f"{m['key']}{MASK}", text)
 
 
