@@ -237,12 +237,14 @@ class Predictor:
             if not bool(no_target[0]):
                 keep = (scores[b] > self.instance_threshold).nonzero().flatten().tolist()
                 if keep:
-                    logits = outputs.final.mask_logits[b, keep].float()  # (k, H, W)
-                    masks = self.transform.resize_mask_to(logits, (h, w)) > 0  # (k, h, w): σ(ŝ_i) > 0.5
                     weights = outputs.final.phrase_weights[b, keep].float().cpu()[:, real.cpu()]  # (k, L_real)
                     for j, i in enumerate(keep):
+                        # One instance at a time: k float (h, w) maps at once would cost k·h·w·4 bytes
+                        # (GBs for a photo with many kept queries); this keeps the peak at one map.
+                        logits = outputs.final.mask_logits[b, i:i + 1].float()  # (1, H, W)
+                        mask_i = self.transform.resize_mask_to(logits, (h, w))[0] > 0  # (h, w): σ(ŝ_i) > 0.5
                         instances.append(InstancePrediction(
-                            index=i, score=float(scores[b, i]), mask=masks[j].cpu().numpy(),
+                            index=i, score=float(scores[b, i]), mask=mask_i.cpu().numpy(),
                             words=_top_words(weights[j], word_of, words, self.top_words)))
                 instances.sort(key=lambda inst: -inst.score)
             results.append(Prediction(
