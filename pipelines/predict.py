@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from instalign.checkpoint import CheckpointError
-    from pipelines.pyfunc import PyfuncInputError, check_text, load_image, prediction_to_record
+    from pipelines.pyfunc import PyfuncInputError, check_text, load_local_image, prediction_to_record
     from pipelines.registry import RegistryError, configure_tracking, is_model_uri, resolve_checkpoint
 
     try:
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         from instalign.predictor import Predictor
 
         predictor = Predictor.from_checkpoint(checkpoint, device=args.device, top_words=args.top_words)
-        image = load_image(0, image_path=args.image)
+        image = load_local_image(args.image)
         text = check_text(0, args.text, tokenizer=predictor.tokenizer, max_tokens=predictor.transform.max_tokens)
         prediction = predictor.predict(image, text)
     except (PyfuncInputError, RegistryError, CheckpointError, FileNotFoundError, ValueError) as e:

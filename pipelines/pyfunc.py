@@ -10,7 +10,9 @@ process with the same dependencies (``mlflow.pyfunc.load_model``, ``mlflow model
 The checkpoint directory is the model's artifact ``checkpoint``.
 
 Input: a DataFrame with ``text`` and either ``image`` (encoded bytes: JPEG, PNG, ...) or
-``image_path``. Output: one row per input row with
+``image_path`` — a file under the directory the server's operator allowed
+(``INSTALIGN_SERVING_IMAGE_ROOT``); without one, paths are refused. Output: one row per input
+row with
 
 * ``mask`` — the merged mask at the original image size as COCO RLE ``{size: [h, w], counts}``
   (all zero when no-target is predicted, paper eqs. 8 and 12);
@@ -19,9 +21,13 @@ Input: a DataFrame with ``text`` and either ``image`` (encoded bytes: JPEG, PNG,
   (COCO ``[x, y, w, h]`` of the instance mask), ``mask`` (RLE) and ``words`` (the phrase the
   query aligned to, eq. 1, heaviest first) with ``word_weights`` (their shares of R's row).
 
-Bad input raises ``PyfuncInputError`` naming the row and what is wrong, before any model
-work: a missing column, bytes that are not an image, a missing file, an empty text, a
-text longer than the model's token limit, an image above ``MAX_PIXELS``.
+Bad input raises ``PyfuncInputError`` (HTTP 400) naming the row and what is wrong, before any
+model work: a missing column, bytes that are not an image, a path the server may not read,
+an empty text, a text longer than the model's token limit, an image above ``MAX_PIXELS``. A
+request over a limit of ``pipelines.serving.ServingLimits`` (rows, payload bytes, decoded
+pixels, all checked before decoding) raises ``RequestTooLarge`` (413); a request that finds
+no free prediction slot in time, ``ServerBusy`` (503). ``pipelines.serving`` says why the
+limits live here and what only the HTTP front can bound.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from contextlib import nullcontext
+from dataclasses import fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -36,12 +44,26 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-#: Refuse images above this many pixels (≈ 6000×6000): decoding one would take gigabytes
-#: before the model even resizes it to its input side. PIL's own bomb guard is at 89 M.
-MAX_PIXELS = 36_000_000
+# The error classes are re-exported: callers catch them from here.
+from pipelines.serving import (  # noqa: F401
+    ENV,
+    MAX_PIXELS,
+    FileTooLarge,
+    PredictionGate,
+    PyfuncInputError,
+    RequestTooLarge,
+    ServerBusy,
+    ServingLimits,
+    read_regular_file,
+    read_served_image_path,
+)
+
+#: ``instalign predict`` reads a local image file of at most this many bytes.
+MAX_FILE_BYTES = 256 * 2**20
+#: Rows decoded and predicted together inside a request (their full-size masks are converted
+#: to RLE before the next rows are decoded).
+_CHUNK = 8
 
 #: The model file MLflow stores and executes at load time (models-from-code).
 MODEL_CODE = '''"""InstAlign pyfunc entry point (models-from-code; written by pipelines.pyfunc)."""
@@ -57,17 +79,6 @@ _RUNTIME_PACKAGES = ("torch", "timm", "transformers", "safetensors", "tokenizers
                      "pycocotools", "pillow", "pyyaml", "pandas")
 
 
-class PyfuncInputError(MlflowException, ValueError):
-    """A request row is invalid; the message names the row and the problem.
-
-    An ``MlflowException`` with ``INVALID_PARAMETER_VALUE``: the scoring server then answers
-    400 with this message, instead of a generic message plus the server's stack trace.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
-
-
 # --- input validation ------------------------------------------------------------------------
 
 def _present(value: Any) -> bool:
@@ -78,43 +89,47 @@ def _present(value: Any) -> bool:
     return not (isinstance(value, (str, bytes, bytearray)) and len(value) == 0)
 
 
-def load_image(row: int, *, image: Any = None, image_path: Any = None):
-    """Row ``row``'s image (bytes or a path) as an RGB PIL image, with errors naming the row.
-
-    The size is read from the header first, so an oversized image is refused before it is
-    decoded; decoding itself is ``instalign.predictor.load_image`` (EXIF orientation applied),
-    exactly what ``Predictor.predict`` does with the same bytes or path.
-    """
+def image_size(what: str, data: bytes) -> tuple[int, int]:
+    """``(width, height)`` of encoded image ``data`` from its header alone (nothing decoded);
+    refuses what is not an image and images above ``MAX_PIXELS``. ``what`` names it in errors."""
     from PIL import Image, UnidentifiedImageError
 
-    from instalign.predictor import load_image as decode
-
-    if _present(image):
-        if isinstance(image, str):
-            raise PyfuncInputError(f"row {row}: column 'image' must hold encoded image bytes, got a string "
-                                   f"(for a file, use the 'image_path' column)")
-        if not isinstance(image, (bytes, bytearray, memoryview)):
-            raise PyfuncInputError(f"row {row}: column 'image' must hold bytes, got {type(image).__name__}")
-        source, header, what = bytes(image), io.BytesIO(bytes(image)), f"row {row}: 'image' bytes"
-    elif _present(image_path):
-        path = Path(str(image_path))
-        if not path.is_file():
-            raise PyfuncInputError(f"row {row}: image_path {str(image_path)!r} does not exist")
-        source, header, what = path, path, f"row {row}: image_path {str(image_path)!r}"
-    else:
-        raise PyfuncInputError(f"row {row}: needs an 'image' (bytes) or an 'image_path'")
     try:
-        with Image.open(header) as img:
-            width, height = img.size  # from the header: nothing decoded yet
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise PyfuncInputError(f"{what} is not a readable image: {e}") from None
     if width * height > MAX_PIXELS:
         raise PyfuncInputError(f"{what} is {width}x{height} = {width * height} pixels, above the limit of "
                                f"{MAX_PIXELS}; downscale it first")
+    return width, height
+
+
+def decode_image(what: str, data: bytes):
+    """Encoded ``data`` as an RGB PIL image, exactly as ``Predictor.predict`` decodes bytes
+    (``instalign.predictor.load_image``: EXIF orientation applied). Check :func:`image_size` first."""
+    from instalign.predictor import load_image as decode
+
     try:
-        return decode(source)
+        return decode(data)
     except (ValueError, OSError) as e:  # truncated or corrupt past the header
         raise PyfuncInputError(f"{what} is not a readable image: {e}") from None
+
+
+def load_local_image(path: str | os.PathLike):
+    """An image file the local user names (``instalign predict``): regular files only, at most
+    ``MAX_FILE_BYTES``, size checked from the header before decoding."""
+    what = f"image {str(path)!r}"
+    try:
+        data = read_regular_file(os.fspath(path), MAX_FILE_BYTES)
+    except FileNotFoundError:
+        raise PyfuncInputError(f"{what} does not exist") from None
+    except FileTooLarge as e:
+        raise PyfuncInputError(f"{what} is {e.size} bytes, above the limit of {e.limit} for an image file") from None
+    except OSError as e:
+        raise PyfuncInputError(f"{what} cannot be read: {e.strerror or e}") from None
+    image_size(what, data)
+    return decode_image(what, data)
 
 
 def check_text(row: int, text: Any, *, tokenizer, max_tokens: int) -> str:
@@ -189,34 +204,95 @@ class InstAlignPyfunc(mlflow.pyfunc.PythonModel):
     """``predict(DataFrame[image | image_path, text]) -> DataFrame[mask, no_target, no_target_prob, instances]``."""
 
     def load_context(self, context) -> None:
+        """Load the checkpoint and the serving limits (``model_config`` keys, else the
+        ``INSTALIGN_SERVING_*`` environment, else defaults: ``pipelines.serving.ServingLimits``)."""
         import torch
 
         from instalign.predictor import Predictor
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"], device=device)
+        self.limits = ServingLimits.load(getattr(context, "model_config", None))
+        self.gate = PredictionGate(self.limits.max_concurrent, self.limits.queue_timeout_s)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return pd.DataFrame(predict_records(self.predictor, model_input), columns=OUTPUT_COLUMNS)
+        records = predict_records(self.predictor, model_input, limits=self.limits, gate=self.gate)
+        return pd.DataFrame(records, columns=OUTPUT_COLUMNS)
 
 
 OUTPUT_COLUMNS = ["mask", "no_target", "no_target_prob", "instances"]
 
 
-def predict_records(predictor, frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """Validate every row first (so a bad row fails the request before any compute), then predict."""
+def _nbytes(value: Any) -> int:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
+
+
+def _row_image(row: int, rec: dict[str, Any], limits: ServingLimits, budget: int) -> tuple[bytes, str, bool]:
+    """Row ``row``'s encoded image, a name for it in errors, and whether it was read from a file."""
+    image, image_path = rec.get("image"), rec.get("image_path")
+    if _present(image):
+        if isinstance(image, str):
+            raise PyfuncInputError(f"row {row}: column 'image' must hold encoded image bytes, got a string "
+                                   f"(for a file, use the 'image_path' column)")
+        if not isinstance(image, (bytes, bytearray, memoryview)):
+            raise PyfuncInputError(f"row {row}: column 'image' must hold bytes, got {type(image).__name__}")
+        return bytes(image), f"row {row}: 'image' bytes", False
+    if _present(image_path):
+        data = read_served_image_path(row, image_path, root=limits.image_root, max_bytes=budget)
+        return data, f"row {row}: image_path {str(image_path)!r}", True
+    raise PyfuncInputError(f"row {row}: needs an 'image' (bytes) or an 'image_path'")
+
+
+def predict_records(predictor, frame: pd.DataFrame, *, limits: ServingLimits | None = None,
+                    gate: PredictionGate | None = None) -> list[dict[str, Any]]:
+    """Check the whole request, then predict it inside one of ``gate``'s slots.
+
+    Everything that can refuse a request runs first, on encoded bytes and image headers only:
+    columns, rows (``limits.max_rows``), payload bytes (``limits.max_request_bytes``: image
+    bytes sent or read from ``image_path``, plus texts), texts, image headers and decoded
+    pixels summed over rows (``limits.max_pixels``). Only then are images decoded and run,
+    ``_CHUNK`` rows at a time, each chunk's full-size masks turned into RLE before the next.
+    """
+    limits = limits or ServingLimits()
     if not isinstance(frame, pd.DataFrame):
         raise PyfuncInputError(f"input must be a pandas DataFrame, got {type(frame).__name__}")
     if "text" not in frame.columns:
         raise PyfuncInputError(f"input is missing the column 'text' (columns: {list(frame.columns)})")
     if "image" not in frame.columns and "image_path" not in frame.columns:
         raise PyfuncInputError(f"input needs a column 'image' (bytes) or 'image_path' (columns: {list(frame.columns)})")
+    if len(frame) > limits.max_rows:
+        raise RequestTooLarge(f"the request has {len(frame)} rows, above the limit of {limits.max_rows} rows per "
+                              f"request ({ENV['max_rows']}); split it")
+    records = frame.to_dict(orient="records")
+    payload = sum(_nbytes(rec.get("image")) + _nbytes(rec.get("text")) for rec in records)
+    if payload > limits.max_request_bytes:
+        raise RequestTooLarge(f"the request's images and texts are {payload} bytes, above the limit of "
+                              f"{limits.max_request_bytes} bytes per request ({ENV['max_request_bytes']}); "
+                              f"send fewer or smaller images")
     tokenizer, max_tokens = predictor.transform.tokenizer, predictor.transform.max_tokens
-    images, texts = [], []
-    for row, rec in enumerate(frame.to_dict(orient="records")):
-        texts.append(check_text(row, rec.get("text"), tokenizer=tokenizer, max_tokens=max_tokens))
-        images.append(load_image(row, image=rec.get("image"), image_path=rec.get("image_path")))
-    return [prediction_to_record(p) for p in predictor.predict_batch(images, texts)]
+    texts = [check_text(row, rec.get("text"), tokenizer=tokenizer, max_tokens=max_tokens)
+             for row, rec in enumerate(records)]
+    images, pixels = [], 0
+    for row, rec in enumerate(records):
+        data, what, from_file = _row_image(row, rec, limits, limits.max_request_bytes - payload)
+        payload += len(data) if from_file else 0
+        width, height = image_size(what, data)
+        pixels += width * height
+        if pixels > limits.max_pixels:
+            raise RequestTooLarge(f"the request's images decode to more than {limits.max_pixels} pixels "
+                                  f"({pixels} up to row {row}; limit {ENV['max_pixels']}); send fewer or "
+                                  f"smaller images")
+        images.append((what, data))
+    out: list[dict[str, Any]] = []
+    with gate.slot() if gate is not None else nullcontext():
+        for start in range(0, len(images), _CHUNK):
+            pictures = [decode_image(what, data) for what, data in images[start:start + _CHUNK]]
+            predictions = predictor.predict_batch(pictures, texts[start:start + _CHUNK])
+            out.extend(prediction_to_record(p) for p in predictions)
+            del pictures, predictions
+    return out
 
 
 # --- logging and registration ----------------------------------------------------------------
@@ -286,6 +362,7 @@ def log_model(checkpoint_dir: str | os.PathLike, *, name: str = "model", registe
     # now binds ``instalign`` to this installation, so the process never half-imports a copy
     # from a directory that is deleted once logging returns.
     import instalign.predictor  # noqa: F401
+    from pipelines.tracking_mlflow import redacted_context_tags
 
     with tempfile.TemporaryDirectory(prefix="instalign-pyfunc-") as tmp:
         model_file = Path(tmp) / "instalign_model.py"
@@ -299,6 +376,10 @@ def log_model(checkpoint_dir: str | os.PathLike, *, name: str = "model", registe
             input_example=input_example(),
             pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name,
+            tags=redacted_context_tags(),
+            # Every serving limit as a key, unset: MLflow accepts a load-time ``model_config``
+            # only for keys the logged model declares; unset keys fall back to the environment.
+            model_config={f.name: None for f in fields(ServingLimits)},
         )
 
 
@@ -311,12 +392,14 @@ def log_and_register(checkpoint_dir: str | os.PathLike, *, registered_model_name
     """
     from mlflow import MlflowClient
 
+    from pipelines.tracking_mlflow import redacted_context_tags
+
     active = mlflow.active_run()
     if active is not None and (run_id is None or active.info.run_id == run_id):
         info = log_model(checkpoint_dir, registered_model_name=registered_model_name)
     else:
         with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register-checkpoint",
-                              nested=active is not None):
+                              nested=active is not None, tags=None if run_id else redacted_context_tags()):
             info = log_model(checkpoint_dir, registered_model_name=registered_model_name)
     client = MlflowClient()
     version = str(info.registered_model_version)

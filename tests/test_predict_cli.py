@@ -57,7 +57,8 @@ def test_json_matches_the_predictor(checkpoint, image_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--image", "/nonexistent.png", "--text", "the dog"], "image_path '/nonexistent.png' does not exist"),
+    (["--image", "/nonexistent.png", "--text", "the dog"], "image '/nonexistent.png' does not exist"),
+    (["--image", "/dev/zero", "--text", "the dog"], "image '/dev/zero' cannot be read: not a regular file"),
     (["--text", ""], "'text' must be a non-empty string"),
     (["--text", "the big red circle " * 8], "longer than the model's limit of 20"),
 ])

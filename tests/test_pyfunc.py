@@ -56,10 +56,16 @@ def registered(store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(registered):
+def image_root(tmp_path_factory):
+    """The directory this module's model may read ``image_path`` files from."""
+    return tmp_path_factory.mktemp("served_images")
+
+
+@pytest.fixture(scope="module")
+def loaded(registered, image_root):
     import mlflow
 
-    return mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@candidate")
+    return mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@candidate", model_config={"image_root": str(image_root)})
 
 
 def test_registered_with_alias_signature_and_requirements(registered):
@@ -78,16 +84,36 @@ def test_registered_with_alias_signature_and_requirements(registered):
     assert "torch==" in text and "timm==" in text and "ray" not in text
 
 
-def test_predictions_equal_the_predictor(registered, loaded, tmp_path):
+def test_registration_run_and_logged_model_carry_no_credentials(store, tmp_path, monkeypatch):
+    """MLflow tags a run and a logged model with the script path (``sys.argv[0]``) and the git
+    remote on its own; both are redacted before they are stored."""
+    import sys
+
+    from mlflow import MlflowClient
+
+    from pipelines.pyfunc import log_and_register
+
+    monkeypatch.setattr(sys, "argv", ["s3://AKIAKEY123:SeCrEt456@bucket/run.py?token=abc987xyz", "--x"])
+    version = log_and_register(make_checkpoint(tmp_path / "ckpt"), registered_model_name=f"{MODEL_NAME}-redacted",
+                               alias=None)
+    client = MlflowClient()
+    run = client.get_run(version.run_id)
+    model = client.get_logged_model(version.source.split("/")[-1])  # models:/m-<id>
+    stored = {**run.data.tags, **run.data.params, **model.tags, **model.params}
+    assert stored["mlflow.source.name"] == "s3://***@bucket/run.py?token=***"
+    assert not [k for k, v in stored.items() if any(s in v for s in ("AKIAKEY123", "SeCrEt456", "abc987xyz"))]
+
+
+def test_predictions_equal_the_predictor(registered, loaded, image_root):
     from instalign.data.masks import rle_decode
     from instalign.predictor import Predictor
 
     ckpt, _ = registered
-    path = tmp_path / "photo.png"
+    path = image_root / "photo.png"
     path.write_bytes(png_bytes(90, 70, seed=2))
     frame = pd.DataFrame({
         "image": [png_bytes(64, 48, seed=1), None],
-        "image_path": [None, str(path)],
+        "image_path": [None, "photo.png"],  # relative to the image root
         "text": ["the red circle on the left", "all blue squares"],
     })
     out = loaded.predict(frame)
@@ -125,7 +151,8 @@ def test_predictions_equal_the_predictor(registered, loaded, tmp_path):
     (pd.DataFrame({"image": [b"not an image at all"], "text": ["the dog"]}),
      "row 0: 'image' bytes is not a readable image"),
     (pd.DataFrame({"image": [png_bytes(8, 8)], "text": ["   "]}), "row 0: 'text' must be a non-empty string"),
-    (pd.DataFrame({"image_path": ["/nonexistent/x.png"], "text": ["the dog"]}), "does not exist"),
+    (pd.DataFrame({"image_path": ["/nonexistent/x.png"], "text": ["the dog"]}),
+     "row 0: image_path '/nonexistent/x.png' is not a readable image file under the server's image root"),
     (pd.DataFrame({"image": [None], "image_path": [None], "text": ["the dog"]}), "row 0: needs an 'image'"),
     (pd.DataFrame({"image": [png_bytes(8, 8), png_bytes(8, 8)],
                    "text": ["ok", " ".join(["the big red circle"] * 10)]}), "row 1: text"),
