@@ -618,12 +618,18 @@ def _build(fs: pafs.FileSystem, out_path: str, task_table: pa.Table, records: li
 
     from instalign import __version__ as version
 
+    # Every shard's size: the manifest is written last, but a copy (rsync, an upload) can move
+    # it before the shards; readers check these sizes (instalign.data.parquet.read_manifest).
+    listed = [f"{split}/{name}" for split, names in files.items() for name in names]
+    listed.append(f"{QUARANTINE_DIR}/quarantine.parquet")
+    file_sizes = {rel: info.size for rel, info in zip(listed, fs.get_file_info([f"{out_path}/{r}" for r in listed]))}
     manifest = dict(
         format="instalign-gres-parquet",
         schema_version=SCHEMA_VERSION,
         dataset=dataset,
         counts=counts,
         files=files,
+        file_sizes=file_sizes,
         quarantined=dict(sorted(Counter(r["reason"] for r in records).items())),
         quarantined_samples_dropped=dropped + int(sum(r["_dropped_samples"] for r in stats)),
         source=dict(root=redact(str(root)), checksums=dict(source.checksums)),

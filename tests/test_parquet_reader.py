@@ -128,6 +128,15 @@ def test_clear_errors(prepared_dataset, transform, tmp_path):
         ParquetGRES(str(copy), "train", transform)
     manifest["schema_version"] = 1
     (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    (copy / "train" / manifest["files"]["train"][0]).write_bytes(b"PAR1 truncated")
+    shard = copy / "train" / manifest["files"]["train"][0]
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])  # a partial copy: the manifest arrived, the shard did not
+    with pytest.raises(DatasetFormatError, match=rf"train/{shard.name} has {len(good) // 2} bytes, the manifest says "
+                                                 rf"{len(good)}"):
+        ParquetGRES(str(copy), "train", transform)
+    shard.unlink()
+    with pytest.raises(DatasetFormatError, match=rf"train/{shard.name} is missing"):
+        read_manifest(str(copy))
+    shard.write_bytes(b"PAR1" + b"x" * (len(good) - 4))  # the right size, not Parquet
     with pytest.raises(DatasetFormatError, match="cannot read Parquet"):
         ParquetGRES(str(copy), "train", transform)

@@ -80,7 +80,27 @@ def read_manifest(data_dir: str) -> dict:
     if version != SCHEMA_VERSION:
         raise DatasetFormatError(f"{path}: schema version {version!r}, this code reads {SCHEMA_VERSION}; "
                                  f"re-run `instalign prepare`")
+    _check_file_sizes(fs, root, data_dir, manifest.get("file_sizes") or {})
     return manifest
+
+
+def _check_file_sizes(fs: pafs.FileSystem, root: str, data_dir: str, sizes: Mapping[str, int]) -> None:
+    """Every file the manifest lists is there with its size: whole or not at all.
+
+    The manifest is written last, but copies (rsync, an object-store upload) move files in
+    any order; a shard that is missing or shorter than prepare wrote it fails here, named,
+    instead of in the middle of an epoch.
+    """
+    if not sizes:
+        return
+    names = list(sizes)
+    for name, info in zip(names, fs.get_file_info([f"{root}/{n}" for n in names])):
+        if info.type == pafs.FileType.NotFound:
+            raise DatasetFormatError(f"{data_dir}: {name} is missing (the manifest lists it): the dataset was copied "
+                                     f"partially, or files were removed; copy it again or re-run `instalign prepare`")
+        if info.size != sizes[name]:
+            raise DatasetFormatError(f"{data_dir}: {name} has {info.size} bytes, the manifest says {sizes[name]} "
+                                     f"(truncated or partly copied)")
 
 
 def split_files(data_dir: str, split: str) -> tuple[pafs.FileSystem, list[str]]:
