@@ -37,6 +37,7 @@ VERBS: dict[str, tuple[str, str]] = {
 USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("pipelines.prepare", "PrepareError"),
     ("instalign.checkpoint", "CheckpointError"),
+    ("instalign.integrity", "IntegrityError"),  # a damaged cache entry or sealed directory
     ("instalign.config", "ConfigError"),
     ("pipelines.registry", "RegistryError"),
     ("instalign.data.safe_pickle", "UnsafePickleError"),
