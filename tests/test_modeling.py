@@ -68,7 +68,7 @@ def check_output(out: InstAlignOutput, *, b: int, n: int, k: int, length: int, s
 
 SWITCHES = list(itertools.product(("aia", "aia_no_prelu", "fixed_threshold"),
                                   ("concat", "q_global", "t_sen", "mean_queries"),
-                                  ("pot", "mask2former")))
+                                  ("pot", "mask2former", "rela")))
 
 
 @pytest.mark.parametrize("aggregation,no_target_input,decoder", SWITCHES)
@@ -76,7 +76,9 @@ def test_every_switch_shapes_and_gradients(aggregation, no_target_input, decoder
     torch.manual_seed(0)
     cfg = small_cfg(aggregation=aggregation, no_target_input=no_target_input, decoder=decoder)
     model = build_model(cfg)
-    assert (model.sentence_proj is None) == (decoder == "pot")
+    assert model.decoder.heads.text_score == (decoder == "mask2former")  # text-free decoder: scores read T_sen
+    assert all((blk.object_text is not None) == (decoder == "pot") for blk in model.decoder.blocks)
+    assert all((blk.region_language is not None) == (decoder == "rela") for blk in model.decoder.blocks)
     assert (model.aggregator.prelu is not None) == (aggregation == "aia")
     images, ids, mask = inputs(cfg)
     out = model(images, ids, mask)
@@ -103,7 +105,7 @@ def test_queries_and_blocks(num_queries, num_blocks):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("decoder", ["pot", "mask2former"])
+@pytest.mark.parametrize("decoder", ["pot", "mask2former", "rela"])
 def test_padding_tokens_do_not_change_outputs(decoder):
     torch.manual_seed(0)
     cfg = small_cfg(decoder=decoder)
@@ -145,11 +147,58 @@ def test_masked_attention_and_fully_masked_row_fallback():
     unmasked = attn(q, mem, mem, None)
     torch.testing.assert_close(out[0, 1], unmasked[0, 1])  # the fully masked row attends everywhere
     # a block with every pixel masked for every query stays finite
-    block = PhraseObjectBlock(dim=8, num_heads=2, ffn_dim=16, dropout=0.0, pre_norm=False, text_attention=True)
     none = fallback_unmask(torch.zeros(1, 1, 2, 5, dtype=torch.bool))
-    qq, tt = block(q, torch.zeros_like(q), mem, torch.zeros_like(mem), none, torch.randn(1, 3, 8),
-                   torch.tensor([[True, True, False]]))
-    assert torch.isfinite(qq).all() and torch.isfinite(tt).all()
+    for text_attention in ("object_text", "region_language", "none"):
+        block = PhraseObjectBlock(dim=8, num_heads=2, ffn_dim=16, dropout=0.0, pre_norm=False,
+                                  text_attention=text_attention)
+        qq, tt = block(q, torch.zeros_like(q), mem, torch.zeros_like(mem), none, torch.randn(1, 3, 8),
+                       torch.tensor([[True, True, False]]))
+        assert torch.isfinite(qq).all() and torch.isfinite(tt).all()
+    with pytest.raises(ValueError, match="text_attention"):
+        PhraseObjectBlock(dim=8, num_heads=2, ffn_dim=16, dropout=0.0, pre_norm=False, text_attention=True)
+
+
+def _decoder_trace(model: InstAlign, images, ids, mask) -> tuple[InstAlignOutput, list[torch.Tensor], torch.Tensor]:
+    """The model's output, every block's output queries (what the next block's queries see), and T_K."""
+    seen: list[torch.Tensor] = []
+    hooks = [blk.register_forward_hook(lambda _m, _i, out: seen.append(out[0].detach().clone()))
+             for blk in model.decoder.blocks]
+    try:
+        with torch.no_grad():
+            out = model(images, ids, mask)
+            mask_features, multi_scale = model.pixel_decoder(model.backbone(images))
+            _, _, t_last = model.decoder(multi_scale, mask_features, model.text_encoder(ids, mask), mask.bool())
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen[:len(model.decoder.blocks)], t_last
+
+
+@pytest.mark.parametrize("decoder", ["pot", "mask2former", "rela"])
+def test_where_the_text_enters_the_decoder(decoder):
+    """Table 3 (e): the Mask2Former row's decoder sees no text; POT and ReLA's queries read it.
+
+    Two different expressions for the same images: with ``mask2former`` every block's queries
+    and every instance mask are identical (only the relevance scores, computed after the
+    decoder against the sentence, differ); with ``pot``/``rela`` the queries differ. Words are
+    updated by the queries only in POT (bidirectional); ReLA's and Mask2Former's T_K is T0.
+    """
+    torch.manual_seed(0)
+    cfg = small_cfg(decoder=decoder)
+    model = build_model(cfg).eval()
+    images, ids, mask = inputs(cfg)
+    other = ids.clone()
+    other[:, 1:5] = (ids[:, 1:5] + 7) % 500 + 5  # other real words, same length
+    a, qa, ta = _decoder_trace(model, images, ids, mask)
+    b, qb, _ = _decoder_trace(model, images, other, mask)
+    assert len(qa) == cfg.num_blocks
+    same_queries = all(torch.equal(x, y) for x, y in zip(qa, qb))
+    same_masks = all(torch.equal(x.mask_logits, y.mask_logits) for x, y in zip([a.final, *a.aux], [b.final, *b.aux]))
+    assert same_queries == same_masks == (decoder == "mask2former")
+    assert not torch.allclose(a.final.score_logits, b.final.score_logits)  # every row is language-aware
+    with torch.no_grad():
+        t0 = model.text_encoder(ids, mask)
+    assert torch.equal(ta, t0) == (decoder != "pot")
 
 
 def test_phrase_object_alignment_matches_equations():
@@ -191,10 +240,42 @@ def test_no_target_inputs():
     head = NoTargetHead(dim=8, mode="concat")
     q_global = (scores.sigmoid()[..., None] * q).sum(1)  # eq. 10
     torch.testing.assert_close(head(q, scores, t, mask), head.mlp(torch.cat([q_global, sen], -1)).squeeze(-1))
-    head = NoTargetHead(dim=8, mode="mean_queries")
-    torch.testing.assert_close(head(q, scores, t, mask), head.mlp(torch.cat([q.mean(1), sen], -1)).squeeze(-1))
+    head = NoTargetHead(dim=8, mode="mean_queries")  # Table 3 (c): the queries' mean alone
+    torch.testing.assert_close(head(q, scores, t, mask), head.mlp(q.mean(1)).squeeze(-1))
+    torch.testing.assert_close(head(q, scores, torch.randn(2, 4, 8), mask), head(q, scores, t, mask))
+    assert NoTargetHead(dim=8, mode="mean_queries").mlp.layers[0].in_features == 8
     assert NoTargetHead(dim=8, mode="q_global").mlp.layers[0].in_features == 8
     assert NoTargetHead(dim=8, mode="t_sen").mlp.layers[0].in_features == 8
+
+
+def test_paper_backbone_is_the_imagenet22k_swin_b(monkeypatch):
+    """The paper (like Mask2Former and ReLA) starts from Swin-B's ImageNet-22k weights.
+
+    Resolved without downloading: timm's pretrained config for the preset's name, and the
+    name ``create_backbone`` hands to ``timm.create_model`` unchanged.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    from instalign.config import paper
+
+    name = paper().model.backbone.name
+    assert name == "swin_base_patch4_window12_384.ms_in22k"
+    cfg = get_pretrained_cfg(name)
+    assert cfg.tag == "ms_in22k" and cfg.hf_hub_id == "timm/swin_base_patch4_window12_384.ms_in22k"
+    assert cfg.num_classes == 21841  # the 22k head, not the ImageNet-1k fine-tune
+    assert get_pretrained_cfg("swin_base_patch4_window12_384").tag == "ms_in22k_ft_in1k"  # what no tag gives
+
+    calls = []
+
+    def fake_create_model(model_name, **kwargs):
+        calls.append((model_name, kwargs))
+        raise RuntimeError("stop here: nothing is downloaded")
+
+    monkeypatch.setattr(timm, "create_model", fake_create_model)
+    with pytest.raises(BackboneLoadError):
+        create_backbone(name=name, pretrained=True, out_indices=(0, 1, 2, 3), image_size=480)
+    assert calls[0][0] == name and calls[0][1]["pretrained"] is True
 
 
 def test_backbone_formats_local_weights_and_errors(tmp_path):

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from torch import nn
-
 from instalign.config import ModelConfig, paper, tiny
 from instalign.modeling.backbone import create_backbone
 from instalign.modeling.heads import InstanceAggregation, NoTargetHead, PredictionHeads
@@ -24,6 +22,8 @@ from instalign.modeling.text_encoder import create_text_encoder
 
 #: The pixel decoder hands the POT blocks three scales (strides 32, 16, 8).
 NUM_DECODER_LEVELS = 3
+#: Table 3 (e): the text step of each block per ``model.decoder`` (see ``pot.py``).
+TEXT_ATTENTION = {"pot": "object_text", "rela": "region_language", "mask2former": "none"}
 
 
 def build_model(model_cfg: ModelConfig) -> InstAlign:
@@ -65,15 +65,15 @@ def build_model(model_cfg: ModelConfig) -> InstAlign:
         dropout=c.dropout,
         attention_impl=c.pixel_decoder.attention_impl,
     )
-    text_in_decoder = c.decoder == "pot"
     blocks = [
         PhraseObjectBlock(dim=dim, num_heads=c.num_heads, ffn_dim=c.ffn_dim, dropout=c.dropout, pre_norm=c.pre_norm,
-                          text_attention=text_in_decoder)
+                          text_attention=TEXT_ATTENTION[c.decoder])
         for _ in range(c.num_blocks)
     ]
     decoder = PhraseObjectDecoder(
         blocks=blocks,
-        heads=PredictionHeads(dim=dim, mask_dim=dim),
+        # A decoder without text (mask2former) scores its text-free instances against the sentence.
+        heads=PredictionHeads(dim=dim, mask_dim=dim, text_score=c.decoder == "mask2former"),
         dim=dim,
         num_queries=c.num_queries,
         # with K < 3 blocks only the coarsest K scales are read: no unused level embeddings
@@ -86,7 +86,6 @@ def build_model(model_cfg: ModelConfig) -> InstAlign:
         decoder=decoder,
         aggregator=InstanceAggregation(mode=c.aggregation, score_threshold=c.score_threshold),
         no_target_head=NoTargetHead(dim=dim, mode=c.no_target_input),
-        sentence_proj=None if text_in_decoder else nn.Linear(dim, dim),
         image_size=c.image_size,
     )
 

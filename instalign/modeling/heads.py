@@ -3,7 +3,12 @@
 * ``PredictionHeads`` — shared by every POT block (deep supervision) and the initial
   queries: ``p̂ = σ(Linear(LN(Q)))`` and the mask embedding ``MLP(LN(Q))`` (3 layers,
   Mask2Former), instance masks ``ŝ = V4 · MLP(Q)ᵀ`` at stride 4 (eq. 4). The LayerNorm is
-  Mask2Former's ``decoder_norm``.
+  Mask2Former's ``decoder_norm``. With ``text_score`` (the ``decoder=mask2former`` row of
+  Table 3, whose decoder sees no text) the relevance score is where the expression meets
+  the instances: ``logit p̂_i = ⟨W_q LN(Q_i), W_t T_sen⟩ / √C`` with T_sen the sentence
+  feature of T0 (eq. 11) — the decoder proposes text-free instances, the score picks the
+  referred ones. The paper does not say how its Mask2Former row is made language-aware;
+  this is the smallest choice that keeps the whole decoder text-free.
 * ``InstanceAggregation`` — Adaptive Instance Aggregation (eq. 8) and its Table 3
   alternatives; returns the *pre-sigmoid* merged map:
   ``aia``: ``Σ_i p̂_i · PReLU(ŝ_i)``; ``aia_no_prelu``: ``Σ_i p̂_i · ŝ_i``;
@@ -11,9 +16,10 @@
   negative logit where none is kept.
 * ``NoTargetHead`` — eqs. 10–12: ``Q_global = Σ_i p̂_i Q_K^i``, ``T_sen`` = mean of T_K
   over real tokens, ``MLP([Q_global; T_sen])`` → logit of p̂_nt (2-layer MLP: the paper
-  says "MLP"; Mask2Former-style Linear–ReLU–Linear). Table 3 variants: ``q_global`` or
-  ``t_sen`` alone, and ``mean_queries`` = ``[mean_i Q_K^i; T_sen]`` — the same input as
-  ``concat`` without the relevance weighting of eq. 10, which isolates that weighting.
+  says "MLP"; Mask2Former-style Linear–ReLU–Linear). Table 3 (c) variants: ``q_global`` or
+  ``t_sen`` alone, and ``mean_queries`` = ``mean_i Q_K^i`` alone ("average all object
+  queries"). With ``decoder=pot`` the queries have read the text in every block, so even
+  the inputs without T_sen depend on the expression.
 
 Aggregation and the no-target input run in fp32 (sums over N queries; autocast off).
 
@@ -54,16 +60,28 @@ class PredictionHeads(nn.Module):
         dim: C (query width). mask_dim: channels of V4 (= C).
     """
 
-    def __init__(self, *, dim: int, mask_dim: int) -> None:
+    def __init__(self, *, dim: int, mask_dim: int, text_score: bool = False) -> None:
         super().__init__()
+        self.text_score = bool(text_score)
         self.norm = nn.LayerNorm(dim)
-        self.score = nn.Linear(dim, 1)
+        self.score = nn.Linear(dim, 1) if not text_score else None
+        self.score_query = nn.Linear(dim, dim) if text_score else None
+        self.score_text = nn.Linear(dim, dim) if text_score else None
         self.mask_embed = MLP(in_dim=dim, hidden_dim=dim, out_dim=mask_dim, num_layers=3)
 
-    def forward(self, q: Tensor, mask_features: Tensor) -> tuple[Tensor, Tensor]:
-        """Args: q (B, N, C); mask_features V4 (B, C, H, W). Returns: ŝ logits (B, N, H, W), p̂ logits (B, N)."""
+    def forward(self, q: Tensor, mask_features: Tensor, sentence: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Args: q (B, N, C); mask_features V4 (B, C, H, W); sentence T_sen (B, C), needed iff ``text_score``.
+
+        Returns: ŝ logits (B, N, H, W), p̂ logits (B, N).
+        """
         x = self.norm(q)
-        score_logits = self.score(x).squeeze(-1)
+        if self.text_score:
+            if sentence is None:
+                raise ValueError("PredictionHeads(text_score=True) needs the sentence feature")
+            key = self.score_text(sentence)  # (B, C)
+            score_logits = torch.einsum("bnc,bc->bn", self.score_query(x), key) / x.shape[-1] ** 0.5
+        else:
+            score_logits = self.score(x).squeeze(-1)
         mask_logits = torch.einsum("bnc,bchw->bnhw", self.mask_embed(x), mask_features)  # eq. 4
         return mask_logits, score_logits
 
@@ -118,7 +136,7 @@ class NoTargetHead(nn.Module):
         if mode not in ("concat", "q_global", "t_sen", "mean_queries"):
             raise ValueError(f"NoTargetHead: unknown mode {mode!r}")
         self.mode = mode
-        in_dim = 2 * dim if mode in ("concat", "mean_queries") else dim
+        in_dim = 2 * dim if mode == "concat" else dim
         self.mlp = MLP(in_dim=in_dim, hidden_dim=dim, out_dim=1, num_layers=2)
 
     def forward(self, q: Tensor, score_logits: Tensor, t: Tensor, text_mask: Tensor) -> Tensor:
@@ -128,7 +146,7 @@ class NoTargetHead(nn.Module):
             if self.mode == "t_sen":
                 parts = [sentence_feature(t, text_mask)]
             elif self.mode == "mean_queries":
-                parts = [qf.mean(dim=1), sentence_feature(t, text_mask)]
+                parts = [qf.mean(dim=1)]  # Table 3 (c) "average all object queries", alone
             else:
                 q_global = torch.einsum("bn,bnc->bc", score_logits.float().sigmoid(), qf)  # eq. 10
                 parts = [q_global, sentence_feature(t, text_mask)] if self.mode == "concat" else [q_global]  # eq. 12

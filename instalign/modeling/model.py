@@ -13,12 +13,15 @@ path has no Python loop over batch items, no host syncs (``.item()``) and no
 data-dependent control flow, so it runs under ``torch.compile`` and bf16 autocast
 (softmax, POA, aggregation and the no-target input are computed in fp32).
 
-**Language awareness with ``decoder=mask2former``** (Table 3, no text in the decoder): the
-sentence feature T_sen of T0 (eq. 11) is projected and added to every learned query
-feature before block 1 (``sentence_proj``). Without it the queries, scores and masks
-would not depend on the expression at all and the switch could not learn the task; this
-is the smallest change that keeps the decoder itself text-free. With ``decoder=pot`` the
-queries meet the text only inside the blocks, as the paper describes.
+**Where the text enters** (Table 3 (e), the decoder rows): with ``decoder=pot`` the
+queries meet the words inside every block (bidirectional object–text attention) and the
+words are updated by the queries; with ``decoder=rela`` the queries read the words in every
+block (ReLA's region–language attention) and the words stay T0. With ``decoder=mask2former``
+the decoder sees no text at all — its queries and instance masks are the same for every
+expression of an image — and the expression enters only after it: in the relevance score
+(``PredictionHeads(text_score=True)``: query · sentence feature of T0), hence in AIA's
+merged mask (eq. 8) and Q_global (eq. 10); in the no-target head's T_sen (eq. 11); and in
+the phrase loss (eq. 3, POA of the text-free queries against T0).
 
 Parameter names for optimiser groups: ``backbone.*`` (pretrained visual encoder),
 ``text_encoder.encoder.*`` (pretrained language model); everything else is new.
@@ -28,12 +31,10 @@ Letters: B batch, N queries, L tokens, C width, H×W the stride-4 grid of the S�
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor, nn
 
 from instalign.modeling.backbone import Backbone
-from instalign.modeling.heads import InstanceAggregation, NoTargetHead, sentence_feature
+from instalign.modeling.heads import InstanceAggregation, NoTargetHead
 from instalign.modeling.outputs import InstAlignOutput
 from instalign.modeling.pixel_decoder import MSDeformAttnPixelDecoder
 from instalign.modeling.pot import PhraseObjectDecoder
@@ -50,8 +51,6 @@ class InstAlign(nn.Module):
         decoder: the K POT blocks with the shared prediction heads.
         aggregator: AIA or a Table 3 alternative (eq. 8).
         no_target_head: p̂_nt (eqs. 10–12).
-        sentence_proj: Linear(C, C) making the queries language-aware when the decoder has
-            no text attention (``decoder=mask2former``); None for ``decoder=pot``.
         image_size: the square input side S the model was built for.
     """
 
@@ -64,7 +63,6 @@ class InstAlign(nn.Module):
         decoder: PhraseObjectDecoder,
         aggregator: InstanceAggregation,
         no_target_head: NoTargetHead,
-        sentence_proj: Optional[nn.Linear],
         image_size: int,
     ) -> None:
         super().__init__()
@@ -74,7 +72,6 @@ class InstAlign(nn.Module):
         self.decoder = decoder
         self.aggregator = aggregator
         self.no_target_head = no_target_head
-        self.sentence_proj = sentence_proj
         self.image_size = image_size
 
     @property
@@ -100,10 +97,7 @@ class InstAlign(nn.Module):
         text_mask = attention_mask.bool()
         mask_features, multi_scale = self.pixel_decoder(self.backbone(images))  # V4, [V1, V2, V3]
         words = self.text_encoder(input_ids, attention_mask)  # T0 (B, L, C)
-        query_bias = None
-        if self.sentence_proj is not None:
-            query_bias = self.sentence_proj(sentence_feature(words, text_mask).to(words.dtype))  # (B, C)
-        preds, q_last, t_last = self.decoder(multi_scale, mask_features, words, text_mask, query_bias=query_bias)
+        preds, q_last, t_last = self.decoder(multi_scale, mask_features, words, text_mask)
         final = preds[-1]
         merged = self.aggregator(final.mask_logits, final.score_logits)  # eq. 8, pre-sigmoid
         no_target = self.no_target_head(q_last, final.score_logits, t_last, text_mask)  # eq. 12, pre-sigmoid

@@ -22,8 +22,18 @@ pair instead of two. Both directions run through ``scaled_dot_product_attention`
 ``R_k = softmax(Q_k T_kᵀ/√C)`` over real words, ``P_k = R_k T_k``,
 ``L_phrase(i) = 1 − cos(P_k^i, Q_k^i)``; computed in fp32 on the block outputs.
 
-With ``decoder=mask2former`` (Table 3) the blocks skip step 2 and T stays T0; the model
-then makes the queries language-aware at their input instead (see ``model.py``).
+**Table 3 (e), the decoder rows** — what step 2 is (``text_attention``):
+
+* ``object_text`` (``decoder=pot``): the bidirectional step above.
+* ``region_language`` (``decoder=rela``): ReLA's Region-Language cross-Attention (Liu et
+  al., GRES, CVPR 2023, §4.2): the queries (ReLA's region features) attend to the words and
+  are enhanced with what they read; the words are never updated, so T stays T0. ReLA's
+  released decoder applies it in its first layer only, to save memory; its paper describes
+  it in every layer, as here, so the row differs from POT only in the direction of the
+  text exchange.
+* ``none`` (``decoder=mask2former``): Mask2Former's decoder, no text at all: the queries,
+  the masked attention and the masks never depend on the expression, and T stays T0. Text
+  reaches the model only after the decoder (see ``heads.PredictionHeads`` and ``model.py``).
 
 Letters: B batch, N queries, L tokens, C width, M heads, HW flattened pixels of a level.
 """
@@ -31,13 +41,13 @@ Letters: B batch, N queries, L tokens, C width, M heads, HW flattened pixels of 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from instalign.modeling.heads import PredictionHeads
+from instalign.modeling.heads import PredictionHeads, sentence_feature
 from instalign.modeling.outputs import BlockPrediction
 from instalign.modeling.position_encoding import PositionEmbeddingSine
 
@@ -100,24 +110,34 @@ class ObjectTextAttention(nn.Module):
         return self.out_q(dq.transpose(1, 2).flatten(2)), self.out_t(dt.transpose(1, 2).flatten(2))
 
 
+TextAttention = Literal["object_text", "region_language", "none"]
+
+
 class PhraseObjectBlock(nn.Module):
-    """One POT block: masked cross-attn → object–text attn (optional) → self-attn → FFN.
+    """One POT block: masked cross-attn → text step (see module docstring) → self-attn → FFN.
 
     Args:
         dim: C. num_heads: M. ffn_dim: FFN width. dropout: on attention and residual branches.
         pre_norm: Mask2Former's ``forward_pre`` (LayerNorm before each sublayer) instead of post-norm.
-        text_attention: step 2 on (``decoder=pot``) or off (``decoder=mask2former``).
+        text_attention: step 2: ``object_text`` (POT), ``region_language`` (ReLA) or ``none``
+            (Mask2Former).
     """
 
     def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, dropout: float, pre_norm: bool,
-                 text_attention: bool) -> None:
+                 text_attention: TextAttention) -> None:
         super().__init__()
+        if text_attention not in ("object_text", "region_language", "none"):
+            raise ValueError(f"PhraseObjectBlock: unknown text_attention {text_attention!r}")
         self.pre_norm = pre_norm
         self.cross_attn = Attention(dim=dim, num_heads=num_heads, dropout=dropout)
         self.norm_cross = nn.LayerNorm(dim)
-        self.object_text = ObjectTextAttention(dim=dim, num_heads=num_heads, dropout=dropout) if text_attention else None
-        self.norm_ot_q = nn.LayerNorm(dim) if text_attention else None
-        self.norm_ot_t = nn.LayerNorm(dim) if text_attention else None
+        both = text_attention == "object_text"
+        self.object_text = ObjectTextAttention(dim=dim, num_heads=num_heads, dropout=dropout) if both else None
+        self.norm_ot_q = nn.LayerNorm(dim) if both else None
+        self.norm_ot_t = nn.LayerNorm(dim) if both else None
+        one_way = text_attention == "region_language"
+        self.region_language = Attention(dim=dim, num_heads=num_heads, dropout=dropout) if one_way else None
+        self.norm_rl = nn.LayerNorm(dim) if one_way else None
         self.self_attn = Attention(dim=dim, num_heads=num_heads, dropout=dropout)
         self.norm_self = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
@@ -151,6 +171,9 @@ class PhraseObjectBlock(nn.Module):
             else:
                 dq, dt = self.object_text(q, q_pos, t, text_mask)
                 q, t = self.norm_ot_q(q + self.drop(dq)), self.norm_ot_t(t + self.drop(dt))
+        elif self.region_language is not None:
+            words = fallback_unmask(text_mask)[:, None, None, :]  # (B, 1, 1, L)
+            q = self._residual(q, self.norm_rl, lambda x: self.region_language(x + q_pos, t, t, words))
         q = self._residual(q, self.norm_self, lambda x: self.self_attn(x + q_pos, x + q_pos, x))
         q = self._residual(q, self.norm_ffn, self.ffn)
         return q, t
@@ -204,15 +227,14 @@ class PhraseObjectDecoder(nn.Module):
         m = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
         return fallback_unmask(m.flatten(2) >= 0)[:, None]
 
-    def forward(self, multi_scale: Sequence[Tensor], mask_features: Tensor, text: Tensor, text_mask: Tensor,
-                query_bias: Optional[Tensor] = None) -> tuple[list[BlockPrediction], Tensor, Tensor]:
+    def forward(self, multi_scale: Sequence[Tensor], mask_features: Tensor, text: Tensor,
+                text_mask: Tensor) -> tuple[list[BlockPrediction], Tensor, Tensor]:
         """Run the K blocks.
 
         Args:
             multi_scale: pixel-decoder maps (B, C, H_l, W_l), coarse → fine (V1..V3).
             mask_features: V4 (B, C, H/4, W/4).
             text: T0 (B, L, C). text_mask: (B, L) bool.
-            query_bias: (B, C) added to the query features (language-aware queries, decoder=mask2former).
 
         Returns:
             One ``BlockPrediction`` per block, Q_K (B, N, C) and T_K (B, L, C).
@@ -223,17 +245,17 @@ class PhraseObjectDecoder(nn.Module):
         memory = [x.flatten(2).transpose(1, 2) + self.level_embed.weight[i].to(x.dtype) for i, x in enumerate(levels)]
         memory_pos = [self.pe_layer(x).flatten(2).transpose(1, 2) for x in levels]  # (1, HW, C)
         q = self.query_feat.weight[None].expand(b, -1, -1)  # (B, N, C)
-        if query_bias is not None:
-            q = q + query_bias[:, None, :]
         q_pos = self.query_embed.weight[None].expand(b, -1, -1)
-        mask_logits, _ = self.heads(q, mask_features)  # initial prediction: only its mask is used
+        # Text-conditioned scores (decoder=mask2former) read T0's sentence feature: T is never updated there.
+        sentence = sentence_feature(text, text_mask).to(text.dtype) if self.heads.text_score else None  # (B, C)
+        mask_logits, _ = self.heads(q, mask_features, sentence)  # initial prediction: only its mask is used
         allowed = self.attention_mask(mask_logits, sizes[0])
         t = text
         preds: list[BlockPrediction] = []
         for k, block in enumerate(self.blocks):
             lvl = k % self.num_levels
             q, t = block(q, q_pos, memory[lvl], memory_pos[lvl], allowed, t, text_mask)
-            mask_logits, score_logits = self.heads(q, mask_features)
+            mask_logits, score_logits = self.heads(q, mask_features, sentence)
             phrase_loss, phrase_weights = phrase_object_alignment(q, t, text_mask)
             preds.append(BlockPrediction(mask_logits=mask_logits, score_logits=score_logits,
                                          phrase_loss=phrase_loss, phrase_weights=phrase_weights))
@@ -247,6 +269,7 @@ __all__ = [
     "ObjectTextAttention",
     "PhraseObjectBlock",
     "PhraseObjectDecoder",
+    "TextAttention",
     "phrase_object_alignment",
     "fallback_unmask",
 ]
