@@ -39,13 +39,13 @@ def test_shipped_spaces_are_what_their_comments_say():
         assert p.type == "loguniform"
         assert math.sqrt(p.low * p.high) == pytest.approx(defaults[p.key]) and p.high / p.low == pytest.approx(16)
     assert spaces["queries"].grid_size() == 8 and spaces["queries"].search == "grid"
-    # Table 3: 3 supervisions × 3 aggregations × 4 no-target inputs × 2 decoders.
-    assert spaces["ablations"].grid_size() == 72 and spaces["ablations"].search == "grid"
+    # Every combination of the switches: 3 supervisions × 3 aggregations × 4 no-target inputs × 3 decoders.
+    assert spaces["ablations_grid"].grid_size() == 108 and spaces["ablations_grid"].search == "grid"
 
 
 def test_every_ablation_grid_point_is_a_valid_training_config():
     """Each value is checked alone on load; here every *combination* builds a config."""
-    space = load_space(next(p for p in SPACES if p.stem == "ablations"))
+    space = load_space(next(p for p in SPACES if p.stem == "ablations_grid"))
     keys = [p.key for p in space.params]
     seen = set()
     for values in itertools.product(*(p.values for p in space.params)):
@@ -53,7 +53,7 @@ def test_every_ablation_grid_point_is_a_valid_training_config():
         flat = cfg.flat()
         assert tuple(flat[k] for k in keys) == values
         seen.add(values)
-    assert len(seen) == 72
+    assert len(seen) == 108
 
 
 def test_overrides_round_trip_every_value_type():
