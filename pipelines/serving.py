@@ -103,9 +103,13 @@ class ServingConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServingLimits:
-    """What one serving process accepts. Defaults fit the paper's use (480×480 inputs): a full
-    request of 16 such rows is 3.7 Mpx, so the pixel budget leaves room for a few phone photos
-    (12 Mpx each) while bounding memory (README "Security and limits").
+    """What one serving process accepts.
+
+    Defaults fit the paper's use (the model sees 480×480): a full request of 16 such rows is
+    3.7 Mpx, and the pixel budget also admits one 12 Mpx phone photo or 16 rows of 1 Mpx. It
+    is the knob for memory: the predictor upsamples the merged mask and every kept instance's
+    mask to the original size, so one prediction slot needs up to about
+    ``max_pixels × (18 + 6·k)`` bytes, k ≤ N the instances kept (README "Security and limits").
 
     Args:
         max_rows: rows per request.
@@ -118,7 +122,7 @@ class ServingLimits:
 
     max_rows: int = 16
     max_request_bytes: int = 32 * 2**20
-    max_pixels: int = 40_000_000
+    max_pixels: int = 16_000_000
     max_concurrent: int = 1
     queue_timeout_s: float = 30.0
     image_root: Optional[str] = None

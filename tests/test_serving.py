@@ -11,7 +11,7 @@ a subprocess on loopback (``-h 127.0.0.1``, a free port) and driven over HTTP:
   problem and carries no Python stack trace; the server keeps answering afterwards;
 * the registry model (in-process and over HTTP) gives the checkpoint's ``Predictor``'s answers.
 
-The server is stopped by terminating its process group.
+The server (``tests/model_server.py``) is stopped by terminating its process group.
 """
 
 from __future__ import annotations
@@ -19,19 +19,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from model_server import invoke, model_server
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +42,6 @@ def _png(size: tuple[int, int], mode: str = "RGB") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -85,58 +71,6 @@ def registered(tmp_path_factory):
     finally:
         mlflow.set_tracking_uri(previous)
     return {"checkpoint": checkpoint, "tracking_uri": tracking_uri, "version": version.version, "root": root}
-
-
-@contextmanager
-def model_server(model_uri: str, tracking_uri: str, log_path: Path):
-    port = _free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, OMP_NUM_THREADS="1")
-    bin_dir = Path(sys.executable).parent
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                 "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"model server not ready on {url} after 240 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield url
-    finally:
-        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait_s)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-
-
-def invoke(url: str, columns: list[str], rows: list[list]) -> tuple[int, dict]:
-    body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
-    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")
-        try:
-            return e.code, json.loads(text)
-        except json.JSONDecodeError:
-            return e.code, {"message": text}
 
 
 def _b64(data: bytes) -> str:
@@ -180,7 +114,7 @@ def test_registry_model_matches_the_checkpoint_predictor(registered, expected):
 @pytest.fixture(scope="module")
 def server(registered):
     with model_server(f"models:/{MODEL_NAME}@champion", registered["tracking_uri"],
-                      registered["root"] / "server.log") as url:
+                      registered["root"] / "server.log") as (url, _):
         yield url
 
 
@@ -231,3 +165,25 @@ def test_http_still_serving_after_bad_inputs(server, expected):
     assert status == 200, body
     _close(body["predictions"][0], expected)
     assert np.isfinite(body["predictions"][0]["no_target_prob"])
+
+
+def test_http_image_path_is_refused_alike_for_any_path(server):
+    """No image root configured: ``image_path`` is a 400 whose words are the same whether the
+    path exists (``/etc/passwd``) or not — the server reads nothing and reveals nothing."""
+    answers = {}
+    for path in ("/etc/passwd", "/nonexistent", "/dev/zero"):
+        status, body = invoke(server, ["image_path", "text"], [[path, "the ball"]])
+        assert status == 400, body
+        assert "root:" not in json.dumps(body)  # nothing of the file comes back
+        answers[path] = body["message"].split("Error: ", 1)[-1].replace(repr(path), "<path>")
+    assert len(set(answers.values())) == 1, answers
+    assert "does not read 'image_path'" in answers["/etc/passwd"]
+
+
+def test_http_limits_are_413_with_the_limit_named(server):
+    rows = [[_b64(_png((8, 8))), "the ball"]] * 17  # default: 16 rows per request
+    status, body = invoke(server, ["image", "text"], rows)
+    assert status == 413, body
+    assert "the request has 17 rows, above the limit of 16 rows per request (INSTALIGN_SERVING_MAX_ROWS)" \
+        in body["message"]
+    assert "stack_trace" not in body

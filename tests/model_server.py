@@ -1,0 +1,81 @@
+"""A real ``mlflow models serve`` process on loopback, for the serving tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def model_server(model_uri: str, tracking_uri: str, log_path: Path,
+                 env: Optional[Mapping[str, str]] = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``mlflow models serve -m model_uri --env-manager local -h 127.0.0.1`` on a free port, one
+    worker; yields ``(url, process)`` once ``/ping`` answers and stops its process group after."""
+    port = free_port()
+    full_env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, OMP_NUM_THREADS="1", **(env or {}))
+    bin_dir = Path(sys.executable).parent
+    full_env["PATH"] = f"{bin_dir}{os.pathsep}{full_env.get('PATH', '')}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                                 "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                                env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"model server not ready on {url} after 240 s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url, proc
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait_s)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def invoke(url: str, columns: list[str], rows: list[list], timeout: float = 120) -> tuple[int, dict]:
+    """POST a ``dataframe_split`` request; ``(status, JSON body)`` for answers and errors alike."""
+    body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            return e.code, json.loads(text)
+        except json.JSONDecodeError:
+            return e.code, {"message": text}
