@@ -34,6 +34,16 @@ workers or batches and be ``merge``-d, or shipped across process boundaries.
 
 Inputs to ``update``: boolean (or integer, non-zero = True) torch tensors or numpy
 arrays: masks (B, H, W), flags (B,). Letters: B batch, H×W the evaluation resolution.
+
+**The no-target head as a classifier** (``NoTargetScores``): N_acc and T_acc above are the
+head's accuracies at the paper's threshold, p̂_nt > 0.5. How well p̂_nt *ranks* no-target
+above targeted expressions — whatever the threshold — is its **AUROC**. To stay a
+mergeable plain sum, the accumulator keeps a histogram of p̂_nt per class over
+``NT_BINS`` = 1000 equal bins of [0, 1] instead of the scores themselves. The AUROC from
+it is the Mann–Whitney statistic with two scores in the same bin counted as a tie (½):
+exact up to the bin width, 0.001 (pairs closer than that are the only ones it can
+misorder). It also finds the threshold (a bin edge) that maximises N_acc + T_acc on the
+data it saw — e.g. on val — and the accuracies of any threshold on another split.
 """
 
 from __future__ import annotations
@@ -217,4 +227,102 @@ class RefZOMMetrics(_Accumulator):
         }
 
 
-__all__ = ["GRESMetrics", "PR_THRESHOLDS", "RefZOMMetrics"]
+#: Histogram bins of p̂_nt in ``NoTargetScores`` (width 0.001: the AUROC's resolution).
+NT_BINS = 1000
+
+
+class NoTargetScores:
+    """p̂_nt histograms per class: the no-target head's AUROC and threshold sweeps (module docstring).
+
+    Plain integer sums, ``merge``-able across workers and batches like the other accumulators.
+    Bin ``i`` holds scores in ``[i/NT_BINS, (i+1)/NT_BINS)`` (1.0 goes to the last bin).
+    """
+
+    def __init__(self, bins: int = NT_BINS) -> None:
+        if bins < 2:
+            raise ValueError(f"NoTargetScores: bins must be >= 2, got {bins}")
+        self.bins = int(bins)
+        self.reset()
+
+    def reset(self) -> None:
+        self.pos = [0] * self.bins  # GT no-target
+        self.neg = [0] * self.bins  # GT with targets
+
+    def update(self, no_target_prob: ArrayLike, gt_no_target: ArrayLike) -> None:
+        """Add a batch: p̂_nt (B,) in [0, 1] and the GT no-target flags (B,)."""
+        prob = torch.as_tensor(no_target_prob).detach().float().cpu().flatten()
+        gt = _as_bool_tensor(gt_no_target, "gt_no_target", torch.device("cpu")).flatten()
+        if prob.shape != gt.shape:
+            raise ValueError(f"no_target_prob {tuple(prob.shape)} and gt_no_target {tuple(gt.shape)} differ")
+        if prob.numel() and (not torch.isfinite(prob).all() or prob.min() < 0 or prob.max() > 1):
+            raise ValueError("no_target_prob must be probabilities in [0, 1]")
+        idx = (prob * self.bins).long().clamp(0, self.bins - 1)
+        for hist, sel in ((self.pos, gt), (self.neg, ~gt)):
+            counts = torch.bincount(idx[sel], minlength=self.bins).tolist()
+            for i, c in enumerate(counts):
+                if c:
+                    hist[i] += c
+
+    def state_dict(self) -> dict[str, list[int]]:
+        return {"nt_hist_pos": list(self.pos), "nt_hist_neg": list(self.neg)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pos, neg = (list(map(int, np.asarray(state[k]).ravel())) for k in ("nt_hist_pos", "nt_hist_neg"))
+        if len(pos) != len(neg) or len(pos) < 2:
+            raise ValueError(f"NoTargetScores.load_state_dict: histograms of {len(pos)} and {len(neg)} bins")
+        self.bins, self.pos, self.neg = len(pos), pos, neg
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "NoTargetScores":
+        scores = cls(bins=len(np.asarray(state["nt_hist_pos"]).ravel()))
+        scores.load_state_dict(state)
+        return scores
+
+    def merge(self, other: "NoTargetScores") -> "NoTargetScores":
+        if not isinstance(other, NoTargetScores) or other.bins != self.bins:
+            raise TypeError("can only merge a NoTargetScores with the same number of bins")
+        self.pos = [a + b for a, b in zip(self.pos, other.pos)]
+        self.neg = [a + b for a, b in zip(self.neg, other.neg)]
+        return self
+
+    def auroc(self) -> float:
+        """P(p̂_nt of a no-target sample > that of a targeted one), ties ½; percent, NaN if a class is empty."""
+        n_pos, n_neg = sum(self.pos), sum(self.neg)
+        if not n_pos or not n_neg:
+            return math.nan
+        below = 0  # targeted samples in lower bins
+        wins = 0.0
+        for p, n in zip(self.pos, self.neg):
+            wins += p * (below + 0.5 * n)
+            below += n
+        return 100.0 * wins / (n_pos * n_neg)
+
+    def accuracies(self, threshold: float) -> tuple[float, float]:
+        """(N_acc, T_acc) in percent when p̂_nt ≥ ``threshold`` (rounded to a bin edge) means no target."""
+        edge = min(max(int(round(threshold * self.bins)), 0), self.bins)
+        n_acc = _ratio(sum(self.pos[edge:]), sum(self.pos))
+        t_acc = _ratio(sum(self.neg[:edge]), sum(self.neg))
+        return n_acc, t_acc
+
+    def best_threshold(self) -> float:
+        """The bin edge maximising N_acc + T_acc on the data seen (the lowest such edge); NaN if a class is empty."""
+        n_pos, n_neg = sum(self.pos), sum(self.neg)
+        if not n_pos or not n_neg:
+            return math.nan
+        best, best_edge = -1.0, 0
+        tp, tn = n_pos, 0  # at edge 0 every sample is called no-target
+        for edge in range(self.bins + 1):
+            score = tp / n_pos + tn / n_neg
+            if score > best + 1e-12:
+                best, best_edge = score, edge
+            if edge < self.bins:
+                tp -= self.pos[edge]
+                tn += self.neg[edge]
+        return best_edge / self.bins
+
+    def compute(self) -> dict[str, float]:
+        """``nt_AUROC`` (percent); N/T accuracies at 0.5 are ``GRESMetrics``' N_acc / T_acc (exact)."""
+        return {"nt_AUROC": self.auroc()}
+
+
+__all__ = ["GRESMetrics", "NT_BINS", "NoTargetScores", "PR_THRESHOLDS", "RefZOMMetrics"]

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from instalign.metrics import NoTargetScores
 from tiny_checkpoint import make_checkpoint
 
 
@@ -36,7 +37,8 @@ def reference_metrics(checkpoint, data_dir, split):
                               tokenizer=load_tokenizer(cfg.model.text_encoder))
     ds = ParquetGRES(str(data_dir), split, transform)
     loader = DataLoader(ds, batch_size=1, collate_fn=ds.collate)
-    return evaluate(model, loader, device="cpu", precision="fp32")
+    scores = NoTargetScores()
+    return evaluate(model, loader, device="cpu", precision="fp32", scores=scores), scores
 
 
 @pytest.mark.ray
@@ -48,16 +50,30 @@ def test_ray_evaluation_equals_single_process(ray_local, prepared_dataset, check
                "--num-workers", "2", "--batch-size", "1", "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "gIoU" in printed and "cIoU" in printed and "N_acc" in printed
+    assert "gIoU" in printed and "cIoU" in printed and "N_acc" in printed and "nt_AUROC" in printed
+    assert "threshold" not in printed  # a tuned threshold only on request
     got = json.loads(out.read_text())
 
-    ref = reference_metrics(checkpoint, prepared_dataset, "val")
+    ref, scores = reference_metrics(checkpoint, prepared_dataset, "val")
     state = ref.state_dict()
     assert got["samples"] == state["samples"] > 0
     assert got["batches"] == state["samples"]  # batch size 1: one row of sums per sample
     assert state["no_target"] > 0 and state["targeted"] > 0  # both branches of ReLA's rules exercised
-    for key, value in ref.compute().items():
+    for key, value in {**ref.compute(), **scores.compute()}.items():
         assert (math.isnan(value) and math.isnan(got[key])) or got[key] == pytest.approx(value, abs=1e-9), key
+    assert not any("threshold" in k for k in got)
+
+    # On request: the threshold chosen on val, reported apart from the paper's numbers.
+    rc = main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(prepared_dataset), "--split", "val",
+               "--batch-size", "4", "--threshold-from", "val", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "NOT the paper's rule: no-target threshold chosen on val" in printed
+    got = json.loads(out.read_text())
+    threshold = scores.best_threshold()
+    assert got["nt_threshold@val"] == pytest.approx(threshold)
+    assert (got["N_acc@val_threshold"], got["T_acc@val_threshold"]) == pytest.approx(scores.accuracies(threshold))
+    assert got["N_acc"] == pytest.approx(ref.compute()["N_acc"])  # the 0.5 numbers are unchanged
 
 
 @pytest.mark.ray

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from instalign.metrics import GRESMetrics, RefZOMMetrics
+from instalign.metrics import NT_BINS, GRESMetrics, NoTargetScores, RefZOMMetrics
 
 H = W = 4
 
@@ -170,3 +170,60 @@ def test_refzom_by_hand():
     only_targets = RefZOMMetrics()
     only_targets.update(*stack(cases, 0, 2))
     assert math.isnan(only_targets.compute()["Acc"])
+
+
+# --- the no-target head as a classifier ---------------------------------------------------
+
+def exact_auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    return 100.0 * float(((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])).mean())
+
+
+def test_no_target_auroc_is_exact_to_the_bin_width():
+    rng = np.random.default_rng(0)
+    pos, neg = rng.beta(4, 2, 300), rng.beta(2, 4, 900)  # overlapping classes
+    scores = NoTargetScores()
+    scores.update(torch.tensor(np.concatenate([pos, neg])), np.r_[np.ones(300, bool), np.zeros(900, bool)])
+    auroc = scores.compute()["nt_AUROC"]
+    assert 70 < auroc < 95
+    # Only pairs within one bin (width 1/NT_BINS) can be misordered: bound their share.
+    close = float((np.abs(pos[:, None] - neg[None]) < 1.0 / NT_BINS).mean())
+    assert abs(auroc - exact_auroc(pos, neg)) <= 100.0 * close + 1e-9
+    # Perfect and inverted rankings, and ties
+    perfect = NoTargetScores()
+    perfect.update(torch.tensor([0.9, 0.8, 0.2, 0.1]), torch.tensor([True, True, False, False]))
+    assert perfect.auroc() == 100.0
+    inverted = NoTargetScores()
+    inverted.update(torch.tensor([0.1, 0.9]), torch.tensor([True, False]))
+    assert inverted.auroc() == 0.0
+    tied = NoTargetScores()
+    tied.update(torch.tensor([0.5, 0.5]), torch.tensor([True, False]))
+    assert tied.auroc() == 50.0
+    assert math.isnan(NoTargetScores().auroc())  # a class without samples: undefined, not 0
+
+
+def test_no_target_scores_merge_like_sums_and_round_trip():
+    rng = np.random.default_rng(1)
+    probs, labels = rng.random(200), rng.random(200) < 0.3
+    whole = NoTargetScores()
+    whole.update(probs, labels)
+    parts = [NoTargetScores() for _ in range(3)]
+    for i, part in enumerate(parts):
+        part.update(probs[i::3], labels[i::3])
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.state_dict() == whole.state_dict()
+    back = NoTargetScores.from_state(json.loads(json.dumps(whole.state_dict())))
+    assert back.auroc() == whole.auroc()
+    with pytest.raises(ValueError, match="probabilities"):
+        whole.update(torch.tensor([1.5]), torch.tensor([True]))
+
+
+def test_no_target_threshold_choice_and_accuracies():
+    scores = NoTargetScores()
+    # no-target at 0.30, 0.35, 0.60; targeted at 0.10, 0.20, 0.32
+    scores.update(torch.tensor([0.30, 0.35, 0.60, 0.10, 0.20, 0.32]),
+                  torch.tensor([True, True, True, False, False, False]))
+    assert scores.accuracies(0.5) == (pytest.approx(100 / 3), 100.0)  # the paper's 0.5: one no-target found
+    best = scores.best_threshold()
+    assert 0.20 < best <= 0.30  # all no-target found, 2 of 3 targeted kept
+    n_acc, t_acc = scores.accuracies(best)
+    assert n_acc == 100.0 and t_acc == pytest.approx(200 / 3)
