@@ -271,14 +271,6 @@ def git_commit(path: Union[str, Path, None] = None) -> Optional[str]:
     return f"{head}-dirty" if dirty else head
 
 
-def file_sha256(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def system_info() -> dict[str, Any]:
     """Versions and hardware of the driver machine (the workers' are logged by rank 0)."""
     import torch

@@ -14,7 +14,6 @@ from pipelines.tracking_mlflow import (
     RUN_NAME_TAG,
     MlflowTracker,
     default_artifact_location,
-    file_sha256,
     git_commit,
     metric_key,
     resolve_tracking_uri,
@@ -102,9 +101,6 @@ def test_null_tracker_is_a_tracker():
 
 
 def test_driver_metadata_helpers(tmp_path):
-    f = tmp_path / "m.json"
-    f.write_bytes(b"{}")
-    assert file_sha256(f) == "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
     commit = git_commit()
     assert commit is None or len(commit.split("-")[0]) == 40
     assert git_commit(tmp_path) is None  # not a checkout
