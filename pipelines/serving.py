@@ -108,8 +108,8 @@ class ServingLimits:
     Defaults fit the paper's use (the model sees 480×480): a full request of 16 such rows is
     3.7 Mpx, and the pixel budget also admits one 12 Mpx phone photo or 16 rows of 1 Mpx. It
     is the knob for memory: the predictor upsamples the merged mask and every kept instance's
-    mask to the original size, so one prediction slot needs up to about
-    ``max_pixels × (18 + 6·k)`` bytes, k ≤ N the instances kept (README "Security and limits").
+    mask (one at a time) to the original size, so one prediction slot needs up to about
+    ``max_pixels × (22 + 2·k)`` bytes, k ≤ N the instances kept (README "Security and limits").
 
     Args:
         max_rows: rows per request.
