@@ -1,0 +1,422 @@
+"""``instalign serve``: a registered model as a Ray Serve application, with a page for people.
+
+One deployment, :class:`InstAlignService`, whose replicas each hold a ``Predictor`` (GPU
+when one is assigned) behind a FastAPI ingress:
+
+* ``POST /invocations`` — the MLflow pyfunc's contract (``pipelines.pyfunc``), so a client
+  written against ``mlflow models serve`` works unchanged: ``{"dataframe_records": [...]}``
+  or ``{"dataframe_split": {"columns": [...], "data": [...]}}`` with ``text`` and ``image``
+  (base64 of the encoded bytes) or ``image_path``; the answer is ``{"predictions": [...]}``
+  in ``prediction_to_record``'s format. Refusals are the pyfunc's own, raised by the same
+  code (``pyfunc.predict_records``: rows, payload bytes and decoded pixels per request,
+  texts, image headers; ``pipelines.serving.ServingLimits`` from the ``INSTALIGN_SERVING_*``
+  environment) and answered as MLflow answers them — ``{"error_code", "message"}`` with 400,
+  413 or 503 — never with a stack trace. Unlike MLflow's scoring server, the raw body is
+  bounded too (:func:`max_body_bytes`: the payload limit in base64 plus JSON slack) and read
+  no further once over it.
+* ``GET /ping`` and ``GET /health`` — 200 once the replica has loaded the model.
+* ``GET /`` — the page (``pipelines/web``): pick a bundled sample or upload an image, type an
+  expression, see the overlay that ``instalign predict --out`` draws
+  (``instalign.visualize.overlay``), the verdict and the raw JSON; it posts to
+  ``POST /explain`` (one image, one expression → the record and the overlay PNG).
+
+Dynamic batching (``@serve.batch``): a request is checked and decoded in a worker thread by
+``predict_records``; its rows then join the replica's batch queue, where rows of concurrent
+requests are run through the model together (up to ``max_batch_size`` rows, waiting at most
+``batch_wait_timeout_s`` for a batch to fill). The serving gate (``PredictionGate``) lets as
+many requests decode at once as a batch has rows, so decoded images in memory stay bounded
+by ``max_batch_size`` requests of at most ``pyfunc._CHUNK`` rows each.
+
+Where it listens: ``serve.start(http_options={"host", "port"})`` — loopback unless
+``--host`` says otherwise. The page and ``/invocations`` have no authentication: put a proxy
+that authenticates in front before binding a public interface. On Kubernetes,
+``cluster/kuberay/rayservice.yaml`` deploys :func:`app_builder` from a Serve config.
+"""
+
+
+import argparse
+import asyncio
+import base64
+import binascii
+import functools
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from ray import serve
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+#: Files of the page served under ``/static`` (a fixed list: nothing else under WEB_DIR is reachable).
+STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+APP_NAME = "instalign"
+
+api = FastAPI(title="InstAlign", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class RequestError(Exception):
+    """A request refused at the HTTP layer (before the pyfunc's checks): status and message."""
+
+    def __init__(self, status: int, message: str, error_code: str = "BAD_REQUEST") -> None:
+        super().__init__(message)
+        self.status, self.message, self.error_code = status, message, error_code
+
+
+def max_body_bytes(max_request_bytes: int) -> int:
+    """The largest HTTP body worth reading: the payload limit as base64 (4/3) plus 1 MiB of JSON."""
+    return 4 * math.ceil(max_request_bytes / 3) + 2**20
+
+
+def parse_invocation(body: bytes):
+    """The JSON body of ``/invocations`` → a DataFrame (``image`` base64-decoded to bytes).
+
+    Accepts MLflow's ``dataframe_records`` and ``dataframe_split`` (``columns`` + ``data``).
+    """
+    import pandas as pd
+
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, "the body must be a JSON object with 'dataframe_records' or 'dataframe_split'")
+    keys = [k for k in ("dataframe_records", "dataframe_split") if k in payload]
+    if len(keys) != 1:
+        raise RequestError(400, f"the body needs exactly one of 'dataframe_records' or 'dataframe_split' "
+                                f"(got keys {sorted(payload)})")
+    if keys[0] == "dataframe_records":
+        records = payload["dataframe_records"]
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise RequestError(400, "'dataframe_records' must be a list of objects")
+        frame = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=["text"])
+    else:
+        split = payload["dataframe_split"]
+        if not isinstance(split, dict) or not isinstance(split.get("columns"), list) \
+                or not isinstance(split.get("data"), list):
+            raise RequestError(400, "'dataframe_split' must be an object with lists 'columns' and 'data'")
+        columns = split["columns"]
+        for row, values in enumerate(split["data"]):
+            if not isinstance(values, list) or len(values) != len(columns):
+                raise RequestError(400, f"dataframe_split row {row}: expected a list of {len(columns)} values")
+        frame = pd.DataFrame(split["data"], columns=columns)
+    if "image" in frame.columns:
+        frame["image"] = [_b64decode(row, value) for row, value in enumerate(frame["image"])]
+    return frame
+
+
+def _b64decode(row: int, value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if not isinstance(value, str):
+        raise RequestError(400, f"row {row}: 'image' must be a base64 string of the encoded image, "
+                                f"got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"row {row}: 'image' is not valid base64") from None
+
+
+def _error(status: int, message: str, error_code: str) -> JSONResponse:
+    return JSONResponse({"error_code": error_code, "message": message}, status_code=status)
+
+
+def _pyfunc_error(e) -> JSONResponse:
+    """A pyfunc refusal (an ``MlflowException``) answered as MLflow's scoring server does."""
+    return _error(e.get_http_status_code(), e.message, e.error_code)
+
+
+@dataclass
+class _Stats:
+    """What this replica's batch queue did (``GET /stats``): batches run and rows per batch."""
+
+    batches: int = 0
+    rows: int = 0
+    largest: int = 0
+
+    def add(self, n: int) -> None:
+        self.batches, self.rows, self.largest = self.batches + 1, self.rows + n, max(self.largest, n)
+
+
+class _QueuedModel:
+    """What ``pyfunc.predict_records`` sees as the predictor: the real transform (for the text
+    checks) and a ``predict_batch`` that queues each row on the replica's event loop, where
+    ``@serve.batch`` runs rows of concurrent requests through the model together."""
+
+    def __init__(self, service: "InstAlignService", loop: asyncio.AbstractEventLoop) -> None:
+        self.transform = service.predictor.transform
+        self._service, self._loop = service, loop
+
+    def predict_batch(self, pictures, texts, batch_size: int = 16):
+        futures = [asyncio.run_coroutine_threadsafe(self._service.predict_row((p, t)), self._loop)
+                   for p, t in zip(pictures, texts)]
+        return [f.result() for f in futures]
+
+
+@serve.deployment(name="InstAlign", max_ongoing_requests=32)
+@serve.ingress(api)
+class InstAlignService:
+    """One replica: the model, the serving limits, the batch queue.
+
+    Args:
+        model: checkpoint directory or ``models:/NAME@ALIAS`` (resolved on the replica's node
+            through the registry cache: ``pipelines.registry.resolve_checkpoint``).
+        tracking_uri: MLflow tracking URI for a ``models:/`` model.
+        max_batch_size: rows per model call across concurrent requests.
+        batch_wait_timeout_s: how long a batch waits to fill.
+        top_words: words reported per instance.
+    """
+
+    def __init__(self, model: str, tracking_uri: Optional[str] = None, max_batch_size: int = 8,
+                 batch_wait_timeout_s: float = 0.01, top_words: int = 3) -> None:
+        import torch
+
+        from instalign.predictor import Predictor
+        from pipelines.registry import configure_tracking, is_model_uri, resolve_checkpoint
+        from pipelines.serving import PredictionGate, ServingLimits
+
+        if is_model_uri(model):
+            configure_tracking(tracking_uri)
+        checkpoint = resolve_checkpoint(model)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.predictor = Predictor.from_checkpoint(checkpoint, device=device, top_words=top_words)
+        self.model = model
+        self.limits = ServingLimits.load()
+        slots = max(self.limits.max_concurrent, max_batch_size)
+        self.gate = PredictionGate(slots, self.limits.queue_timeout_s)
+        # Two pools, never asyncio's default one: request threads block until their rows come
+        # back from the batch queue, so the model must not need a thread from the same pool
+        # (with the default pool's min(32, CPUs + 4) threads that deadlocks under load).
+        self._requests = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="instalign-request")
+        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="instalign-model")
+        self.max_body = max_body_bytes(self.limits.max_request_bytes)
+        self.predict_row.set_max_batch_size(max_batch_size)
+        self.predict_row.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.stats = _Stats()
+        self.samples = json.loads((WEB_DIR / "samples" / "samples.json").read_text())["samples"]
+        log.info("InstAlign replica ready: %s on %s, batches of up to %d rows", model, device, max_batch_size)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def predict_row(self, items: list[tuple[Any, str]]) -> list[Any]:
+        """A batch of (decoded image, text) rows from any requests → their ``Prediction``\\ s."""
+        pictures, texts = [p for p, _ in items], [t for _, t in items]
+        self.stats.add(len(items))
+        run = functools.partial(self.predictor.predict_batch, pictures, texts, batch_size=len(items))
+        return await asyncio.get_running_loop().run_in_executor(self._model, run)
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it passes :attr:`max_body`."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise RequestError(413, f"the body is {declared} bytes, above the limit of {self.max_body} bytes",
+                               "RESOURCE_EXHAUSTED")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise RequestError(413, f"the body is over the limit of {self.max_body} bytes", "RESOURCE_EXHAUSTED")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _records(self, frame) -> list[dict[str, Any]]:
+        from pipelines.pyfunc import predict_records
+
+        loop = asyncio.get_running_loop()
+        run = functools.partial(predict_records, _QueuedModel(self, loop), frame, limits=self.limits, gate=self.gate)
+        return await loop.run_in_executor(self._requests, run)
+
+    @api.get("/ping")
+    @api.get("/health")
+    def ping(self) -> Response:
+        return Response("\n", media_type="text/plain")
+
+    @api.get("/stats")
+    def batch_stats(self) -> dict[str, int]:
+        return {"batches": self.stats.batches, "rows": self.stats.rows, "largest_batch": self.stats.largest}
+
+    @api.post("/invocations")
+    async def invocations(self, request: Request) -> Response:
+        from mlflow.exceptions import MlflowException
+
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if content_type != "application/json":
+                raise RequestError(415, f"Content-Type must be application/json, got {content_type or 'none'!r}")
+            frame = parse_invocation(await self._body(request))
+            records = await self._records(frame)
+        except RequestError as e:
+            return _error(e.status, e.message, e.error_code)
+        except MlflowException as e:  # PyfuncInputError, RequestTooLarge, ServerBusy
+            return _pyfunc_error(e)
+        return JSONResponse({"predictions": records})
+
+    # --- the page ---------------------------------------------------------------------------
+
+    @api.get("/")
+    def page(self) -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+    @api.get("/static/{name}")
+    def static(self, name: str) -> Response:
+        if name not in STATIC_FILES:
+            return _error(404, f"no static file {name!r}", "NOT_FOUND")
+        return FileResponse(WEB_DIR / name, media_type=STATIC_FILES[name])
+
+    @api.get("/samples")
+    def sample_list(self) -> dict[str, Any]:
+        return {"model": self.model, "samples": self.samples}
+
+    @api.get("/samples/{name}")
+    def sample(self, name: str) -> Response:
+        if name not in {s["file"] for s in self.samples}:
+            return _error(404, f"no sample {name!r}", "NOT_FOUND")
+        return FileResponse(WEB_DIR / "samples" / name, media_type="image/jpeg")
+
+    @api.post("/explain")
+    async def explain(self, request: Request) -> Response:
+        """``{"image": base64, "text": str}`` → the record, the overlay PNG (base64) and the
+        instance colours the overlay used, for the page."""
+        import pandas as pd
+        from mlflow.exceptions import MlflowException
+
+        try:
+            payload = json.loads(await self._body(request))
+            if not isinstance(payload, dict):
+                raise RequestError(400, "the body must be a JSON object with 'image' and 'text'")
+            image = _b64decode(0, payload.get("image"))
+            if not image:
+                raise RequestError(400, "choose an image first")
+            frame = pd.DataFrame({"image": [image], "text": [payload.get("text")]})
+            (record,) = await self._records(frame)
+            png = await asyncio.get_running_loop().run_in_executor(
+                self._requests, _overlay_png, image, record, frame["text"][0])
+        except json.JSONDecodeError as e:
+            return _error(400, f"the body is not valid JSON: {e}", "BAD_REQUEST")
+        except RequestError as e:
+            return _error(e.status, e.message, e.error_code)
+        except MlflowException as e:
+            return _pyfunc_error(e)
+        from instalign.visualize import PALETTE
+
+        colours = ["#%02x%02x%02x" % PALETTE[k % len(PALETTE)] for k in range(len(record["instances"]))]
+        return JSONResponse({"prediction": record, "overlay_png": base64.b64encode(png).decode(),
+                             "colours": colours})
+
+
+def _overlay_png(image: bytes, record: dict[str, Any], text: str) -> bytes:
+    """``instalign.visualize.overlay`` of a served record, as PNG bytes."""
+    from instalign.visualize import overlay
+    from pipelines.pyfunc import decode_image, record_to_prediction
+
+    picture = decode_image("image", image)
+    buf = io.BytesIO()
+    overlay(picture, record_to_prediction(record), text, top_words=2).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- building and running the application ----------------------------------------------------
+
+def build_app(model: str, *, tracking_uri: Optional[str] = None, replicas: int = 1, gpus_per_replica: float = 0.0,
+              cpus_per_replica: float = 1.0, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+              top_words: int = 3) -> serve.Application:
+    """The Serve application for ``model`` (a checkpoint directory or ``models:/`` URI)."""
+    if replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    if max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if gpus_per_replica < 0 or cpus_per_replica < 0:
+        raise ValueError("--gpus-per-replica and --cpus-per-replica must be >= 0")
+    options: dict[str, Any] = {"num_cpus": cpus_per_replica}
+    if gpus_per_replica:
+        options["num_gpus"] = gpus_per_replica
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "INSTALIGN_CACHE",
+                                      *(f"INSTALIGN_SERVING_{n}" for n in ("MAX_ROWS", "MAX_REQUEST_BYTES",
+                                        "MAX_PIXELS", "MAX_CONCURRENT", "QUEUE_TIMEOUT_S", "IMAGE_ROOT")))
+           if k in os.environ}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    deployment = InstAlignService.options(num_replicas=replicas, ray_actor_options=options,
+                                          max_ongoing_requests=max(8, 4 * max_batch_size))
+    return deployment.bind(model, tracking_uri, max_batch_size, batch_wait_timeout_s, top_words)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for a Serve config (``import_path: pipelines.serve:app_builder``; KubeRay).
+
+    ``args``: ``model`` (required), ``tracking_uri``, ``max_batch_size``, ``batch_wait_timeout_s``,
+    ``top_words``. Replicas, resources and autoscaling come from the config's ``deployments``.
+    """
+    if "model" not in args:
+        raise ValueError("app_builder: args need 'model' (a models:/NAME@ALIAS URI or a checkpoint directory)")
+    return InstAlignService.bind(str(args["model"]), args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
+                                 int(args.get("max_batch_size", 8)), float(args.get("batch_wait_timeout_s", 0.01)),
+                                 int(args.get("top_words", 3)))
+
+
+def start(model: str, *, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
+          tracking_uri: Optional[str] = None, **options: Any) -> str:
+    """Connect to Ray (``ray_utils.init_ray``), start Serve's HTTP proxy on ``host:port`` and
+    deploy the application; returns its URL once every replica is ready."""
+    from pipelines.ray_utils import init_ray
+
+    init_ray(address)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(model, tracking_uri=tracking_uri, **options), name=APP_NAME, route_prefix="/")
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR|models:/NAME@ALIAS|models:/NAME/VERSION",
+                        help="checkpoint directory or registered model")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to deploy on (auto, HOST:PORT); default: a private local cluster")
+    parser.add_argument("--replicas", type=int, default=1, help="model replicas (default: 1)")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (0: CPU)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (default: 1)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="rows run through the model together across concurrent requests (default: 8)")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="how long a batch waits to fill, in milliseconds (default: 10)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 exposes "
+                             "an unauthenticated server)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument("--top-words", type=int, default=3, help="words reported per instance")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI for models:/ URIs "
+                             "(default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.registry import RegistryError, configure_tracking, is_model_uri, resolve_checkpoint
+
+    tracking_uri = configure_tracking(args.tracking_uri) if is_model_uri(args.model) else None
+    try:
+        resolve_checkpoint(args.model)  # a wrong name or alias fails here, in one line, before Ray starts
+        url = start(args.model, host=args.host, port=args.port, address=args.address, tracking_uri=tracking_uri,
+                    replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                    cpus_per_replica=args.cpus_per_replica, max_batch_size=args.max_batch_size,
+                    batch_wait_timeout_s=args.batch_wait_ms / 1000.0, top_words=args.top_words)
+    except (RegistryError, FileNotFoundError, ValueError) as e:
+        print(f"instalign serve: {e}", file=sys.stderr)
+        return 1
+    print(f"serving {args.model} at {url}/ (page), {url}/invocations (JSON), {url}/ping; Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+        serve.delete(APP_NAME)
+    return 0

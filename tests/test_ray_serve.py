@@ -1,0 +1,223 @@
+"""``instalign serve``: the registered model as a Ray Serve application, over real HTTP.
+
+A tiny random checkpoint (biased to keep instances) is registered in a temporary sqlite
+MLflow store and deployed with ``pipelines.serve.build_app`` on a local Ray cluster, Serve's
+proxy on loopback. Then, over HTTP:
+
+* good requests in both of MLflow's JSON forms answer what the checkpoint's own
+  ``Predictor`` answers, in the pyfunc's record format;
+* every class of bad input is a clean 4xx (400 / 413 / 415) with a message naming the
+  problem and no stack trace, and the server keeps answering;
+* the health routes answer, and only the page's own files are reachable;
+* concurrent requests are batched (``@serve.batch``: the replica reports batches of more
+  than one row) and answer the same as one-at-a-time requests; both throughputs are
+  measured and printed (no timing assertion).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.serve_fixtures import get, post, register, serving
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+#: Small limits, so each limit can be crossed with a small request (read by the replicas).
+LIMITS = {"INSTALIGN_SERVING_MAX_ROWS": "4", "INSTALIGN_SERVING_MAX_REQUEST_BYTES": "300000"}
+IMAGE_SIZE = (97, 61)
+
+
+def _png(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> bytes:
+    from PIL import Image, ImageDraw
+
+    img = Image.new(mode, size, 40 if mode == "L" else (40 + seed * 20, 60, 80))
+    if max(size) < 1000:
+        draw = ImageDraw.Draw(img)
+        draw.ellipse([10, 8, 45, 40], fill=(220, 40, 40))
+        draw.rectangle([55, 20, 90, 55], fill=(40, 200, 60))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _noise_png(side: int) -> bytes:
+    """An incompressible PNG (random pixels) of about 3·side² bytes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return register(tmp_path_factory.mktemp("serve"), "instalign-serve-test", score_bias=4.0, no_target_bias=-4.0)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    saved = {k: os.environ.get(k) for k in LIMITS}
+    os.environ.update(LIMITS)
+    try:
+        with serving(model, max_batch_size=8, batch_wait_timeout_s=0.02) as url:
+            yield url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def predictor(model):
+    from instalign.predictor import Predictor
+
+    return Predictor.from_checkpoint(model["checkpoint"], device="cpu")
+
+
+def _expected(predictor, image: bytes, text: str) -> dict:
+    from pipelines.pyfunc import prediction_to_record
+
+    return prediction_to_record(predictor.predict(image, text))
+
+
+def _close(got: dict, want: dict) -> None:
+    assert got["mask"] == want["mask"]
+    assert got["no_target"] == want["no_target"]
+    assert got["no_target_prob"] == pytest.approx(want["no_target_prob"], abs=1e-5)
+    assert [i["mask"] for i in got["instances"]] == [i["mask"] for i in want["instances"]]
+    assert [i["words"] for i in got["instances"]] == [i["words"] for i in want["instances"]]
+    assert [i["score"] for i in got["instances"]] == pytest.approx([i["score"] for i in want["instances"]], abs=1e-5)
+
+
+def test_health_routes(server):
+    for route in ("/ping", "/health"):
+        status, _ = get(server + route)
+        assert status == 200, route
+    assert get(server + "/static/app.js")[0] == 200
+    assert get(server + "/static/..%2Fserve.py")[0] == 404  # only the page's own files
+    assert get(server + "/samples/..%2F..%2Fserve.py")[0] == 404
+
+
+def test_good_requests_in_both_forms_answer_the_checkpoint_predictor(server, predictor):
+    from pycocotools import mask as mask_utils
+
+    image, text = _png(IMAGE_SIZE), "the red ball on the left"
+    want = _expected(predictor, image, text)
+    assert want["instances"], "the biased checkpoint keeps instances"
+    split = {"dataframe_split": {"columns": ["image", "text"], "data": [[_b64(image), text]]}}
+    records = {"dataframe_records": [{"image": _b64(image), "text": text}]}
+    for body in (split, records):
+        status, answer = post(server + "/invocations", body)
+        assert status == 200, answer
+        (row,) = answer["predictions"]
+        assert set(row) == {"mask", "no_target", "no_target_prob", "instances"}
+        decoded = mask_utils.decode({"size": row["mask"]["size"], "counts": row["mask"]["counts"].encode()})
+        assert decoded.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0])
+        _close(row, want)
+
+
+def test_a_multi_row_request_answers_in_order(server, predictor):
+    rows = [(_png(IMAGE_SIZE, seed=k), f"shape number {k}") for k in range(3)]
+    status, answer = post(server + "/invocations",
+                          {"dataframe_records": [{"image": _b64(i), "text": t} for i, t in rows]})
+    assert status == 200, answer
+    assert len(answer["predictions"]) == 3
+    for got, (image, text) in zip(answer["predictions"], rows):
+        _close(got, _expected(predictor, image, text))
+
+
+def _split(rows: list[list], columns=("image", "text")) -> dict:
+    return {"dataframe_split": {"columns": list(columns), "data": rows}}
+
+
+GOOD_IMAGE = _b64(_png(IMAGE_SIZE))
+#: Each class of bad input → (body, content type, expected status, a phrase the message must contain).
+BAD = {
+    "not-an-image": (_split([[_b64(b"these bytes are no image at all"), "the ball"]]), None, 400,
+                     "not a readable image"),
+    "not-base64": (_split([["@@@ not base64 @@@", "the ball"]]), None, 400, "base64"),
+    "empty-expression": (_split([[GOOD_IMAGE, "  "]]), None, 400, "non-empty"),
+    "expression-over-token-limit": (_split([[GOOD_IMAGE, " ".join(["ball"] * 60)]]), None, 400, "token"),
+    "huge-image": (_split([[_b64(_png((7000, 6000), mode="L")), "the ball"]]), None, 400, "pixels"),
+    "missing-text-column": (_split([[GOOD_IMAGE]], columns=["image"]), None, 400, "text"),
+    "missing-image-column": (_split([["the ball"]], columns=["text"]), None, 400, "image"),
+    "image-path-not-allowed": (_split([["/etc/passwd", "the ball"]], columns=["image_path", "text"]), None, 400,
+                               "image_path"),
+    "too-many-rows": (_split([[GOOD_IMAGE, "the ball"]] * 5), None, 413, "rows"),
+    "payload-over-limit": (_split([[_b64(_noise_png(200)), "the ball"]] * 3), None, 413, "bytes"),
+    "body-over-limit": (b'{"dataframe_split": {"columns": ["text"], "data": [["' + b"x" * 1_600_000 + b'"]]}}',
+                        None, 413, "body"),
+    "not-json": (b"{this is not json", None, 400, "JSON"),
+    "no-dataframe": ({"instances": [{"text": "the ball"}]}, None, 400, "dataframe_"),
+    "wrong-content-type": (b"image,text\n", "text/csv", 415, "application/json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_a_clean_4xx(server, case):
+    body, content_type, want_status, needle = BAD[case]
+    status, answer = post(server + "/invocations", body, content_type=content_type or "application/json")
+    text = json.dumps(answer)
+    assert status == want_status, f"{case}: HTTP {status}: {text[:500]}"
+    assert needle in answer.get("message", ""), f"{case}: the message does not say {needle!r}: {text[:500]}"
+    assert "Traceback" not in text and 'File "' not in text, f"{case}: the answer leaks a stack trace"
+
+
+def test_still_serving_after_bad_inputs(server, predictor):
+    for body, content_type, _, _ in BAD.values():
+        post(server + "/invocations", body, content_type=content_type or "application/json")
+    image, text = _png(IMAGE_SIZE), "the red ball on the left"
+    status, answer = post(server + "/invocations", {"dataframe_records": [{"image": _b64(image), "text": text}]})
+    assert status == 200, answer
+    _close(answer["predictions"][0], _expected(predictor, image, text))
+
+
+def test_concurrent_requests_are_batched(server, predictor):
+    """16 one-row requests, one at a time and then all at once: the same answers; batches form."""
+    n = 16
+    bodies = [{"dataframe_records": [{"image": _b64(_png(IMAGE_SIZE, seed=k % 8)), "text": f"object {k}"}]}
+              for k in range(n)]
+    _, before = get(server + "/stats")
+    before = json.loads(before)
+
+    t0 = time.perf_counter()
+    one_by_one = [post(server + "/invocations", b) for b in bodies]
+    sequential_s = time.perf_counter() - t0
+    _, middle = get(server + "/stats")
+    middle = json.loads(middle)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        together = list(pool.map(lambda b: post(server + "/invocations", b), bodies))
+    concurrent_s = time.perf_counter() - t0
+    _, after = get(server + "/stats")
+    after = json.loads(after)
+
+    assert all(s == 200 for s, _ in one_by_one + together)
+    for (_, a), (_, b) in zip(one_by_one, together):
+        # Batched with other rows or alone, the model answers the same (float noise aside).
+        assert a["predictions"][0]["no_target"] == b["predictions"][0]["no_target"]
+        assert a["predictions"][0]["no_target_prob"] == pytest.approx(b["predictions"][0]["no_target_prob"], abs=1e-4)
+    seq_batches = middle["batches"] - before["batches"]
+    conc_batches = after["batches"] - middle["batches"]
+    assert seq_batches == n  # one at a time: a batch per request
+    assert conc_batches < n and after["largest_batch"] > 1  # at once: rows of several requests per batch
+    print(f"\n[ray serve, tiny model, 1 replica on 0.5 CPU of this machine] {n} one-row requests: "
+          f"one at a time {sequential_s:.2f} s ({n / sequential_s:.1f} req/s, {seq_batches} batches); "
+          f"{n} concurrent {concurrent_s:.2f} s ({n / concurrent_s:.1f} req/s, {conc_batches} batches, "
+          f"largest {after['largest_batch']})")
