@@ -30,12 +30,31 @@ Release files are not trusted to steer paths (issue 11): split names must pass
 ``--root`` (checked lexically: symlinked image folders keep working), and only regular
 files are read, up to ``max_image_bytes``; decoding is refused above ``max_image_pixels``.
 
-One execution: the UDF runs once and the result is ``materialize()``-d; the counts, the
-quarantine and the per-split Parquet writes then read those blocks. The materialised
-blocks are the output itself (encoded JPEG + RLE, ~the final Parquet size), which Ray's
-object store spills to local disk when larger than memory — cheaper than decoding every
-image twice, and simpler than a hand-written sink routing rows to split directories
-(``partition_cols`` would write ``split=train`` folders and drop the ``split`` column).
+One streaming pass (issue 16). The unit of work is a *shard*: up to ``rows_per_shard``
+consecutive image tasks of one split, which become exactly one Parquet file
+``out/<split>/<split>-NNNNN.parquet``. The task table (Arrow, built on the driver) is put in
+the object store once; ``ray.data.range(number of shards)`` feeds the shard indices to a
+``map_batches`` UDF (:func:`write_shards`) that looks its rows up in that table, processes
+each image, writes the shard's file and returns one small statistics row (counts and the
+shard's quarantine records). Image bytes therefore never enter the object store: nothing is
+materialised, nothing spills, however large the release, and each image is decoded once.
+The driver streams the statistics rows back (``iter_batches``) and builds the counts, the
+quarantine and the manifest from them. Ray Data's own writers do not fit the layout:
+``write_parquet(partition_cols=["split"])`` names folders ``split=train`` and drops the
+``split`` column, and a write task fed by ``min_rows_per_file`` buffering mixes splits.
+
+Memory per Ray worker (one CPU each) is bounded by one shard: its stored image bytes
+(``rows_per_shard`` × ~160 KB for COCO-sized JPEGs: ~40 MB at the default 256), its Arrow
+table and Parquet encoding buffers (about as much again), plus one decoded image at a time
+(~1 MB for COCO; at most ``max_image_pixels`` × 3 bytes, 150 MB at the default cap).
+
+Ray starts while the driver plans: the release is read and validated first (an unreadable
+or hostile release fails without starting Ray), then ``init_ray`` runs in the main thread —
+Ray 2.60 started from another thread makes the process exit at its first ``ray.put``
+(measured) — while a helper thread checks the records, groups them by image and builds the
+task table. ``--strict`` with a record quarantined on the driver therefore fails after Ray
+has started, but before any task runs; one quarantined by a worker fails the run after the
+pass, and the shards already written are removed.
 
 Images are stored as the source bytes when the source is a JPEG that needs no resizing
 (no second lossy generation, no encode cost), otherwise re-encoded as RGB JPEG at
@@ -54,10 +73,11 @@ manifest records the command line and the source root redacted (``pipelines.reda
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -84,17 +104,19 @@ DATASETS = ("grefcoco", "refzom", "refcoco", "refcoco+", "refcocog")
 #: image has 0.4 M. A header claiming more is ``image_too_large`` before any pixel is decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
-#: Columns the UDF adds to ``IMAGE_SCHEMA``; dropped before writing.
-_EXTRA = [
-    ("_keep", pa.bool_()),  # the row is written (False: image quarantined or no sample left)
-    ("_quarantine", pa.string()),  # JSON list of quarantine records raised by this row
-    ("_refs", pa.int64()),
-    ("_samples", pa.int64()),
-    ("_no_target_samples", pa.int64()),
-    ("_multi_target_samples", pa.int64()),
-    ("_dropped_samples", pa.int64()),
-]
-WORK_SCHEMA = pa.schema(list(IMAGE_SCHEMA) + [pa.field(n, t) for n, t in _EXTRA], metadata=IMAGE_SCHEMA.metadata)
+#: What a shard task returns to the driver: one row per shard, no image bytes.
+STATS_SCHEMA = pa.schema([
+    ("shard", pa.int64()),  # position in the driver's shard plan
+    ("split", pa.string()),
+    ("file", pa.string()),  # the shard's file name under out/<split>/; "" when no image row was kept
+    ("images", pa.int64()),
+    ("refs", pa.int64()),
+    ("samples", pa.int64()),
+    ("no_target_samples", pa.int64()),
+    ("multi_target_samples", pa.int64()),
+    ("dropped_samples", pa.int64()),  # samples lost with the shard's quarantined records
+    ("quarantine", pa.string()),  # JSON list of QUARANTINE_SCHEMA records
+])
 
 TASK_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -324,23 +346,69 @@ def process_task(task: dict, *, dataset: str, image_max_side: int, jpeg_quality:
     return row, records
 
 
-def process_batch(batch: pa.Table, *, dataset: str, **options: Any) -> pa.Table:
-    """Ray Data UDF: task rows → image rows; never raises for a bad row (quarantine instead).
-    ``options`` are :func:`process_task`'s keyword arguments."""
-    rows = []
-    for task in batch.to_pylist():
-        try:
-            row, records = process_task(task, dataset=dataset, **options)
-        except Exception as e:  # noqa: BLE001 - a bug must not kill a multi-hour job: quarantine and count it
-            row = dict(image_id=task["image_id"], dataset=dataset, split=task["split"], orig_width=0, orig_height=0,
-                       width=0, height=0, image=b"", instances=[], samples=[], _keep=False, _refs=0, _samples=0,
-                       _no_target_samples=0, _multi_target_samples=0, _dropped_samples=len(task["samples"]))
-            records = [quarantine_record(dataset=dataset, split=task["split"], image_id=task["image_id"],
-                                         reason="unexpected_error",
-                                         detail=f"image {task['image_id']} ({task['path']}): {type(e).__name__}: {e}")]
-        row["_quarantine"] = json.dumps(records)
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+def process_task_safely(task: dict, *, dataset: str, **options: Any) -> tuple[dict, list[dict]]:
+    """:func:`process_task` that never raises for a bad row: any other exception is a bug, and
+    a bug must not kill a multi-hour job — the image is quarantined as ``unexpected_error``."""
+    try:
+        return process_task(task, dataset=dataset, **options)
+    except Exception as e:  # noqa: BLE001 - quarantined and counted, never silent
+        row = dict(image_id=task["image_id"], split=task["split"], _keep=False, _refs=0, _samples=0,
+                   _no_target_samples=0, _multi_target_samples=0, _dropped_samples=len(task["samples"]))
+        return row, [quarantine_record(dataset=dataset, split=task["split"], image_id=task["image_id"],
+                                       reason="unexpected_error",
+                                       detail=f"image {task['image_id']} ({task['path']}): {type(e).__name__}: {e}")]
+
+
+def shard_file_name(split: str, index: int) -> str:
+    """``train-00003.parquet``: the ``index``-th shard of ``split`` (stable across runs and retries)."""
+    return f"{split}-{index:05d}.parquet"
+
+
+def write_shard(tasks: list[dict], *, split: str, index: int, fs: pafs.FileSystem, out_path: str, dataset: str,
+                **options: Any) -> dict:
+    """Process one shard's image tasks and write its kept rows as one Parquet file.
+
+    Returns its ``STATS_SCHEMA`` row. Deterministic: a retried task rewrites the same file
+    with the same content. Memory: the shard's stored images, one decoded image at a time.
+    """
+    kept, records = [], []
+    stats = dict(split=split, file="", images=0, refs=0, samples=0, no_target_samples=0, multi_target_samples=0,
+                 dropped_samples=0)
+    for task in tasks:
+        row, found = process_task_safely(task, dataset=dataset, **options)
+        records += found
+        stats["dropped_samples"] += row["_dropped_samples"]
+        if row["_keep"]:
+            kept.append({k: row[k] for k in IMAGE_SCHEMA.names})
+            stats["images"] += 1
+            for key in ("refs", "samples", "no_target_samples", "multi_target_samples"):
+                stats[key] += row[f"_{key}"]
+    if kept:
+        stats["file"] = shard_file_name(split, index)
+        table = pa.Table.from_pylist(kept, schema=IMAGE_SCHEMA)  # the schema's metadata carries its version
+        with fs.open_output_stream(f"{out_path}/{split}/{stats['file']}") as f:
+            pq.write_table(table, f)
+    stats["quarantine"] = json.dumps(records)
+    return stats
+
+
+def write_shards(batch: dict[str, np.ndarray], *, tasks: Any, shards: list[tuple[str, int, int, int]],
+                 **kwargs: Any) -> pa.Table:
+    """Ray Data UDF over ``ray.data.range(len(shards))``: shard indices → their statistics rows.
+
+    ``tasks`` is the ``ObjectRef`` of the whole task table (Arrow: read zero-copy from the
+    node's object store); ``shards[i]`` is ``(split, index in split, first row, end row)``.
+    ``kwargs`` are :func:`write_shard`'s.
+    """
+    import ray
+
+    table = ray.get(tasks)
+    out = []
+    for i in batch["id"]:
+        split, index, start, stop = shards[int(i)]
+        stats = write_shard(table.slice(start, stop - start).to_pylist(), split=split, index=index, **kwargs)
+        out.append(dict(stats, shard=int(i)))
+    return pa.Table.from_pylist(out, schema=STATS_SCHEMA)
 
 
 # --- output location ----------------------------------------------------------------------
@@ -446,20 +514,9 @@ def _format_records(records: list[dict], n: int = 5) -> str:
     return "\n".join(lines)
 
 
-def _shard_names(split: str):
-    """Stable, readable shard names (``train-00003.parquet``); the output dir was empty."""
-    from ray.data.datasource import FilenameProvider
-
-    class ShardNames(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"{split}-{task_index:05d}.parquet"  # unique: one write per split, into a new dir
-
-    return ShardNames(file_format="parquet")
-
-
 def _task_table(tasks: list[dict], root: str) -> pa.Table:
-    """The tasks as Arrow, built on the driver *before* Ray starts: a value the schema cannot
-    hold is a one-line error here, not an ``OverflowError`` inside a running cluster."""
+    """The tasks as Arrow, built on the driver: a value the schema cannot hold is a one-line
+    error here, not an ``OverflowError`` inside a running cluster."""
     try:
         return pa.Table.from_pylist(tasks, schema=TASK_SCHEMA)
     except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
@@ -467,44 +524,71 @@ def _task_table(tasks: list[dict], root: str) -> pa.Table:
                            f"({type(e).__name__}: {e})") from e
 
 
-def _process(tasks: pa.Table, *, dataset: str, **options: Any) -> tuple[Any, list[dict]]:
-    """Run the UDF over every task, once; return the materialised rows and their side columns."""
+def plan_shards(tasks: list[dict], rows_per_shard: int) -> tuple[list[dict], list[tuple[str, int, int, int]]]:
+    """Order the tasks by ``(split, image_id)`` and cut each split into shards.
+
+    Returns the ordered tasks and one ``(split, index in split, first row, end row)`` per
+    shard: up to ``rows_per_shard`` images of one split, which become one Parquet file.
+    """
+    ordered = sorted(tasks, key=lambda t: (t["split"], t["image_id"]))
+    shards, start = [], 0
+    while start < len(ordered):
+        split = ordered[start]["split"]
+        end = start
+        while end < len(ordered) and ordered[end]["split"] == split:
+            end += 1
+        for index, first in enumerate(range(start, end, rows_per_shard)):
+            shards.append((split, index, first, min(first + rows_per_shard, end)))
+        start = end
+    return ordered, shards
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What the driver works out from the release while Ray starts."""
+
+    records: list[dict]  # quarantined on the driver
+    empty_refs: dict[str, int]
+    dropped: int  # samples lost with the driver's quarantined records
+    task_table: pa.Table  # ordered as ``shards`` expects
+    shards: list[tuple[str, int, int, int]]
+
+
+def _plan(source: GRESSource, *, splits: list[str] | None, root: str, strict: bool, rows_per_shard: int) -> _Plan:
+    tasks, records, empty_refs, dropped = plan_tasks(source, splits, image_root=root)
+    log.info("%s: %d refs, %d annotations, %d images read; %d image rows to process, %d record(s) quarantined "
+             "while checking", source.dataset, len(source.refs), len(source.annotations), len(source.images),
+             len(tasks), len(records))
+    if strict and records:
+        raise PrepareError(f"--strict: {len(records)} bad record(s) in {redact(str(root))}:\n"
+                           f"{_format_records(records)}")
+    if not tasks:
+        raise PrepareError(f"{source.dataset} at {redact(str(root))}: no sample to write (no ref with sentences in "
+                           f"splits {splits})")
+    ordered, shards = plan_shards(tasks, rows_per_shard)
+    return _Plan(records, dict(empty_refs), dropped, _task_table(ordered, root), shards)
+
+
+def _run_pass(plan: _Plan, *, fs: pafs.FileSystem, out_path: str, dataset: str, **options: Any) -> list[dict]:
+    """The one Ray Data pass: every shard processed and written once; returns the statistics rows,
+    in shard order."""
     import ray
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # ~4 blocks per CPU keeps every core busy and progress granular, ≤ 64 images per block.
-    per_block = max(1, min(64, math.ceil(tasks.num_rows / (4 * cpus))))
-    blocks = [tasks.slice(i, per_block) for i in range(0, tasks.num_rows, per_block)]
-    work = ray.data.from_arrow(blocks).map_batches(
-        process_batch, batch_format="pyarrow", batch_size=per_block, num_cpus=1,
-        fn_kwargs=dict(dataset=dataset, **options),
-    ).materialize()  # the one execution of the UDF (module docstring)
-    side = work.select_columns(["split"] + [n for n, _ in _EXTRA]).to_arrow_refs()  # small: no image bytes
-    return work, pa.concat_tables(ray.get(side)).to_pylist()
-
-
-def _write_splits(work: Any, counts: dict[str, dict], *, fs: pafs.FileSystem, out_path: str,
-                  rows_per_shard: int) -> dict[str, list[str]]:
-    """Write each split's kept rows from the materialised blocks to ``out/<split>/``; return file names."""
-    from ray.data import SaveMode
-    from ray.data.expressions import col
-
-    files: dict[str, list[str]] = {}
-    for split, c in counts.items():
+    for split in sorted({s[0] for s in plan.shards}):
         if not is_safe_split_name(split):  # plan_tasks admits none; this line is what keeps writes inside out
             raise PrepareError(f"refusing to write split {split!r:.80}: not a safe directory name")
-        files[split] = []
-        if not c["images"]:
-            continue
-        split_dir = f"{out_path}/{split}"
-        log.info("writing %s: %d images, %d samples → %s", split, c["images"], c["samples"], redact(split_dir))
-        (work.filter(expr=(col("split") == split) & col("_keep"))
-             .drop_columns([n for n, _ in _EXTRA])
-             .write_parquet(split_dir, filesystem=fs, min_rows_per_file=rows_per_shard,
-                            filename_provider=_shard_names(split), mode=SaveMode.CREATE))
-        files[split] = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(split_dir))
-                              if i.base_name.endswith(".parquet"))
-    return files
+        fs.create_dir(f"{out_path}/{split}", recursive=True)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if len(plan.shards) < 2 * cpus:
+        log.info("%d shard(s) for %d CPUs: a shard is the unit of work, so a smaller --rows-per-shard would use "
+                 "the cores better", len(plan.shards), cpus)
+    tasks = ray.put(plan.task_table)  # once; every task reads its rows from it
+    stats = (ray.data.range(len(plan.shards), override_num_blocks=len(plan.shards))
+             .map_batches(write_shards, batch_size=None, batch_format="numpy", num_cpus=1,
+                          fn_kwargs=dict(tasks=tasks, shards=plan.shards, fs=fs, out_path=out_path, dataset=dataset,
+                                         **options)))
+    rows = [r for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow") for r in batch.to_pylist()]
+    return sorted(rows, key=lambda r: r["shard"])
 
 
 def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 0, jpeg_quality: int = 90,
@@ -520,11 +604,12 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
         out: output directory or URI; ``out/<split>/*.parquet``, ``out/_quarantine/``, ``out/_manifest.json``.
         image_max_side: shrink images whose long side exceeds this (0: keep the released size).
         jpeg_quality: quality of re-encoded JPEGs.
-        rows_per_shard: minimum image rows per Parquet file (Ray's ``min_rows_per_file``).
+        rows_per_shard: image rows per Parquet file (fewer in a split's last shard, and where
+            images are quarantined); a shard is also one unit of work for a Ray worker.
         splits: only these splits (default: all in the release).
-        strict: fail (before writing anything) if any record is quarantined.
+        strict: fail if any record is quarantined, leaving no output behind.
         overwrite: replace an existing output — built beside it, swapped in when complete.
-        address: Ray cluster address (``auto``, ``ray://host:10001``); default: the running or a new local Ray.
+        address: Ray cluster address (``auto``, ``ray://host:10001``); default: a private local cluster.
         progress: Ray Data progress bars.
         split_by: the release's split scheme (gRefCOCO/RefCOCO/+: ``unc``, RefCOCOg: ``umd``; default: those).
         max_image_bytes: image files larger than this are ``image_too_large``, unread.
@@ -544,31 +629,34 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
         source = read_source(dataset, str(root), split_by=split_by)
     except (OSError, ValueError, UnsafePickleError) as e:  # SourceFormatError/UnsafePickleError name file and record
         raise PrepareError(f"cannot read {dataset} from {redact(str(root))}: {e}") from e
-    tasks, records, empty_refs, dropped = plan_tasks(source, splits, image_root=root)
-    log.info("%s: %d refs, %d annotations, %d images read; %d image rows to process, %d record(s) quarantined "
-             "while checking", dataset, len(source.refs), len(source.annotations), len(source.images), len(tasks),
-             len(records))
-    if strict and records:
-        raise PrepareError(f"--strict: {len(records)} bad record(s) in {redact(str(root))}:\n"
-                           f"{_format_records(records)}")
-    if not tasks:
-        raise PrepareError(f"{dataset} at {redact(str(root))}: no sample to write (no ref with sentences in "
-                           f"splits {splits})")
-    task_table = _task_table(tasks, root)
+    t_read = time.time()
+    from pipelines.ray_utils import init_ray
+
+    # Overlap: Ray starts here, in the main thread, while a helper thread plans (module docstring).
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="instalign-plan") as pool:
+        planning = pool.submit(_plan, source, splits=splits, root=str(root), strict=strict,
+                               rows_per_shard=rows_per_shard)
+        init_ray(address)
+        import ray.data  # noqa: F401 - its import (~1 s) overlaps the planning too
+
+        plan = planning.result()
+    log.info("read the release in %.1fs; planned %d shard(s) while Ray started (%.1fs)", t_read - t0,
+             len(plan.shards), time.time() - t_read)
 
     build_path = sibling_path(out_path, "prepare") if replacing else out_path
     if replacing:
         log.info("overwrite: building the new dataset in %s; %s is replaced only once it is complete",
                  redact(build_path), redact(out_path))
     try:
-        manifest = _build(fs, build_path, task_table, records, empty_refs, dropped, source=source, root=root,
-                          dataset=dataset, splits=splits, strict=strict, split_by=split_by, address=address,
-                          progress=progress, image_max_side=image_max_side, jpeg_quality=jpeg_quality,
-                          rows_per_shard=rows_per_shard, max_image_bytes=max_image_bytes,
+        manifest = _build(fs, build_path, plan, source=source, root=root, dataset=dataset, splits=splits,
+                          strict=strict, split_by=split_by, progress=progress, image_max_side=image_max_side,
+                          jpeg_quality=jpeg_quality, rows_per_shard=rows_per_shard, max_image_bytes=max_image_bytes,
                           max_image_pixels=max_image_pixels)
-    except BaseException:
+    except BaseException as e:
         if replacing and fs.get_file_info(build_path).type != pafs.FileType.NotFound:
             fs.delete_dir(build_path)  # the old dataset was never touched
+        elif isinstance(e, PrepareError) and fs.get_file_info(out_path).type == pafs.FileType.Directory:
+            fs.delete_dir_contents(out_path)  # --strict: empty before (check_output), so all of it is ours
         raise
     if replacing:
         replace_output(fs, build_path, out_path)
@@ -577,39 +665,39 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
     return manifest
 
 
-def _build(fs: pafs.FileSystem, out_path: str, task_table: pa.Table, records: list[dict], empty_refs: dict[str, int],
-           dropped: int, *, source: GRESSource, root: str, dataset: str, splits: list[str] | None, strict: bool,
-           split_by: str | None, address: str | None, progress: bool, image_max_side: int, jpeg_quality: int,
-           rows_per_shard: int, max_image_bytes: int, max_image_pixels: int) -> dict:
-    """Process on Ray Data and write the whole dataset at ``out_path``, manifest last."""
-    from pipelines.ray_utils import init_ray
-
-    init_ray(address)
+def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, *, source: GRESSource, root: str, dataset: str,
+           splits: list[str] | None, strict: bool, split_by: str | None, progress: bool, image_max_side: int,
+           jpeg_quality: int, rows_per_shard: int, max_image_bytes: int, max_image_pixels: int) -> dict:
+    """The Ray Data pass, then the quarantine and the manifest (last) at ``out_path``."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     bars = ctx.enable_progress_bars
     if not progress:  # otherwise Ray's default: bars on a terminal, periodic log lines elsewhere
         ctx.enable_progress_bars = False
+    t0 = time.time()
     try:
-        work, stats = _process(task_table, dataset=dataset, image_max_side=image_max_side, jpeg_quality=jpeg_quality,
-                               max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)
-        for row in stats:
-            records.extend(json.loads(row["_quarantine"]))
-        if strict and records:
-            raise PrepareError(f"--strict: {len(records)} bad record(s) in {redact(str(root))}:\n"
-                               f"{_format_records(records)}")
-        counts: dict[str, dict[str, int]] = {}
-        for split in sorted(splits or {r.split for r in source.refs if is_safe_split_name(r.split)}):
-            mine = [r for r in stats if r["split"] == split and r["_keep"]]
-            counts[split] = dict(images=len(mine), refs=sum(r["_refs"] for r in mine) + empty_refs.get(split, 0),
-                                 samples=sum(r["_samples"] for r in mine),
-                                 no_target_samples=sum(r["_no_target_samples"] for r in mine),
-                                 multi_target_samples=sum(r["_multi_target_samples"] for r in mine),
-                                 refs_without_sentences=empty_refs.get(split, 0))
-        files = _write_splits(work, counts, fs=fs, out_path=out_path, rows_per_shard=rows_per_shard)
+        stats = _run_pass(plan, fs=fs, out_path=out_path, dataset=dataset, image_max_side=image_max_side,
+                          jpeg_quality=jpeg_quality, max_image_bytes=max_image_bytes,
+                          max_image_pixels=max_image_pixels)
     finally:
         ctx.enable_progress_bars = bars
+    records = plan.records + [r for row in stats for r in json.loads(row["quarantine"])]
+    log.info("processed and wrote %d shard(s) in %.1fs", len(stats), time.time() - t0)
+    if strict and records:
+        raise PrepareError(f"--strict: {len(records)} bad record(s) in {redact(str(root))}:\n"
+                           f"{_format_records(records)}")
+    counts: dict[str, dict[str, int]] = {}
+    files: dict[str, list[str]] = {}
+    for split in sorted(splits or {r.split for r in source.refs if is_safe_split_name(r.split)}):
+        mine = [r for r in stats if r["split"] == split]
+        empty = plan.empty_refs.get(split, 0)
+        counts[split] = dict(images=sum(r["images"] for r in mine), refs=sum(r["refs"] for r in mine) + empty,
+                             samples=sum(r["samples"] for r in mine),
+                             no_target_samples=sum(r["no_target_samples"] for r in mine),
+                             multi_target_samples=sum(r["multi_target_samples"] for r in mine),
+                             refs_without_sentences=empty)
+        files[split] = sorted(r["file"] for r in mine if r["file"])
 
     fs.create_dir(f"{out_path}/{QUARANTINE_DIR}", recursive=True)
     written = [dict(r, detail=redact(r["detail"])) for r in records]  # details quote paths: nothing secret kept
@@ -631,7 +719,7 @@ def _build(fs: pafs.FileSystem, out_path: str, task_table: pa.Table, records: li
         files=files,
         file_sizes=file_sizes,
         quarantined=dict(sorted(Counter(r["reason"] for r in records).items())),
-        quarantined_samples_dropped=dropped + int(sum(r["_dropped_samples"] for r in stats)),
+        quarantined_samples_dropped=plan.dropped + sum(r["dropped_samples"] for r in stats),
         source=dict(root=redact(str(root)), checksums=dict(source.checksums)),
         options=dict(image_max_side=image_max_side, jpeg_quality=jpeg_quality, rows_per_shard=rows_per_shard,
                      splits=splits, strict=strict, split_by=split_by, max_image_bytes=max_image_bytes,
@@ -652,7 +740,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory or URI (s3://…, gs://…)")
     parser.add_argument("--image-max-side", type=int, default=0, help="shrink images to this long side (0: keep)")
     parser.add_argument("--jpeg-quality", type=int, default=90)
-    parser.add_argument("--rows-per-shard", type=int, default=256, help="minimum image rows per Parquet file")
+    parser.add_argument("--rows-per-shard", type=int, default=256,
+                        help="image rows per Parquet file; one shard is also one unit of work (default: 256)")
     parser.add_argument("--splits", default="", help="comma-separated splits (default: all)")
     parser.add_argument("--split-by", default=None, help="release split scheme (unc, umd, google; default per dataset)")
     parser.add_argument("--strict", action="store_true", help="fail if any record would be quarantined")

@@ -186,7 +186,8 @@ def test_replace_output_on_an_object_store_writes_the_manifest_last():
         assert f.read() == b'{"new": 1}'
 
 
-def test_strict_with_an_unsafe_split_fails_before_ray(synthetic_root, tmp_path, monkeypatch):
+def test_strict_with_an_unsafe_split_fails_on_the_driver(synthetic_root, tmp_path, monkeypatch):
+    """Refused while planning (Ray starts meanwhile, issue 16): no task ever sees the release."""
     root = tmp_path / "src"
     shutil.copytree(synthetic_root, root)
     path = root / "grefcoco" / "grefs(unc).json"
@@ -194,10 +195,11 @@ def test_strict_with_an_unsafe_split_fails_before_ray(synthetic_root, tmp_path, 
     refs[0]["split"] = "/tmp/abs"
     path.write_text(json.dumps(refs))
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray must not start for a release refused on the driver")
+    def no_pass(*args, **kwargs):
+        raise AssertionError("no Ray Data task may run for a release refused on the driver")
 
-    monkeypatch.setattr("pipelines.ray_utils.init_ray", no_ray)
+    monkeypatch.setattr("pipelines.ray_utils.init_ray", lambda address=None: None)  # no cluster needed here
+    monkeypatch.setattr(prep, "_run_pass", no_pass)
     with pytest.raises(prep.PrepareError, match=r"\[unsafe_split\] ref 0: split '/tmp/abs' is not a safe"):
         prepare_dataset(dataset="grefcoco", root=root, out=str(tmp_path / "out"), strict=True)
     with pytest.raises(prep.PrepareError, match=r"split name '\.\./x' is not a safe directory name"):
