@@ -163,6 +163,17 @@ class _QueuedModel:
         return [f.result() for f in futures]
 
 
+def _overlay_png(image: bytes, record: dict[str, Any], text: str) -> bytes:
+    """``instalign.visualize.overlay`` of a served record, as PNG bytes."""
+    from instalign.visualize import overlay
+    from pipelines.pyfunc import decode_image, record_to_prediction
+
+    picture = decode_image("image", image)
+    buf = io.BytesIO()
+    overlay(picture, record_to_prediction(record), text, top_words=2).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @serve.deployment(name="InstAlign", max_ongoing_requests=32)
 @serve.ingress(api)
 class InstAlignService:
@@ -311,17 +322,6 @@ class InstAlignService:
         colours = ["#%02x%02x%02x" % PALETTE[k % len(PALETTE)] for k in range(len(record["instances"]))]
         return JSONResponse({"prediction": record, "overlay_png": base64.b64encode(png).decode(),
                              "colours": colours})
-
-
-def _overlay_png(image: bytes, record: dict[str, Any], text: str) -> bytes:
-    """``instalign.visualize.overlay`` of a served record, as PNG bytes."""
-    from instalign.visualize import overlay
-    from pipelines.pyfunc import decode_image, record_to_prediction
-
-    picture = decode_image("image", image)
-    buf = io.BytesIO()
-    overlay(picture, record_to_prediction(record), text, top_words=2).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # --- building and running the application ----------------------------------------------------
