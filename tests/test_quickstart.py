@@ -2,8 +2,10 @@
 
 Smaller than the default run (fewer images and epochs) but the same stages: synthetic
 gRefCOCO → Ray Data prepare → Ray Train (2 CPU workers) → Ray Data evaluation of the
-registered candidate against the trivial baselines → promotion to champion → pyfunc load by
-alias → overlay. Slow (a few minutes on 2 cores): marked ``slow``.
+registered candidate against the trivial baselines → the promotion gate (its rule written on
+the model version; champion only if it passes, which this short run need not) → pyfunc load
+by alias → overlay. Slow (a few minutes on 2 cores): marked ``slow``. The default run's
+numbers are measured by hand and stated in README.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def test_quickstart_trains_registers_promotes_and_serves(tmp_path):
          "--epochs", "4"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     out = proc.stdout
-    assert proc.returncode == 0, (out[-4000:], proc.stderr[-4000:])
+    assert proc.returncode in (0, 1) and (workdir / "summary.json").is_file(), (out[-4000:], proc.stderr[-4000:])
 
     # Progress, the comparison with the baselines and the summary are on stdout.
     for stage in range(1, 8):
@@ -38,20 +40,27 @@ def test_quickstart_trains_registers_promotes_and_serves(tmp_path):
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out
 
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["promoted"] is True
-    best_baseline = max(m["gIoU"] for m in summary["baselines"].values())
-    assert summary["val"]["gIoU"] > best_baseline  # it learned: the gate that promoted it
-    assert summary["baselines"]["always empty"]["gIoU"] == 0.0  # ReLA: an empty guess scores nothing
-    assert summary["model_uri"] == "models:/instalign-quickstart@champion"
+    from pipelines.quickstart import promotion_gate
+
+    val, base = summary["val"], summary["baselines"]
+    promoted, rule = promotion_gate(val, base)
+    assert summary["promoted"] is promoted and summary["promotion_gate"] == rule
+    assert proc.returncode == (0 if promoted else 1)  # the exit status says whether it became champion
+    assert base["always empty"]["gIoU"] == 0.0  # ReLA: an empty guess scores nothing
+    assert base["always empty"]["N_acc"] == 0.0 and base["always no-target"]["T_acc"] == 0.0
+    assert 0.0 <= val["nt_AUROC"] <= 100.0
+    assert summary["nt_pos_weight"] > 1.0  # balanced from the train split's no-target share
+    assert summary["model_uri"] == f"models:/instalign-quickstart@{'champion' if promoted else 'candidate'}"
     assert Path(summary["best_checkpoint"]).is_dir()
 
-    # The registry really holds the alias (read back with a fresh client on the sqlite file).
+    # The registry holds the rule in the version's description and the alias only if the gate passed
+    # (read back with a fresh client on the sqlite file).
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    champion = client.get_model_version_by_alias("instalign-quickstart", "champion")
-    assert str(champion.version) == str(summary["model_version"])
-    assert champion.run_id == summary["mlflow_run_id"]
+    version = client.get_model_version("instalign-quickstart", str(summary["model_version"]))
+    assert version.description == rule and version.run_id == summary["mlflow_run_id"]
+    assert ("champion" in version.aliases) is promoted
 
     from PIL import Image
 
