@@ -221,3 +221,57 @@ def test_concurrent_requests_are_batched(server, predictor):
           f"one at a time {sequential_s:.2f} s ({n / sequential_s:.1f} req/s, {seq_batches} batches); "
           f"{n} concurrent {concurrent_s:.2f} s ({n / concurrent_s:.1f} req/s, {conc_batches} batches, "
           f"largest {after['largest_batch']})")
+
+
+def test_the_serve_verb_serves_until_interrupted(model, tmp_path):
+    """``pipelines.serve.run`` as ``instalign serve`` runs it: a private Ray cluster (token auth
+    kept), the proxy on loopback, the page and ``/invocations`` answering; Ctrl-C stops it."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.serve_fixtures import free_port
+
+    port = free_port()
+    code = ("import argparse, sys; from pipelines.serve import add_arguments, run; p = argparse.ArgumentParser(); "
+            "add_arguments(p); sys.exit(run(p.parse_args(sys.argv[1:])))")
+    log = tmp_path / "serve.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code, "--model", model["model"], "--tracking-uri",
+                                 model["tracking_uri"], "--port", str(port), "--cpus-per-replica", "0.5"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "serving models:/" not in log.read_text():
+            assert proc.poll() is None, f"instalign serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not serving after 240 s:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        base = f"http://127.0.0.1:{port}"
+        assert f"at {base}/" in log.read_text()
+        assert get(base + "/ping")[0] == 200
+        status, page = get(base + "/")
+        assert status == 200 and b"<h1>InstAlign</h1>" in page
+        status, answer = post(base + "/invocations",
+                              {"dataframe_records": [{"image": _b64(_png(IMAGE_SIZE)), "text": "the ball"}]})
+        assert status == 200 and len(answer["predictions"]) == 1, answer
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def test_the_serve_verb_names_a_wrong_model_in_one_line(model, capsys):
+    import argparse
+
+    from pipelines.serve import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "models:/no-such-model@champion", "--tracking-uri", model["tracking_uri"]])
+    assert run(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("instalign serve: ") and "no-such-model" in err and "Traceback" not in err
