@@ -22,7 +22,9 @@ import pytest
 from pipelines.cluster_config import CLUSTER_DIR, SHARED_MOUNT, load_documents
 
 KUBERAY = CLUSTER_DIR / "kuberay"
-RAY_DOCS = [(p, d) for p in sorted(KUBERAY.glob("ray*.yaml")) for d in load_documents(p)]
+# The clusters that run jobs (a RayService runs a Serve application, not jobs).
+RAY_DOCS = [(p, d) for p in sorted(KUBERAY.glob("ray*.yaml")) for d in load_documents(p)
+            if d.get("kind") in ("RayJob", "RayCluster")]
 RAYJOBS = {d["metadata"]["name"] for _, d in RAY_DOCS if d["kind"] == "RayJob"}
 WAIT = re.compile(r"kubectl wait rayjob/([\w-]+) --for=jsonpath='\{\.status\.jobDeploymentStatus\}'=Running "
                   r"--timeout=\d+m")
