@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines import flags
+
 TARGETS = {"prepare": 100.0, "loader": 150.0}
 _WORDS = dict(
     colour=["red", "blue", "green", "white", "black", "brown", "yellow", "gray"],
@@ -241,7 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rows-per-shard", type=int, default=32)
     parser.add_argument("--work-dir", default=None, help="where to write the data (default: a temporary dir)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    flags.add_address(parser)
     parser.add_argument("--stages", default="prepare,loader", help="comma-separated: prepare, loader")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -249,7 +251,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from instalign.config import tiny
-    from pipelines.ray_utils import cluster_cpus, init_ray
+    from pipelines.ray_utils import init_ray
+    from pipelines.resources import cluster_cpus
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="instalign-bench-data-"))
     root, out = work / "release", work / "prepared"

@@ -42,11 +42,12 @@ import torch
 
 from instalign.config import TextEncoderConfig, load_config
 from instalign.data.batch import Batch
+from pipelines import flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="paper", help="preset name (paper, tiny) or YAML path [paper]")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_queries=50")
+    flags.add_config(parser, default="paper")
+    flags.add_overrides(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size [32]")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per mode [10]")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here) [3]")

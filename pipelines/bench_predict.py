@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines import flags
+
 #: roberta-base's config.json (the paper's text encoder), for an offline stand-in of the same shape.
 ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
@@ -139,7 +141,7 @@ def _peak_memory(device: Any) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="paper", help="preset (paper, tiny) or YAML; random init")
+    flags.add_config(parser, default="paper", help="a preset (paper, tiny) or a YAML file; random init")
     parser.add_argument("--checkpoint", default=None, help="time this checkpoint instead of a random-init config")
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     parser.add_argument("--batch-sizes", default="1,4", help="comma-separated; 1 = single-request latency")
@@ -148,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", default="640x480", help="request image WxH (the predictor resizes it)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_queries=50")
+    flags.add_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,10 +19,9 @@ connect without the token. The dashboard, which Ray Train V2 needs for its State
 is never switched off here; a ``RAY_AUTH_MODE=disabled`` set by the user in the
 environment is obeyed with a warning.
 
-Also the CPU arithmetic that keeps Ray Train from starving Ray Data: Train workers that
-reserve every CPU leave no slot for the ``map_batches`` tasks that decode their input and
-the run hangs forever (:func:`default_cpus_per_worker` leaves room on purpose), and
-:class:`ResourceWaitReporter`, which says what a run waits for when it waits.
+Also :class:`ResourceWaitReporter`, which says what a run waits for when it waits. The CPU
+arithmetic that keeps Ray Train from starving Ray Data is ``pipelines.resources`` (re-exported
+here for the verbs that still import it from this module).
 """
 
 from __future__ import annotations
@@ -34,6 +33,8 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
+
+from pipelines.resources import check_leaves_room_for_data, cluster_cpus, default_cpus_per_worker  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,7 @@ FORWARDED_ENV = (
     "TOKENIZERS_PARALLELISM",
     "MLFLOW_TRACKING_URI",
     "GIT_PYTHON_REFRESH",
-    "INSTALIGN_TEST_FAIL_AT_STEP",
-    "INSTALIGN_TEST_FAIL_MARKER",
 )
-
-#: Share of the cluster's CPUs kept free for Ray Data when sizing Train workers by default.
-DATA_CPU_SHARE = 0.25
 
 
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
@@ -103,59 +99,6 @@ def forwarded_env(extra: Iterable[str] = ()) -> dict[str, str]:
     """The subset of :data:`FORWARDED_ENV` (plus ``extra``) set in this process."""
     keys = list(FORWARDED_ENV) + list(extra)
     return {k: os.environ[k] for k in keys if k in os.environ}
-
-
-def cluster_cpus() -> float:
-    """CPUs the connected cluster advertises in total (all nodes)."""
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 0.0))
-
-
-def default_cpus_per_worker(num_workers: int, *, total_cpus: Optional[float] = None,
-                            use_gpu: bool = False) -> float:
-    """CPUs per Train worker that leave a share of the cluster to Ray Data.
-
-    GPU workers take 1 CPU each (the GPU does the work; the rest feeds it). CPU workers
-    split what remains after keeping :data:`DATA_CPU_SHARE` (at least one CPU, on a
-    2-CPU machine with two workers: 0.5 each) — at most 4 each, so a big node does not
-    hand its whole budget to torch threads.
-
-    Raises:
-        ValueError: when the cluster has no CPU left for the workers at all.
-    """
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    total = cluster_cpus() if total_cpus is None else float(total_cpus)
-    if use_gpu:
-        return 1.0
-    reserve = max(1.0, DATA_CPU_SHARE * total)
-    share = (total - reserve) / num_workers
-    if share <= 0:
-        # One CPU in total: workers still need a sliver to be scheduled; data gets the rest.
-        share = total / (2 * num_workers)
-    if share <= 0:
-        raise ValueError(f"the Ray cluster advertises no CPUs (total {total}); cannot place {num_workers} workers")
-    return round(min(4.0, share), 3)
-
-
-def check_leaves_room_for_data(num_workers: int, cpus_per_worker: float, *, total_cpus: Optional[float] = None) -> None:
-    """Refuse a request whose workers would take every CPU (Ray Data would then never run).
-
-    A cluster-wide check only: Ray Data's Parquet read tasks ask for one whole CPU, so on
-    nodes where the workers leave less than one free CPU the streaming train / val
-    pipelines cannot be scheduled either (measured: a 2-node cluster of 1-CPU nodes with a
-    0.5-CPU worker on each hangs in validation). Real nodes have CPUs to spare.
-    """
-    total = cluster_cpus() if total_cpus is None else float(total_cpus)
-    taken = num_workers * cpus_per_worker
-    if taken > total:
-        raise ValueError(f"{num_workers} workers × {cpus_per_worker} CPUs = {taken} > the cluster's {total} CPUs")
-    if taken >= total:
-        raise ValueError(
-            f"{num_workers} workers × {cpus_per_worker} CPUs take all {total} CPUs of the cluster: the Ray Data "
-            "tasks that decode the training data could never be scheduled and the run would hang. "
-            "Lower --cpus-per-worker (fractions are fine, e.g. 0.5) or add nodes.")
 
 
 class ResourceWaitReporter:

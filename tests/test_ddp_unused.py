@@ -11,7 +11,7 @@ from instalign.config import load_config
 from instalign.data.batch import Batch
 from instalign.losses import build_criterion
 from instalign.modeling.builders import build_model
-from pipelines.train import leaves_parameters_unused
+from pipelines.worker import leaves_parameters_unused
 
 S = 128
 

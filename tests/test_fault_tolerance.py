@@ -1,8 +1,8 @@
 """A Train worker dies mid-run (``os._exit``): Ray restarts the group from the last checkpoint.
 
-The hook lives in ``pipelines.train`` (``INSTALIGN_TEST_FAIL_AT_STEP`` + a marker file so it
-fires once; the driver forwards both variables to the workers). The killed rank's sample
-log shows exactly where training picked up again.
+The test installs the crash as a worker hook (``worker_hooks.CrashOnce``: a marker file
+makes it fire once); production code has no fault switch. The killed rank's sample log
+(``worker_hooks.SampleLog``) shows exactly where training picked up again.
 """
 
 from __future__ import annotations
@@ -20,22 +20,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.mark.ray
-def test_worker_crash_resumes_from_checkpoint_into_the_same_mlflow_run(prepared_dataset, ray_local, tmp_path,
-                                                                       monkeypatch):
+def test_worker_crash_resumes_from_checkpoint_into_the_same_mlflow_run(prepared_dataset, ray_local, tmp_path):
     from mlflow import MlflowClient
 
-    from pipelines.train import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV, train
+    from pipelines.train import train
+    from worker_hooks import CrashOnce, SampleLog
 
     marker = tmp_path / "fired"
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")  # after step 5; checkpoints at steps 2 and 4
-    monkeypatch.setenv(FAIL_MARKER_ENV, str(marker))
     cfg = load_config("tiny", ["data.max_train_samples=32", "data.max_val_samples=4", "data.num_overlays=0",
                                "train.epochs=2", "train.batch_size=8", "train.max_steps=7", "train.log_every_steps=1",
                                "train.checkpoint_every_steps=2", "loss.num_points=256"])
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = train(cfg, str(prepared_dataset), num_workers=2, cpus_per_worker=0.5, name="crash",
                    storage_path=str(tmp_path / "ray"), experiment="test-ft", tracking_uri=store, max_failures=1,
-                   sample_log_dir=str(tmp_path / "samples"))
+                   # after step 5; checkpoints at steps 2 and 4
+                   worker_hook=CrashOnce(5, marker, then=SampleLog(tmp_path / "samples")))
 
     assert marker.read_text().startswith("killed rank 1 before step 6")
     # It ends at the planned step, with the planned epoch bookkeeping (4 steps per epoch).
@@ -45,12 +44,14 @@ def test_worker_crash_resumes_from_checkpoint_into_the_same_mlflow_run(prepared_
     # The killed rank: two attempts; the second starts right after a checkpoint (step 4, or
     # step 2 when Ray had not registered step 4 yet), never from scratch.
     log = read_jsonl(tmp_path / "samples" / "rank1.jsonl")
-    assert [r["event"] for r in log if "event" in r] == ["start", "start"]
+    assert [r["event"] for r in log if "event" in r] == ["start", "start", "resume"]
     restart = [i for i, r in enumerate(log) if r.get("event") == "start"][1]
     before = [r["step"] for r in log[:restart] if "step" in r]
     after = [r["step"] for r in log[restart:] if "step" in r]
     assert before == [1, 2, 3, 4, 5]
     assert after[0] in (3, 5) and after == list(range(after[0], 8))
+    resume = next(r for r in log if r.get("event") == "resume")
+    assert resume == {"event": "resume", "rank": 1, "from": f"step_{after[0] - 1:08d}", "skipped": []}
 
     # One MLflow run for the job; its metrics run on to step 7.
     client = MlflowClient(tracking_uri=store)

@@ -67,6 +67,7 @@ def test_two_nodes_two_workers_equal_one_worker(prepared_dataset, tmp_path):
 
     from instalign.modeling.builders import build_model
     from pipelines.train import train
+    from worker_hooks import SampleLog
 
     cfg = load_config("tiny", ["data.max_train_samples=32", "data.max_val_samples=6", "data.num_overlays=0",
                                "train.epochs=2", "train.batch_size=8", "train.max_steps=6", "train.log_every_steps=1",
@@ -84,8 +85,8 @@ def test_two_nodes_two_workers_equal_one_worker(prepared_dataset, tmp_path):
         common = dict(cpus_per_worker=0.5, data_order="ordered", storage_path=str(tmp_path / "ray"),
                       experiment="test-multinode", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", max_failures=0)
         two = train(cfg, str(prepared_dataset), num_workers=2, placement_strategy="SPREAD", name="two",
-                    sample_log_dir=str(tmp_path / "two"), **common)
-        one = train(cfg, str(prepared_dataset), num_workers=1, name="one", sample_log_dir=str(tmp_path / "one"),
+                    worker_hook=SampleLog(tmp_path / "two"), **common)
+        one = train(cfg, str(prepared_dataset), num_workers=1, name="one", worker_hook=SampleLog(tmp_path / "one"),
                     **common)
     finally:
         ray.shutdown()

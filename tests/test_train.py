@@ -45,13 +45,36 @@ def test_cli_parses_and_routes_overrides():
         load_config("tiny", ["train.no_such_key=1"])
 
 
-def test_loop_config_round_trips_to_the_dataclass():
-    from pipelines.train import RunSpec, loop_config, unpack_loop_config
+def test_loop_config_carries_the_dataclasses_through_rays_pickler(tmp_path):
+    """``train_loop_config`` holds the ``Config`` and ``RunSpec`` themselves (no dict round trip);
+    Ray sends it with its cloudpickle, hook included — the workers get equal objects."""
+    import ray.cloudpickle
+
+    from pipelines.worker import RunSpec, loop_config
+    from worker_hooks import SampleLog
 
     cfg = small_cfg()
-    spec = RunSpec(run_name="x", data_dir="/d", steps_per_epoch=4, data_order="ordered")
-    back, spec_back = unpack_loop_config(loop_config(cfg, spec))
-    assert back == cfg and spec_back == spec
+    spec = RunSpec(run_name="x", data_dir="/d", steps_per_epoch=4, data_order="ordered",
+                   hook=SampleLog(tmp_path / "log"))
+    sent = loop_config(cfg, spec)
+    assert sent["config"] is cfg and sent["run"] is spec
+    back = ray.cloudpickle.loads(ray.cloudpickle.dumps(sent))
+    assert back["config"] == cfg and type(back["config"].train.lr) is float
+    assert (back["run"].run_name, back["run"].data_order, back["run"].steps_per_epoch) == ("x", "ordered", 4)
+    back["run"].hook("step", {"rank": 1, "world": 2, "epoch": 0, "step": 3, "sample_ids": ["a", "b"]})
+    assert read_jsonl(tmp_path / "log" / "rank1.jsonl") == [{"epoch": 0, "step": 3, "sample_ids": ["a", "b"]}]
+    with pytest.raises(ValueError, match="data_order='random'"):
+        RunSpec(run_name="x", data_dir="/d", steps_per_epoch=4, data_order="random")
+
+
+def test_checkpoint_names_sort_by_step_and_never_reuse_a_damaged_one():
+    from pipelines.resume import checkpoint_name
+
+    assert checkpoint_name(6) == "step_00000006" and checkpoint_name(6, {"step_00000004"}) == "step_00000006"
+    assert checkpoint_name(6, {"step_00000006"}) == "step_00000006.1"
+    assert checkpoint_name(6, {"step_00000006", "step_00000006.1"}) == "step_00000006.2"
+    names = ["step_00000008", "step_00000006.1", "step_00000004", "step_00000006", "step_00000010"]
+    assert sorted(names) == ["step_00000004", "step_00000006", "step_00000006.1", "step_00000008", "step_00000010"]
 
 
 @pytest.mark.ray
@@ -73,13 +96,14 @@ def test_two_worker_training_tracks_checkpoints_and_resumes(prepared_dataset, ra
 
     from instalign.checkpoint import checkpoint_files
     from pipelines.train import train
+    from worker_hooks import SampleLog
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     kwargs = dict(num_workers=2, cpus_per_worker=0.5, name="job", storage_path=str(tmp_path / "ray"),
                   experiment="test-train", tracking_uri=store, max_failures=0)
 
     # --- first run: stops mid-epoch 1 at step 6 -------------------------------------------
-    first = train(small_cfg(max_steps=6), str(prepared_dataset), sample_log_dir=str(tmp_path / "s1"), **kwargs)
+    first = train(small_cfg(max_steps=6), str(prepared_dataset), worker_hook=SampleLog(tmp_path / "s1"), **kwargs)
     assert not first.resumed
     assert first.metrics["step"] == 6 and first.metrics["epoch"] == 1 and first.metrics["epoch_step"] == 2
     run_dir = Path(first.path)
@@ -121,7 +145,7 @@ def test_two_worker_training_tracks_checkpoints_and_resumes(prepared_dataset, ra
     state_file.write_bytes(state_file.read_bytes()[:100])
 
     # --- the same name again, with a higher step budget: resumes at step 4, the last good one
-    second = train(small_cfg(max_steps=8), str(prepared_dataset), sample_log_dir=str(tmp_path / "s2"),
+    second = train(small_cfg(max_steps=8), str(prepared_dataset), worker_hook=SampleLog(tmp_path / "s2"),
                    register_as="instalign-train-test", **kwargs)
     assert second.resumed and second.mlflow_run_id == first.mlflow_run_id and second.path == first.path
     assert second.metrics["step"] == 8 and second.metrics["epoch"] == 2 and second.metrics["epoch_step"] == 0
@@ -131,7 +155,10 @@ def test_two_worker_training_tracks_checkpoints_and_resumes(prepared_dataset, ra
     tags = client.get_run(first.mlflow_run_id).data.tags
     assert tags["instalign.resumed_from"] == "step_00000004"
     assert "training_state.safetensors" in json.loads(tags["instalign.skipped_checkpoints"])["step_00000006"]
-    checkpoint_files(second.last_checkpoint)  # step 6 was written again, whole
+    checkpoint_files(second.last_checkpoint)
+    # Step 6 was trained again into a directory of its own: the damaged step_00000006 is still
+    # registered with Ray, which may delete it, and two entries for one path would fail the run.
+    assert Path(second.last_checkpoint).name == "step_00000008"
     runs = client.search_runs([run.info.experiment_id])
     assert [r.info.run_id for r in runs] == [first.mlflow_run_id]  # one MLflow run for the job
     assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == list(range(1, 9))

@@ -1,10 +1,11 @@
-"""``instalign tune``: the planning arithmetic and report writers (fast), then one real search —
-Ray Tune over Ray Train on the tiny preset, MLflow in a temp store, ASHA, registry, resume."""
+"""``instalign tune``: searcher, scheduler and CLI (fast), then real searches — Ray Tune over
+Ray Train on the tiny preset, MLflow in a temp store, ASHA, registry, resume.
+
+The planning arithmetic is in ``test_resources.py``, the reports in ``test_tune_report.py``,
+a trial's reports and config in ``test_tune_trial.py``."""
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 
 import pytest
@@ -16,56 +17,6 @@ GOOD_LR, TINY_LR = 1e-2, 1e-9
 
 
 # --- fast: no Ray cluster ------------------------------------------------------------------
-
-def test_only_validated_reports_reach_tune_and_iterations_count_epochs():
-    from pipelines.tune import validated_report
-
-    assert validated_report({"step": 2, "epoch": 0, "epoch_step": 2, "val_gIoU": math.nan}, "val_gIoU") is None
-    assert validated_report({"step": 2, "epoch": 0, "epoch_step": 2}, "val_gIoU") is None
-    end_of_epoch = validated_report({"step": 8, "epoch": 2, "epoch_step": 0, "val_gIoU": 41.5}, "val_gIoU")
-    assert end_of_epoch["training_iteration"] == 2 and end_of_epoch["val_gIoU"] == 41.5
-    # train.max_steps stopped the run inside its third epoch: that epoch was begun, so it counts.
-    assert validated_report({"step": 9, "epoch": 2, "epoch_step": 1, "val_cIoU": 3.0}, "val_cIoU")[
-        "training_iteration"] == 3
-
-
-def test_concurrency_leaves_room_for_data_and_respects_gpus():
-    from pipelines.tune import TRIAL_CPU, data_cpus_per_task, default_cpus_per_worker, plan_concurrency
-
-    assert data_cpus_per_task(0.5) == 0.5 and data_cpus_per_task(0.75) == 0.25 and data_cpus_per_task(2.0) == 1.0
-    # 2 CPUs: two trials of one 0.45-CPU worker take 0.92 and leave a whole CPU for Ray Data's
-    # reads; two 0.5-CPU ones would leave 0.98 — measured to hang (the read tasks take 1 CPU).
-    assert plan_concurrency(total_cpus=2, total_gpus=0, num_workers=1, cpus_per_worker=0.45, gpus_per_worker=0,
-                            max_concurrent=None) == 2
-    with pytest.raises(ValueError, match=r"--max-concurrent 2 does not fit: .*0\.51 CPUs.*at most 1 at once"):
-        plan_concurrency(total_cpus=2, total_gpus=0, num_workers=1, cpus_per_worker=0.5, gpus_per_worker=0,
-                         max_concurrent=2)
-    with pytest.raises(ValueError, match="not even one trial fits"):
-        plan_concurrency(total_cpus=2, total_gpus=0, num_workers=2, cpus_per_worker=1.0, gpus_per_worker=0,
-                         max_concurrent=None)
-    # GPUs bound it: 8 GPUs, 2 workers × 1 GPU per trial → 4 trials, though 64 CPUs would fit more.
-    assert plan_concurrency(total_cpus=64, total_gpus=8, num_workers=2, cpus_per_worker=1.0, gpus_per_worker=1,
-                            max_concurrent=None) == 4
-    with pytest.raises(ValueError, match="GPUs"):
-        plan_concurrency(total_cpus=64, total_gpus=8, num_workers=2, cpus_per_worker=1.0, gpus_per_worker=1,
-                         max_concurrent=5)
-    # The derived CPU share keeps a CPU for data and the trial drivers' slivers on top.
-    c = default_cpus_per_worker(total_cpus=2, num_workers=1, concurrent=1, use_gpu=False)
-    assert c == 0.75 and plan_concurrency(total_cpus=2, total_gpus=0, num_workers=1, cpus_per_worker=c,
-                                          gpus_per_worker=0, max_concurrent=1) == 1
-    assert 2 - (TRIAL_CPU + c) >= 1
-    assert default_cpus_per_worker(total_cpus=2, num_workers=1, concurrent=1, use_gpu=True) == 1.0
-
-
-def test_expected_iterations_follow_the_schedule():
-    from pipelines.tune import expected_iterations
-
-    cfg = load_config("tiny", ["train.epochs=3", "train.batch_size=8"])
-    assert expected_iterations(cfg, 32, max_iterations=10) == 3
-    assert expected_iterations(cfg, 32, max_iterations=2) == 2  # ASHA's max_t caps it
-    # max_steps=5 with 4 steps per epoch: a full epoch and a begun one.
-    assert expected_iterations(load_config(cfg, ["train.max_steps=5"]), 32, max_iterations=10) == 2
-
 
 def test_optuna_search_needs_the_extra(tmp_path, monkeypatch):
     from pipelines.tune import build_search_alg
@@ -98,33 +49,6 @@ def test_scheduler_arguments_are_checked():
         build_scheduler("asha", max_iterations=3, grace_period=4, reduction_factor=2)
     with pytest.raises(ValueError, match="scheduler='hyperband'"):
         build_scheduler("hyperband", max_iterations=3, grace_period=1, reduction_factor=2)
-
-
-def test_table_and_plot_of_trials(tmp_path):
-    from pipelines.tune import TrialRow, pick_best, plot_metric_vs_params, write_table
-    from pipelines.tune_space import load_space
-
-    space_path = tmp_path / "s.yaml"
-    space_path.write_text("base: tiny\nsearch: random\nparams:\n"
-                          "  loss.merged_weight: {type: loguniform, low: 1.0, high: 10.0}\n"
-                          "  model.aggregation: {type: choice, values: [aia, aia_no_prelu, fixed_threshold]}\n")
-    space = load_space(space_path)
-    rows = [TrialRow("a_00000", "completed", {"loss.merged_weight": 2.0, "model.aggregation": "aia"}, 3, 40.0, 39.0,
-                     2, "/ckpt/a", "run-a"),
-            TrialRow("a_00001", "stopped_early", {"loss.merged_weight": 8.0, "model.aggregation": "aia_no_prelu"}, 1,
-                     20.0, 20.0, 1, "/ckpt/b", "run-b"),
-            TrialRow("a_00002", "error", {"loss.merged_weight": 1.5, "model.aggregation": "fixed_threshold"}, 0,
-                     math.nan, math.nan, 0, None, None, "RuntimeError: boom")]
-    assert pick_best(rows, "max").trial_id == "a_00000" and pick_best(rows, "min").trial_id == "a_00001"
-    csv_path, json_path = write_table(rows, "val_gIoU", tmp_path)
-    lines = csv_path.read_text().splitlines()
-    assert lines[0].split(",")[:6] == ["trial_id", "status", "iterations", "val_gIoU_best", "val_gIoU_last",
-                                       "best_iteration"]
-    assert "loss.merged_weight" in lines[0] and len(lines) == 4 and "RuntimeError: boom" in lines[3]
-    table = json.loads(json_path.read_text())  # strict JSON: a missing metric is null, not NaN
-    assert [r["status"] for r in table] == ["completed", "stopped_early", "error"] and table[2]["best"] is None
-    png = plot_metric_vs_params(rows, space, "val_gIoU", tmp_path / "plot.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
 def test_shipped_spaces_become_tune_domains():
@@ -171,7 +95,10 @@ def test_asha_search_tracks_trials_registers_the_best_and_resumes(prepared_datas
     both others recorded there, and is stopped unless both of them also scored 0."""
     from mlflow import MlflowClient
 
-    from pipelines.tune import CHILD_STATUS, TRIAL_ID_TAG, trial_config, tune
+    from pipelines.tune import tune
+    from pipelines.tune_report import CHILD_STATUS
+    from pipelines.tune_space import trial_config
+    from pipelines.tune_trial import TRIAL_ID_TAG
 
     space = tmp_path / "lr.yaml"
     space.write_text(yaml.safe_dump({"base": "tiny", "search": "grid", "params": {
@@ -247,7 +174,8 @@ def test_interrupted_search_resumes_where_it_stopped(prepared_dataset, ray_local
 
     from mlflow import MlflowClient
 
-    from pipelines.tune import TRIAL_ID_TAG, tune
+    from pipelines.tune import tune
+    from pipelines.tune_trial import TRIAL_ID_TAG
 
     space = tmp_path / "nt.yaml"
     space.write_text(yaml.safe_dump({"base": "tiny", "search": "grid", "params": {

@@ -1,0 +1,55 @@
+"""The training side of ``pipelines/`` imports one way: verb → job core → worker → library.
+
+Every ``import`` in these modules counts, including the ones inside functions (they run
+too). A module may import modules of a lower layer only; the library (``instalign``) and the
+shared services (tracking, loader, resources, Ray connection) sit at the bottom.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+
+#: Higher imports lower, never the reverse (nor sideways within the training side).
+LAYERS = {
+    "train": 4, "tune": 4,                                      # CLI verbs and their Python entry points
+    "flags": 3.5, "tune_report": 3,                             # the verbs' helpers
+    "tune_trial": 2.5, "job": 2,                                # the training-job core (Tune's trial wraps it)
+    "worker": 1,                                                # one Ray Train worker
+    "resume": 0.5,                                              # the worker's resume rules
+    "ray_utils": 0.5,                                           # re-exports resources for other verbs
+    "tune_space": 0, "resources": 0, "loader": 0, "tracking_mlflow": 0,  # services
+}
+#: Verbs nothing else on the training side may import.
+OTHER_VERBS = {"cli", "quickstart", "prepare", "evaluate", "predict", "registry", "bench"}
+
+
+def imported_pipelines_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "pipelines":
+                found |= {a.name for a in node.names}
+            elif node.module.startswith("pipelines."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipelines.")}
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(LAYERS))
+def test_imports_point_down(module):
+    imports = imported_pipelines_modules(PIPELINES / f"{module}.py") - {module}
+    upward = sorted(m for m in imports if m in LAYERS and LAYERS[m] >= LAYERS[module])
+    assert not upward, f"pipelines.{module} (layer {LAYERS[module]}) imports {upward}"
+    assert not imports & OTHER_VERBS, f"pipelines.{module} imports the verb(s) {sorted(imports & OTHER_VERBS)}"
+
+
+def test_the_checker_sees_function_level_imports(tmp_path):
+    (tmp_path / "m.py").write_text("def f():\n    from pipelines.train import train\n    import pipelines.job\n"
+                                   "from pipelines import worker\n")
+    assert imported_pipelines_modules(tmp_path / "m.py") == {"train", "job", "worker"}

@@ -1,0 +1,68 @@
+"""The training-job core (``pipelines.job``) without a cluster: the data plan and the job's settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from instalign.config import load_config
+
+MANIFEST = {"counts": {"train": {"samples": 40}, "val": {"samples": 9}}}
+
+
+def test_plan_data_checks_the_config_against_the_dataset():
+    from pipelines.job import plan_data
+
+    cfg = load_config("tiny", ["train.batch_size=8", "data.max_val_samples=4"])
+    plan = plan_data(cfg, "/d", MANIFEST, num_workers=2)
+    assert (plan.train_samples, plan.val_samples, plan.steps_per_epoch) == (40, 4, 5)
+    capped = plan_data(load_config(cfg, ["data.max_train_samples=17"]), "/d", MANIFEST, num_workers=1)
+    assert (capped.train_samples, capped.steps_per_epoch) == (17, 2)  # a partial last batch is dropped
+    with pytest.raises(ValueError, match="does not split evenly over 3 workers"):
+        plan_data(cfg, "/d", MANIFEST, num_workers=3)
+    with pytest.raises(ValueError, match="num_workers must be >= 1"):
+        plan_data(cfg, "/d", MANIFEST, num_workers=0)
+    with pytest.raises(ValueError, match=r"/d: split 'train' has 40 samples, fewer than one global batch"):
+        plan_data(load_config(cfg, ["train.batch_size=64"]), "/d", MANIFEST, num_workers=1)
+    with pytest.raises(ValueError, match=r"/d: the dataset has no split 'val' \(it has \['train'\]\)"):
+        plan_data(cfg, "/d", {"counts": {"train": {"samples": 40}}}, num_workers=1)
+
+
+def test_a_job_is_assembled_once_with_its_settings():
+    from pipelines.job import GRESDataConfig, TrainJob, plan_data
+    from pipelines.resources import plan_workers
+
+    cfg = load_config("tiny", ["train.batch_size=8"])
+    job = TrainJob(config=cfg, data=plan_data(cfg, "/d", MANIFEST, 2), run_name="r",
+                   resources=plan_workers(2, total_cpus=2), storage_path="/runs", tracking_uri="sqlite:///m.db",
+                   mlflow_run_id="abc", data_order="ordered", max_failures=1)
+    spec = job.run_spec()
+    assert (spec.run_name, spec.steps_per_epoch, spec.mlflow_run_id, spec.data_order, spec.hook) == \
+        ("r", 5, "abc", "ordered", None)
+    params = job.params()
+    assert params["per_worker_batch"] == 4 and params["cpus_per_worker"] == 0.5 and params["storage_path"] == "/runs"
+    with pytest.raises(ValueError, match="data_order='shuffled'"):
+        TrainJob(config=cfg, data=job.data, run_name="r", resources=job.resources, storage_path="/runs",
+                 tracking_uri="", mlflow_run_id="", data_order="shuffled")
+    with pytest.raises(ValueError, match="data_order='shuffled'"):
+        GRESDataConfig(data_order="shuffled")
+
+
+def test_best_checkpoint_is_the_best_scored_one_that_verifies(tmp_path):
+    """A resumed run can keep a damaged checkpoint with a good old score: it is passed over."""
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint
+
+    from pipelines.job import best_checkpoint
+    from tiny_checkpoint import make_checkpoint
+
+    ckpts = {step: Checkpoint(str(make_checkpoint(tmp_path / f"step_{step:08d}"))) for step in (2, 4, 6, 8)}
+    result = SimpleNamespace(checkpoint=ckpts[8], best_checkpoints=[
+        (ckpts[2], {"step": 2, "val_gIoU": float("nan")}), (ckpts[4], {"step": 4, "val_gIoU": 30.0}),
+        (ckpts[6], {"step": 6, "val_gIoU": 40.0}), (ckpts[8], {"step": 8, "val_gIoU": 30.0})])
+    assert best_checkpoint(result) is ckpts[6]
+    weights = tmp_path / "step_00000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert best_checkpoint(result) is ckpts[8]  # the tie at 30 goes to the later step
+    assert best_checkpoint(SimpleNamespace(checkpoint=ckpts[2], best_checkpoints=[
+        (ckpts[2], {"step": 2, "val_gIoU": float("nan")})])) is ckpts[2]  # nothing scored: the latest
