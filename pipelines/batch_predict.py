@@ -431,7 +431,7 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
 
     from instalign.metrics import GRESMetrics
     from pipelines.evaluate import _checkpoint_payload
-    from pipelines.ray_utils import check_leaves_room_for_data, default_cpus_per_worker, init_ray
+    from pipelines.ray_utils import check_leaves_room_for_data, cluster_cpus, default_cpus_per_worker, init_ray
     from pipelines.registry import resolve_checkpoint
     from pipelines.tracking_mlflow import metric_key, redact_data, redacted_context_tags
 
@@ -448,6 +448,11 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
         cpus = default_cpus_per_worker(cfg.num_workers, use_gpu=use_gpu)
     if not use_gpu:
         check_leaves_room_for_data(cfg.num_workers, cpus)
+        free = cluster_cpus() - cfg.num_workers * cpus
+        if free < 1:  # reading, repartitioning and splitting run as 1-CPU tasks beside the actors
+            raise BatchPredictError(f"{cfg.num_workers} workers x {cpus} CPUs leave {free:g} of the cluster's "
+                                    f"{cluster_cpus():g} CPUs free; the read and write tasks need 1 and the job would "
+                                    f"hang: lower --cpus-per-worker or --num-workers")
 
     t0 = time.perf_counter()
     ds, kind = read_pairs(cfg)

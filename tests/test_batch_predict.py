@@ -168,3 +168,14 @@ def test_out_must_be_new(registered, tmp_path, capsys):
     assert run(_args(registered, table, out)) == 1
     assert "not an empty directory" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "x"
+
+
+def test_workers_that_leave_no_cpu_for_reading_are_refused(registered, ray_local, tmp_path, capsys):
+    """2 × 0.75 CPUs on the 2-CPU test cluster leave 0.5 free: the 1-CPU read/write tasks could never
+    run and the job would hang (measured before this check); it is refused with a message instead."""
+    from pipelines.batch_predict import run
+
+    table = tmp_path / "t.csv"
+    table.write_text("image_path,text\na.png,the ball\n")
+    assert run(_args(registered, table, tmp_path / "out", num_workers=2, cpus_per_worker=0.75)) == 1
+    assert "would hang" in capsys.readouterr().err
