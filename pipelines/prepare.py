@@ -3,9 +3,10 @@
 The reader of the chosen dataset (``instalign.data.readers``) parses the refs and the COCO
 annotations on the driver; this module checks them, groups the samples (one per sentence)
 by ``(image, split)`` so that each image is stored once however many expressions name it,
-and hands one *task* row per image to Ray Data. A task reads the image file, decodes it in
-full (a truncated JPEG fails here, not at training time), optionally shrinks it, and
-rasterises each target annotation to COCO RLE at the *stored* size.
+one *task* row per image, and hands them to Ray Data in shards (below). Per task a worker
+reads the image file, decodes it in full (a truncated JPEG fails here, not at training
+time), optionally shrinks it, and rasterises each target annotation to COCO RLE at the
+*stored* size.
 
 Nothing is dropped silently. Every bad record becomes a row of the ``_quarantine`` table
 (``QUARANTINE_SCHEMA``) with a reason code and a message naming the file/record; the
@@ -37,7 +38,8 @@ the object store once; ``ray.data.range(number of shards)`` feeds the shard indi
 ``map_batches`` UDF (:func:`write_shards`) that looks its rows up in that table, processes
 each image, writes the shard's file and returns one small statistics row (counts and the
 shard's quarantine records). Image bytes therefore never enter the object store: nothing is
-materialised, nothing spills, however large the release, and each image is decoded once.
+materialised, nothing spills, however large the release (``tests/test_prepare_streaming.py``:
+~117 MB of images through an 80 MiB object store), and each image is decoded once.
 The driver streams the statistics rows back (``iter_batches``) and builds the counts, the
 quarantine and the manifest from them. Ray Data's own writers do not fit the layout:
 ``write_parquet(partition_cols=["split"])`` names folders ``split=train`` and drops the
@@ -573,6 +575,7 @@ def _run_pass(plan: _Plan, *, fs: pafs.FileSystem, out_path: str, dataset: str, 
     """The one Ray Data pass: every shard processed and written once; returns the statistics rows,
     in shard order."""
     import ray
+    import ray.data
 
     for split in sorted({s[0] for s in plan.shards}):
         if not is_safe_split_name(split):  # plan_tasks admits none; this line is what keeps writes inside out
