@@ -10,8 +10,9 @@ MLflow metric names and tunable weights:
   empty-vs-empty ~0.
 * ``loss_nt`` — BCE of the no-target logit p̂_nt (eqs. 10–12) against the label, a mean
   over the batch. ``nt_pos_weight`` weighs the positive (no-target) samples: 1 is the
-  paper's plain BCE; ``(1 − share) / share`` for a split whose no-target share is
-  ``share`` balances the two classes (the paper is silent on class balance; see README).
+  paper's plain BCE; ``r = (1 − share) / share`` for a split whose no-target share is
+  ``share`` balances the two classes, and the quickstart uses √r (the paper is silent on
+  class balance; README has the measurements).
 * ``loss_inst`` — eq. 7, after Hungarian matching (eqs. 5–6, :mod:`.matcher`)::
 
       L_inst = Σ_matched [λ_score·BCE(p̂_i, 1) + λ_mask·(BCE + dice)(ŝ_i, s_j) + λ_phrase·L_phrase(i)]
