@@ -9,6 +9,9 @@ their Phrase-Object Alignment rows weigh most (eq. 1). ``--out`` draws it
 
 The model is a checkpoint directory or a registry URI (``models:/NAME@ALIAS``,
 ``models:/NAME/VERSION``), whose checkpoint artifact is downloaded once.
+
+With ``--data`` (a prepared dataset split or a table of images and expressions) the same
+verb runs batch inference on Ray Data instead (``pipelines.batch_predict``).
 """
 
 from __future__ import annotations
@@ -42,18 +45,30 @@ def describe(record: dict[str, Any], *, text: str, image: str, width: int, heigh
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR|models:/NAME@ALIAS|models:/NAME/VERSION",
                         help="checkpoint directory or registered model")
-    parser.add_argument("--image", required=True, help="image file (JPEG, PNG, ...)")
-    parser.add_argument("--text", required=True, help="the referring expression")
-    parser.add_argument("--out", default=None, help="write an overlay PNG here")
+    parser.add_argument("--image", default=None, help="image file (JPEG, PNG, ...)")
+    parser.add_argument("--text", default=None, help="the referring expression")
+    parser.add_argument("--out", default=None,
+                        help="write an overlay PNG here; with --data: the output directory (new or empty)")
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON (the pyfunc's format)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--top-words", type=int, default=3, help="words reported per instance")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI for models:/ URIs "
                              "(default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    from pipelines.batch_predict import add_data_arguments
+
+    add_data_arguments(parser)  # --data --split --num-workers --gpus-per-worker ... (batch inference on Ray Data)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "data", None):
+        from pipelines import batch_predict
+
+        return batch_predict.run(args)
+    if not args.image or args.text is None:
+        print("instalign predict: give --image and --text (one image), or --data and --out (a dataset or table)",
+              file=sys.stderr)
+        return 2
     from instalign.checkpoint import CheckpointError
     from pipelines.pyfunc import PyfuncInputError, check_text, load_local_image, prediction_to_record
     from pipelines.registry import RegistryError, configure_tracking, is_model_uri, resolve_checkpoint
