@@ -479,8 +479,15 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     reasons = Counter(r for r, s in zip(status["reason"].to_pylist(), status["status"].to_pylist())
                       if s == "rejected")
     predicted = int(status.num_rows - sum(reasons.values()))
-    select("ok", PREDICTION_SCHEMA).write_parquet(str(out / "predictions"))
-    select("rejected", REJECT_SCHEMA).write_parquet(str(out / "rejects"))
+    for name, status_, schema, count in (("predictions", "ok", PREDICTION_SCHEMA, predicted),
+                                         ("rejects", "rejected", REJECT_SCHEMA, sum(reasons.values()))):
+        if count:
+            select(status_, schema).write_parquet(str(out / name))
+        else:  # Ray writes no file for no rows; readers still find the table and its schema
+            import pyarrow.parquet as pq
+
+            (out / name).mkdir()
+            pq.write_table(schema.empty_table(), out / name / "empty.parquet")
 
     metrics = GRESMetrics()
     for state in status["metric_state"].to_pylist():

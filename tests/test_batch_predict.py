@@ -129,7 +129,7 @@ def test_prepared_split_logs_metrics_to_a_run_linked_to_the_version(registered, 
 
     from instalign.data.masks import rle_decode
     from instalign.data.parquet import read_manifest
-    from pipelines.batch_predict import run
+    from pipelines.batch_predict import REJECT_SCHEMA, run
 
     split = sorted(read_manifest(str(prepared_dataset))["files"])[0]
     out = tmp_path / "out"
@@ -138,6 +138,8 @@ def test_prepared_split_logs_metrics_to_a_run_linked_to_the_version(registered, 
     assert summary["kind"] == "prepared" and summary["rows"] == 12 and summary["rejected"] == 0
     preds = pq.read_table(out / "predictions").to_pylist()
     assert len(preds) == 12
+    rejects = pq.read_table(out / "rejects")  # no bad row: an empty table, with its schema
+    assert rejects.num_rows == 0 and rejects.schema.names == REJECT_SCHEMA.names
     for row in preds:
         assert row["iou"] is not None and 0.0 <= row["iou"] <= 1.0
         h, w = row["mask"]["size"]
