@@ -435,7 +435,10 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     from pipelines.registry import resolve_checkpoint
     from pipelines.tracking_mlflow import metric_key, redact_data, redacted_context_tags
 
+    from instalign.checkpoint import checkpoint_files
+
     checkpoint = resolve_checkpoint(cfg.model)
+    checkpoint_files(checkpoint)  # an incomplete checkpoint: one message here, not a crash in every actor
     tags = _model_tags(cfg.model)
     if not _is_prepared(cfg.data) and not Path(cfg.data).exists():
         raise BatchPredictError(f"{cfg.data}: no such file or directory")

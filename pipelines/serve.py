@@ -399,16 +399,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from instalign.checkpoint import CheckpointError
     from pipelines.registry import RegistryError, configure_tracking, is_model_uri, resolve_checkpoint
 
     tracking_uri = configure_tracking(args.tracking_uri) if is_model_uri(args.model) else None
     try:
-        resolve_checkpoint(args.model)  # a wrong name or alias fails here, in one line, before Ray starts
+        from instalign.checkpoint import checkpoint_files
+
+        # A wrong name, alias or directory fails here, in one line, before Ray starts.
+        checkpoint_files(resolve_checkpoint(args.model))
         url = start(args.model, host=args.host, port=args.port, address=args.address, tracking_uri=tracking_uri,
                     replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                     cpus_per_replica=args.cpus_per_replica, max_batch_size=args.max_batch_size,
                     batch_wait_timeout_s=args.batch_wait_ms / 1000.0, top_words=args.top_words)
-    except (RegistryError, FileNotFoundError, ValueError) as e:
+    except (RegistryError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"instalign serve: {e}", file=sys.stderr)
         return 1
     print(f"serving {args.model} at {url}/ (page), {url}/invocations (JSON), {url}/ping; Ctrl-C stops",
