@@ -98,9 +98,9 @@ def leaves_parameters_unused(cfg: Config) -> bool:
 
     Block K's word update (object-to-text attention) is read only by the phrase loss and by
     T_sen; with ``decoder=pot``, no phrase loss (``vanilla``/``none``) and a no-target head fed
-    by ``q_global`` alone, nothing reads it.
+    by the queries alone (``q_global`` or ``mean_queries``), nothing reads it.
     """
-    return (cfg.model.decoder == "pot" and cfg.model.no_target_input == "q_global"
+    return (cfg.model.decoder == "pot" and cfg.model.no_target_input in ("q_global", "mean_queries")
             and cfg.loss.instance_supervision != "phrase_aligned")
 
 

@@ -30,7 +30,8 @@ def _batch() -> Batch:
 
 
 @pytest.mark.parametrize("supervision,no_target_input,decoder", list(itertools.product(
-    ["phrase_aligned", "vanilla", "none"], ["concat", "q_global", "t_sen"], ["pot", "mask2former"])))
+    ["phrase_aligned", "vanilla", "none"], ["concat", "q_global", "t_sen", "mean_queries"],
+    ["pot", "mask2former", "rela"])))
 def test_predicate_matches_the_gradients(supervision, no_target_input, decoder):
     cfg = load_config("tiny", [f"loss.instance_supervision={supervision}",
                                f"model.no_target_input={no_target_input}", f"model.decoder={decoder}"])
