@@ -12,6 +12,20 @@ Keys are dotted paths of ``instalign.config.Config``; every sampled value is che
 building the config it would produce, so a bad key, range or switch value fails here, with
 the file and the key named, before any trial starts.
 
+``search: rows`` lists the trials themselves instead of a product of values — an ablation
+table that changes one factor at a time from a reference (the paper's Table 3)::
+
+    base: paper
+    search: rows
+    rows:                                   # one trial per row: overrides of the base
+      full: {}
+      a_vanilla: {loss.instance_supervision: vanilla}
+      e_mask2former: {model.decoder: mask2former}
+
+It becomes one grid parameter, ``row``, whose values are self-describing labels
+(``"a_vanilla | loss.instance_supervision=vanilla"``): :func:`trial_config` expands a label
+back into its values (:func:`row_values`), so a trial needs nothing but the label Tune hands it.
+
 Sampled values stay values: :func:`trial_config` sets Tune's typed samples (a float loss
 weight, an int query count, a switch's string) into the base config's tree and validates
 the result once — no detour through override text.
@@ -29,7 +43,10 @@ import yaml
 from instalign.config import PRESETS, Config, ConfigError
 
 DISTRIBUTIONS = {"uniform", "loguniform", "randint", "choice", "grid"}
-SEARCHES = {"random", "grid", "optuna"}
+SEARCHES = {"random", "grid", "optuna", "rows"}
+#: The one parameter of a ``search: rows`` space, and how its labels are written.
+ROW_KEY = "row"
+_ROW_NAME_SEP, _ROW_ITEM_SEP = " | ", ", "
 
 
 class SpaceError(ValueError):
@@ -102,20 +119,22 @@ def load_space(path: str | Path, base_config: Config | None = None) -> SearchSpa
         raise SpaceError(f"{where}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise SpaceError(f"{where}: expected a mapping with 'params'")
-    unknown = sorted(set(data) - {"base", "search", "params"})
+    unknown = sorted(set(data) - {"base", "search", "params", "rows"})
     if unknown:
-        raise SpaceError(f"{where}: unknown top-level key(s) {unknown}; expected base, search, params")
+        raise SpaceError(f"{where}: unknown top-level key(s) {unknown}; expected base, search, params (or rows)")
     base = str(data.get("base", "paper"))
     search = str(data.get("search", "random"))
     if search not in SEARCHES:
         raise SpaceError(f"{where}: search={search!r}; expected one of {sorted(SEARCHES)}")
-    raw = data.get("params")
-    if not isinstance(raw, dict) or not raw:
-        raise SpaceError(f"{where}: 'params' must be a non-empty mapping of dotted config keys")
     if base_config is None:
         if base not in PRESETS:
             raise SpaceError(f"{where}: base={base!r} is not a preset ({sorted(PRESETS)}); pass --config")
         base_config = PRESETS[base]()
+    if search == "rows" or "rows" in data:
+        return _load_rows(where, base, search, data, base_config)
+    raw = data.get("params")
+    if not isinstance(raw, dict) or not raw:
+        raise SpaceError(f"{where}: 'params' must be a non-empty mapping of dotted config keys")
     valid_keys = set(base_config.flat())
     params = [_parse_param(where, key, spec, valid_keys) for key, spec in raw.items()]
     if search == "grid" and not all(p.type == "grid" for p in params):
@@ -129,6 +148,51 @@ def load_space(path: str | Path, base_config: Config | None = None) -> SearchSpa
             except ConfigError as e:
                 raise SpaceError(f"{where}: {p.key}={value!r} is not a valid config value: {e}") from None
     return SearchSpace(path=where, base=base, search=search, params=params)
+
+
+def _load_rows(where: str, base: str, search: str, data: dict, base_config: Config) -> SearchSpace:
+    """A ``search: rows`` space: every row a trial (module docstring)."""
+    if search != "rows" or "params" in data:
+        raise SpaceError(f"{where}: 'rows' goes with search=rows and no 'params'")
+    rows = data.get("rows")
+    if not isinstance(rows, dict) or not rows:
+        raise SpaceError(f"{where}: 'rows' must be a non-empty mapping of row name -> overrides")
+    valid_keys = set(base_config.flat())
+    labels, seen = [], {}
+    for name, values in rows.items():
+        at = f"{where}: rows.{name}"
+        if not isinstance(name, str) or not name or "|" in name or "," in name:
+            raise SpaceError(f"{at}: a row name must be a non-empty string without '|' or ','")
+        values = {} if values is None else values
+        if not isinstance(values, dict):
+            raise SpaceError(f"{at}: expected a mapping of dotted config keys to values ({{}} for the base itself)")
+        for key, value in values.items():
+            if key not in valid_keys:
+                raise SpaceError(f"{at}.{key}: unknown config key (see `instalign.config.Config().flat()`)")
+            if isinstance(value, (dict, list)):
+                raise SpaceError(f"{at}.{key}: a row sets plain values, got {value!r}")
+        try:
+            trial_config(base_config, values)
+        except ConfigError as e:
+            raise SpaceError(f"{at}: not a valid config: {e}") from None
+        items = tuple(f"{k}={yaml_value(v)}" for k, v in sorted(values.items()))
+        if items in seen:
+            raise SpaceError(f"{at}: the same trial as row {seen[items]!r}")
+        seen[items] = name
+        labels.append(name + _ROW_NAME_SEP + _ROW_ITEM_SEP.join(items))
+    return SearchSpace(path=where, base=base, search=search, params=[Param(ROW_KEY, "grid", values=labels)])
+
+
+def row_values(label: str) -> dict[str, Any]:
+    """The dotted keys and values a ``search: rows`` label stands for (``"full | "`` → ``{}``)."""
+    _, sep, items = label.partition(_ROW_NAME_SEP)
+    if not sep:
+        raise SpaceError(f"row label {label!r}: expected 'name{_ROW_NAME_SEP}key=value{_ROW_ITEM_SEP}...'")
+    out = {}
+    for item in filter(None, items.split(_ROW_ITEM_SEP)):
+        key, _, text = item.partition("=")
+        out[key] = yaml.safe_load(text)
+    return out
 
 
 def _parse_param(where: str, key: str, spec: Any, valid_keys: set[str]) -> Param:
@@ -171,6 +235,8 @@ def trial_config(base: Config, params: Mapping[str, Any]) -> Config:
     Raises:
         ConfigError: an unknown key or a value the config refuses.
     """
+    if ROW_KEY in params:  # a ``search: rows`` trial: its label stands for its values
+        params = {**{k: v for k, v in params.items() if k != ROW_KEY}, **row_values(params[ROW_KEY])}
     data = base.to_dict()
     for key, value in sorted(params.items()):
         node, parts = data, key.split(".")
@@ -196,5 +262,7 @@ def yaml_value(value: Any) -> str:
 
 
 def trial_overrides(params: Mapping[str, Any]) -> list[str]:
-    """A sampled Tune config (dotted key → value) as ``key=value`` command-line overrides."""
+    """A sampled Tune config (dotted key → value; a rows label under ``row``) as ``key=value`` overrides."""
+    if ROW_KEY in params:
+        params = {**{k: v for k, v in params.items() if k != ROW_KEY}, **row_values(params[ROW_KEY])}
     return [f"{k}={yaml_value(v)}" for k, v in sorted(params.items())]

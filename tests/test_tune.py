@@ -59,8 +59,10 @@ def test_shipped_spaces_become_tune_domains():
     lw = load_space("tune_spaces/loss_weights.yaml").to_param_space()
     assert set(lw) == {f"loss.{k}_weight" for k in ("merged", "inst", "nt", "score", "mask", "phrase")}
     assert all(isinstance(d, Domain) and 0.025 <= d.lower < d.upper <= 20.0 for d in lw.values())
-    grid = load_space("tune_spaces/ablations.yaml").to_param_space()
-    assert grid["model.decoder"] == {"grid_search": ["pot", "mask2former"]}
+    grid = load_space("tune_spaces/ablations_grid.yaml").to_param_space()
+    assert grid["model.decoder"] == {"grid_search": ["pot", "mask2former", "rela"]}
+    rows = load_space("tune_spaces/ablations.yaml").to_param_space()
+    assert list(rows) == ["row"] and len(rows["row"]["grid_search"]) == 13  # Table 3, one trial per row
 
 
 def test_cli_parses_the_documented_options():

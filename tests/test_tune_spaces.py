@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from instalign.config import Config, load_config, paper, tiny
-from pipelines.tune_space import SpaceError, load_space, trial_overrides, yaml_value
+from pipelines.tune_space import ROW_KEY, SpaceError, load_space, row_values, trial_config, trial_overrides, yaml_value
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "tune_spaces").glob("*.yaml"))
 
@@ -25,8 +25,8 @@ def write(tmp_path: Path, params: dict, **top) -> Path:
 def test_every_shipped_space_loads_for_both_presets(path):
     for base in (None, paper(), tiny()):
         space = load_space(path, base)
-        assert space.params and space.search in ("random", "grid", "optuna")
-        assert set(p.key for p in space.params) <= set((base or paper()).flat())
+        assert space.params and space.search in ("random", "grid", "optuna", "rows")
+        assert set(p.key for p in space.params) <= set((base or paper()).flat()) | {ROW_KEY}
 
 
 def test_shipped_spaces_are_what_their_comments_say():
@@ -41,6 +41,54 @@ def test_shipped_spaces_are_what_their_comments_say():
     assert spaces["queries"].grid_size() == 8 and spaces["queries"].search == "grid"
     # Every combination of the switches: 3 supervisions × 3 aggregations × 4 no-target inputs × 3 decoders.
     assert spaces["ablations_grid"].grid_size() == 108 and spaces["ablations_grid"].search == "grid"
+
+
+def test_ablations_are_table3_one_factor_at_a_time_from_the_full_model():
+    """13 rows: the full model and each Table 3 row changing exactly one switch of it, nothing else."""
+    space = load_space(next(p for p in SPACES if p.stem == "ablations"))
+    assert space.search == "rows" and [p.key for p in space.params] == [ROW_KEY] and space.grid_size() == 13
+    full = paper().flat()
+    changed: dict[str, set] = {}
+    for label in space.params[0].values:
+        cfg = trial_config(paper(), {ROW_KEY: label}).flat()
+        assert load_config(paper(), trial_overrides({ROW_KEY: label})).flat() == cfg  # the CLI's path agrees
+        diff = {k: v for k, v in cfg.items() if v != full[k]}
+        if label.startswith("full"):
+            assert diff == {}
+            continue
+        assert len(diff) == 1, (label, diff)  # one factor at a time
+        ((key, value),) = diff.items()
+        changed.setdefault(key, set()).add(value)
+    assert changed == {
+        "loss.instance_supervision": {"vanilla", "none"},
+        "model.aggregation": {"aia_no_prelu", "fixed_threshold"},
+        "model.no_target_input": {"q_global", "t_sen", "mean_queries"},
+        "model.num_queries": {20, 50, 200},
+        "model.decoder": {"mask2former", "rela"},
+    }
+    assert "--scheduler none" in Path(space.path).read_text()  # rows must be full trainings
+
+
+def test_rows_spaces_are_validated_row_by_row(tmp_path):
+    def rows_file(rows, **top):
+        path = tmp_path / "rows.yaml"
+        path.write_text(yaml.safe_dump({"base": "tiny", "search": "rows", **top, "rows": rows}, sort_keys=False))
+        return path
+
+    space = load_space(rows_file({"ref": {}, "small": {"model.num_queries": 4, "loss.nt_weight": 0.2}}))
+    assert space.params[0].values == ["ref | ", "small | loss.nt_weight=0.2, model.num_queries=4"]
+    assert row_values(space.params[0].values[1]) == {"loss.nt_weight": 0.2, "model.num_queries": 4}
+    assert trial_overrides({ROW_KEY: space.params[0].values[0]}) == []
+    cfg = trial_config(tiny(), {ROW_KEY: space.params[0].values[1]})
+    assert (cfg.loss.nt_weight, cfg.model.num_queries) == (0.2, 4) and isinstance(cfg.model.num_queries, int)
+    with pytest.raises(SpaceError, match=r"rows\.bad\.loss\.nope: unknown config key"):
+        load_space(rows_file({"bad": {"loss.nope": 1}}))
+    with pytest.raises(SpaceError, match=r"rows\.bad: not a valid config: .*expected one of"):
+        load_space(rows_file({"bad": {"model.decoder": "detr"}}))
+    with pytest.raises(SpaceError, match=r"rows\.again: the same trial as row 'ref'"):
+        load_space(rows_file({"ref": {}, "again": {}}))
+    with pytest.raises(SpaceError, match="'rows' goes with search=rows and no 'params'"):
+        load_space(rows_file({"ref": {}}, params={"loss.nt_weight": {"type": "grid", "values": [0.1]}}))
 
 
 def test_every_ablation_grid_point_is_a_valid_training_config():
