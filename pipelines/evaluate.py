@@ -137,7 +137,7 @@ def evaluate_dataset(checkpoint: str, data_dir: str, *, split: str = "val", metr
         num_workers: model replicas (Ray actors).
         gpus_per_worker: GPUs per replica (0: CPU inference).
         cpus_per_worker: CPUs per replica; default: 1 with a GPU, else a share that leaves
-            CPUs to the decode tasks (``ray_utils.default_cpus_per_worker``).
+            CPUs to the decode tasks (``resources.default_cpus_per_worker``).
         max_samples: evaluate the first ``max_samples`` samples (0: all).
         address: Ray cluster to join (default: the current connection, else a local cluster).
         threshold_from: also choose a no-target threshold on this split (max N_acc + T_acc)
@@ -153,7 +153,8 @@ def evaluate_dataset(checkpoint: str, data_dir: str, *, split: str = "val", metr
 
     from instalign.data.parquet import read_manifest
     from pipelines.loader import load_samples
-    from pipelines.ray_utils import check_leaves_room_for_data, default_cpus_per_worker, init_ray
+    from pipelines.ray_utils import init_ray
+    from pipelines.resources import check_leaves_room_for_data, default_cpus_per_worker
     from pipelines.registry import resolve_checkpoint
 
     if num_workers < 1:
@@ -252,8 +253,9 @@ def format_table(result: dict[str, float], *, title: str) -> str:
 # --- CLI -------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR|models:/NAME@ALIAS|models:/NAME/VERSION",
-                        help="checkpoint directory or registered model")
+    from pipelines import flags
+
+    flags.add_model(parser)  # --model (alias --checkpoint)
     parser.add_argument("--data", required=True, metavar="PARQUET_DIR", help="a dataset written by `instalign prepare`")
     parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
     parser.add_argument("--metrics", choices=sorted(METRICS), default=None,
@@ -265,11 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N samples (0: all)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 autocast on GPU, fp32 on CPU")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (auto, HOST:PORT, ray://...); "
-                                                        "default: a private local cluster")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI for models:/ URIs "
-                             "(default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    flags.add_address(parser)
+    flags.add_tracking_uri(parser)
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the metrics as JSON here")
     parser.add_argument("--threshold-from", metavar="SPLIT", default=None,
                         help="also report N-acc/T-acc at the no-target threshold that maximises N-acc + T-acc "
@@ -279,10 +278,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipelines.registry import RegistryError, configure_tracking, is_model_uri
 
-    if is_model_uri(args.checkpoint):
+    if is_model_uri(args.model):
         configure_tracking(args.tracking_uri)
     try:
-        result = evaluate_dataset(args.checkpoint, args.data, split=args.split, metrics=args.metrics,
+        result = evaluate_dataset(args.model, args.data, split=args.split, metrics=args.metrics,
                                   num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
                                   cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
                                   max_samples=args.max_samples, precision=args.precision, address=args.address,
@@ -291,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"instalign evaluate: {e}", file=sys.stderr)
         return 1
     tuned = {k: result.pop(k) for k in list(result) if "@" in k and "threshold" in k}
-    print(format_table(result, title=f"{args.checkpoint} on {args.data} [{args.split}]"))
+    print(format_table(result, title=f"{args.model} on {args.data} [{args.split}]"))
     if tuned:
         print()
         print(format_table(tuned, title=f"NOT the paper's rule: no-target threshold chosen on {args.threshold_from}"))

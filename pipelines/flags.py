@@ -31,6 +31,21 @@ def add_overrides(parser: argparse.ArgumentParser,
     parser.add_argument("overrides", nargs="*", help=help)
 
 
+MODEL_METAVAR = "DIR|models:/NAME@ALIAS|models:/NAME/VERSION"
+
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    """``--model``: a checkpoint directory or a registered model, the same name in every verb
+    that reads one (``evaluate`` keeps its older ``--checkpoint`` as an alias)."""
+    parser.add_argument("--model", "--checkpoint", dest="model", required=True, metavar=MODEL_METAVAR,
+                        help="checkpoint directory or registered model (models:/NAME@ALIAS, models:/NAME/VERSION)")
+
+
+def add_tracking_uri(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+
+
 def add_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a prepared dataset directory or URI (instalign prepare)")
 
@@ -43,8 +58,7 @@ def add_address(parser: argparse.ArgumentParser) -> None:
 def add_tracking(parser: argparse.ArgumentParser, *, experiment: str) -> None:
     """``--experiment`` and ``--tracking-uri`` (MLflow)."""
     parser.add_argument("--experiment", default=experiment, help="MLflow experiment")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    add_tracking_uri(parser)
 
 
 def add_run_name(parser: argparse.ArgumentParser, *, what: str) -> None:

@@ -43,8 +43,9 @@ def describe(record: dict[str, Any], *, text: str, image: str, width: int, heigh
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR|models:/NAME@ALIAS|models:/NAME/VERSION",
-                        help="checkpoint directory or registered model")
+    from pipelines import flags
+
+    flags.add_model(parser)
     parser.add_argument("--image", default=None, help="image file (JPEG, PNG, ...)")
     parser.add_argument("--text", default=None, help="the referring expression")
     parser.add_argument("--out", default=None,
@@ -52,9 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON (the pyfunc's format)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--top-words", type=int, default=3, help="words reported per instance")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI for models:/ URIs "
-                             "(default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    flags.add_tracking_uri(parser)
     from pipelines.batch_predict import add_data_arguments
 
     add_data_arguments(parser)  # --data --split --num-workers --gpus-per-worker ... (batch inference on Ray Data)

@@ -379,8 +379,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (CPU)")
     parser.add_argument("--seed", type=int, default=0, help="data and training seed")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (default: a private local one)")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides on the tiny preset, e.g. train.lr=1e-3")
+    from pipelines import flags
+
+    flags.add_address(parser)
+    flags.add_overrides(parser, help="dotted config overrides on the tiny preset, e.g. train.lr=1e-3")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -175,8 +175,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", metavar="DIR", help="log and register this checkpoint directory")
     parser.add_argument("--name", help="registered model name (required with --checkpoint; picks one with --run)")
     parser.add_argument("--alias", default="champion", help="alias to set (default: champion)")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    from pipelines import flags
+
+    flags.add_tracking_uri(parser)
 
 
 def run(args: argparse.Namespace) -> int:
