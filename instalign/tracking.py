@@ -6,19 +6,16 @@ tracking backend. The MLflow implementation lives in ``pipelines/tracking_mlflow
 every other rank — and every test, and the laptop quickstart without a store — gets the
 ``NullTracker``, so call sites carry no ``if tracking:`` branches (torchtune's
 ``MetricLoggerInterface``, nanochat's ``DummyWandb``).
-
-``report_to(tracker)`` adapts a tracker into the ``report(metrics, step)`` callable that
-``instalign.engine.train_one_epoch`` takes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Protocol, Union, runtime_checkable
 
-__all__ = ["Tracker", "NullTracker", "report_to", "finite_metrics"]
+__all__ = ["Tracker", "NullTracker", "finite_metrics"]
 
 
 @runtime_checkable
@@ -83,12 +80,3 @@ def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         if math.isfinite(value):
             out[key] = value
     return out
-
-
-def report_to(tracker: Tracker, *, prefix: str = "") -> Callable[[dict, int], None]:
-    """A ``report(metrics, step)`` callable for the engine that forwards to ``tracker``."""
-
-    def report(metrics: dict, step: int) -> None:
-        tracker.log_metrics({f"{prefix}{k}": v for k, v in finite_metrics(metrics).items()}, step)
-
-    return report

@@ -20,7 +20,7 @@ from instalign.modeling.builders import build_model
 from instalign.modeling.outputs import BlockPrediction, InstAlignOutput
 from instalign.modeling.text_encoder import load_tokenizer
 from instalign.optim import build_optimizer, build_scheduler, param_groups
-from instalign.tracking import NullTracker, Tracker, finite_metrics, report_to
+from instalign.tracking import NullTracker, Tracker, finite_metrics
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -266,8 +266,8 @@ def test_tracking_protocol_and_report_adapter():
 
     rec = Recorder()
     assert isinstance(rec, Tracker) and isinstance(NullTracker(), Tracker)
-    report_to(rec, prefix="train/")({"loss": torch.tensor(0.5), "N_acc": float("nan"), "lr": 1e-4, "tag": "x"}, 3)
-    assert rec.rows == [(3, {"train/loss": 0.5, "train/lr": 1e-4})]
+    rec.log_metrics(finite_metrics({"loss": torch.tensor(0.5), "N_acc": float("nan"), "lr": 1e-4, "tag": "x"}), 3)
+    assert rec.rows == [(3, {"loss": 0.5, "lr": 1e-4})]
     assert finite_metrics({"a": 1, "b": True, "c": float("inf")}) == {"a": 1.0}
     with NullTracker() as t:
         t.log_metrics({"x": 1.0}, 0)

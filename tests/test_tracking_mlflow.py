@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from instalign.tracking import NullTracker, Tracker, report_to
+from instalign.tracking import NullTracker, Tracker, finite_metrics
 from pipelines.tracking_mlflow import (
     RUN_NAME_TAG,
     MlflowTracker,
@@ -53,8 +53,7 @@ def test_one_run_per_name_and_tracker_logs_everything(store, tmp_path):
     tracker = MlflowTracker(run_id=run_id, tracking_uri=store)
     assert isinstance(tracker, Tracker)
     tracker.log_params({"model.num_queries": 8, "model.backbone.kwargs": {"depths": [1, 1]}, "x": "a"})
-    report = report_to(tracker, prefix="train/")
-    report({"loss": 1.5, "nan_metric": float("nan"), "Pr@0.7": 0.25}, 3)
+    tracker.log_metrics(finite_metrics({"train/loss": 1.5, "train/nan_metric": float("nan"), "train/Pr@0.7": 0.25}), 3)
     tracker.log_metrics({"loss": 1.0}, step=4)
     (tmp_path / "cfg.yaml").write_text("a: 1\n")
     tracker.log_artifact(tmp_path / "cfg.yaml")
