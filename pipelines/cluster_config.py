@@ -330,7 +330,7 @@ def check_ray_cluster_spec(spec: dict[str, Any], where: str, *, need_gpu: bool =
 
 
 def check_kuberay(doc: dict[str, Any], where: str, *, runtime_env: dict[str, Any] | None = None) -> list[str]:
-    """A KubeRay ``RayCluster`` or ``RayJob``; returns the entrypoint's verbs (RayJob)."""
+    """A KubeRay ``RayCluster``, ``RayJob`` or ``RayService``; returns the entrypoint's verbs (RayJob)."""
     if doc.get("apiVersion") != "ray.io/v1":
         _fail(where, f"apiVersion {doc.get('apiVersion')!r}: expected 'ray.io/v1'")
     kind = doc.get("kind")
@@ -338,8 +338,13 @@ def check_kuberay(doc: dict[str, Any], where: str, *, runtime_env: dict[str, Any
     if kind == "RayCluster":
         check_ray_cluster_spec(_get(doc, "spec", where, kind=dict), f"{where} spec")
         return []
+    if kind == "RayService":  # its Serve config through Serve's own schema (pipelines.rayservice_check)
+        from pipelines.rayservice_check import check_rayservice  # lazy: that module imports this one
+
+        check_rayservice(doc, where, runtime_env=runtime_env)
+        return []
     if kind != "RayJob":
-        _fail(where, f"kind {kind!r}: expected RayCluster or RayJob")
+        _fail(where, f"kind {kind!r}: expected RayCluster, RayJob or RayService")
     spec = _get(doc, "spec", where, kind=dict)
     verbs = check_entrypoint(_get(spec, "entrypoint", where, kind=str), f"{where} spec.entrypoint")
     need_gpu = any(v in ("train", "tune", "evaluate") for v in verbs)

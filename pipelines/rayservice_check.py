@@ -99,5 +99,5 @@ def check_rayservice(doc: dict[str, Any], where: str, *, runtime_env: Optional[d
                 _fail(f"{at}.deployments[{j}]", f"deployment {dep.get('name')!r} is not in the application "
                                                 f"(it has {sorted(names)})")
             need_gpu |= float((dep.get("ray_actor_options") or {}).get("num_gpus") or 0) > 0
-    check_ray_cluster_spec(_get(spec, "rayClusterSpec", where, kind=dict), f"{where} spec.rayClusterSpec",
+    check_ray_cluster_spec(_get(spec, "rayClusterConfig", where, kind=dict), f"{where} spec.rayClusterConfig",
                            need_gpu=need_gpu)

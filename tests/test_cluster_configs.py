@@ -112,13 +112,20 @@ def test_launcher_shape():
     assert f"-v {SHARED_MOUNT}:{SHARED_MOUNT}" in cfg["docker"]["run_options"]
 
 
+def _cluster_spec(doc: dict) -> dict:
+    """The RayCluster spec inside any KubeRay kind (RayJob: rayClusterSpec, RayService: rayClusterConfig)."""
+    return {"RayCluster": lambda d: d["spec"], "RayJob": lambda d: d["spec"]["rayClusterSpec"],
+            "RayService": lambda d: d["spec"]["rayClusterConfig"]}[doc["kind"]](doc)
+
+
 def test_kuberay_gpu_groups_secrets_and_storage():
     for path, doc in _ray_docs():
-        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        spec = _cluster_spec(doc)
         groups = spec["workerGroupSpecs"]
         gpu_limits = [g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)
                       for g in groups]
-        needs_gpu = doc["kind"] == "RayCluster" or "prepare" not in doc["spec"]["entrypoint"]
+        # a RayService's replicas ask for a GPU each; a RayJob needs one unless it only prepares data
+        needs_gpu = doc["kind"] in ("RayCluster", "RayService") or "prepare" not in doc["spec"]["entrypoint"]
         assert (max(gpu_limits) >= 1) == needs_gpu, path
         for group in [spec["headGroupSpec"], *groups]:
             container = group["template"]["spec"]["containers"][0]
@@ -136,13 +143,11 @@ def test_versions_and_images_agree():
     import ray
 
     images = {c["image"] for _, d in _ray_docs()
-              for g in [(d["spec"] if d["kind"] == "RayCluster" else d["spec"]["rayClusterSpec"])["headGroupSpec"],
-                        *(d["spec"] if d["kind"] == "RayCluster" else d["spec"]["rayClusterSpec"])["workerGroupSpecs"]]
+              for g in [_cluster_spec(d)["headGroupSpec"], *_cluster_spec(d)["workerGroupSpecs"]]
               for c in g["template"]["spec"]["containers"]}
     images.add(_doc(LAUNCHER)["docker"]["image"])
     assert len(images) == 1, images
-    versions = {(d["spec"] if d["kind"] == "RayCluster" else d["spec"]["rayClusterSpec"])["rayVersion"]
-                for _, d in _ray_docs()}
+    versions = {_cluster_spec(d)["rayVersion"] for _, d in _ray_docs()}
     assert versions == {ray.__version__}
     dockerfile = (CLUSTER_DIR / "Dockerfile").read_text()
     assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-", dockerfile, re.M)

@@ -67,7 +67,7 @@ def test_broken_serve_config_is_rejected(case, runtime_env):
 
 def test_broken_cluster_is_rejected(runtime_env):
     doc = _doc()
-    for group in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+    for group in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         group["template"]["spec"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu")
     with pytest.raises(ClusterConfigError, match="nvidia.com/gpu"):  # replicas ask for a GPU
         check_rayservice(doc, "rayservice.yaml", runtime_env=runtime_env)
