@@ -431,7 +431,8 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
 
     from instalign.metrics import GRESMetrics
     from pipelines.evaluate import _checkpoint_payload
-    from pipelines.ray_utils import check_leaves_room_for_data, cluster_cpus, default_cpus_per_worker, init_ray
+    from pipelines.ray_utils import init_ray
+    from pipelines.resources import check_leaves_room_for_data, cluster_cpus, default_cpus_per_worker
     from pipelines.registry import resolve_checkpoint
     from pipelines.tracking_mlflow import metric_key, redact_data, redacted_context_tags
 

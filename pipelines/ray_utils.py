@@ -20,8 +20,7 @@ is never switched off here; a ``RAY_AUTH_MODE=disabled`` set by the user in the
 environment is obeyed with a warning.
 
 Also :class:`ResourceWaitReporter`, which says what a run waits for when it waits. The CPU
-arithmetic that keeps Ray Train from starving Ray Data is ``pipelines.resources`` (re-exported
-here for the verbs that still import it from this module).
+arithmetic that keeps Ray Train from starving Ray Data is ``pipelines.resources``.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
-from pipelines.resources import check_leaves_room_for_data, cluster_cpus, default_cpus_per_worker  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ LAYERS = {
     "tune_trial": 2.5, "job": 2,                                # the training-job core (Tune's trial wraps it)
     "worker": 1,                                                # one Ray Train worker
     "resume": 0.5,                                              # the worker's resume rules
-    "ray_utils": 0.5,                                           # re-exports resources for other verbs
+    "ray_utils": 0,
     "tune_space": 0, "resources": 0, "loader": 0, "tracking_mlflow": 0,  # services
 }
 #: Verbs nothing else on the training side may import.
