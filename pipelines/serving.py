@@ -41,7 +41,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import stat
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -187,25 +186,15 @@ def read_regular_file(path: str, max_bytes: int) -> bytes:
         OSError: missing (``FileNotFoundError``), unreadable, or not a regular file.
         FileTooLarge: more than ``max_bytes``.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    from instalign.data.images import ImageTooLargeError, NotARegularFileError
+    from instalign.data.images import read_regular_file as read_capped
+
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError("not a regular file")
-        if info.st_size > max_bytes:
-            raise FileTooLarge(path, info.st_size, max_bytes)
-        chunks, total = [], 0
-        while total <= max_bytes:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-    finally:
-        os.close(fd)
-    if total > max_bytes:  # grew since fstat
-        raise FileTooLarge(path, total, max_bytes)
-    return b"".join(chunks)
+        return read_capped(path, max_bytes=max_bytes)
+    except ImageTooLargeError as e:
+        raise FileTooLarge(path, getattr(e, "size", max_bytes + 1), max_bytes) from None
+    except NotARegularFileError:
+        raise OSError("not a regular file") from None
 
 
 def read_served_image_path(row: int, value: Any, *, root: Optional[str], max_bytes: int) -> bytes:

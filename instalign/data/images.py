@@ -64,6 +64,13 @@ class ImageTooLargeError(CorruptImageError):
     """An image over a byte or pixel cap (e.g. a decompression bomb); refused before decoding."""
 
 
+def _too_large(message: str, size: int, limit: int) -> ImageTooLargeError:
+    """An ``ImageTooLargeError`` that also carries the byte count seen and the cap."""
+    error = ImageTooLargeError(message)
+    error.size, error.limit = size, limit
+    return error
+
+
 class NotARegularFileError(OSError):
     """A path that is not a regular file (a directory, FIFO, device, socket), refused unread."""
 
@@ -99,7 +106,7 @@ def read_regular_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_
         st = os.fstat(fd)
         _refuse_irregular(path, st.st_mode)
         if st.st_size > max_bytes:
-            raise ImageTooLargeError(f"{path}: file is {st.st_size} bytes, over the cap of {max_bytes}")
+            raise _too_large(f"{path}: file is {st.st_size} bytes, over the cap of {max_bytes}", st.st_size, max_bytes)
         chunks, total = [], 0
         while total <= max_bytes:
             chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
@@ -108,7 +115,7 @@ def read_regular_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_
             chunks.append(chunk)
             total += len(chunk)
         if total > max_bytes:
-            raise ImageTooLargeError(f"{path}: file grew past the cap of {max_bytes} bytes while being read")
+            raise _too_large(f"{path}: file grew past the cap of {max_bytes} bytes while being read", total, max_bytes)
         return b"".join(chunks)
     finally:
         os.close(fd)
