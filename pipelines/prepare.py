@@ -34,10 +34,11 @@ files are read, up to ``max_image_bytes``; decoding is refused above ``max_image
 One streaming pass (issue 16). The unit of work is a *shard*: up to ``rows_per_shard``
 consecutive image tasks of one split, which become exactly one Parquet file
 ``out/<split>/<split>-NNNNN.parquet``. The task table (Arrow, built on the driver) is put in
-the object store once; ``ray.data.range(number of shards)`` feeds the shard indices to a
-``map_batches`` UDF (:func:`write_shards`) that looks its rows up in that table, processes
-each image, writes the shard's file and returns one small statistics row (counts and the
-shard's quarantine records). Image bytes therefore never enter the object store: nothing is
+the object store once; ``ray.data.range(number of groups)`` feeds groups of consecutive
+shards (:func:`group_shards`, ~8 Ray tasks per CPU: a task's fixed cost is ~85 ms here) to
+a ``map_batches`` UDF (:func:`write_shards`) that looks their rows up in that table,
+processes each image, writes each shard's file and returns one small statistics row per
+shard (counts and the shard's quarantine records). Image bytes therefore never enter the object store: nothing is
 materialised, nothing spills, however large the release (``tests/test_prepare_streaming.py``:
 ~117 MB of images through an 80 MiB object store), and each image is decoded once.
 The driver streams the statistics rows back (``iter_batches``) and builds the counts, the
@@ -395,21 +396,24 @@ def write_shard(tasks: list[dict], *, split: str, index: int, fs: pafs.FileSyste
 
 
 def write_shards(batch: dict[str, np.ndarray], *, tasks: Any, shards: list[tuple[str, int, int, int]],
-                 **kwargs: Any) -> pa.Table:
-    """Ray Data UDF over ``ray.data.range(len(shards))``: shard indices → their statistics rows.
+                 groups: list[tuple[int, int]], **kwargs: Any) -> pa.Table:
+    """Ray Data UDF over ``ray.data.range(len(groups))``: group indices → the statistics rows
+    of their shards.
 
     ``tasks`` is the ``ObjectRef`` of the whole task table (Arrow: read zero-copy from the
-    node's object store); ``shards[i]`` is ``(split, index in split, first row, end row)``.
-    ``kwargs`` are :func:`write_shard`'s.
+    node's object store); ``shards[i]`` is ``(split, index in split, first row, end row)``;
+    group ``g`` is the shards ``range(*groups[g])``, processed one after the other (memory:
+    one shard). ``kwargs`` are :func:`write_shard`'s.
     """
     import ray
 
     table = ray.get(tasks)
     out = []
-    for i in batch["id"]:
-        split, index, start, stop = shards[int(i)]
-        stats = write_shard(table.slice(start, stop - start).to_pylist(), split=split, index=index, **kwargs)
-        out.append(dict(stats, shard=int(i)))
+    for g in batch["id"]:
+        for i in range(*groups[int(g)]):
+            split, index, start, stop = shards[i]
+            stats = write_shard(table.slice(start, stop - start).to_pylist(), split=split, index=index, **kwargs)
+            out.append(dict(stats, shard=i))
     return pa.Table.from_pylist(out, schema=STATS_SCHEMA)
 
 
@@ -545,6 +549,21 @@ def plan_shards(tasks: list[dict], rows_per_shard: int) -> tuple[list[dict], lis
     return ordered, shards
 
 
+#: Ray tasks per CPU in the pass. Each task costs ~85 ms beyond its work (measured on 2 cores:
+#: 313 one-shard tasks of 32 images took 0.17 s each, half of it outside the UDF), so shards are
+#: grouped into about this many tasks per CPU: few enough to make that negligible, enough to
+#: balance the cores at the end.
+TASKS_PER_CPU = 8
+
+
+def group_shards(num_shards: int, cpus: int, tasks_per_cpu: int = TASKS_PER_CPU) -> list[tuple[int, int]]:
+    """Consecutive shard ranges ``(first, end)``, one per Ray task: ``tasks_per_cpu × cpus`` of
+    them (fewer when there are fewer shards), as equal as the shard count allows."""
+    n = max(1, min(num_shards, tasks_per_cpu * cpus))
+    bounds = [round(i * num_shards / n) for i in range(n + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(n)]
+
+
 @dataclasses.dataclass
 class _Plan:
     """What the driver works out from the release while Ray starts."""
@@ -585,11 +604,12 @@ def _run_pass(plan: _Plan, *, fs: pafs.FileSystem, out_path: str, dataset: str, 
     if len(plan.shards) < 2 * cpus:
         log.info("%d shard(s) for %d CPUs: a shard is the unit of work, so a smaller --rows-per-shard would use "
                  "the cores better", len(plan.shards), cpus)
+    groups = group_shards(len(plan.shards), cpus)
     tasks = ray.put(plan.task_table)  # once; every task reads its rows from it
-    stats = (ray.data.range(len(plan.shards), override_num_blocks=len(plan.shards))
+    stats = (ray.data.range(len(groups), override_num_blocks=len(groups))
              .map_batches(write_shards, batch_size=None, batch_format="numpy", num_cpus=1,
-                          fn_kwargs=dict(tasks=tasks, shards=plan.shards, fs=fs, out_path=out_path, dataset=dataset,
-                                         **options)))
+                          fn_kwargs=dict(tasks=tasks, shards=plan.shards, groups=groups, fs=fs, out_path=out_path,
+                                         dataset=dataset, **options)))
     rows = [r for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow") for r in batch.to_pylist()]
     return sorted(rows, key=lambda r: r["shard"])
 
@@ -762,18 +782,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Errors are raised (``PrepareError`` & co.): ``pipelines.cli`` turns them into one line and exit 1."""
     # Our logger only: a root handler would also print Ray Data's DEBUG records (its loggers are set to DEBUG).
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        log.addHandler(handler)
+    # Attached for this run only, to the stderr of this run: a handler left behind would keep
+    # writing to a stream that may be closed by then (pytest's capture, a redirected stderr).
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log.addHandler(handler)
     log.setLevel(logging.INFO)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] or None
-    manifest = prepare_dataset(dataset=args.dataset, root=args.root, out=args.out,
-                               image_max_side=args.image_max_side, jpeg_quality=args.jpeg_quality,
-                               rows_per_shard=args.rows_per_shard, splits=splits, strict=args.strict,
-                               overwrite=args.overwrite, address=args.address, progress=not args.no_progress,
-                               split_by=args.split_by, max_image_bytes=args.max_image_bytes,
-                               max_image_pixels=args.max_image_pixels)
+    try:
+        manifest = prepare_dataset(dataset=args.dataset, root=args.root, out=args.out,
+                                   image_max_side=args.image_max_side, jpeg_quality=args.jpeg_quality,
+                                   rows_per_shard=args.rows_per_shard, splits=splits, strict=args.strict,
+                                   overwrite=args.overwrite, address=args.address, progress=not args.no_progress,
+                                   split_by=args.split_by, max_image_bytes=args.max_image_bytes,
+                                   max_image_pixels=args.max_image_pixels)
+    finally:
+        log.removeHandler(handler)
     for split, c in manifest["counts"].items():
         print(f"{split:>8}: {c['images']:>7} images {c['refs']:>7} refs {c['samples']:>7} samples "
               f"({c['no_target_samples']} no-target, {c['multi_target_samples']} multi-target)")

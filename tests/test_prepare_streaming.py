@@ -43,9 +43,11 @@ def small_store_ray(_ray_session_guard):
 
 
 def _store_stats():
+    """This cluster's object store counters (by its GCS address: other clusters may run on the machine)."""
+    import ray
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-    return get_memory_info_reply(get_state_from_address()).store_stats
+    return get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
 
 
 def _noisy_release(root, num_images: int) -> int:
