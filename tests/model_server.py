@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,11 +16,7 @@ from typing import Optional
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_fixtures import free_port, post
 
 
 @contextmanager
@@ -68,14 +62,4 @@ def model_server(model_uri: str, tracking_uri: str, log_path: Path,
 
 def invoke(url: str, columns: list[str], rows: list[list], timeout: float = 120) -> tuple[int, dict]:
     """POST a ``dataframe_split`` request; ``(status, JSON body)`` for answers and errors alike."""
-    body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
-    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")
-        try:
-            return e.code, json.loads(text)
-        except json.JSONDecodeError:
-            return e.code, {"message": text}
+    return post(f"{url}/invocations", {"dataframe_split": {"columns": columns, "data": rows}}, timeout=timeout)
