@@ -18,6 +18,22 @@ from pathlib import Path
 from typing import Any
 
 
+def png(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> bytes:
+    """A small PNG with a red ball and a green box (plain background past 1000 px); ``seed`` tints it."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new(mode, size, 40 if mode == "L" else (40 + seed * 20, 60, 80))
+    if max(size) < 1000:
+        draw = ImageDraw.Draw(img)
+        draw.ellipse([10, 8, 45, 40], fill=(220, 40, 40))
+        draw.rectangle([55, 20, 90, 55], fill=(40, 200, 60))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,26 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.serve_fixtures import get, post, register, serving
+from tests.serve_fixtures import get, png, post, register, serving
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 #: Small limits, so each limit can be crossed with a small request (read by the replicas).
 LIMITS = {"INSTALIGN_SERVING_MAX_ROWS": "4", "INSTALIGN_SERVING_MAX_REQUEST_BYTES": "300000"}
 IMAGE_SIZE = (97, 61)
-
-
-def _png(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> bytes:
-    from PIL import Image, ImageDraw
-
-    img = Image.new(mode, size, 40 if mode == "L" else (40 + seed * 20, 60, 80))
-    if max(size) < 1000:
-        draw = ImageDraw.Draw(img)
-        draw.ellipse([10, 8, 45, 40], fill=(220, 40, 40))
-        draw.rectangle([55, 20, 90, 55], fill=(40, 200, 60))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _noise_png(side: int) -> bytes:
@@ -116,7 +103,7 @@ def test_health_routes(server):
 def test_good_requests_in_both_forms_answer_the_checkpoint_predictor(server, predictor):
     from pycocotools import mask as mask_utils
 
-    image, text = _png(IMAGE_SIZE), "the red ball on the left"
+    image, text = png(IMAGE_SIZE), "the red ball on the left"
     want = _expected(predictor, image, text)
     assert want["instances"], "the biased checkpoint keeps instances"
     split = {"dataframe_split": {"columns": ["image", "text"], "data": [[_b64(image), text]]}}
@@ -132,7 +119,7 @@ def test_good_requests_in_both_forms_answer_the_checkpoint_predictor(server, pre
 
 
 def test_a_multi_row_request_answers_in_order(server, predictor):
-    rows = [(_png(IMAGE_SIZE, seed=k), f"shape number {k}") for k in range(3)]
+    rows = [(png(IMAGE_SIZE, seed=k), f"shape number {k}") for k in range(3)]
     status, answer = post(server + "/invocations",
                           {"dataframe_records": [{"image": _b64(i), "text": t} for i, t in rows]})
     assert status == 200, answer
@@ -145,7 +132,7 @@ def _split(rows: list[list], columns=("image", "text")) -> dict:
     return {"dataframe_split": {"columns": list(columns), "data": rows}}
 
 
-GOOD_IMAGE = _b64(_png(IMAGE_SIZE))
+GOOD_IMAGE = _b64(png(IMAGE_SIZE))
 #: Each class of bad input → (body, content type, expected status, a phrase the message must contain).
 BAD = {
     "not-an-image": (_split([[_b64(b"these bytes are no image at all"), "the ball"]]), None, 400,
@@ -153,7 +140,7 @@ BAD = {
     "not-base64": (_split([["@@@ not base64 @@@", "the ball"]]), None, 400, "base64"),
     "empty-expression": (_split([[GOOD_IMAGE, "  "]]), None, 400, "non-empty"),
     "expression-over-token-limit": (_split([[GOOD_IMAGE, " ".join(["ball"] * 60)]]), None, 400, "token"),
-    "huge-image": (_split([[_b64(_png((7000, 6000), mode="L")), "the ball"]]), None, 400, "pixels"),
+    "huge-image": (_split([[_b64(png((7000, 6000), mode="L")), "the ball"]]), None, 400, "pixels"),
     "missing-text-column": (_split([[GOOD_IMAGE]], columns=["image"]), None, 400, "text"),
     "missing-image-column": (_split([["the ball"]], columns=["text"]), None, 400, "image"),
     "image-path-not-allowed": (_split([["/etc/passwd", "the ball"]], columns=["image_path", "text"]), None, 400,
@@ -181,7 +168,7 @@ def test_bad_input_is_a_clean_4xx(server, case):
 def test_still_serving_after_bad_inputs(server, predictor):
     for body, content_type, _, _ in BAD.values():
         post(server + "/invocations", body, content_type=content_type or "application/json")
-    image, text = _png(IMAGE_SIZE), "the red ball on the left"
+    image, text = png(IMAGE_SIZE), "the red ball on the left"
     status, answer = post(server + "/invocations", {"dataframe_records": [{"image": _b64(image), "text": text}]})
     assert status == 200, answer
     _close(answer["predictions"][0], _expected(predictor, image, text))
@@ -190,7 +177,7 @@ def test_still_serving_after_bad_inputs(server, predictor):
 def test_concurrent_requests_are_batched(server, predictor):
     """16 one-row requests, one at a time and then all at once: the same answers; batches form."""
     n = 16
-    bodies = [{"dataframe_records": [{"image": _b64(_png(IMAGE_SIZE, seed=k % 8)), "text": f"object {k}"}]}
+    bodies = [{"dataframe_records": [{"image": _b64(png(IMAGE_SIZE, seed=k % 8)), "text": f"object {k}"}]}
               for k in range(n)]
     _, before = get(server + "/stats")
     before = json.loads(before)
@@ -254,7 +241,7 @@ def test_the_serve_verb_serves_until_interrupted(model, tmp_path):
         status, page = get(base + "/")
         assert status == 200 and b"<h1>InstAlign</h1>" in page
         status, answer = post(base + "/invocations",
-                              {"dataframe_records": [{"image": _b64(_png(IMAGE_SIZE)), "text": "the ball"}]})
+                              {"dataframe_records": [{"image": _b64(png(IMAGE_SIZE)), "text": "the ball"}]})
         assert status == 200 and len(answer["predictions"]) == 1, answer
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]

@@ -17,31 +17,18 @@ The server (``tests/model_server.py``) is stopped by terminating its process gro
 from __future__ import annotations
 
 import base64
-import io
 import json
 
 import numpy as np
 import pytest
 
 from model_server import invoke, model_server
+from serve_fixtures import png
 
 pytestmark = pytest.mark.slow
 
 MODEL_NAME = "instalign-serving-test"
 IMAGE_SIZE = (97, 61)  # (w, h): odd, non-square, unlike the model's 128×128 input
-
-
-def _png(size: tuple[int, int], mode: str = "RGB") -> bytes:
-    from PIL import Image, ImageDraw
-
-    img = Image.new(mode, size, 40 if mode == "L" else (40, 60, 80))
-    if max(size) < 1000:
-        draw = ImageDraw.Draw(img)
-        draw.ellipse([10, 8, 45, 40], fill=(220, 40, 40))
-        draw.rectangle([55, 20, 90, 55], fill=(40, 200, 60))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +82,7 @@ def expected(registered):
     from pipelines.pyfunc import prediction_to_record
 
     predictor = Predictor.from_checkpoint(registered["checkpoint"], device="cpu")
-    return prediction_to_record(predictor.predict(_png(IMAGE_SIZE), "the red ball on the left"))
+    return prediction_to_record(predictor.predict(png(IMAGE_SIZE), "the red ball on the left"))
 
 
 def test_registry_model_matches_the_checkpoint_predictor(registered, expected):
@@ -104,7 +91,7 @@ def test_registry_model_matches_the_checkpoint_predictor(registered, expected):
 
     mlflow.set_tracking_uri(registered["tracking_uri"])
     model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
-    out = model.predict(pd.DataFrame({"image": [_png(IMAGE_SIZE)], "text": ["the red ball on the left"]}))
+    out = model.predict(pd.DataFrame({"image": [png(IMAGE_SIZE)], "text": ["the red ball on the left"]}))
     got = out.iloc[0].to_dict()
     got = json.loads(json.dumps(got, default=lambda o: o.tolist() if hasattr(o, "tolist") else o))
     # Same process, same weights, same transform: identical, not merely close.
@@ -118,17 +105,17 @@ def server(registered):
         yield url
 
 
-GOOD = (["image", "text"], [[_b64(_png(IMAGE_SIZE)), "the red ball on the left"]])
+GOOD = (["image", "text"], [[_b64(png(IMAGE_SIZE)), "the red ball on the left"]])
 
 #: Bad input at the boundary → (columns, rows), a phrase the error message must contain.
 BAD = {
     "not-an-image": ((["image", "text"], [[_b64(b"these bytes are no image at all"), "the ball"]]),
                      "not a readable image"),
-    "empty-expression": ((["image", "text"], [[_b64(_png(IMAGE_SIZE)), ""]]), "non-empty"),
-    "expression-over-token-limit": ((["image", "text"], [[_b64(_png(IMAGE_SIZE)), " ".join(["ball"] * 60)]]),
+    "empty-expression": ((["image", "text"], [[_b64(png(IMAGE_SIZE)), ""]]), "non-empty"),
+    "expression-over-token-limit": ((["image", "text"], [[_b64(png(IMAGE_SIZE)), " ".join(["ball"] * 60)]]),
                                     "token"),
-    "huge-image": ((["image", "text"], [[_b64(_png((7000, 6000), mode="L")), "the ball"]]), "pixels"),
-    "missing-text-column": ((["image"], [[_b64(_png(IMAGE_SIZE))]]), "text"),
+    "huge-image": ((["image", "text"], [[_b64(png((7000, 6000), mode="L")), "the ball"]]), "pixels"),
+    "missing-text-column": ((["image"], [[_b64(png(IMAGE_SIZE))]]), "text"),
     "missing-image-column": ((["text"], [["the ball"]]), "image"),
 }
 
@@ -181,7 +168,7 @@ def test_http_image_path_is_refused_alike_for_any_path(server):
 
 
 def test_http_limits_are_413_with_the_limit_named(server):
-    rows = [[_b64(_png((8, 8))), "the ball"]] * 17  # default: 16 rows per request
+    rows = [[_b64(png((8, 8))), "the ball"]] * 17  # default: 16 rows per request
     status, body = invoke(server, ["image", "text"], rows)
     assert status == 413, body
     assert "the request has 17 rows, above the limit of 16 rows per request (INSTALIGN_SERVING_MAX_ROWS)" \
