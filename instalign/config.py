@@ -213,7 +213,10 @@ class TrainConfig:
     grad_clip: float = 0.01
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     seed: int = 0
-    log_every_steps: int = 10
+    log_every_steps: int = 10  # metrics to the tracker (window means)
+    #: A progress line on rank 0 (epoch, step, losses, lr, samples/s, ETA, peak memory) when a
+    #: report crosses a multiple of this; 0 = only the per-epoch validation lines.
+    print_every_steps: int = 50
     checkpoint_every_steps: int = 0  # 0 = only at epoch end
     keep_checkpoints: int = 2  # top-k by val gIoU
     compile: bool = False
@@ -225,6 +228,8 @@ class TrainConfig:
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr must be > 0 and 0 <= train.min_lr <= train.lr")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off)")
+        _check(self.log_every_steps >= 1, "train.log_every_steps must be >= 1")
+        _check(self.print_every_steps >= 0, "train.print_every_steps must be >= 0 (0 = validation lines only)")
 
 
 @dataclass

@@ -193,6 +193,14 @@ class _Worker:
         self.tracker: Tracker = self.mlflow or NullTracker()
         self._epoch = 0
         self._damaged: set[str] = set()  # checkpoints passed over on resume (``checkpoint_name``)
+        self._resumed_from: Optional[str] = None
+        self.progress = None  # rank 0's progress lines (``pipelines.progress``)
+        if rank == 0:
+            from pipelines.progress import ProgressPrinter
+
+            self.progress = ProgressPrinter(epochs=cfg.train.epochs, steps_per_epoch=spec.steps_per_epoch,
+                                            max_steps=max_steps, every=cfg.train.print_every_steps)
+        self._last_report: tuple[int, dict] = (-1, {})  # rank 0: the latest merged window and its step
         self._record_placement()
 
     def _emit(self, event: str, **info: Any) -> None:
@@ -221,6 +229,7 @@ class _Worker:
         """Say where this run resumed from (and which damaged checkpoints it passed over)."""
         name = os.path.basename(path.rstrip("/"))
         self._damaged = {n for n, _ in skipped}
+        self._resumed_from = name
         if self.rank == 0 and skipped:
             log.warning("resumed from %s, skipping damaged %s", name, [n for n, _ in skipped])
         if self.mlflow is not None:
@@ -231,14 +240,18 @@ class _Worker:
     def report_train(self, metrics: dict, step: int) -> None:
         """The engine's ``report``: window means averaged over ranks (throughput summed)."""
         from instalign.tracking import finite_metrics
+        from pipelines.progress import peak_memory_bytes
 
-        gathered = self._gather(finite_metrics(metrics))
+        gathered = self._gather({**finite_metrics(metrics), "peak_mem_bytes": peak_memory_bytes(self.device)})
         if self.rank != 0:
             return
         keys = set.intersection(*(set(m) for m in gathered))
         merged = {k: sum(m[k] for m in gathered) / (1 if k == "samples_per_s" else len(gathered)) for k in keys}
+        merged["peak_mem_bytes"] = max(m["peak_mem_bytes"] for m in gathered)  # the largest rank's
         merged["epoch"] = self._epoch
         self.tracker.log_metrics(merged, step)
+        self._last_report = (step, merged)
+        self.progress.train(merged, step, epoch=self._epoch)
 
     # --- data ------------------------------------------------------------------------------
     def _train_batches(self, epoch: int, skip: int) -> Iterator[Any]:
@@ -283,6 +296,9 @@ class _Worker:
 
         t, spe = self.cfg.train, self.spec.steps_per_epoch
         every = t.checkpoint_every_steps
+        if self.progress is not None:
+            self.progress.start(step=step, world=self.world, global_batch=t.batch_size, device=str(self.device),
+                                precision=self.precision, resumed_from=self._resumed_from)
         while epoch < t.epochs and step < self.max_steps:
             self._epoch = epoch
             epoch_start = step - epoch_step
@@ -303,9 +319,14 @@ class _Worker:
                 if every and step % every == 0 and step < stop_at:
                     self._checkpoint(step=step, epoch=epoch, epoch_step=step - epoch_start, val=None)
             finished_epoch = step >= epoch_start + spe or step < stop_at  # full, or the data ran out
+            last_step, last = self._last_report
+            if self.progress is not None and last_step == step and self.progress.every:
+                self.progress.train(last, step, epoch=epoch, force=True)  # the epoch's last window, once
             val = self._validate(step)
             epoch, epoch_step = (epoch + 1, 0) if finished_epoch else (epoch, step - epoch_start)
             self._checkpoint(step=step, epoch=epoch, epoch_step=epoch_step, val=val)
+        if self.progress is not None:
+            self.progress.finish(step)
 
     def _validate(self, step: int) -> dict[str, float]:
         from instalign.checkpoint import unwrap_model
@@ -323,6 +344,7 @@ class _Worker:
         val["val_samples"] = merged.state_dict()["samples"]
         if self.rank == 0:
             self.tracker.log_metrics({**val, "epoch": self._epoch}, step)
+            self.progress.validation(val, step, epoch=self._epoch)
             self._log_overlays(model, step)
         return val
 
