@@ -15,19 +15,22 @@ is silent we follow Mask2Former (``train_net.py::build_optimizer``), as DESIGN �
   position embeddings (timm's ``no_weight_decay``). Decaying these pulls scales and offsets
   toward zero, which regularises nothing useful.
 
-The schedule is stepped once per optimizer step, so ``total_steps`` is
-``epochs × steps_per_epoch`` and the decay is exact whatever the batch size or worker count.
+The schedule is torch's own ``LinearLR`` (factor 1 → ``min_lr / lr``), stepped once per
+optimizer step, so ``total_steps`` is ``epochs × steps_per_epoch`` and the decay is exact
+whatever the batch size or worker count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LinearLR
 
-__all__ = ["build_optimizer", "build_scheduler", "param_groups", "LinearDecay"]
+from instalign.checkpoint import unwrap_model
+
+__all__ = ["build_optimizer", "build_scheduler", "param_groups"]
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
@@ -40,17 +43,6 @@ if hasattr(nn, "RMSNorm"):
 #: Parameter-name fragments that are embeddings even when stored as a plain ``nn.Parameter``.
 _NO_DECAY_NAMES = ("pos_embed", "relative_position_bias_table", "query_embed", "query_feat",
                    "query_pos", "level_embed", "absolute_pos_embed", "embeddings.")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under DDP (``.module``) or ``torch.compile`` (``._orig_mod``)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _text_encoder_modules(model: nn.Module) -> list[nn.Module]:
@@ -103,7 +95,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_l
     Each group carries ``name`` and ``lr_mult`` (read by the scheduler and by logging);
     empty groups are dropped; frozen parameters (``requires_grad=False``) are left out.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)  # DDP's .module, torch.compile's ._orig_mod
     backbone_ids = {id(p) for m in _backbone_modules(model) for p in m.parameters()}
     text_ids = {id(p) for m in _text_encoder_modules(model) for p in m.parameters()} - backbone_ids
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
@@ -143,31 +135,25 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, backbon
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-@dataclass
-class LinearDecay:
-    """LR factor at step t: 1 → ``min_lr / lr`` linearly over ``total_steps``, then flat.
-
-    A callable dataclass rather than a lambda so ``LambdaLR.state_dict`` keeps its fields
-    (JSON-friendly) and the scheduler pickles across Ray workers.
-    """
-
-    total_steps: int
-    end_factor: float
-
-    def __call__(self, step: int) -> float:
-        t = min(max(step, 0), self.total_steps) / self.total_steps
-        return (1.0 - t) + t * self.end_factor
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, lr: float,
-                    min_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear decay from ``lr`` to ``min_lr`` over ``total_steps`` optimizer steps (paper §4.1).
+                    min_lr: float) -> LinearLR:
+    """Linear decay from ``lr`` to ``min_lr`` over ``total_steps`` optimizer steps, then flat (paper §4.1).
 
-    The same factor scales every group, so the backbone and text encoder decay from
+    At step t every group's rate is ``base × (1 − t/T + t/T · min_lr/lr)`` with T = ``total_steps``:
+    the same factor scales every group, so the backbone and text encoder decay from
     ``lr × mult`` to ``min_lr × mult`` (Mask2Former scales its multiplied groups alike).
+    ``min_lr = 0`` decays to exactly zero (``LinearLR`` accepts an end factor of 0);
+    ``min_lr = lr`` is a constant rate.
+
+    Resuming: the optimizer's state carries each group's current rate and the scheduler's
+    carries ``last_epoch`` (the step) and the schedule, so a run restored through
+    ``instalign.checkpoint.load_training_state`` continues the curve where it stopped.
+    Checkpoints written before this used ``LinearLR`` hold a ``LambdaLR`` state (an extra
+    ``lr_lambdas`` entry, the same ``last_epoch`` and rates); they load the same way and continue
+    the same curve, the schedule's length and floor coming from the run's config.
     """
     if total_steps < 1:
         raise ValueError(f"build_scheduler: total_steps must be >= 1, got {total_steps}")
     if not 0 <= min_lr <= lr:
         raise ValueError(f"build_scheduler: need 0 <= min_lr <= lr, got lr={lr}, min_lr={min_lr}")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearDecay(total_steps, min_lr / lr))
+    return LinearLR(optimizer, start_factor=1.0, end_factor=min_lr / lr, total_iters=total_steps)

@@ -237,22 +237,6 @@ def test_param_groups_split_encoders_and_decay(parts):
     assert embeds and all(group_of[pid].endswith("no_decay") for pid in embeds)
 
 
-def test_scheduler_decays_linearly_per_group():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05, backbone_lr_mult=0.1, text_encoder_lr_mult=0.1)
-    scheduler = build_scheduler(optimizer, total_steps=10, lr=1e-3, min_lr=1e-5)
-    lrs = []
-    for _ in range(12):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert lrs[0] == pytest.approx(1e-3)
-    assert lrs[5] == pytest.approx((1e-3 + 1e-5) / 2)
-    assert lrs[10] == pytest.approx(1e-5) and lrs[11] == pytest.approx(1e-5)  # flat after the end
-    with pytest.raises(ValueError, match="total_steps"):
-        build_scheduler(optimizer, total_steps=0, lr=1e-3, min_lr=0.0)
-
-
 def test_tracking_protocol_and_report_adapter():
     class Recorder:
         def __init__(self):
