@@ -7,6 +7,13 @@ Who does what:
   MLflow run per job, however many times it restarts) and logs what is known before
   training — every resolved config field as a param, git commit, dataset manifest hash,
   system info, the config YAML and the manifest as artifacts. It ends the run.
+* Every run this module creates carries MLflow's source tags (``mlflow.source.name`` /
+  ``type``, ``mlflow.user``) and the command line (``instalign.command``), all redacted
+  (:func:`run_context_tags`); a child run (tag ``mlflow.parentRunId``, a Tune trial) carries
+  its parent's, since its own process is a Ray worker started by no command a user typed.
+* The prepared dataset is the run's *input* (``run.inputs.dataset_inputs``: name, a digest of
+  its manifest, the source URI and the manifest's counts as the profile,
+  :func:`dataset_entity`), so MLflow's lineage links run, data and registered model.
 * **Rank 0** of the Train workers opens an :class:`MlflowTracker` on that run id and logs
   per-step and per-epoch metrics and overlays into the same run. Other ranks get the
   ``NullTracker``. Workers never end the run: a restarted worker group keeps logging into it.
@@ -38,12 +45,14 @@ import re
 import shutil
 import subprocess
 import tempfile
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pipelines.redaction import redact
+from pipelines.redaction import command_line, redact
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,15 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "instalign.run_name"
 MANIFEST_HASH_TAG = "instalign.dataset_manifest_sha256"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own key: the UI shows it as "Source"
+#: The redacted command line that created the run (``instalign train …``).
+COMMAND_TAG = "instalign.command"
+#: ... and the one that last resumed it.
+RESUME_COMMAND_TAG = "instalign.resumed_command"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+#: MLflow's input tag naming what a dataset was used for (``train``, ``evaluation``).
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+#: Run tags describing who ran what, inherited by child runs (:func:`run_context_tags`).
+_CONTEXT_PREFIXES = ("mlflow.source.", "mlflow.user", COMMAND_TAG)
 
 _MAX_PARAM_VALUE = 6000
 _MAX_KEY = 250
@@ -133,11 +151,19 @@ def find_run(tracking_uri: str, experiment_id: str, run_name: str):
 
 
 def start_or_resume_run(*, tracking_uri: str, experiment: str, run_name: str,
-                        tags: Optional[Mapping[str, Any]] = None) -> tuple[str, bool]:
+                        tags: Optional[Mapping[str, Any]] = None,
+                        context: Optional[Mapping[str, str]] = None) -> tuple[str, bool]:
     """Create the job's MLflow run, or reopen the one a previous attempt of ``run_name`` made.
 
     The run name and tags are redacted (module docstring); a name that carried a credential
     is found again by its redacted form, so resuming still works.
+
+    Args:
+        tags: extra tags; they win over ``context`` on the same key.
+        context: who ran what (source, user, command). Default: for a child run (``tags``
+            has ``mlflow.parentRunId``) its parent's context tags, else :func:`run_context_tags`
+            of this process. A resumed run keeps its first command and records the resuming
+            one as ``instalign.resumed_command``.
 
     Returns:
         ``(run_id, resumed)``; a resumed run is set back to ``RUNNING``.
@@ -146,16 +172,40 @@ def start_or_resume_run(*, tracking_uri: str, experiment: str, run_name: str,
     experiment_id = ensure_experiment(tracking_uri, experiment)
     run_name = redact(run_name)
     found = find_run(tracking_uri, experiment_id, run_name)
-    all_tags = {RUN_NAME_TAG: run_name, **{k: _tag_value(v) for k, v in (tags or {}).items()}}
+    extra = {k: _tag_value(v) for k, v in (tags or {}).items()}
+    if context is None:
+        parent = extra.get(PARENT_RUN_TAG)
+        context = parent_context_tags(tracking_uri, parent) if parent else run_context_tags()
+    context = {k: _tag_value(v) for k, v in context.items()}
     if found is not None:
         run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
-        for key, value in all_tags.items():
+        resumed_tags = {RUN_NAME_TAG: run_name, **extra, "instalign.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if COMMAND_TAG in context:
+            resumed_tags[RESUME_COMMAND_TAG] = context[COMMAND_TAG]
+        for key, value in {**{k: v for k, v in context.items() if k not in found.data.tags}, **resumed_tags}.items():
             client.set_tag(run_id, key, value)
-        client.set_tag(run_id, "instalign.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
         return run_id, True
-    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    run = client.create_run(experiment_id, tags={**context, RUN_NAME_TAG: run_name, **extra}, run_name=run_name)
     return run.info.run_id, False
+
+
+def run_context_tags(argv: Optional[Sequence[str]] = None) -> dict[str, str]:
+    """Who ran what, for a run created with ``MlflowClient.create_run`` (which, unlike
+    ``mlflow.start_run``, adds no tags of its own): MLflow's context tags
+    (:func:`redacted_context_tags`: ``mlflow.user``, ``mlflow.source.name`` / ``type``, git
+    commit and remote when the source is in a checkout) plus ``instalign.command``, the
+    command line (``sys.argv`` by default), all redacted."""
+    tags = redacted_context_tags()
+    tags[COMMAND_TAG] = _tag_value(command_line(sys.argv if argv is None else argv))
+    return tags
+
+
+def parent_context_tags(tracking_uri: str, parent_run_id: str) -> dict[str, str]:
+    """The context tags (source, user, command) of run ``parent_run_id``, for its child runs:
+    a Tune trial's process is a Ray worker, whose own ``sys.argv`` says nothing to a user."""
+    tags = _client(tracking_uri).get_run(parent_run_id).data.tags
+    return {k: v for k, v in tags.items() if k.startswith(_CONTEXT_PREFIXES)}
 
 
 class MlflowTracker:
@@ -292,19 +342,64 @@ def system_info() -> dict[str, Any]:
     return info
 
 
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys): it names the dataset's content
+    (the manifest lists every shard with its size, and the source's checksums) and provenance,
+    independently of where the dataset is stored."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+#: MLflow stores a dataset digest in at most 36 characters; 32 hex digits of the manifest's
+#: SHA-256 (the full one is the run tag ``instalign.dataset_manifest_sha256``).
+_DATASET_DIGEST_CHARS = 32
+
+
+def dataset_entity(manifest: Mapping[str, Any], data_dir: str):
+    """The prepared dataset as an ``mlflow.entities.Dataset``: a run input (lineage).
+
+    Name: the dataset named in the manifest; digest: the manifest's (:func:`manifest_digest`);
+    source: the redacted location (``{"uri": ...}``, type ``local`` or the URI's scheme);
+    profile: the manifest's per-split counts, quarantine, format and creation time.
+    """
+    from mlflow.entities import Dataset
+
+    uri = redact(str(data_dir))
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else "local"
+    profile = {key: manifest.get(key) for key in ("counts", "quarantined", "quarantined_samples_dropped", "format",
+                                                  "schema_version", "created", "instalign_version")
+               if key in manifest}
+    return Dataset(name=str(manifest.get("dataset") or "instalign-dataset"),
+                   digest=manifest_digest(manifest)[:_DATASET_DIGEST_CHARS],
+                   source_type=scheme if scheme != "file" else "local",
+                   source=json.dumps({"uri": uri}),
+                   profile=json.dumps(redact_data(profile), sort_keys=True))
+
+
+def log_dataset_input(tracking_uri: str, run_id: str, manifest: Mapping[str, Any], data_dir: str, *,
+                      context: str = "train", split: Optional[str] = None):
+    """Log the prepared dataset as an input of run ``run_id`` (``context``: what it was used
+    for; ``split``: which split, as the input tag ``instalign.split``). Logging the same
+    dataset into the same run again (a resumed run) adds nothing. Returns the entity."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = dataset_entity(manifest, data_dir)
+    tags = [InputTag(DATASET_CONTEXT_TAG, context)] + ([InputTag("instalign.split", split)] if split else [])
+    _client(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
+    return dataset
+
+
 def log_run_inputs(tracker: MlflowTracker, cfg: Any, manifest: Mapping[str, Any], data_dir: str,
                    run_params: Mapping[str, Any]) -> None:
     """What a training run starts from: every resolved config field and run setting as a
-    param, git commit and dataset manifest hash as tags, the config YAML, the manifest and
-    the driver's system info as artifacts.
-
-    The manifest hash is over its canonical JSON (sorted keys), so it names the dataset's
-    content and provenance independently of where the dataset is stored.
+    param, the prepared dataset as the run's input (:func:`dataset_entity`), git commit and
+    dataset manifest hash as tags, the config YAML, the manifest and the driver's system info
+    as artifacts.
     """
     tracker.log_params({**cfg.flat(), **{f"run.{k}": v for k, v in run_params.items()}})
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    digest = manifest_digest(manifest)
     tracker.set_tags({GIT_COMMIT_TAG: git_commit() or "unknown", MANIFEST_HASH_TAG: digest,
                       "instalign.dataset": manifest.get("dataset", "?"), "instalign.data_dir": data_dir})
+    log_dataset_input(tracker.tracking_uri, tracker.run_id, manifest, data_dir, context="train")
     tracker.log_text(cfg.to_yaml(), "config.yaml")
     tracker.log_dict(dict(manifest), "dataset/_manifest.json")
     tracker.log_dict(system_info(), "system_info.json")
@@ -332,3 +427,45 @@ def redacted_context_tags() -> dict[str, str]:
     from mlflow.tracking.context.registry import resolve_tags
 
     return {key: _tag_value(value) for key, value in resolve_tags().items()}
+
+
+# --- system metrics --------------------------------------------------------------------------
+
+#: Seconds between samples of the system-metrics monitor, and samples averaged per logged point
+#: (one point a minute by default: a long run stays a few thousand points per metric).
+SYSTEM_METRICS_INTERVAL_S = 10.0
+SYSTEM_METRICS_SAMPLES = 6
+
+
+@contextmanager
+def system_metrics(run_id: str, tracking_uri: str, *, node_id: Optional[str] = None,
+                   sampling_interval: float = SYSTEM_METRICS_INTERVAL_S,
+                   samples_before_logging: int = SYSTEM_METRICS_SAMPLES) -> Iterator[Any]:
+    """Log this machine's CPU, memory, disk, network and (NVIDIA) GPU use into run ``run_id``
+    while the block runs: MLflow's ``SystemMetricsMonitor`` in a background thread.
+
+    One monitor per node (local rank 0 of each node on a cluster): the metrics are named
+    ``system/<node_id>/cpu_utilization_percentage``, ``.../system_memory_usage_megabytes``,
+    ``.../gpu_0_utilization_percentage``, ... (``system/...`` without a node id). Steps continue
+    from the run's last system-metrics step, so a resumed run's curves go on rather than
+    restart at 0. The monitor stops by itself when the run is no longer ``RUNNING``.
+
+    ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` / ``..._SAMPLES_BEFORE_LOGGING`` override the
+    arguments (MLflow's rule). Without ``psutil`` nothing is logged, with one warning: a
+    missing monitoring package never stops training. Yields the monitor (or ``None``).
+    """
+    try:
+        import psutil  # noqa: F401  (MLflow's CPU / memory monitor needs it)
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as e:
+        log.warning("no system metrics for run %s: %s (pip install psutil)", run_id, e)
+        yield None
+        return
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval,
+                                   samples_before_logging=samples_before_logging, resume_logging=True,
+                                   node_id=node_id, tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        monitor.finish()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -160,3 +161,90 @@ def test_credentials_never_reach_the_run(store, tmp_path, tiny_cfg):
     # The same (redacted) name finds the same run again: resuming still works.
     again, resumed = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="job?token=abc987xyz")
     assert (again, resumed) == (run_id, True)
+
+
+def test_every_run_records_source_user_and_the_redacted_command(store, monkeypatch):
+    """``create_run`` adds no context tags of its own: ``start_or_resume_run`` adds MLflow's
+    (source, user) and the command line, redacted; a child run carries its parent's."""
+    from mlflow import MlflowClient
+
+    from pipelines.tracking_mlflow import COMMAND_TAG, RESUME_COMMAND_TAG
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/instalign", "train", "--data", S3_WITH_KEYS, "--token", "hunter2"])
+    run_id, _ = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="ctx")
+    client = MlflowClient(tracking_uri=store)
+    tags = client.get_run(run_id).data.tags
+    assert tags[COMMAND_TAG] == "/venv/bin/instalign train --data 's3://***@bucket/x' --token ***"
+    assert tags["mlflow.source.name"] == "/venv/bin/instalign" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"]
+    assert not any(s in v for v in tags.values() for s in SECRETS)
+
+    # A trial's process is a Ray worker: its run carries the parent's command, not the worker's argv.
+    monkeypatch.setattr(sys, "argv", ["/ray/default_worker.py", "--node-ip-address=1.2.3.4"])
+    child, _ = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="ctx-trial-1",
+                                   tags={"mlflow.parentRunId": run_id})
+    child_tags = client.get_run(child).data.tags
+    assert child_tags[COMMAND_TAG] == tags[COMMAND_TAG]
+    assert child_tags["mlflow.source.name"] == "/venv/bin/instalign"
+
+    # Resuming keeps the first command and records the resuming one.
+    monkeypatch.setattr(sys, "argv", ["instalign", "train", "--name", "ctx"])
+    again, resumed = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="ctx")
+    tags = client.get_run(again).data.tags
+    assert resumed and tags[COMMAND_TAG].startswith("/venv/bin/instalign train --data")
+    assert tags[RESUME_COMMAND_TAG] == "instalign train --name ctx"
+
+
+def test_the_prepared_dataset_is_the_runs_input(store, tiny_cfg):
+    """Lineage: the run's ``inputs.dataset_inputs`` holds the dataset (name, the manifest's
+    digest, the redacted source, the counts as profile), once however often it is logged."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipelines.tracking_mlflow import DATASET_CONTEXT_TAG, MANIFEST_HASH_TAG, log_run_inputs
+
+    manifest = {"format": "instalign-gres-parquet", "dataset": "grefcoco", "schema_version": 1,
+                "counts": {"train": {"samples": 12, "images": 3}, "val": {"samples": 5, "images": 1}},
+                "quarantined": {"bad_mask": 1}, "created": "2026-11-30T00:00:00+00:00"}
+    run_id, _ = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="with-data")
+    tracker = MlflowTracker(run_id=run_id, tracking_uri=store)
+    log_run_inputs(tracker, tiny_cfg, manifest, f"{S3_WITH_KEYS}/prepared", {"num_workers": 1})
+    log_run_inputs(tracker, tiny_cfg, manifest, f"{S3_WITH_KEYS}/prepared", {"num_workers": 1})  # a resume
+
+    run = MlflowClient(tracking_uri=store).get_run(run_id)
+    (inp,) = run.inputs.dataset_inputs
+    ds = inp.dataset
+    assert ds.name == "grefcoco"
+    assert ds.digest == run.data.tags[MANIFEST_HASH_TAG][:32]
+    assert (ds.source_type, json.loads(ds.source)) == ("s3", {"uri": "s3://***@bucket/x/prepared"})
+    profile = json.loads(ds.profile)
+    assert profile["counts"] == manifest["counts"] and profile["quarantined"] == {"bad_mask": 1}
+    assert {t.key: t.value for t in inp.tags} == {DATASET_CONTEXT_TAG: "train"}
+
+
+def test_system_metrics_monitor_logs_into_the_run_per_node(store):
+    """The per-node monitor a training node runs: ``system/<node>/...`` metrics reach the run;
+    a second monitor (another node, or a restarted one) continues the run's steps."""
+    from mlflow import MlflowClient
+
+    from pipelines.tracking_mlflow import system_metrics
+
+    run_id, _ = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="sysmetrics")
+    client = MlflowClient(tracking_uri=store)
+
+    def monitor_until_logged(node: str) -> list[int]:
+        key = f"system/{node}/cpu_utilization_percentage"
+        with system_metrics(run_id, store, node_id=node, sampling_interval=0.2, samples_before_logging=1) as monitor:
+            assert monitor is not None
+            deadline = time.monotonic() + 60  # a bound for a loaded machine, not a timing
+            while key not in client.get_run(run_id).data.metrics and time.monotonic() < deadline:
+                time.sleep(0.2)
+        return [m.step for m in client.get_metric_history(run_id, key)]
+
+    first = monitor_until_logged("node_0")
+    logged = set(client.get_run(run_id).data.metrics)
+    assert first and {"system/node_0/cpu_utilization_percentage", "system/node_0/system_memory_usage_megabytes",
+                      "system/node_0/system_memory_usage_percentage"} <= logged
+    second = monitor_until_logged("node_1")
+    assert second and min(second) > max(first)
