@@ -44,7 +44,6 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("instalign.data.safe_pickle", "UnsafePickleError"),
     ("instalign.modeling.backbone", "BackboneLoadError"),
     ("instalign.modeling.text_encoder", "TextEncoderLoadError"),
-    ("pipelines.cluster_config", "ClusterConfigError"),
     ("mlflow.exceptions", "MlflowException"),  # e.g. a registered model or alias that does not exist
 )
 #: Built-in errors that, raised out of a verb, describe the input (a path, a value), not a bug.

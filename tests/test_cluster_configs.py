@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipelines.cli import VERBS
-from pipelines.cluster_config import (
+from tests.cluster_config import (
     CLUSTER_DIR,
     MLFLOW_ENV,
     REPO,

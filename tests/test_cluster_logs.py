@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cluster_config import CLUSTER_DIR, SHARED_MOUNT, load_documents
+from tests.cluster_config import CLUSTER_DIR, SHARED_MOUNT, load_documents
 
 KUBERAY = CLUSTER_DIR / "kuberay"
 # The clusters that run jobs (a RayService runs a Serve application, not jobs).

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cluster_config import CLUSTER_DIR, SHARED_MOUNT, yaml_files
+from tests.cluster_config import CLUSTER_DIR, SHARED_MOUNT, yaml_files
 
 AWS = CLUSTER_DIR / "aws-gpu.yaml"
 SHARED_DIRS = [f"{SHARED_MOUNT}/raw", f"{SHARED_MOUNT}/data", f"{SHARED_MOUNT}/ray_results"]

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from pipelines.cli import VERBS
-from pipelines.cluster_config import CLUSTER_DIR, REPO, check_entrypoint, entrypoint_commands, load_documents
+from tests.cluster_config import CLUSTER_DIR, REPO, check_entrypoint, entrypoint_commands, load_documents
 
 DOCS = [REPO / "README.md", CLUSTER_DIR / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 YAMLS = sorted(CLUSTER_DIR.rglob("*.yaml"))

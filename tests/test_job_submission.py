@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipelines.cluster_config import REPO, load_runtime_env
+from tests.cluster_config import REPO, load_runtime_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -1,8 +1,8 @@
 """cluster/kuberay/rayservice.yaml: the RayService that runs ``instalign serve`` on Kubernetes.
 
-The shipped manifest passes ``pipelines.rayservice_check`` (Serve's own config schema, the
+The shipped manifest passes ``tests.rayservice_check`` (Serve's own config schema, the
 application builder imports, the runtime env matches cluster/runtime_env.yaml, the
-RayCluster standard of ``pipelines.cluster_config``); each check is shown to reject a copy
+RayCluster standard of ``tests.cluster_config``); each check is shown to reject a copy
 with exactly that mistake, so none passes vacuously.
 """
 
@@ -13,9 +13,9 @@ import copy
 import pytest
 import yaml
 
-from pipelines.cluster_config import CLUSTER_DIR, ClusterConfigError, credential_literals, load_documents, \
+from tests.cluster_config import CLUSTER_DIR, ClusterConfigError, credential_literals, load_documents, \
     load_runtime_env
-from pipelines.rayservice_check import check_rayservice
+from tests.rayservice_check import check_rayservice
 
 PATH = CLUSTER_DIR / "kuberay" / "rayservice.yaml"
 

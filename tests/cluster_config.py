@@ -16,7 +16,9 @@ pasted into an ``env`` block. These checks catch that on a laptop and in CI:
 * no credential literal anywhere (env values, strings, comments).
 
 Every problem is a ``ClusterConfigError`` naming the file and the field.
-``python -m pipelines.cluster_config [DIR]`` checks a whole directory.
+``python -m tests.cluster_config [DIR]`` (from the repository root) checks a whole directory.
+This is test and CI tooling, not part of the installed package: nothing under ``pipelines/``
+or ``instalign/`` imports it (``tests/test_import_graph.py``).
 """
 
 from __future__ import annotations
@@ -338,8 +340,8 @@ def check_kuberay(doc: dict[str, Any], where: str, *, runtime_env: dict[str, Any
     if kind == "RayCluster":
         check_ray_cluster_spec(_get(doc, "spec", where, kind=dict), f"{where} spec")
         return []
-    if kind == "RayService":  # its Serve config through Serve's own schema (pipelines.rayservice_check)
-        from pipelines.rayservice_check import check_rayservice  # lazy: that module imports this one
+    if kind == "RayService":  # its Serve config through Serve's own schema (tests.rayservice_check)
+        from tests.rayservice_check import check_rayservice  # lazy: that module imports this one
 
         check_rayservice(doc, where, runtime_env=runtime_env)
         return []
@@ -417,7 +419,7 @@ def check_directory(directory: str | Path = CLUSTER_DIR) -> dict[str, list[str]]
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.cluster_config",
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster_config",
                                      description="check the cluster configs (launcher, KubeRay, runtime env)")
     parser.add_argument("directory", nargs="?", default=str(CLUSTER_DIR))
     args = parser.parse_args(list(argv) if argv is not None else None)

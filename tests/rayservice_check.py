@@ -1,6 +1,6 @@
 """Checks of a KubeRay ``RayService`` manifest (``cluster/kuberay/rayservice.yaml``).
 
-The same standard as ``pipelines.cluster_config`` applies to the RayCluster a RayService
+The same standard as ``tests.cluster_config`` applies to the RayCluster a RayService
 brings up (``check_ray_cluster_spec``: MLflow credentials from a Secret, shared storage,
 ClusterIP head, a GPU group when a replica asks for a GPU). What is particular to a
 RayService is its ``serveConfigV2`` — a YAML string that only Ray Serve reads, on the
@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from pipelines.cluster_config import (
+from tests.cluster_config import (
     ClusterConfigError,
     _fail,
     _get,
