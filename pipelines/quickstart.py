@@ -200,7 +200,7 @@ def comparison_table(model: dict[str, float], base: dict[str, dict[str, float]])
 
 def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAULT_NUM_IMAGES,
                epochs: int = DEFAULT_EPOCHS, workers: int = 2, seed: int = 0, overrides: list[str] | None = None,
-               address: str | None = None) -> dict[str, Any]:
+               address: str | None = None, data_order: str = "ordered") -> dict[str, Any]:
     """Run the whole pipeline (module docstring) under ``workdir``; returns the summary dict.
 
     The summary is also written to ``<workdir>/summary.json``. ``promoted`` says whether the
@@ -249,7 +249,7 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
         try:
             result = train(cfg, str(prepared), num_workers=workers, name=run_name, experiment=EXPERIMENT,
                            storage_path=str(workdir / "ray_results"), tracking_uri=tracking_uri,
-                           register_as=MODEL_NAME, max_failures=1)
+                           register_as=MODEL_NAME, max_failures=1, data_order=data_order)
         finally:
             watcher.stop()
         if result.registered_version is None:
@@ -382,6 +382,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pipelines import flags
 
     flags.add_address(parser)
+    flags.add_data_order(parser)
+    parser.set_defaults(data_order="ordered")
     flags.add_overrides(parser, help="dotted config overrides on the tiny preset, e.g. train.lr=1e-3")
 
 
@@ -391,5 +393,6 @@ def run(args: argparse.Namespace) -> int:
     # A per-file progress bar for every registry download would bury the stage output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     summary = quickstart(args.workdir, num_images=args.num_images, epochs=args.epochs, workers=args.workers,
-                         seed=args.seed, overrides=args.overrides, address=args.address)
+                         seed=args.seed, overrides=args.overrides, address=args.address,
+                         data_order=args.data_order)
     return 0 if summary["promoted"] else 1
