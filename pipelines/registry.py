@@ -13,6 +13,10 @@ Two ways in:
 * ``instalign register --checkpoint DIR --name NAME --alias candidate`` — log a checkpoint
   directory as a new version directly (in a fresh MLflow run).
 
+A registered version says what it is: :func:`annotate_version` writes its description (the
+data it was trained on, its metrics beside the baselines where known, the promotion decision)
+and tags (dataset digest, run id, git commit, metrics) from its training run's record.
+
 ``resolve_checkpoint`` is the other direction, shared by ``evaluate`` and ``predict``: a
 ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI becomes a local checkpoint directory
 (only that artifact is downloaded, not the bundled code). Downloads go to one cache,
@@ -32,6 +36,8 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -146,6 +152,151 @@ def version_for_run(run_id: str, *, name: str | None = None):
     if len(names) > 1:
         raise RegistryError(f"run {run_id} registered versions of several models {names}: pass --name")
     return max(versions, key=lambda v: int(v.version))
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a ``models:/`` URI points at: a registered version (``name``/``version``) and the
+    MLflow 3 logged model behind it (``model_id``), or a logged model alone (``models:/m-<id>``)."""
+
+    uri: str
+    model_id: str | None
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+
+def model_ref(uri: str) -> ModelRef:
+    """Resolve ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/m-<id>`` to the
+    version and logged model it means now (an alias is read once, here)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = MlflowClient()
+    uri = str(uri).rstrip("/")
+    try:
+        key = get_model_name_and_version(client, uri)
+        if len(key) == 1:  # a logged model, not a registered version
+            model = client.get_logged_model(key[0])
+            return ModelRef(uri=uri, model_id=model.model_id, run_id=model.source_run_id)
+        version = client.get_model_version(*key)
+    except MlflowException as e:
+        raise RegistryError(f"{uri}: {e.message}") from None
+    return ModelRef(uri=uri, model_id=version_model_id(version), name=version.name, version=str(version.version),
+                    run_id=version.run_id)
+
+
+def version_model_id(version) -> str | None:
+    """The logged model (``m-<id>``) a registered version was made from: its ``model_id``, or
+    the id in its ``source`` (``models:/m-<id>``; what the sqlite store fills in)."""
+    model_id = getattr(version, "model_id", None)
+    source = str(version.source or "")
+    if not model_id and source.startswith("models:/m-"):
+        model_id = source[len("models:/"):].split("/")[0]
+    return model_id or None
+
+
+#: The metrics a version's description and tags report (gRefCOCO semantics, percentages).
+_VERSION_METRICS = ("gIoU", "cIoU", "N_acc", "T_acc", "Pr@0.7", "Pr@0.8", "Pr@0.9", "nt_AUROC", "samples")
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or value != value:
+        return "n/a"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.2f}"
+
+
+def annotate_version(name: str, version: str | int, *, metrics: Mapping[str, float] | None = None,
+                     baselines: Mapping[str, Mapping[str, float]] | None = None, decision: str | None = None,
+                     metrics_source: str | None = None):
+    """Describe and tag registered version ``name``/``version`` from its training run.
+
+    The description (Markdown, shown in the registry UI) says what the version was trained on
+    (the run's dataset input: name, digest, per-split counts), its metrics beside each
+    baseline in ``baselines``, and the promotion ``decision`` (or that none was taken). The
+    tags make versions searchable: ``instalign.dataset``, ``instalign.dataset_digest`` (the
+    manifest's SHA-256), ``instalign.run_id``, ``instalign.git_commit``, ``metric.<key>``.
+
+    Args:
+        metrics: the metrics to report (e.g. an ``evaluate`` result); default: the run's last
+            ``val_*`` metrics.
+        baselines: ``{baseline name: {metric: value}}`` to compare against (percentages).
+        decision: the promotion decision in words (the gate and its numbers).
+        metrics_source: where ``metrics`` come from, for the description (e.g. ``val split,
+            instalign evaluate``).
+
+    Returns:
+        The updated ``ModelVersion``.
+    """
+    import json
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.redaction import redact
+    from pipelines.tracking_mlflow import GIT_COMMIT_TAG, MANIFEST_HASH_TAG, metric_key
+
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version(name, str(version))
+        run = client.get_run(mv.run_id) if mv.run_id else None
+    except MlflowException as e:
+        raise RegistryError(f"model {name!r} version {version}: {e.message}") from None
+    tags = run.data.tags if run is not None else {}
+    if metrics is None and run is not None:
+        metrics = {k.removeprefix("val_"): v for k, v in run.data.metrics.items() if k.startswith("val_")}
+        metrics_source = metrics_source or "the training run's last validation"
+    metrics = {k: float(v) for k, v in (metrics or {}).items() if k in _VERSION_METRICS}
+
+    lines = [f"InstAlign (generalized referring expression segmentation), version {mv.version} of `{name}`."]
+    train = [d.dataset for d in (run.inputs.dataset_inputs if run is not None else [])
+             if any(t.key == "mlflow.data.context" and t.value == "train" for t in d.tags)]
+    if train:
+        ds = train[0]
+        counts = json.loads(ds.profile or "{}").get("counts") or {}
+        split_counts = ", ".join(f"{split} {c.get('samples', '?')} samples" for split, c in sorted(counts.items()))
+        lines.append(f"**Data:** `{ds.name}` (digest `{ds.digest}`; {split_counts or 'counts unknown'}) from "
+                     f"`{json.loads(ds.source or '{}').get('uri', '?')}`.")
+    elif run is not None:
+        lines.append(f"**Data:** `{tags.get('instalign.dataset', 'unknown')}`.")
+    else:
+        lines.append("**Data:** unknown (registered from a checkpoint directory, outside a training run).")
+    if run is not None:
+        lines.append(f"**Run:** `{run.info.run_id}`, git `{tags.get(GIT_COMMIT_TAG, 'unknown')}`.")
+    if metrics:
+        base = dict(baselines or {})
+        def row(cells: list[str]) -> str:
+            return "| " + " | ".join(cells) + " |"
+
+        lines += [f"**Metrics** ({metrics_source or 'as given'}; percentages):",
+                  row(["metric", "this version", *base]), row(["---"] * (2 + len(base)))]
+        lines += [row([key, _fmt(value), *(_fmt(b.get(key)) for b in base.values())]) for key, value in metrics.items()]
+        if not base:
+            lines.append("No baselines were measured for this version.")
+    else:
+        lines.append("**Metrics:** none recorded.")
+    lines.append(f"**Promotion:** {decision}" if decision else
+                 "**Promotion:** no decision recorded (aliases say where it stands).")
+    # One paragraph per line, except inside the table (consecutive "|" rows).
+    text = "\n".join(line if line.startswith("|") and prev.startswith("|") else "\n" + line
+                     for prev, line in zip([""] + lines, lines)).strip()
+    description = redact(text)
+
+    version_tags = {"instalign.run_id": mv.run_id or "", "instalign.dataset": tags.get("instalign.dataset", ""),
+                    "instalign.dataset_digest": tags.get(MANIFEST_HASH_TAG, ""),
+                    "instalign.git_commit": tags.get(GIT_COMMIT_TAG, "")}
+    version_tags.update({f"metric.{metric_key(k)}": _fmt(v) for k, v in metrics.items()})
+    if decision:
+        version_tags["instalign.promotion"] = redact(decision)[:5000]
+    try:
+        client.update_model_version(name, str(mv.version), description=description)
+        for key, value in version_tags.items():
+            if value:
+                client.set_model_version_tag(name, str(mv.version), key, value)
+        return client.get_model_version(name, str(mv.version))
+    except MlflowException as e:
+        raise RegistryError(f"model {name!r} version {version}: {e.message}") from None
 
 
 def set_alias(name: str, version: str | int, alias: str):

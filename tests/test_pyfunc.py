@@ -263,3 +263,59 @@ def test_rest_server_answers_and_refuses_clearly(registered, store, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_logged_in_a_training_run_the_model_carries_a_card_metrics_and_a_described_version(store, tmp_path):
+    """A "training" run (dataset input, val metrics) logs and registers its checkpoint: the
+    logged model has MODEL_CARD.md (dataset, digest, metrics, how to call it) and the run's
+    validation metrics; the version has a description and searchable tags."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.pyfunc import MODEL_CARD, log_and_register
+    from pipelines.tracking_mlflow import MANIFEST_HASH_TAG, MlflowTracker, log_run_inputs, start_or_resume_run
+    from instalign.config import tiny
+
+    name = f"{MODEL_NAME}-card"
+    manifest = {"format": "instalign-gres-parquet", "dataset": "grefcoco", "schema_version": 1,
+                "counts": {"train": {"samples": 40}, "val": {"samples": 12}}}
+    run_id, _ = start_or_resume_run(tracking_uri=store, experiment="pyfunc-tests", run_name="card-run")
+    tracker = MlflowTracker(run_id=run_id, tracking_uri=store)
+    log_run_inputs(tracker, tiny(), manifest, str(tmp_path / "prepared"), {"num_workers": 1})
+    tracker.log_metrics({"val_gIoU": 41.25, "val_N_acc": 70.0, "val_T_acc": 55.5, "val_samples": 12}, step=7)
+    version = log_and_register(make_checkpoint(tmp_path / "ckpt"), registered_model_name=name, alias="candidate",
+                               run_id=run_id)
+
+    client = MlflowClient()
+    digest = client.get_run(run_id).data.tags[MANIFEST_HASH_TAG]
+    card = open(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}/{MODEL_CARD}",
+                                                    dst_path=str(tmp_path / "card"))).read()
+    assert "`grefcoco` (digest `" + digest[:32] + "`)" in card
+    assert "train: 40 samples" in card and "| gIoU | 41.25 |" in card and "| N_acc | 70 |" in card
+    assert f"mlflow.pyfunc.load_model('models:/{name}@champion')" in card and "## Limits" in card
+    assert "swin_tiny_patch4_window7_224" in card and run_id in card
+
+    from pipelines.registry import version_model_id
+
+    model = client.get_logged_model(version_model_id(version))
+    assert {m.key: m.value for m in model.metrics} == {"val_gIoU": 41.25, "val_N_acc": 70.0, "val_T_acc": 55.5,
+                                                        "val_samples": 12}
+    assert {m.dataset_name for m in model.metrics} == {"grefcoco"}
+    assert [m.step for m in client.get_metric_history(run_id, "val_gIoU")] == [7]  # no duplicate point in the run
+
+    assert version.tags["instalign.dataset_digest"] == digest and version.tags["instalign.run_id"] == run_id
+    assert version.tags["metric.gIoU"] == "41.25" and version.tags["instalign.dataset"] == "grefcoco"
+    assert "`grefcoco` (digest" in version.description and "| gIoU | 41.25 |" in version.description
+    assert "no decision recorded" in version.description
+
+
+def test_a_checkpoint_registered_outside_a_run_says_its_data_is_unknown(registered, tmp_path):
+    import mlflow
+
+    from pipelines.pyfunc import MODEL_CARD
+
+    _, version = registered
+    card = open(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/{version.version}/{MODEL_CARD}",
+                                                    dst_path=str(tmp_path))).read()
+    assert "## Data" in card and "## Metrics" in card and "None recorded" in card
+    assert "Data:** unknown" in version.description or "Metrics:** none recorded" in version.description

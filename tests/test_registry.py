@@ -143,3 +143,38 @@ def test_a_run_with_two_models_needs_a_name(store, checkpoint):
         promote_run(run.info.run_id, alias="champion")
     version = promote_run(run.info.run_id, alias="champion", name=f"{NAME}-b")
     assert version.name == f"{NAME}-b" and "champion" in version.aliases
+
+
+def test_annotate_version_writes_metrics_beside_baselines_and_the_decision(store, versions):
+    """What the quickstart's gate records: metrics against the baselines, the decision, tags."""
+    from pipelines.registry import RegistryError, annotate_version
+
+    run_id, v2 = versions
+    base = {"always empty": {"gIoU": 20.0, "N_acc": 0.0}, "always no-target": {"gIoU": 30.0, "N_acc": 100.0}}
+    version = annotate_version(NAME, v2.version, metrics={"gIoU": 35.5, "N_acc": 60.0, "ignored_key": 1.0},
+                               baselines=base, decision="PASS gIoU 35.5 > 30.0 -> promoted to @champion",
+                               metrics_source="val split, instalign evaluate")
+    lines = version.description.splitlines()
+    assert "| metric | this version | always empty | always no-target |" in lines
+    assert "| gIoU | 35.50 | 20 | 30 |" in lines and "| N_acc | 60 | 0 | 100 |" in lines
+    assert "**Metrics** (val split, instalign evaluate; percentages):" in lines
+    assert "**Promotion:** PASS gIoU 35.5 > 30.0 -> promoted to @champion" in lines
+    assert f"**Run:** `{run_id}`" in version.description and "ignored_key" not in version.description
+    assert version.tags["metric.gIoU"] == "35.50" and version.tags["instalign.run_id"] == run_id
+    assert version.tags["instalign.promotion"].startswith("PASS")
+    with pytest.raises(RegistryError, match="version 99"):
+        annotate_version(NAME, 99)
+
+
+def test_model_ref_names_the_version_and_its_logged_model(store, versions):
+    from mlflow import MlflowClient
+
+    from pipelines.registry import RegistryError, model_ref
+
+    run_id, v2 = versions
+    ref = model_ref(f"models:/{NAME}@candidate")
+    assert (ref.name, ref.version, ref.run_id) == (NAME, "2", run_id)
+    assert ref.model_id and MlflowClient().get_logged_model(ref.model_id).source_run_id == run_id
+    assert model_ref(f"models:/{ref.model_id}").model_id == ref.model_id
+    with pytest.raises(RegistryError, match="alias nope"):
+        model_ref(f"models:/{NAME}@nope")
