@@ -1,12 +1,19 @@
 """``instalign prepare``: an official release → sharded Parquet + manifest, on Ray Data (DESIGN §3).
 
 The reader of the chosen dataset (``instalign.data.readers``) parses the refs and the COCO
-annotations on the driver; this module checks them, groups the samples (one per sentence)
+annotations on the driver; the driver checks them, groups the samples (one per sentence)
 by ``(image, split)`` so that each image is stored once however many expressions name it,
 one *task* row per image, and hands them to Ray Data in shards (below). Per task a worker
 reads the image file, decodes it in full (a truncated JPEG fails here, not at training
 time), optionally shrinks it, and rasterises each target annotation to COCO RLE at the
 *stored* size.
+
+This module is the verb: :func:`prepare_dataset` (the driver: plan while Ray starts, one
+Ray Data pass, quarantine and manifest) and the CLI. The steps live beside it:
+``pipelines.prepare_records`` (the driver-side record checks and the image tasks),
+``pipelines.prepare_shards`` (shard planning and the worker side: one image row, one
+shard file) and ``pipelines.prepare_output`` (the output location, the safe overwrite and
+the atomic manifest). Their public names are importable from here too.
 
 Nothing is dropped silently. Every bad record becomes a row of the ``_quarantine`` table
 (``QUARANTINE_SCHEMA``) with a reason code and a message naming the file/record; the
@@ -81,434 +88,34 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import os
 import sys
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from instalign.data.images import DEFAULT_MAX_IMAGE_BYTES
-from instalign.data.readers import is_safe_split_name, read_source, reference_problems
-from instalign.data.records import IMAGE_SCHEMA, MANIFEST_NAME, QUARANTINE_DIR, QUARANTINE_SCHEMA, SCHEMA_VERSION
+from instalign.data.readers import is_safe_split_name, read_source
+from instalign.data.records import QUARANTINE_DIR, QUARANTINE_SCHEMA, SCHEMA_VERSION
 from instalign.data.safe_pickle import UnsafePickleError
 from instalign.data.source import GRESSource
+from pipelines.prepare_output import check_output, replace_output, resolve_output, sibling_path, write_manifest
+from pipelines.prepare_records import PrepareError, plan_tasks, quarantine_record, to_task_table
+from pipelines.prepare_shards import (DEFAULT_MAX_IMAGE_PIXELS, group_shards, plan_shards, process_task,
+                                      shard_file_name, write_shards)
 from pipelines.redaction import command_line, redact
+
+#: The verb's API; the rest of these names are re-exported from the modules that define them.
+__all__ = ["DATASETS", "PrepareError", "prepare_dataset", "add_arguments", "run", "plan_tasks", "process_task",
+           "quarantine_record", "plan_shards", "group_shards", "shard_file_name", "resolve_output", "check_output",
+           "replace_output", "write_manifest", "DEFAULT_MAX_IMAGE_PIXELS"]
 
 log = logging.getLogger("instalign.prepare")
 
 DATASETS = ("grefcoco", "refzom", "refcoco", "refcoco+", "refcocog")
-#: Decoded-pixel cap per image: 50 M pixels (150 MB as RGB) is an 8K photograph; COCO's largest
-#: image has 0.4 M. A header claiming more is ``image_too_large`` before any pixel is decoded.
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
-
-#: What a shard task returns to the driver: one row per shard, no image bytes.
-STATS_SCHEMA = pa.schema([
-    ("shard", pa.int64()),  # position in the driver's shard plan
-    ("split", pa.string()),
-    ("file", pa.string()),  # the shard's file name under out/<split>/; "" when no image row was kept
-    ("images", pa.int64()),
-    ("refs", pa.int64()),
-    ("samples", pa.int64()),
-    ("no_target_samples", pa.int64()),
-    ("multi_target_samples", pa.int64()),
-    ("dropped_samples", pa.int64()),  # samples lost with the shard's quarantined records
-    ("quarantine", pa.string()),  # JSON list of QUARANTINE_SCHEMA records
-])
-
-TASK_SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("split", pa.string()),
-    ("path", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("instances", pa.list_(pa.struct([("ann_id", pa.int64()), ("category_id", pa.int32()),
-                                      ("segmentation", pa.string())]))),  # JSON: polygons and RLE differ in type
-    ("samples", IMAGE_SCHEMA.field("samples").type),
-])
-
-
-class PrepareError(RuntimeError):
-    """The inputs or the output location do not allow a (complete) prepare; the message says why."""
-
-
-def quarantine_record(*, dataset: str, split: str = "", image_id: int = -1, ref_id: int = -1, ann_id: int = -1,
-                      reason: str, detail: str) -> dict[str, Any]:
-    """One ``QUARANTINE_SCHEMA`` row; ``-1`` where the record is not about a ref/annotation/image."""
-    return dict(dataset=dataset, split=split, image_id=int(image_id), ref_id=int(ref_id), ann_id=int(ann_id),
-                reason=reason, detail=detail)
-
-
-# --- driver side: read, check, group ------------------------------------------------------
-
-def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_root: str | os.PathLike[str] | None = None
-               ) -> tuple[list[dict], list[dict], dict[str, int], int]:
-    """Check refs/annotations against each other and group samples per ``(image, split)``.
-
-    Args:
-        source: what a reader returned.
-        splits: only these splits (default: every split of the release with a safe name).
-        image_root: image paths must stay inside it (``path_escape`` otherwise); ``prepare_dataset``
-            passes ``--root``. ``None`` skips that check (for sources built in code, not read).
-
-    Returns:
-        tasks: one dict per (image, split) in ``TASK_SCHEMA`` form, only the target instances.
-        records: quarantine records found here.
-        empty_refs: per split, refs released without sentences (valid; they yield no sample).
-        dropped: samples (sentences) lost with the quarantined refs.
-    """
-    ds = source.dataset
-    for s in splits or ():
-        if not is_safe_split_name(s):
-            raise PrepareError(f"{ds}: split name {s!r:.80} is not a safe directory name (letters, digits, "
-                               f"'_', '.', '-'; not starting with '.'; at most 64 characters)")
-    records: list[dict] = []
-    unsafe = [r for r in source.refs if not is_safe_split_name(r.split)]
-    for ref in unsafe:  # whatever --splits says: no selection can name them, and the release is suspect
-        records.append(quarantine_record(
-            dataset=ds, image_id=ref.image_id, ref_id=ref.ref_id, reason="unsafe_split",
-            detail=f"ref {ref.ref_id}: split {ref.split!r:.80} is not a safe directory name (letters, digits, '_', "
-                   f"'.', '-'; not starting with '.'; at most 64 characters); drops {len(ref.sentences)} sample(s)"))
-    available = sorted({r.split for r in source.refs if is_safe_split_name(r.split)})
-    if splits:
-        unknown = sorted(set(splits) - set(available))
-        if unknown:
-            raise PrepareError(f"{ds}: split(s) {unknown} not in the release; available: {available}")
-    wanted = set(splits or available)
-    for ann in source.annotations.values():
-        if ann.image_id not in source.images:
-            records.append(quarantine_record(dataset=ds, image_id=ann.image_id, ann_id=ann.ann_id, reason="unknown_image",
-                                             detail=f"annotation {ann.ann_id} is on image {ann.image_id}, which the "
-                                                    f"annotation file does not list"))
-    # Keyed by (ref_id, image_id): the readers keep duplicate ref ids (ReLA only warns about them).
-    split_of = {}
-    for r in source.refs:
-        split_of.setdefault((r.ref_id, r.image_id), r.split)
-    bad_refs = set()
-    for p in reference_problems(source):  # refs naming an unknown image or a missing/foreign annotation
-        key = (p["ref_id"], p["image_id"])
-        bad_refs.add(key)
-        if split_of[key] in wanted:
-            records.append(quarantine_record(dataset=ds, split=split_of[key], **p))
-    groups: dict[tuple[int, str], dict] = {}
-    empty_refs, dropped = Counter(), sum(len(r.sentences) for r in unsafe)
-    for ref in source.refs:
-        if ref.split not in wanted:
-            continue
-        if (ref.ref_id, ref.image_id) in bad_refs:
-            dropped += len(ref.sentences)
-            continue
-        if not ref.sentences:
-            empty_refs[ref.split] += 1  # released that way (gRefCOCO): yields no sample
-            continue
-        key = (ref.image_id, ref.split)
-        if key not in groups:
-            info = source.images[ref.image_id]
-            groups[key] = dict(image_id=info.image_id, split=ref.split, path=info.path, width=info.width,
-                               height=info.height, instances={}, samples=[])
-        g = groups[key]
-        for a in ref.ann_ids:
-            ann = source.annotations[a]
-            g["instances"][a] = dict(ann_id=a, category_id=ann.category_id, segmentation=json.dumps(ann.segmentation, default=_jsonable))
-        for s in ref.sentences:
-            g["samples"].append(dict(ref_id=ref.ref_id, sent_id=s.sent_id, text=s.text, ann_ids=list(ref.ann_ids),
-                                     no_target=not ref.ann_ids))
-    inside = None if image_root is None else os.path.join(os.path.abspath(image_root), "")
-    tasks = []
-    for key in sorted(groups):
-        g = groups[key]
-        if inside is not None and not os.path.abspath(g["path"]).startswith(inside):
-            # Lexical (abspath normalises ``..``; symlinks are not resolved): an image folder
-            # linked into the root is fine, a file_name of "/etc/passwd" or "../../x" is not.
-            refs = {s["ref_id"] for s in g["samples"]}
-            dropped += len(g["samples"])
-            records.append(quarantine_record(
-                dataset=ds, split=g["split"], image_id=g["image_id"], reason="path_escape",
-                detail=f"image {g['image_id']}: its file {g['path']!r:.200} is outside --root {inside[:-1]!r:.200} "
-                       f"(an absolute or '..' file_name); drops {len(refs)} ref(s), {len(g['samples'])} sample(s)"))
-            continue
-        g["instances"] = [g["instances"][a] for a in sorted(g["instances"])]
-        g["samples"].sort(key=lambda s: (s["ref_id"], s["sent_id"]))
-        tasks.append(g)
-    return tasks, records, dict(empty_refs), dropped
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, bytes):  # compressed RLE counts read from a pickle
-        return obj.decode("ascii")
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"not JSON-serialisable in a segmentation: {type(obj).__name__}")
-
-
-# --- worker side: one image row ------------------------------------------------------------
-
-def _stored_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    if max_side <= 0 or max(width, height) <= max_side:
-        return width, height
-    scale = max_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _rasterise(segmentation: Any, *, height: int, width: int, out_h: int, out_w: int) -> str:
-    """COCO segmentation at the annotated size → compressed RLE counts at the stored size.
-
-    Polygons are scaled and rasterised at the stored size (exact); an RLE is decoded and
-    resized with nearest neighbour (its pixels are all there is).
-    """
-    from instalign.data.masks import resize_rle, segmentation_to_rle
-
-    if (out_h, out_w) != (height, width) and isinstance(segmentation, list):
-        sx, sy = out_w / width, out_h / height
-        segmentation = [[v * (sx if i % 2 == 0 else sy) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-                         for i, v in enumerate(poly)] if isinstance(poly, list) else poly for poly in segmentation]
-        return segmentation_to_rle(segmentation, out_h, out_w)["counts"]
-    counts = segmentation_to_rle(segmentation, height, width)["counts"]
-    return resize_rle(counts, (height, width), (out_h, out_w))
-
-
-def process_task(task: dict, *, dataset: str, image_max_side: int, jpeg_quality: int,
-                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict, list[dict]]:
-    """One task row → (image row with the ``_EXTRA`` columns, quarantine records)."""
-    from PIL import Image
-
-    from instalign.data.images import (CorruptImageError, ImageTooLargeError, NotARegularFileError, decode_image,
-                                       encode_jpeg, read_image_size, read_regular_file)
-
-    image_id, split, path = int(task["image_id"]), task["split"], task["path"]
-    width, height = int(task["width"]), int(task["height"])
-    samples = list(task["samples"])
-    where = dict(dataset=dataset, split=split, image_id=image_id)
-    lost = f"drops {len({s['ref_id'] for s in samples})} ref(s), {len(samples)} sample(s)"
-    row = dict(image_id=image_id, dataset=dataset, split=split, orig_width=width, orig_height=height, width=0,
-               height=0, image=b"", instances=[], samples=[], _keep=False, _refs=0, _samples=0,
-               _no_target_samples=0, _multi_target_samples=0, _dropped_samples=len(samples))
-    try:
-        data = read_regular_file(path, max_bytes=max_image_bytes)  # no FIFO wait, no endless /dev/zero
-    except NotARegularFileError as e:
-        return row, [quarantine_record(**where, reason="not_regular_file", detail=f"image {image_id}: {e}; {lost}")]
-    except ImageTooLargeError as e:
-        return row, [quarantine_record(**where, reason="image_too_large", detail=f"image {image_id}: {e}; {lost}")]
-    except OSError as e:
-        return row, [quarantine_record(**where, reason="missing_image", detail=f"image {image_id}: cannot read "
-                                       f"{path}: {e}; {lost}")]
-    out_w, out_h = _stored_size(width, height, image_max_side)
-    try:
-        size = read_image_size(data, source=path, max_pixels=max_image_pixels)  # bombs stop at the header
-        # Full decode even when the bytes are kept: truncation must surface now, not in training.
-        img = decode_image(data, source=path, draft_size=(out_w, out_h) if (out_w, out_h) != size else None,
-                           max_pixels=max_image_pixels)
-    except ImageTooLargeError as e:
-        return row, [quarantine_record(**where, reason="image_too_large", detail=f"image {image_id}: {e}; {lost}")]
-    except CorruptImageError as e:
-        return row, [quarantine_record(**where, reason="corrupt_image", detail=f"image {image_id}: {e}; {lost}")]
-    if size != (width, height):
-        return row, [quarantine_record(**where, reason="image_size_mismatch",
-                                       detail=f"image {image_id} ({path}) is {size[0]}×{size[1]} but the "
-                                              f"annotation file says {width}×{height}; {lost}")]
-    if (out_w, out_h) == (width, height) and data[:3] == b"\xff\xd8\xff":
-        encoded = data  # already a JPEG at the stored size: no second lossy generation
-    else:
-        if img.size != (out_w, out_h):
-            img = img.resize((out_w, out_h), Image.BILINEAR, reducing_gap=3.0)  # antialiased when shrinking
-        encoded = encode_jpeg(img, quality=jpeg_quality)
-
-    records, instances, bad = [], [], set()
-    for inst in task["instances"]:
-        try:
-            rle = _rasterise(json.loads(inst["segmentation"]), height=height, width=width, out_h=out_h, out_w=out_w)
-        except Exception as e:  # noqa: BLE001 - pycocotools raises bare Exceptions/TypeErrors
-            bad.add(inst["ann_id"])
-            records.append(quarantine_record(**where, ann_id=inst["ann_id"], reason="invalid_segmentation",
-                                             detail=f"annotation {inst['ann_id']} (image {image_id}): cannot "
-                                                    f"rasterise its segmentation: {type(e).__name__}: {e}"))
-            continue
-        instances.append(dict(ann_id=inst["ann_id"], category_id=inst["category_id"], rle=rle))
-    kept, dropped_refs = [], {}
-    for s in samples:
-        hit = sorted(bad.intersection(s["ann_ids"]))
-        if hit:
-            dropped_refs.setdefault(s["ref_id"], hit)
-        else:
-            kept.append(s)
-    for ref_id, hit in dropped_refs.items():
-        records.append(quarantine_record(**where, ref_id=ref_id, ann_id=hit[0], reason="invalid_target",
-                                         detail=f"ref {ref_id} dropped: its annotation(s) {hit} are invalid"))
-    used = {a for s in kept for a in s["ann_ids"]}
-    row.update(width=out_w, height=out_h, image=encoded, instances=[i for i in instances if i["ann_id"] in used],
-               samples=kept, _keep=bool(kept), _refs=len({s["ref_id"] for s in kept}), _samples=len(kept),
-               _no_target_samples=sum(1 for s in kept if s["no_target"]),
-               _multi_target_samples=sum(1 for s in kept if len(s["ann_ids"]) > 1),
-               _dropped_samples=len(samples) - len(kept))
-    return row, records
-
-
-def process_task_safely(task: dict, *, dataset: str, **options: Any) -> tuple[dict, list[dict]]:
-    """:func:`process_task` that never raises for a bad row: any other exception is a bug, and
-    a bug must not kill a multi-hour job — the image is quarantined as ``unexpected_error``."""
-    try:
-        return process_task(task, dataset=dataset, **options)
-    except Exception as e:  # noqa: BLE001 - quarantined and counted, never silent
-        row = dict(image_id=task["image_id"], split=task["split"], _keep=False, _refs=0, _samples=0,
-                   _no_target_samples=0, _multi_target_samples=0, _dropped_samples=len(task["samples"]))
-        return row, [quarantine_record(dataset=dataset, split=task["split"], image_id=task["image_id"],
-                                       reason="unexpected_error",
-                                       detail=f"image {task['image_id']} ({task['path']}): {type(e).__name__}: {e}")]
-
-
-def shard_file_name(split: str, index: int) -> str:
-    """``train-00003.parquet``: the ``index``-th shard of ``split`` (stable across runs and retries)."""
-    return f"{split}-{index:05d}.parquet"
-
-
-def write_shard(tasks: list[dict], *, split: str, index: int, fs: pafs.FileSystem, out_path: str, dataset: str,
-                **options: Any) -> dict:
-    """Process one shard's image tasks and write its kept rows as one Parquet file.
-
-    Returns its ``STATS_SCHEMA`` row. Deterministic: a retried task rewrites the same file
-    with the same content. Memory: the shard's stored images, one decoded image at a time.
-    """
-    kept, records = [], []
-    stats = dict(split=split, file="", images=0, refs=0, samples=0, no_target_samples=0, multi_target_samples=0,
-                 dropped_samples=0)
-    for task in tasks:
-        row, found = process_task_safely(task, dataset=dataset, **options)
-        records += found
-        stats["dropped_samples"] += row["_dropped_samples"]
-        if row["_keep"]:
-            kept.append({k: row[k] for k in IMAGE_SCHEMA.names})
-            stats["images"] += 1
-            for key in ("refs", "samples", "no_target_samples", "multi_target_samples"):
-                stats[key] += row[f"_{key}"]
-    if kept:
-        stats["file"] = shard_file_name(split, index)
-        table = pa.Table.from_pylist(kept, schema=IMAGE_SCHEMA)  # the schema's metadata carries its version
-        with fs.open_output_stream(f"{out_path}/{split}/{stats['file']}") as f:
-            pq.write_table(table, f)
-    stats["quarantine"] = json.dumps(records)
-    return stats
-
-
-def write_shards(batch: dict[str, np.ndarray], *, tasks: Any, shards: list[tuple[str, int, int, int]],
-                 groups: list[tuple[int, int]], **kwargs: Any) -> pa.Table:
-    """Ray Data UDF over ``ray.data.range(len(groups))``: group indices → the statistics rows
-    of their shards.
-
-    ``tasks`` is the ``ObjectRef`` of the whole task table (Arrow: read zero-copy from the
-    node's object store); ``shards[i]`` is ``(split, index in split, first row, end row)``;
-    group ``g`` is the shards ``range(*groups[g])``, processed one after the other (memory:
-    one shard). ``kwargs`` are :func:`write_shard`'s.
-    """
-    import ray
-
-    table = ray.get(tasks)
-    out = []
-    for g in batch["id"]:
-        for i in range(*groups[int(g)]):
-            split, index, start, stop = shards[i]
-            stats = write_shard(table.slice(start, stop - start).to_pylist(), split=split, index=index, **kwargs)
-            out.append(dict(stats, shard=i))
-    return pa.Table.from_pylist(out, schema=STATS_SCHEMA)
-
-
-# --- output location ----------------------------------------------------------------------
-
-def resolve_output(out: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or a URI (s3://, gs://, file://) → (pyarrow filesystem, path in it)."""
-    if "://" in str(out):
-        return pafs.FileSystem.from_uri(str(out))
-    return pafs.LocalFileSystem(), os.path.abspath(str(out))
-
-
-def check_output(fs: pafs.FileSystem, path: str, *, overwrite: bool) -> bool:
-    """Refuse to mix with an existing dataset unless ``overwrite``.
-
-    Returns whether ``path`` holds something that a finished prepare must *replace*; nothing
-    is deleted here (``overwrite`` builds beside it, see :func:`replace_output`).
-    """
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return False
-    if info.type != pafs.FileType.Directory:
-        raise PrepareError(f"output {path} exists and is not a directory")
-    present = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    if not present:
-        return False
-    if not overwrite:
-        what = "a finished dataset (_manifest.json)" if any(p.base_name == MANIFEST_NAME for p in present) \
-            else f"{len(present)} file(s) from an earlier (possibly interrupted) run"
-        raise PrepareError(f"output {path} already holds {what}; pass --overwrite (overwrite=True) to replace it")
-    return True
-
-
-def sibling_path(path: str, tag: str) -> str:
-    """``<parent>/.<name>.<tag>-<hex>``: a hidden neighbour of ``path`` on the same filesystem
-    (so that a local swap is a rename, never a copy across devices)."""
-    parent, _, name = path.rstrip("/").rpartition("/")
-    if not parent or not name:
-        raise PrepareError(f"output {path} has no parent to build a replacement beside; use a sub-directory")
-    return f"{parent}/.{name}.{tag}-{uuid.uuid4().hex[:12]}"
-
-
-def _copy_tree_manifest_last(fs: pafs.FileSystem, src: str, dst: str) -> None:
-    files = [i.path for i in fs.get_file_info(pafs.FileSelector(src, recursive=True)) if i.type == pafs.FileType.File]
-    for f in sorted(files, key=lambda p: p.rsplit("/", 1)[-1] == MANIFEST_NAME):  # the manifest goes last
-        target = dst + f[len(src):]
-        fs.create_dir(target.rpartition("/")[0], recursive=True)
-        fs.copy_file(f, target)
-
-
-def replace_output(fs: pafs.FileSystem, built: str, path: str) -> None:
-    """Put the finished dataset at ``built`` in place of the old one at ``path``.
-
-    Local filesystems: rename the old one aside, rename the new one in (rolled back if that
-    fails), delete the old one. Object stores (no rename): delete the old prefix, copy the new
-    one in with the manifest last — an interruption there leaves ``path`` without a manifest
-    (an unfinished dataset, by definition) and the complete build at ``built``, which the
-    error names.
-    """
-    if fs.type_name == "local":
-        old = sibling_path(path, "replaced")
-        fs.move(path, old)
-        try:
-            fs.move(built, path)
-        except BaseException:
-            fs.move(old, path)
-            raise
-        fs.delete_dir(old)
-        return
-    fs.delete_dir(path)
-    try:
-        _copy_tree_manifest_last(fs, built, path)
-    except Exception as e:
-        raise PrepareError(f"replacing {path}: copying the new dataset in failed ({type(e).__name__}: {e}); the "
-                           f"complete new dataset is at {built}, the old one is gone") from e
-    fs.delete_dir(built)
-
-
-def write_manifest(fs: pafs.FileSystem, path: str, manifest: dict) -> None:
-    """Write ``_manifest.json`` atomically: a temporary name renamed into place (local);
-    a single object PUT on object stores, which is atomic there."""
-    text = json.dumps(manifest, indent=2, sort_keys=False).encode()
-    final = f"{path}/{MANIFEST_NAME}"
-    if fs.type_name != "local":
-        with fs.open_output_stream(final) as f:
-            f.write(text)
-        return
-    tmp = f"{path}/.{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp"
-    try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(text)
-        fs.move(tmp, final)  # os.rename: atomic on POSIX
-    finally:
-        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-            fs.delete_file(tmp)
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -518,50 +125,6 @@ def _format_records(records: list[dict], n: int = 5) -> str:
     if len(records) > n:
         lines.append(f"  ... and {len(records) - n} more")
     return "\n".join(lines)
-
-
-def _task_table(tasks: list[dict], root: str) -> pa.Table:
-    """The tasks as Arrow, built on the driver: a value the schema cannot hold is a one-line
-    error here, not an ``OverflowError`` inside a running cluster."""
-    try:
-        return pa.Table.from_pylist(tasks, schema=TASK_SCHEMA)
-    except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
-        raise PrepareError(f"{redact(str(root))}: a record does not fit the dataset schema "
-                           f"({type(e).__name__}: {e})") from e
-
-
-def plan_shards(tasks: list[dict], rows_per_shard: int) -> tuple[list[dict], list[tuple[str, int, int, int]]]:
-    """Order the tasks by ``(split, image_id)`` and cut each split into shards.
-
-    Returns the ordered tasks and one ``(split, index in split, first row, end row)`` per
-    shard: up to ``rows_per_shard`` images of one split, which become one Parquet file.
-    """
-    ordered = sorted(tasks, key=lambda t: (t["split"], t["image_id"]))
-    shards, start = [], 0
-    while start < len(ordered):
-        split = ordered[start]["split"]
-        end = start
-        while end < len(ordered) and ordered[end]["split"] == split:
-            end += 1
-        for index, first in enumerate(range(start, end, rows_per_shard)):
-            shards.append((split, index, first, min(first + rows_per_shard, end)))
-        start = end
-    return ordered, shards
-
-
-#: Ray tasks per CPU in the pass. Each task costs ~85 ms beyond its work (measured on 2 cores:
-#: 313 one-shard tasks of 32 images took 0.17 s each, half of it outside the UDF), so shards are
-#: grouped into about this many tasks per CPU: few enough to make that negligible, enough to
-#: balance the cores at the end.
-TASKS_PER_CPU = 8
-
-
-def group_shards(num_shards: int, cpus: int, tasks_per_cpu: int = TASKS_PER_CPU) -> list[tuple[int, int]]:
-    """Consecutive shard ranges ``(first, end)``, one per Ray task: ``tasks_per_cpu × cpus`` of
-    them (fewer when there are fewer shards), as equal as the shard count allows."""
-    n = max(1, min(num_shards, tasks_per_cpu * cpus))
-    bounds = [round(i * num_shards / n) for i in range(n + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(n)]
 
 
 @dataclasses.dataclass
@@ -587,7 +150,7 @@ def _plan(source: GRESSource, *, splits: list[str] | None, root: str, strict: bo
         raise PrepareError(f"{source.dataset} at {redact(str(root))}: no sample to write (no ref with sentences in "
                            f"splits {splits})")
     ordered, shards = plan_shards(tasks, rows_per_shard)
-    return _Plan(records, dict(empty_refs), dropped, _task_table(ordered, root), shards)
+    return _Plan(records, dict(empty_refs), dropped, to_task_table(ordered, root), shards)
 
 
 def _run_pass(plan: _Plan, *, fs: pafs.FileSystem, out_path: str, dataset: str, **options: Any) -> list[dict]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.prepare import group_shards, plan_shards, shard_file_name
+from pipelines.prepare_shards import group_shards, plan_shards, shard_file_name
 
 
 def test_shards_hold_one_split_each_in_image_order():
