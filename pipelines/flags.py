@@ -11,14 +11,27 @@ import argparse
 import logging
 from typing import Optional
 
+from pipelines import ray_utils  # noqa: F401  (first: it sets Ray's log filters before Ray is imported)
 from pipelines.worker import DATA_ORDERS
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """The verbs' log format on stderr (a no-op when logging is already configured)."""
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+def setup_logging(level: Optional[str] = None) -> None:
+    """The verbs' log format on stderr at ``level`` (default INFO), and Ray's level with it.
+
+    Ray's own loggers stay at WARNING unless ``level`` asks for more (``--log-level INFO`` or
+    ``DEBUG``): :func:`pipelines.ray_utils.set_ray_log_level`, applied by ``init_ray``.
+    """
+    logging.basicConfig(level=level or logging.INFO, format=LOG_FORMAT)
+    ray_utils.set_ray_log_level(level)
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default=None, type=str.upper, choices=LOG_LEVELS,
+                        help="log level of instalign and of Ray's own logs "
+                             "(default: INFO for instalign, WARNING for Ray)")
 
 
 def add_config(parser: argparse.ArgumentParser, *, default: Optional[str] = "paper",
@@ -71,7 +84,8 @@ def add_run_name(parser: argparse.ArgumentParser, *, what: str) -> None:
 
 def add_worker_resources(parser: argparse.ArgumentParser) -> None:
     """``--gpus-per-worker`` and ``--cpus-per-worker`` (``pipelines.resources``)."""
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: train on CPU)")
+    parser.add_argument("--gpus-per-worker", type=float, default=None,
+                        help="GPUs per worker (default: 1 when the Ray cluster has GPUs, else 0; 0: train on CPU)")
     parser.add_argument("--cpus-per-worker", type=float, default=None,
                         help="CPUs per worker (default: 1 with GPUs, else a share that leaves a quarter "
                              "of the cluster to Ray Data)")

@@ -73,7 +73,8 @@ class TrainJob:
     def params(self) -> dict[str, Any]:
         """The run settings logged as ``run.*`` MLflow params."""
         r = self.resources
-        return dict(num_workers=r.num_workers, use_gpu=r.use_gpu, gpus_per_worker=r.gpus_per_worker,
+        return dict(num_workers=r.num_workers, device="gpu" if r.use_gpu else "cpu", use_gpu=r.use_gpu,
+                    gpus_per_worker=r.gpus_per_worker,
                     cpus_per_worker=r.cpus_per_worker, per_worker_batch=self.config.train.batch_size // r.num_workers,
                     data_order=self.data_order, train_samples=self.data.train_samples,
                     val_samples=self.data.val_samples, steps_per_epoch=self.data.steps_per_epoch,
@@ -180,10 +181,10 @@ def build_datasets(cfg: Config, data_dir: str, *, data_order: str, num_cpus: flo
 
 def build_trainer(job: TrainJob, datasets: Mapping[str, Any], *, callbacks: Sequence[Any] = ()):
     """The ``TorchTrainer`` of ``job``; the config and run spec travel to the workers as dataclasses."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.ray_utils import forwarded_env
+    from pipelines.ray_utils import forwarded_env, ray_log_level
 
     r = job.resources
     return TorchTrainer(
@@ -199,6 +200,7 @@ def build_trainer(job: TrainJob, datasets: Mapping[str, Any], *, callbacks: Sequ
                                                checkpoint_score_attribute=SCORE_METRIC, checkpoint_score_order="max"),
             worker_runtime_env={"env_vars": forwarded_env()},
             callbacks=list(callbacks),
+            logging_config=LoggingConfig(log_level=ray_log_level()),  # Ray Train's own lines: WARNING unless asked
         ),
         datasets=dict(datasets),
         dataset_config=GRESDataConfig(data_order=job.data_order),

@@ -19,6 +19,18 @@ connect without the token. The dashboard, which Ray Train V2 needs for its State
 is never switched off here; a ``RAY_AUTH_MODE=disabled`` set by the user in the
 environment is obeyed with a warning.
 
+What the user sees. Rank 0's progress lines (``pipelines.progress``) are printed by a Train
+worker, so worker output is forwarded to the driver (``log_to_driver``): to the terminal, and
+to ``ray job logs`` on a cluster. Ray's own logs are held at WARNING unless ``--log-level``
+asks for more (:func:`set_ray_log_level`): the driver's ``ray`` loggers, Ray Train's
+(``ray.train.LoggingConfig``, set by ``pipelines.job``) and Ray Data's (``RAY_DATA_LOG_LEVEL``,
+which also sets the level of Ray Data's log file in the session directory: pass
+``--log-level DEBUG`` to debug Ray Data). Output that is not a terminal gets no colour codes
+(``RAY_COLOR_PREFIX=0``) and no progress bars (:func:`show_progress_bars`); a terminal keeps
+Ray Data's progress bars. Two lines Ray prints on every normal run and a user cannot act on
+are dropped (:data:`SKIP_WORKER_LINES`, :class:`ReservedCpuWarningFilter`), and one
+deprecation warning inside Ray Train (:data:`IGNORED_WARNINGS`).
+
 Also :class:`ResourceWaitReporter`, which says what a run waits for when it waits. The CPU
 arithmetic that keeps Ray Train from starving Ray Data is ``pipelines.resources``.
 """
@@ -51,11 +63,93 @@ FORWARDED_ENV = (
     "TOKENIZERS_PARALLELISM",
     "MLFLOW_TRACKING_URI",
     "GIT_PYTHON_REFRESH",
+    "INSTALIGN_RAY_LOG_LEVEL",  # LOG_LEVEL_ENV: Ray's log level (--log-level)
+    "RAY_DATA_LOG_LEVEL",
 )
 
 
+#: Ray's loggers held at :func:`ray_log_level` (``ray.init`` sets the ``ray`` logger itself).
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
+#: Where the level lives: the environment, so a private cluster's processes inherit it.
+LOG_LEVEL_ENV = "INSTALIGN_RAY_LOG_LEVEL"
+#: Worker output the driver never prints (Ray's documented ``RAY_DEDUP_LOGS_SKIP_REGEX``): an
+#: ERROR line Ray Train V2 logs from its own ``PreemptionWatcher`` actor in every run (its
+#: constructor arguments live in the object store while it may restart, ray-project/ray#53727)
+#: — nothing a user can act on. Read by Ray when ``ray`` is first imported, so set here, on
+#: import of this module, which ``pipelines.flags`` imports before anything imports Ray.
+SKIP_WORKER_LINES = r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
+os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", SKIP_WORKER_LINES)
+#: A deprecation warning Ray Train's own ``DataConfig.default_ingest_options`` triggers in every
+#: run (it passes ``exclude_resources`` on); a ``PYTHONWARNINGS`` entry for a private cluster.
+IGNORED_WARNINGS = "ignore:`ExecutionOptions.exclude_resources` is deprecated"
+
+
+def set_ray_log_level(level: Optional[str | int] = None) -> None:
+    """``--log-level`` for Ray: its loggers at ``level`` (default WARNING) from now on.
+
+    Kept in the environment (:data:`LOG_LEVEL_ENV`, and Ray Data's ``RAY_DATA_LOG_LEVEL``) so
+    the processes of a private cluster started afterwards, and Tune trials, follow it.
+    """
+    name = "WARNING" if level is None else logging.getLevelName(level) if isinstance(level, int) else level.upper()
+    if not isinstance(logging.getLevelName(name), int):
+        raise ValueError(f"log level {level!r}: expected one of DEBUG, INFO, WARNING, ERROR")
+    os.environ[LOG_LEVEL_ENV] = name
+    os.environ["RAY_DATA_LOG_LEVEL"] = name
+    if "ray" in sys.modules:
+        apply_ray_log_level()
+
+
+def ray_log_level() -> str:
+    """The level of Ray's own logs (:func:`set_ray_log_level`; WARNING unless asked)."""
+    return os.environ.get(LOG_LEVEL_ENV, "WARNING")
+
+
+def apply_ray_log_level() -> None:
+    """Hold Ray's loggers of this process at :func:`ray_log_level`, and drop Ray Data's false
+    no-CPU alarm (:class:`ReservedCpuWarningFilter`)."""
+    level = ray_log_level()
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    data_logger = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, ReservedCpuWarningFilter) for f in data_logger.filters):
+        data_logger.addFilter(ReservedCpuWarningFilter())
+
+
+class ReservedCpuWarningFilter(logging.Filter):
+    """Drop Ray Data's "cluster does not have any available CPUs … will hang" warning.
+
+    Ray Data (``Dataset._execute``) warns once when ``ray.available_resources()`` lists no
+    free CPU at the moment a dataset starts executing. The datasets of this project's jobs run
+    on a cluster whose CPUs were planned for them (``pipelines.resources`` keeps a whole CPU,
+    and each worker's fractional remainder, for Ray Data, and refuses plans that do not), so
+    a momentarily full cluster there means its own decode tasks are running, not a hang. A
+    run that really waits for resources is reported by :class:`ResourceWaitReporter`.
+    """
+
+    MARKER = "does not have any available CPUs"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.MARKER not in record.getMessage()
+
+
+def show_progress_bars(interactive: bool) -> None:
+    """Ray Data's progress bars in an interactive terminal only; a log file gets no bars.
+
+    Ray reads ``RAY_DATA_DISABLE_PROGRESS_BARS`` once, when ``ray.data`` is imported — often
+    before a verb knows where its output goes — so the current ``DataContext`` (which travels
+    with every dataset to the processes that execute it) is set as well.
+    """
+    if interactive:
+        return
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if "ray.data" in sys.modules:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+
+
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
-             runtime_env: Optional[Mapping[str, Any]] = None, quiet: bool = True) -> None:
+             runtime_env: Optional[Mapping[str, Any]] = None) -> None:
     """Connect this process to Ray: join ``address`` or start a private local cluster.
 
     A process that is already connected (a test fixture, a notebook, a Tune trial) is left
@@ -66,31 +160,43 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"`` to join a running one.
         num_cpus: CPUs a local cluster advertises (default: all); ignored when joining.
         runtime_env: Ray runtime environment for this job (``env_vars``, ``working_dir``...).
-        quiet: only Ray's own errors; worker output stays off the driver's terminal.
+
+    Ray's loggers follow :func:`set_ray_log_level` (module docstring: what the user sees).
     """
     import ray
 
     if ray.is_initialized():
         log.info("Ray already initialised; reusing the current connection")
         return
-    common: dict[str, Any] = dict(runtime_env=dict(runtime_env) if runtime_env else None)
-    if quiet:
-        common.update(logging_level="ERROR", log_to_driver=False)
+    if not sys.stdout.isatty():  # a log file: no colour codes around the workers' line prefixes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    show_progress_bars(sys.stderr.isatty())
+    os.environ.setdefault(LOG_LEVEL_ENV, ray_log_level())
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", ray_log_level())
+    common: dict[str, Any] = dict(runtime_env=dict(runtime_env) if runtime_env else None,
+                                  logging_level=ray_log_level(), log_to_driver=True)
+    apply_ray_log_level()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, **common)
+        apply_ray_log_level()
         return
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
-    if not sys.stderr.isatty():  # progress bars for people; a log file gets Ray Data's summaries instead
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    warnings_env = os.environ.get("PYTHONWARNINGS", "")
+    if IGNORED_WARNINGS not in warnings_env:  # inherited by the cluster's processes
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings_env, IGNORED_WARNINGS]))
     mode = os.environ.get("RAY_AUTH_MODE", "token")  # unset: Ray 2.60 turns token auth on for a new cluster
     if mode.lower() != "token":
         log.warning("RAY_AUTH_MODE=%s is set: the private Ray cluster runs WITHOUT authentication while its ports "
                     "listen on every interface; unset it to keep Ray's token authentication", mode)
+    # Said explicitly, token mode is what Ray picks when unset (a token generated on first use),
+    # without Ray's warning that invites every user to switch it off.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     log.info("starting a private local Ray cluster (pass --address auto or HOST:PORT to use a running one)")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **common)
+    apply_ray_log_level()
 
 
 def forwarded_env(extra: Iterable[str] = ()) -> dict[str, str]:

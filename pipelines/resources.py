@@ -5,13 +5,17 @@ decode their input, and the run then hangs forever (PLATFORM-FACTS, "Deadlock").
 rule that prevents that lives here, used by ``instalign train``, each Tune trial, the
 quickstart and ``instalign evaluate`` alike:
 
+* :func:`resolve_gpus_per_worker` — GPU workers by default when the cluster has GPUs;
 * :func:`default_cpus_per_worker` — the one default share of a cluster per Train worker;
 * :func:`data_cpus_per_task` — the CPUs of one Ray Data decode task beside such a worker;
 * :func:`check_leaves_room_for_data` — refuse a request that takes every CPU;
+* :func:`plan_workers` / :func:`describe_workers` — one Train run's workers, and the line
+  that says at its start which device it trains on;
 * :func:`plan_concurrency` — how many Tune trials fit at once;
 * :func:`storage_root` / :func:`join_storage` — where Ray keeps run directories.
 
-Pure arithmetic except :func:`cluster_cpus`; nothing here starts or joins a cluster.
+Pure arithmetic except :func:`cluster_cpus` and :func:`cluster_totals`, which read the connected
+cluster's resources; nothing here starts or joins a cluster.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Optional
 
 #: Share of the cluster's CPUs kept free for Ray Data (at least one whole CPU).
@@ -55,9 +60,32 @@ class WorkerResources:
 
 def cluster_cpus() -> float:
     """CPUs the connected cluster advertises in total (all nodes)."""
+    return cluster_totals()["CPU"]
+
+
+def cluster_totals() -> dict[str, float]:
+    """``{"CPU": n, "GPU": m}``: what the connected cluster advertises in total (all nodes)."""
     import ray
 
-    return float(ray.cluster_resources().get("CPU", 0.0))
+    resources = ray.cluster_resources()
+    return {"CPU": float(resources.get("CPU", 0.0)), "GPU": float(resources.get("GPU", 0.0))}
+
+
+def resolve_gpus_per_worker(requested: Optional[float], total_gpus: float) -> float:
+    """GPUs per Train worker: ``requested`` when given (0: CPU workers), else 1 when the cluster has GPUs.
+
+    The default follows the cluster because a GPU cluster that trains on CPU does so silently
+    and ~100x slower (the paper preset: 78 s per step on CPU). A cluster whose GPUs are all on
+    nodes still to come (an autoscaler's) advertises none yet: pass ``--gpus-per-worker 1`` there.
+
+    Raises:
+        ValueError: a negative request.
+    """
+    if requested is None:
+        return 1.0 if total_gpus >= 1 else 0.0
+    if requested < 0:
+        raise ValueError(f"--gpus-per-worker must be >= 0, got {requested:g}")
+    return float(requested)
 
 
 def default_cpus_per_worker(num_workers: int, *, total_cpus: Optional[float] = None, use_gpu: bool = False,
@@ -116,15 +144,56 @@ def check_leaves_room_for_data(num_workers: int, cpus_per_worker: float, *,
             "Lower --cpus-per-worker (fractions are fine, e.g. 0.5) or add nodes.")
 
 
-def plan_workers(num_workers: int, *, gpus_per_worker: float = 0.0, cpus_per_worker: Optional[float] = None,
-                 placement_strategy: str = "PACK", total_cpus: Optional[float] = None) -> WorkerResources:
-    """The resources of one Train run on the connected cluster (``instalign train``, quickstart)."""
-    use_gpu = gpus_per_worker > 0
+def plan_workers(num_workers: int, *, gpus_per_worker: Optional[float] = None,
+                 cpus_per_worker: Optional[float] = None, placement_strategy: str = "PACK",
+                 cluster: Optional[Mapping[str, float]] = None) -> WorkerResources:
+    """The resources of one Train run (``instalign train``, quickstart).
+
+    Args:
+        gpus_per_worker: ``None`` (the default): one GPU per worker when the cluster has GPUs,
+            else CPU workers (:func:`resolve_gpus_per_worker`); 0: CPU workers; else that share.
+        cpus_per_worker: ``None``: :func:`default_cpus_per_worker`.
+        cluster: the cluster's total resources (``{"CPU": …, "GPU": …}``, as
+            ``ray.cluster_resources()``); default: the connected cluster's.
+    """
+    cluster = cluster_totals() if cluster is None else cluster
+    total_cpus, total_gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    gpus = resolve_gpus_per_worker(gpus_per_worker, total_gpus)
+    use_gpu = gpus > 0
     if cpus_per_worker is None:
         cpus_per_worker = default_cpus_per_worker(num_workers, total_cpus=total_cpus, use_gpu=use_gpu)
     check_leaves_room_for_data(num_workers, cpus_per_worker, total_cpus=total_cpus)
     return WorkerResources(num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
-                           gpus_per_worker=gpus_per_worker if use_gpu else 0.0, placement_strategy=placement_strategy)
+                           gpus_per_worker=gpus, placement_strategy=placement_strategy)
+
+
+def _count(n: float, unit: str) -> str:
+    return f"{n:g} {unit}{'' if n == 1 else 's'}"
+
+
+def describe_workers(r: WorkerResources, cluster: Mapping[str, float], *, requested_gpus: Optional[float],
+                     what: str = "training") -> str:
+    """The line a run logs at its start: which device it trains on, and why.
+
+    ``training on GPU: 4 workers × 1 GPU + 1 CPU each (cluster: 8 GPUs, 64 CPUs)``, or
+    ``training on CPU: 2 workers × 0.5 CPU (the cluster has no GPUs; 2 CPUs)`` — or, on a GPU
+    cluster, that ``--gpus-per-worker 0`` asked for CPU. A GPU request larger than what the
+    cluster has now is said too: the run waits for it (an autoscaler may add nodes).
+    """
+    total_cpus, total_gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    workers = f"{r.num_workers} worker{'s' if r.num_workers != 1 else ''}"
+    where = f"{_count(total_gpus, 'GPU')}, {_count(total_cpus, 'CPU')}"
+    if r.use_gpu:
+        line = (f"{what} on GPU: {workers} × {r.gpus_per_worker:g} GPU + {r.cpus_per_worker:g} CPU each "
+                f"(cluster: {where})")
+        wanted = r.num_workers * r.gpus_per_worker
+        if wanted > total_gpus:
+            line += f"; {wanted:g} GPUs asked, more than the cluster has now: the run waits until they are free"
+        return line
+    line = f"{what} on CPU: {workers} × {r.cpus_per_worker:g} CPU"
+    if total_gpus <= 0:
+        return f"{line} (the cluster has no GPUs; {_count(total_cpus, 'CPU')})"
+    return f"{line} (--gpus-per-worker {requested_gpus:g}; the cluster's {_count(total_gpus, 'GPU')} stay unused)"
 
 
 def plan_concurrency(*, total_cpus: float, total_gpus: float, num_workers: int, cpus_per_worker: float,

@@ -4,8 +4,9 @@ The verb and its Python entry point :func:`train` (the quickstart calls it too).
 
 1. reads the dataset's manifest and checks the config against it (``pipelines.job.plan_data``)
    before any cluster starts;
-2. connects to Ray (``pipelines.ray_utils.init_ray``) and plans the workers' CPUs / GPUs
-   (``pipelines.resources.plan_workers``);
+2. connects to Ray (``pipelines.ray_utils.init_ray``), plans the workers' CPUs / GPUs
+   (``pipelines.resources.plan_workers``: GPU workers when the cluster has GPUs) and logs
+   which device the run trains on;
 3. opens the MLflow run — or finds it again by name — and assembles the
    ``pipelines.job.TrainJob``, which ``pipelines.job.run_job`` fits (each worker runs
    ``pipelines.worker.train_fn_per_worker``);
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -28,10 +30,12 @@ from typing import Any, Optional
 from instalign.config import Config, load_config
 from pipelines import flags
 from pipelines.job import TrainJob, best_checkpoint, plan_data, run_job
-from pipelines.resources import absolute_data_dir, plan_workers, storage_root
+from pipelines.resources import absolute_data_dir, cluster_totals, describe_workers, plan_workers, storage_root
 from pipelines.worker import DATA_ORDERS, WorkerHook
 
 __all__ = ["train", "TrainResult", "add_arguments", "run"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,7 +53,7 @@ class TrainResult:
     registered_version: Optional[str] = None
 
 
-def train(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: bool = False, gpus_per_worker: float = 1.0,
+def train(cfg: Config, data_dir: str, *, num_workers: int = 1, gpus_per_worker: Optional[float] = None,
           cpus_per_worker: Optional[float] = None, name: Optional[str] = None, storage_path: Optional[str] = None,
           experiment: str = "instalign", register_as: Optional[str] = None, max_failures: int = 2,
           tracking_uri: Optional[str] = None, address: Optional[str] = None, placement_strategy: str = "PACK",
@@ -61,7 +65,9 @@ def train(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: bool = F
         cfg: the resolved config.
         data_dir: a prepared dataset (``instalign prepare``); absolute paths or URIs reach workers.
         num_workers: data-parallel workers; ``train.batch_size`` must divide evenly among them.
-        use_gpu / gpus_per_worker: one (or a share of a) GPU per worker; NCCL then, gloo on CPU.
+        gpus_per_worker: GPUs (or a share of one) per worker, NCCL then; 0: CPU workers (gloo);
+            ``None``: one GPU per worker when the cluster has GPUs, else CPU workers
+            (``pipelines.resources.resolve_gpus_per_worker``). The choice is logged at the start.
         cpus_per_worker: default leaves a quarter of the cluster (at least one CPU) to Ray Data
             (``pipelines.resources.default_cpus_per_worker``).
         name: the run's name: Ray's run directory and the MLflow run's tag. The same name
@@ -89,8 +95,10 @@ def train(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: bool = F
     data = plan_data(cfg, data_dir, read_manifest(data_dir), num_workers)
 
     ray_utils.init_ray(address)
-    resources = plan_workers(num_workers, gpus_per_worker=gpus_per_worker if use_gpu else 0.0,
-                             cpus_per_worker=cpus_per_worker, placement_strategy=placement_strategy)
+    cluster = cluster_totals()
+    resources = plan_workers(num_workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                             placement_strategy=placement_strategy, cluster=cluster)
+    log.info(describe_workers(resources, cluster, requested_gpus=gpus_per_worker))
     name = name or f"instalign-{time.strftime('%Y%m%d-%H%M%S')}"
     tracking_uri = resolve_tracking_uri(tracking_uri)
     run_id, resumed = start_or_resume_run(tracking_uri=tracking_uri, experiment=experiment, run_name=name)
@@ -137,6 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers")
     flags.add_worker_resources(parser)
     flags.add_address(parser)
+    flags.add_log_level(parser)
     flags.add_run_name(parser, what="run")
     flags.add_tracking(parser, experiment="instalign")
     parser.add_argument("--register-as", default=None, help="register the best checkpoint under this model name")
@@ -148,10 +157,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    flags.setup_logging()
+    flags.setup_logging(args.log_level)
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, args.data, num_workers=args.num_workers, use_gpu=args.gpus_per_worker > 0,
-                   gpus_per_worker=args.gpus_per_worker or 1.0, cpus_per_worker=args.cpus_per_worker, name=args.name,
+    result = train(cfg, args.data, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+                   cpus_per_worker=args.cpus_per_worker, name=args.name,
                    storage_path=args.storage_path, experiment=args.experiment, register_as=args.register_as,
                    max_failures=args.max_failures, tracking_uri=args.tracking_uri, address=args.address,
                    placement_strategy=args.placement_strategy, data_order=args.data_order)

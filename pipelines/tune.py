@@ -37,9 +37,10 @@ from typing import Any, Optional
 from instalign.config import Config, load_config
 from pipelines import flags
 from pipelines.job import count_samples, plan_data
-from pipelines.resources import (TRIAL_CPU, WorkerResources, absolute_data_dir, default_cpus_per_worker, join_storage,
-                                 plan_concurrency, storage_root)
-from pipelines.tune_report import CHILD_STATUS, TuneResult, finish_search
+from pipelines.resources import (TRIAL_CPU, WorkerResources, absolute_data_dir, cluster_totals, default_cpus_per_worker,
+                                 describe_workers, join_storage, plan_concurrency, resolve_gpus_per_worker,
+                                 storage_root)
+from pipelines.tune_report import CHILD_STATUS, BestSoFar, TuneResult, finish_search
 from pipelines.tune_space import SearchSpace, load_space, trial_config
 from pipelines.tune_trial import TrialSettings, trial_driver
 from pipelines.worker import DATA_ORDERS
@@ -114,19 +115,21 @@ def check_trials(space: SearchSpace, base: Config, data_dir: str, manifest: dict
     return n_train
 
 
-def plan_trials(*, workers_per_trial: int, gpus_per_worker: float, cpus_per_worker: Optional[float],
-                max_concurrent: Optional[int], joined: bool) -> tuple[WorkerResources, int]:
-    """Each trial's worker resources and the trials run at once, on the connected cluster.
+def plan_trials(*, workers_per_trial: int, gpus_per_worker: Optional[float], cpus_per_worker: Optional[float],
+                max_concurrent: Optional[int], joined: bool,
+                cluster: Optional[dict[str, float]] = None) -> tuple[WorkerResources, int]:
+    """Each trial's worker resources and the trials run at once, on ``cluster`` (default: the connected one).
 
-    The default CPU share (``pipelines.resources.default_cpus_per_worker``) is sized for
-    ``max_concurrent`` trials — one on CPUs unless asked. On a ``joined`` cluster that does not
-    fit yet, an explicit ``max_concurrent`` goes ahead with a warning: an autoscaler may add nodes.
+    GPU workers when the cluster has GPUs and ``gpus_per_worker`` is None
+    (``pipelines.resources.resolve_gpus_per_worker``). The default CPU share
+    (``pipelines.resources.default_cpus_per_worker``) is sized for ``max_concurrent`` trials —
+    one on CPUs unless asked. On a ``joined`` cluster that does not fit yet, an explicit
+    ``max_concurrent`` goes ahead with a warning: an autoscaler may add nodes.
     """
-    import ray
-
-    use_gpu = gpus_per_worker > 0
-    totals = ray.cluster_resources()
+    totals = cluster_totals() if cluster is None else cluster
     total_cpus, total_gpus = float(totals.get("CPU", 0)), float(totals.get("GPU", 0))
+    gpus_per_worker = resolve_gpus_per_worker(gpus_per_worker, total_gpus)
+    use_gpu = gpus_per_worker > 0
     if cpus_per_worker is None:
         cpus_per_worker = default_cpus_per_worker(workers_per_trial, total_cpus=total_cpus, use_gpu=use_gpu,
                                                   concurrent=max_concurrent or 1, driver_cpus=TRIAL_CPU)
@@ -153,7 +156,8 @@ def plan_trials(*, workers_per_trial: int, gpus_per_worker: float, cpus_per_work
 
 def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple[str, ...] = (),
          num_samples: Optional[int] = None, max_concurrent: Optional[int] = None, workers_per_trial: int = 1,
-         gpus_per_worker: float = 0.0, cpus_per_worker: Optional[float] = None, address: Optional[str] = None,
+         gpus_per_worker: Optional[float] = None, cpus_per_worker: Optional[float] = None,
+         address: Optional[str] = None,
          metric: str = "val_gIoU", mode: str = "max", name: Optional[str] = None, storage_path: Optional[str] = None,
          experiment: str = "instalign-tune", tracking_uri: Optional[str] = None, register_best: Optional[str] = None,
          scheduler: str = "asha", max_iterations: Optional[int] = None, grace_period: int = 1,
@@ -167,8 +171,9 @@ def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple
         num_samples: trials (random/optuna; default 10), or repeats of the whole grid (default 1).
         max_concurrent: trials at once (default: as many as fit, :func:`plan_concurrency`).
         workers_per_trial / gpus_per_worker / cpus_per_worker: each trial's Ray Train run; GPUs
-            when ``gpus_per_worker > 0``; CPUs default to 1 per GPU worker, or what leaves room
-            for data for ``max_concurrent`` (default 1) CPU trials.
+            when ``gpus_per_worker > 0``, or when it is None (the default) and the cluster has
+            GPUs; CPUs default to 1 per GPU worker, or what leaves room for data for
+            ``max_concurrent`` (default 1) CPU trials. The device is logged at the start.
         metric / mode: what ASHA and the best trial are judged by (a ``val_`` metric).
         name / storage_path: the search (Tune experiment ``<storage>/<name>``); the same name resumes.
         experiment / tracking_uri: MLflow experiment and store (default ``./mlflow.db``).
@@ -214,10 +219,14 @@ def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple
                             reduction_factor=reduction_factor)
 
     ray_utils.init_ray(address)
+    cluster = cluster_totals()
     resources, concurrency = plan_trials(workers_per_trial=workers_per_trial, gpus_per_worker=gpus_per_worker,
                                          cpus_per_worker=cpus_per_worker, max_concurrent=max_concurrent,
-                                         joined=bool(address))
-    cpus_per_worker = resources.cpus_per_worker
+                                         joined=bool(address), cluster=cluster)
+    log.info("%s, up to %d trial%s at once", describe_workers(resources, cluster, requested_gpus=gpus_per_worker,
+                                                             what="each trial trains"),
+             concurrency, "s" if concurrency != 1 else "")
+    cpus_per_worker, gpus_per_worker = resources.cpus_per_worker, resources.gpus_per_worker
 
     name = name or f"tune-{Path(space_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = storage_root(storage_path)
@@ -264,7 +273,8 @@ def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple
                     metric=metric, mode=mode, scheduler=sched, num_samples=num_samples,
                     search_alg=build_search_alg(space, metric=metric, mode=mode, seed=seed,
                                                 max_concurrent=concurrency)),
-                run_config=ray_tune.RunConfig(name=name, storage_path=storage, verbose=1))
+                run_config=ray_tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                                              callbacks=[BestSoFar(metric, mode)]))
         with ray_utils.ResourceWaitReporter():  # trials that cannot be placed: say what they wait for
             grid = tuner.fit()
         result = finish_search(grid, parent=parent, space=space, base=base, metric=metric, mode=mode, n_train=n_train,
@@ -292,6 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
     flags.add_worker_resources(parser)
     flags.add_address(parser)
+    flags.add_log_level(parser)
     a("--metric", default="val_gIoU", choices=list(METRICS), help="validation metric to optimise")
     a("--mode", default="max", choices=["max", "min"])
     flags.add_run_name(parser, what="search")
@@ -309,7 +320,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    flags.setup_logging()
+    flags.setup_logging(args.log_level)
     result = tune(args.space, args.data, config=args.config, overrides=tuple(args.overrides),
                   num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                   workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,

@@ -33,13 +33,18 @@ def test_a_job_is_assembled_once_with_its_settings():
 
     cfg = load_config("tiny", ["train.batch_size=8"])
     job = TrainJob(config=cfg, data=plan_data(cfg, "/d", MANIFEST, 2), run_name="r",
-                   resources=plan_workers(2, total_cpus=2), storage_path="/runs", tracking_uri="sqlite:///m.db",
+                   resources=plan_workers(2, cluster={"CPU": 2}), storage_path="/runs", tracking_uri="sqlite:///m.db",
                    mlflow_run_id="abc", data_order="ordered", max_failures=1)
     spec = job.run_spec()
     assert (spec.run_name, spec.steps_per_epoch, spec.mlflow_run_id, spec.data_order, spec.hook) == \
         ("r", 5, "abc", "ordered", None)
     params = job.params()
     assert params["per_worker_batch"] == 4 and params["cpus_per_worker"] == 0.5 and params["storage_path"] == "/runs"
+    assert (params["device"], params["use_gpu"], params["gpus_per_worker"]) == ("cpu", False, 0.0)
+    gpu = TrainJob(config=cfg, data=job.data, run_name="r", resources=plan_workers(2, cluster={"CPU": 16, "GPU": 2}),
+                   storage_path="/runs", tracking_uri="", mlflow_run_id="")
+    assert (gpu.params()["device"], gpu.params()["gpus_per_worker"], gpu.params()["cpus_per_worker"]) == \
+        ("gpu", 1.0, 1.0)
     with pytest.raises(ValueError, match="data_order='shuffled'"):
         TrainJob(config=cfg, data=job.data, run_name="r", resources=job.resources, storage_path="/runs",
                  tracking_uri="", mlflow_run_id="", data_order="shuffled")

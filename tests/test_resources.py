@@ -53,11 +53,68 @@ def test_one_default_share_for_train_and_tune():
     with pytest.raises(ValueError, match="take all 2.0 CPUs"):
         check_leaves_room_for_data(2, 1.0, total_cpus=2)
     with pytest.raises(ValueError, match="> the cluster's 2.0 CPUs"):
-        plan_workers(3, cpus_per_worker=1.0, total_cpus=2)
-    r = plan_workers(2, total_cpus=2)
+        plan_workers(3, cpus_per_worker=1.0, cluster={"CPU": 2})
+    r = plan_workers(2, cluster={"CPU": 2})
     assert (r.cpus_per_worker, r.data_cpus, r.per_worker()) == (0.5, 0.5, {"CPU": 0.5})
-    g = plan_workers(2, gpus_per_worker=0.5, total_cpus=8)
+    g = plan_workers(2, gpus_per_worker=0.5, cluster={"CPU": 8, "GPU": 1})
     assert g.use_gpu and g.per_worker() == {"CPU": 1.0, "GPU": 0.5} and g.data_cpus == 1.0
+
+
+def test_gpu_workers_by_default_when_the_cluster_has_gpus():
+    """``--gpus-per-worker`` unset: 1 GPU per worker on a GPU cluster, CPU workers without GPUs,
+    CPU when 0 is asked; each plan is said in one line at the run's start."""
+    from pipelines.resources import describe_workers, plan_workers, resolve_gpus_per_worker
+
+    gpu_cluster = {"CPU": 64.0, "GPU": 8.0, "memory": 5e11, "node:10.0.0.1": 1.0}
+    g = plan_workers(4, cluster=gpu_cluster)
+    assert (g.use_gpu, g.gpus_per_worker, g.cpus_per_worker) == (True, 1.0, 1.0)
+    assert g.per_worker() == {"CPU": 1.0, "GPU": 1.0}
+    assert describe_workers(g, gpu_cluster, requested_gpus=None) == \
+        "training on GPU: 4 workers × 1 GPU + 1 CPU each (cluster: 8 GPUs, 64 CPUs)"
+
+    cpu_cluster = {"CPU": 2.0, "memory": 2e10}
+    c = plan_workers(2, cluster=cpu_cluster)
+    assert (c.use_gpu, c.gpus_per_worker, c.per_worker()) == (False, 0.0, {"CPU": 0.5})
+    assert describe_workers(c, cpu_cluster, requested_gpus=None) == \
+        "training on CPU: 2 workers × 0.5 CPU (the cluster has no GPUs; 2 CPUs)"
+
+    asked = plan_workers(4, gpus_per_worker=0, cluster=gpu_cluster)  # --gpus-per-worker 0 on a GPU cluster
+    assert (asked.use_gpu, asked.gpus_per_worker, asked.per_worker()) == (False, 0.0, {"CPU": 4.0})
+    assert describe_workers(asked, gpu_cluster, requested_gpus=0) == \
+        "training on CPU: 4 workers × 4 CPU (--gpus-per-worker 0; the cluster's 8 GPUs stay unused)"
+
+    # More GPU workers than GPUs: planned as asked (an autoscaler may add nodes) and said.
+    many = plan_workers(16, cluster=gpu_cluster)
+    assert many.use_gpu and "16 GPUs asked, more than the cluster has now" in describe_workers(
+        many, gpu_cluster, requested_gpus=None)
+    assert resolve_gpus_per_worker(0.5, 0.0) == 0.5 and resolve_gpus_per_worker(None, 0.0) == 0.0
+    with pytest.raises(ValueError, match="--gpus-per-worker must be >= 0, got -1"):
+        resolve_gpus_per_worker(-1, 8)
+
+
+def test_tune_trials_follow_the_same_gpu_default():
+    from pipelines.tune import plan_trials
+
+    gpu_cluster = {"CPU": 64.0, "GPU": 8.0}
+    r, n = plan_trials(workers_per_trial=2, gpus_per_worker=None, cpus_per_worker=None, max_concurrent=None,
+                       joined=False, cluster=gpu_cluster)
+    assert (r.use_gpu, r.gpus_per_worker, r.cpus_per_worker, n) == (True, 1.0, 1.0, 4)  # 8 GPUs / (2 × 1)
+    r, n = plan_trials(workers_per_trial=2, gpus_per_worker=0, cpus_per_worker=None, max_concurrent=None,
+                       joined=False, cluster=gpu_cluster)
+    assert (r.use_gpu, n) == (False, 1)
+    r, n = plan_trials(workers_per_trial=1, gpus_per_worker=None, cpus_per_worker=None, max_concurrent=None,
+                       joined=False, cluster={"CPU": 2.0})
+    assert (r.use_gpu, r.cpus_per_worker, n) == (False, 0.75, 1)
+
+
+def test_the_cli_default_is_auto_and_0_means_cpu():
+    from pipelines.cli import build_parser
+
+    for verb in ("train", "tune"):
+        base = [verb, "--data", "/d"] + (["--space", "s.yaml"] if verb == "tune" else [])
+        assert build_parser(verb).parse_args(base).gpus_per_worker is None
+        assert build_parser(verb).parse_args(base + ["--gpus-per-worker", "0"]).gpus_per_worker == 0.0
+        assert build_parser(verb).parse_args(base + ["--log-level", "debug"]).log_level == "DEBUG"
 
 
 def test_one_storage_rule(tmp_path, monkeypatch):

@@ -88,13 +88,17 @@ BASE_OVERRIDES = ["data.max_train_samples=32", "data.max_val_samples=8", "data.n
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_asha_search_tracks_trials_registers_the_best_and_resumes(prepared_dataset, ray_local, tmp_path):
+def test_asha_search_tracks_trials_registers_the_best_and_resumes(prepared_dataset, ray_local, tmp_path, caplog,
+                                                                   capfd):
     """4 trials × 2 epochs × 4 steps, one 0.45-CPU worker each, 2 at a time (grid order: the two
     lr=1e-2 trials first). The lr=1e-9 trials cannot move the weights: their val gIoU stays the
     initial model's, 0 on these 8 targeted samples (it calls every sample no-target); after 4
     steps at 1e-2 the model predicts targets (gIoU 19–31 in 4 of 4 offline runs of this setup,
     nt_weight 0.5). The first lr=1e-9 trial reaches ASHA's first rung (grace 1, rate 2) after
-    both others recorded there, and is stopped unless both of them also scored 0."""
+    both others recorded there, and is stopped unless both of them also scored 0. While it runs,
+    the driver prints Tune's trial table and logs each result beside the best trial so far."""
+    import logging
+
     from mlflow import MlflowClient
 
     from pipelines.tune import tune
@@ -111,9 +115,19 @@ def test_asha_search_tracks_trials_registers_the_best_and_resumes(prepared_datas
                   cpus_per_worker=0.45, name="lr-search", storage_path=str(tmp_path / "ray"), experiment="test-tune",
                   tracking_uri=store, scheduler="asha", max_iterations=2, grace_period=1, reduction_factor=2,
                   max_failures=1)
+    caplog.set_level(logging.INFO, logger="pipelines")
     result = tune(str(space), str(prepared_dataset), register_best="tune-best", **kwargs)
 
     rows = {r.trial_id: r for r in result.trials}
+    # What the user saw: the device, Tune's table, and a best-so-far line per validated result.
+    assert "each trial trains on CPU: 1 worker × 0.45 CPU (the cluster has no GPUs; 2 CPUs), up to 2 trials at once" \
+        in caplog.messages
+    table = capfd.readouterr().out
+    assert "Trial status:" in table and "Current best trial:" in table and "train.lr" in table
+    best_lines = [m for m in caplog.messages if "| best so far: trial " in m]
+    assert len(best_lines) >= sum(r.iterations for r in rows.values())  # a trial's final state may repeat
+    assert best_lines[-1].split("| best so far: ")[1].startswith(
+        f"trial {result.best.trial_id} val_gIoU {result.best.best:.2f} (epoch {result.best.best_iteration}")
     assert len(rows) == 4 and not [r for r in rows.values() if r.status == "error"], [r.error for r in rows.values()]
     stopped = [r for r in rows.values() if r.status == "stopped_early"]
     assert stopped and all(r.iterations == 1 for r in stopped)

@@ -43,3 +43,35 @@ def test_table_and_plot_of_trials(tmp_path):
     assert [r["status"] for r in table] == ["completed", "stopped_early", "error"] and table[2]["best"] is None
     png = plot_metric_vs_params(rows, space, "val_gIoU", tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_best_so_far_follows_each_validated_result(caplog):
+    """The driver's line per trial result: the trial's value beside the best trial so far."""
+    import logging
+    from types import SimpleNamespace
+
+    import pytest
+
+    from pipelines.tune_report import BestSoFar
+
+    a = SimpleNamespace(trial_id="t_00000", config={"train.lr": 0.01, "loss.nt_weight": 0.5})
+    b = SimpleNamespace(trial_id="t_00001", config={"train.lr": 1e-9, "loss.nt_weight": 1.0})
+    best = BestSoFar("val_gIoU", "max")
+    with caplog.at_level(logging.INFO, logger="pipelines.tune_report"):
+        best.on_trial_result(1, [a, b], a, {"val_gIoU": 20.0, "training_iteration": 1})
+        best.on_trial_result(1, [a, b], b, {"val_gIoU": math.nan, "training_iteration": 1})  # not validated
+        best.on_trial_result(2, [a, b], b, {"val_gIoU": 5.0, "training_iteration": 1})
+        best.on_trial_result(3, [a, b], a, {"val_gIoU": 31.5, "training_iteration": 2})
+    assert caplog.messages == [
+        "trial t_00000 epoch 1: val_gIoU 20.00 | best so far: trial t_00000 val_gIoU 20.00 "
+        "(epoch 1; loss.nt_weight=0.5, train.lr=0.01)",
+        "trial t_00001 epoch 1: val_gIoU 5.00 | best so far: trial t_00000 val_gIoU 20.00 "
+        "(epoch 1; loss.nt_weight=0.5, train.lr=0.01)",
+        "trial t_00000 epoch 2: val_gIoU 31.50 | best so far: trial t_00000 val_gIoU 31.50 "
+        "(epoch 2; loss.nt_weight=0.5, train.lr=0.01)"]
+    lowest = BestSoFar("val_gIoU", "min")
+    lowest.on_trial_result(1, [a, b], a, {"val_gIoU": 20.0, "training_iteration": 1})
+    lowest.on_trial_result(1, [a, b], b, {"val_gIoU": 5.0, "training_iteration": 1})
+    assert lowest.best[:2] == (5.0, "t_00001")
+    with pytest.raises(ValueError, match="mode='best'"):
+        BestSoFar("val_gIoU", "best")

@@ -1,0 +1,67 @@
+"""What a user reads during ``instalign train``: a clean normal path (issue 13).
+
+One tiny run of the real command, in a fresh interpreter with the user's environment (no
+test conveniences), its output going to a pipe as it would to a log file or ``ray job logs``.
+It must say which device it trains on, show rank 0's progress lines, and carry none of Ray's
+internal chatter: no colour codes, no progress bars, no false alarm, no internal error line,
+no Ray INFO lines — the only Ray line allowed is the raylet's note on a 2-core machine that it
+started many worker processes (true there, and rare on real nodes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Lines of Ray's own (not this project's): a worker's forwarded line that is not a progress
+#: line, Ray's log format (``file.py:123 -- message``), a C++ log line, a progress bar.
+RAY_LINE = re.compile(r"^\((?!.*\[train\] )|\w+\.py:\d+ -- |\w+\.cc:\d+:|\d+%\|")
+ANSI = "\x1b["
+
+
+def ray_lines(output: str) -> list[str]:
+    """The lines of ``output`` that Ray printed about itself (see :data:`RAY_LINE`)."""
+    return [line for line in output.splitlines() if RAY_LINE.search(line)]
+
+
+def test_ray_lines_are_told_from_ours():
+    ours = ["2026-11-30 15:26:08,134 INFO pipelines.train: training on CPU: 2 workers × 0.5 CPU",
+            "(RayTrainWorker pid=7628) [train] epoch 1/1 step 2/4 (50%) | loss 3.412 | ETA 0m10s", '  "step": 4,']
+    theirs = ["(TrainController pid=7502) Requesting resources: {'CPU': 0.5} * 2",
+              "2026-11-30 15:26:03,500\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled",
+              "(TrainController pid=7502) [2026-11-30 15:26:22,655 E 7502 7533] core_worker.cc:2465: Actor with …",
+              "(pid=7880) - ListFiles:   0%|          | 0.00/1.00 [00:00<?, ? row/s]"]
+    assert ray_lines("\n".join(ours + theirs)) == theirs
+
+
+@pytest.mark.ray
+def test_a_normal_training_run_prints_progress_and_no_ray_chatter(prepared_dataset, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no test conveniences
+    env.update(PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--config", "tiny", "--data", str(prepared_dataset),
+           "--num-workers", "2", "--name", "clean", "--storage-path", str(tmp_path / "ray"), "--max-failures", "0",
+           "data.max_train_samples=16", "data.max_val_samples=8", "data.num_overlays=1", "train.epochs=1",
+           "train.batch_size=8", "train.print_every_steps=1", "train.checkpoint_every_steps=2", "loss.num_points=256"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    assert json.loads(proc.stdout[proc.stdout.index("{\n"):proc.stdout.rindex("}") + 1])["metrics"]["step"] == 2
+
+    assert "training on CPU: 2 workers × 0.5 CPU (the cluster has no GPUs; " in output
+    progress = [line for line in output.splitlines() if "[train] " in line]
+    assert any("[train] epoch 1/1 step 2/2" in line for line in progress), output[-5000:]
+    assert any("[train] epoch 1/1 val at step 2" in line for line in progress)
+
+    assert ANSI not in output
+    assert "does not have any available CPUs" not in output  # the planner left room for Ray Data
+    assert "core_worker" not in output and "RayDeprecationWarning" not in output
+    chatter = [line for line in ray_lines(output) if not line.startswith("(raylet) WARNING: ")]
+    assert chatter == [], "\n".join(chatter)
