@@ -25,6 +25,17 @@ default) also picks the threshold that maximises N_acc + T_acc on SPLIT (normall
 and reports N_acc / T_acc at it on the evaluated split, *separately* from the paper's
 numbers: a tuned threshold is not the paper's inference rule, and chosen on the split it is
 evaluated on it is optimistic.
+
+What MLflow keeps (:func:`log_evaluation`; on by default, ``--no-track`` turns it off): every
+finished ``instalign evaluate`` is one run in ``--experiment`` (``instalign``, beside the
+training runs) of the tracking URI (``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else
+``./mlflow.db``), with the command line and source tags, the settings as params, the prepared
+dataset as its input (context ``evaluation``, the split as an input tag) and the metrics as
+``<split>_<metric>`` (``val_gIoU``). A registered or logged model (``models:/…``) is linked:
+the run's model input is its logged model, the metrics are logged with that ``model_id`` (so
+they show on the logged model, per dataset), the run is tagged with the model name, version
+and id, and the version with the run (``instalign.eval.<split>.run_id``). A failed
+evaluation records nothing.
 """
 
 from __future__ import annotations
@@ -37,8 +48,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -250,6 +262,76 @@ def format_table(result: dict[str, float], *, title: str) -> str:
     return "\n".join(lines)
 
 
+#: Result keys that describe the run, not the model: logged on the run only, unprefixed.
+_RUN_KEYS = ("seconds", "batches", "workers_used")
+
+
+def log_evaluation(result: Mapping[str, float], *, model: str, data_dir: str, split: str, tracking_uri: str,
+                   experiment: str = "instalign", params: Optional[Mapping[str, Any]] = None,
+                   started: Optional[float] = None) -> str:
+    """Record a finished evaluation as one MLflow run (module docstring); returns its id.
+
+    Args:
+        result: what :func:`evaluate_dataset` returned.
+        model: the evaluated checkpoint directory or ``models:/`` URI (as the user gave it).
+        data_dir: the prepared dataset evaluated (its manifest becomes the run's input).
+        split: the evaluated split; metric keys are ``<split>_<metric>``.
+        tracking_uri: the resolved tracking URI (``registry.configure_tracking``).
+        params: the evaluation's settings, logged as params (redacted).
+        started: ``time.time()`` when the evaluation began (the run's start time).
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelInput, Metric, Param
+
+    from instalign.data.parquet import read_manifest
+    from pipelines.redaction import redact
+    from pipelines.registry import is_model_uri, model_ref
+    from pipelines.tracking_mlflow import (MANIFEST_HASH_TAG, ensure_experiment, log_dataset_input, manifest_digest,
+                                           metric_key, redact_data, run_context_tags)
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    manifest = read_manifest(str(data_dir))
+    ref = model_ref(model) if is_model_uri(model) else None
+    subject = (f"{ref.name}-v{ref.version}" if ref and ref.name else ref.model_id if ref
+               else Path(str(model).rstrip("/")).name)
+    tags = {**run_context_tags(), "instalign.kind": "evaluation", "instalign.model_uri": redact(str(model)),
+            "instalign.eval_split": split, "instalign.dataset": str(manifest.get("dataset", "?")),
+            MANIFEST_HASH_TAG: manifest_digest(manifest)}
+    if ref is not None:
+        tags.update({k: v for k, v in {"instalign.model_name": ref.name, "instalign.model_version": ref.version,
+                                        "instalign.model_id": ref.model_id,
+                                        "instalign.model_training_run_id": ref.run_id}.items() if v})
+    run = client.create_run(ensure_experiment(tracking_uri, experiment), run_name=redact(f"evaluate-{subject}-{split}"),
+                            tags=tags, start_time=int((started or time.time()) * 1000))
+    run_id = run.info.run_id
+    try:
+        settings = redact_data({k: v for k, v in (params or {}).items() if v is not None})
+        client.log_batch(run_id, params=[Param(metric_key(k), str(v)[:6000]) for k, v in settings.items()])
+        dataset = log_dataset_input(tracking_uri, run_id, manifest, str(data_dir), context="evaluation", split=split)
+        model_id = ref.model_id if ref is not None else None
+        if model_id:
+            client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+        now, metrics = int(time.time() * 1000), []
+        for key, value in result.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue  # NaN (an undefined metric) is left out, as in training
+            if key in _RUN_KEYS:
+                metrics.append(Metric(metric_key(f"eval_{key}"), float(value), now, 0))
+            else:
+                metrics.append(Metric(metric_key(f"{split}_{key}"), float(value), now, 0, model_id=model_id,
+                                      dataset_name=dataset.name if model_id else None,
+                                      dataset_digest=dataset.digest if model_id else None))
+        client.log_batch(run_id, metrics=metrics)
+        client.log_dict(run_id, dict(result), "evaluation.json")
+        if ref is not None and ref.name:
+            client.set_model_version_tag(ref.name, ref.version, metric_key(f"instalign.eval.{split}.run_id"), run_id)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 # --- CLI -------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -268,7 +350,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 autocast on GPU, fp32 on CPU")
     flags.add_address(parser)
-    flags.add_tracking_uri(parser)
+    flags.add_tracking(parser, experiment="instalign")
+    parser.add_argument("--no-track", action="store_true",
+                        help="do not record the evaluation as an MLflow run (recorded by default; a models:/ URI "
+                             "still reads the registry at --tracking-uri)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the metrics as JSON here")
     parser.add_argument("--threshold-from", metavar="SPLIT", default=None,
                         help="also report N-acc/T-acc at the no-target threshold that maximises N-acc + T-acc "
@@ -276,10 +361,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     from pipelines.registry import RegistryError, configure_tracking, is_model_uri
 
-    if is_model_uri(args.model):
-        configure_tracking(args.tracking_uri)
+    tracking_uri = configure_tracking(args.tracking_uri) if is_model_uri(args.model) or not args.no_track else None
+    started = time.time()
     try:
         result = evaluate_dataset(args.model, args.data, split=args.split, metrics=args.metrics,
                                   num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
@@ -297,4 +384,19 @@ def run(args: argparse.Namespace) -> int:
         result.update(tuned)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.no_track:
+        return 0
+    settings = {k: getattr(args, k) for k in ("split", "metrics", "num_workers", "gpus_per_worker", "batch_size",
+                                              "max_samples", "precision", "threshold_from")}
+    try:
+        run_id = log_evaluation(result, model=args.model, data_dir=args.data, split=args.split,
+                                tracking_uri=tracking_uri, experiment=args.experiment,
+                                params={**settings, "data": args.data, "model": args.model}, started=started)
+    except (RegistryError, MlflowException) as e:
+        print(f"instalign evaluate: the metrics above were not recorded in MLflow ({tracking_uri}): {e}",
+              file=sys.stderr)
+        return 1
+    from pipelines.redaction import redact
+
+    print(f"\nrecorded as MLflow run {run_id} in experiment {args.experiment!r} ({redact(tracking_uri)})")
     return 0

@@ -47,7 +47,7 @@ def test_ray_evaluation_equals_single_process(ray_local, prepared_dataset, check
 
     out = tmp_path / "metrics.json"
     rc = main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(prepared_dataset), "--split", "val",
-               "--num-workers", "2", "--batch-size", "1", "--json", str(out)])
+               "--num-workers", "2", "--batch-size", "1", "--json", str(out), "--no-track"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "gIoU" in printed and "cIoU" in printed and "N_acc" in printed and "nt_AUROC" in printed
@@ -65,7 +65,7 @@ def test_ray_evaluation_equals_single_process(ray_local, prepared_dataset, check
 
     # On request: a threshold chosen on val, applied to another split, reported apart from the paper's numbers.
     rc = main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(prepared_dataset), "--split", "testA",
-               "--batch-size", "1", "--threshold-from", "val", "--json", str(out)])
+               "--batch-size", "1", "--threshold-from", "val", "--json", str(out), "--no-track"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "NOT the paper's rule: no-target threshold chosen on val" in printed
@@ -79,6 +79,55 @@ def test_ray_evaluation_equals_single_process(ray_local, prepared_dataset, check
     # path and the single-process reference were seen to differ by a few pixels, cIoU 2.36670 vs 2.36673.)
     for key, value in test_ref.compute().items():
         assert (math.isnan(value) and math.isnan(got[key])) or got[key] == pytest.approx(value, abs=0.05), key
+
+
+@pytest.mark.ray
+def test_evaluating_a_registered_version_records_a_linked_run(ray_local, prepared_dataset, checkpoint, tmp_path,
+                                                               capsys, monkeypatch):
+    """``instalign evaluate --model models:/NAME@ALIAS``: one MLflow run with the command, the
+    dataset as input, the metrics, linked to the version's logged model (its metrics show there)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.cli import main
+    from pipelines.pyfunc import log_and_register
+    from pipelines.registry import version_model_id
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)
+    try:
+        version = log_and_register(checkpoint, registered_model_name="instalign-test-eval", alias="candidate")
+        argv = ["evaluate", "--model", "models:/instalign-test-eval@candidate", "--data", str(prepared_dataset),
+                "--split", "val", "--batch-size", "4", "--max-samples", "6", "--tracking-uri", store,
+                "--experiment", "evals", "--json", str(tmp_path / "m.json")]
+        monkeypatch.setattr("sys.argv", ["instalign", *argv])
+        assert main(argv) == 0
+    finally:
+        mlflow.set_tracking_uri(previous)
+    printed = capsys.readouterr().out
+    got = json.loads((tmp_path / "m.json").read_text())
+
+    client = MlflowClient(tracking_uri=store)
+    (found,) = client.search_runs([client.get_experiment_by_name("evals").experiment_id])
+    run = client.get_run(found.info.run_id)  # with its model inputs (search results leave them out)
+    assert f"recorded as MLflow run {run.info.run_id}" in printed
+    assert run.info.status == "FINISHED" and run.info.run_name == "evaluate-instalign-test-eval-v1-val"
+    tags = run.data.tags
+    assert (tags["instalign.model_name"], tags["instalign.model_version"]) == ("instalign-test-eval", "1")
+    model_id = version_model_id(version)
+    assert tags["instalign.model_id"] == model_id
+    assert tags["instalign.command"].startswith("instalign evaluate --model models:/instalign-test-eval@candidate")
+    assert run.data.metrics["val_gIoU"] == pytest.approx(got["gIoU"]) and run.data.metrics["val_samples"] == 6
+    assert run.data.params["max_samples"] == "6"
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "grefcoco"
+    assert {t.key: t.value for t in inp.tags} == {"mlflow.data.context": "evaluation", "instalign.split": "val"}
+    assert [m.model_id for m in run.inputs.model_inputs] == [model_id]
+    linked = {m.key: m for m in client.get_logged_model(model_id).metrics if m.run_id == run.info.run_id}
+    assert linked["val_gIoU"].value == pytest.approx(got["gIoU"]) and linked["val_gIoU"].dataset_name == "grefcoco"
+    assert "eval_seconds" not in linked  # run bookkeeping stays on the run
+    assert client.get_model_version("instalign-test-eval", "1").tags["instalign.eval.val.run_id"] == run.info.run_id
 
 
 @pytest.mark.ray
