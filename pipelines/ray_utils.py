@@ -27,8 +27,8 @@ asks for more (:func:`set_ray_log_level`): the driver's ``ray`` loggers, Ray Tra
 which also sets the level of Ray Data's log file in the session directory: pass
 ``--log-level DEBUG`` to debug Ray Data). Output that is not a terminal gets no colour codes
 (``RAY_COLOR_PREFIX=0``) and no progress bars (:func:`show_progress_bars`); a terminal keeps
-Ray Data's progress bars. Two lines Ray prints on every normal run and a user cannot act on
-are dropped (:data:`SKIP_WORKER_LINES`, :class:`ReservedCpuWarningFilter`), and one
+Ray Data's progress bars. Lines Ray prints on every normal run that a user cannot act on
+are dropped (:data:`SKIP_WORKER_LINES`, :data:`DROPPED_RECORDS`), and one
 deprecation warning inside Ray Train (:data:`IGNORED_WARNINGS`).
 
 Also :class:`ResourceWaitReporter`, which says what a run waits for when it waits. The CPU
@@ -105,31 +105,43 @@ def ray_log_level() -> str:
 
 
 def apply_ray_log_level() -> None:
-    """Hold Ray's loggers of this process at :func:`ray_log_level`, and drop Ray Data's false
-    no-CPU alarm (:class:`ReservedCpuWarningFilter`)."""
+    """Hold Ray's loggers of this process at :func:`ray_log_level`, and drop :data:`DROPPED_RECORDS`."""
     level = ray_log_level()
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(level)
-    data_logger = logging.getLogger("ray.data.dataset")
-    if not any(isinstance(f, ReservedCpuWarningFilter) for f in data_logger.filters):
-        data_logger.addFilter(ReservedCpuWarningFilter())
+    for name, marker in DROPPED_RECORDS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropRecords) and f.marker == marker for f in logger.filters):
+            logger.addFilter(DropRecords(marker))
 
 
-class ReservedCpuWarningFilter(logging.Filter):
-    """Drop Ray Data's "cluster does not have any available CPUs … will hang" warning.
+#: Records of Ray's driver-side loggers dropped on every run (logger → text of the message):
+#:
+#: * Ray Data (``Dataset._execute``) warns once that "the Ray cluster currently does not have
+#:   any available CPUs … will hang" when ``ray.available_resources()`` lists no free CPU as a
+#:   dataset starts. The datasets of this project's jobs run on a cluster whose CPUs were
+#:   planned for them (``pipelines.resources`` keeps a whole CPU, and each worker's fractional
+#:   remainder, for Ray Data, and refuses plans that do not), so a momentarily full cluster
+#:   means its own decode tasks are running, not a hang; a run that really waits is reported by
+#:   :class:`ResourceWaitReporter`.
+#: * Ray's notice, as a private cluster starts, that token authentication is on and how to
+#:   switch it off: :func:`init_ray` says the cluster is private and authenticated itself,
+#:   and switching authentication off is unsafe (module docstring).
+DROPPED_RECORDS = {
+    "ray.data.dataset": "does not have any available CPUs",
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
+}
 
-    Ray Data (``Dataset._execute``) warns once when ``ray.available_resources()`` lists no
-    free CPU at the moment a dataset starts executing. The datasets of this project's jobs run
-    on a cluster whose CPUs were planned for them (``pipelines.resources`` keeps a whole CPU,
-    and each worker's fractional remainder, for Ray Data, and refuses plans that do not), so
-    a momentarily full cluster there means its own decode tasks are running, not a hang. A
-    run that really waits for resources is reported by :class:`ResourceWaitReporter`.
-    """
 
-    MARKER = "does not have any available CPUs"
+class DropRecords(logging.Filter):
+    """A logger filter that drops the records whose message contains ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.MARKER not in record.getMessage()
+        return self.marker not in record.getMessage()
 
 
 def show_progress_bars(interactive: bool) -> None:
@@ -191,10 +203,9 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     if mode.lower() != "token":
         log.warning("RAY_AUTH_MODE=%s is set: the private Ray cluster runs WITHOUT authentication while its ports "
                     "listen on every interface; unset it to keep Ray's token authentication", mode)
-    # Said explicitly, token mode is what Ray picks when unset (a token generated on first use),
-    # without Ray's warning that invites every user to switch it off.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    log.info("starting a private local Ray cluster (pass --address auto or HOST:PORT to use a running one)")
+    log.info("starting a private local Ray cluster with token authentication (pass --address auto or HOST:PORT "
+             "to use a running one)" if mode.lower() == "token" else
+             "starting a private local Ray cluster (pass --address auto or HOST:PORT to use a running one)")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **common)
     apply_ray_log_level()
 

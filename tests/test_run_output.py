@@ -42,6 +42,29 @@ def test_ray_lines_are_told_from_ours():
     assert ray_lines("\n".join(ours + theirs)) == theirs
 
 
+def test_only_the_known_false_alarms_are_dropped():
+    import logging
+
+    from pipelines.ray_utils import DROPPED_RECORDS, apply_ray_log_level
+
+    apply_ray_log_level()
+    data = logging.getLogger("ray.data.dataset")
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    assert set(DROPPED_RECORDS) == {data.name, auth.name}
+
+    def passes(logger: logging.Logger, message: str) -> bool:  # the logger's own filters, as logging applies them
+        return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, "x.py", 1, message, None, None)))
+
+    assert not passes(data, "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job "
+                            "will hang unless more CPUs are freed up.")
+    assert not passes(auth, "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to "
+                            "opt out.")
+    assert passes(data, "Failed to read shard part-0007.parquet")
+    assert passes(auth, "Token authentication is disabled for this Ray cluster. Anyone with network access …")
+    apply_ray_log_level()  # idempotent: one filter per logger
+    assert len(data.filters) == 1 and len(auth.filters) == 1
+
+
 @pytest.mark.ray
 def test_a_normal_training_run_prints_progress_and_no_ray_chatter(prepared_dataset, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no test conveniences
