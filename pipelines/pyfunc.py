@@ -456,7 +456,8 @@ def model_card(cfg, *, run=None, registered_model_name: str | None = None) -> st
 
 def _link_run_metrics(client, run, model_id: str) -> None:
     """Re-log the run's latest ``val_*`` metrics with ``model_id`` (and the training dataset),
-    so they show on the logged model (MLflow 3); the run's own history gains no new points."""
+    so they show on the logged model (MLflow 3). Each is the same point (key, value, step,
+    timestamp) as in the run's history, which therefore gains no new points."""
     from mlflow.entities import Metric
 
     from pipelines.tracking_mlflow import metric_key
@@ -465,8 +466,10 @@ def _link_run_metrics(client, run, model_id: str) -> None:
     train = [d.dataset for d in run.inputs.dataset_inputs
              if any(t.key == "mlflow.data.context" and t.value == "train" for t in d.tags)]
     name, digest = (train[0].name, train[0].digest) if train else (None, None)
+    latest = [max(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+              for key in sorted(keys & set(run.data.metrics))]
     linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, dataset_name=name, dataset_digest=digest)
-              for m in run.data._metric_objs if m.key in keys]
+              for m in latest]
     if linked:
         client.log_batch(run.info.run_id, metrics=linked)
 

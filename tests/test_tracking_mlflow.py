@@ -142,6 +142,9 @@ def test_credentials_never_reach_the_run(store, tmp_path, tiny_cfg):
     client = MlflowClient(tracking_uri=store)
     run = client.get_run(run_id)
     recorded = {"run_name": run.info.run_name, **run.data.params, **run.data.tags}
+    recorded.update({f"input.{d.dataset.name}": f"{d.dataset.source} {d.dataset.profile}"
+                     for d in run.inputs.dataset_inputs})
+    assert "input.grefcoco" in recorded
     leaks = {k: v for k, v in recorded.items() if any(s in v for s in SECRETS)}
     assert not leaks, f"credentials stored in MLflow: {leaks}"
     # Redacted, not dropped: what the values were is still readable.
