@@ -198,7 +198,9 @@ def build_trainer(job: TrainJob, datasets: Mapping[str, Any], *, callbacks: Sequ
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.config.train.keep_checkpoints,
                                                checkpoint_score_attribute=SCORE_METRIC, checkpoint_score_order="max"),
-            worker_runtime_env={"env_vars": forwarded_env()},
+            # Rank 0's progress lines are print()-ed: Train's print patch would print each twice
+            # (to the worker's stdout and again through its logger); they reach the driver either way.
+            worker_runtime_env={"env_vars": {**forwarded_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             callbacks=list(callbacks),
             logging_config=LoggingConfig(log_level=ray_log_level()),  # Ray Train's own lines: WARNING unless asked
         ),

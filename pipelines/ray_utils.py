@@ -127,10 +127,29 @@ def apply_ray_log_level() -> None:
 #: * Ray's notice, as a private cluster starts, that token authentication is on and how to
 #:   switch it off: :func:`init_ray` says the cluster is private and authenticated itself,
 #:   and switching authentication off is unsafe (module docstring).
+#: * Ray Data's note, in each process that executes a dataset, that progress bars are off —
+#:   they are off on purpose when the output is not a terminal (:func:`show_progress_bars`).
 DROPPED_RECORDS = {
     "ray.data.dataset": "does not have any available CPUs",
     "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
+    "ray.data._internal.progress": "Progress bars disabled",
 }
+#: Ray Train V2 logs every ``ray.train.report`` call at INFO ("Reporting training result …")
+#: through a logger named after its source file, which ``ray.train.LoggingConfig`` misses.
+TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+
+
+def setup_worker_logging() -> None:
+    """``worker_process_setup_hook`` of the job's Ray processes: Ray's lines there as in the driver.
+
+    Runs in every worker process of the job (``init_ray`` sets it) before any task or actor.
+    """
+    import importlib.util
+
+    apply_ray_log_level()
+    spec = importlib.util.find_spec(TRAIN_REPORT_LOGGER_MODULE)
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(ray_log_level())
 
 
 class DropRecords(logging.Filter):
@@ -185,8 +204,8 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     show_progress_bars(sys.stderr.isatty())
     os.environ.setdefault(LOG_LEVEL_ENV, ray_log_level())
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", ray_log_level())
-    common: dict[str, Any] = dict(runtime_env=dict(runtime_env) if runtime_env else None,
-                                  logging_level=ray_log_level(), log_to_driver=True)
+    job_env = {"worker_process_setup_hook": f"{__name__}.setup_worker_logging", **dict(runtime_env or {})}
+    common: dict[str, Any] = dict(runtime_env=job_env, logging_level=ray_log_level(), log_to_driver=True)
     apply_ray_log_level()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:

@@ -82,6 +82,7 @@ def test_a_normal_training_run_prints_progress_and_no_ray_chatter(prepared_datas
     progress = [line for line in output.splitlines() if "[train] " in line]
     assert any("[train] epoch 1/1 step 2/2" in line for line in progress), output[-5000:]
     assert any("[train] epoch 1/1 val at step 2" in line for line in progress)
+    assert len(progress) == len(set(progress)), "\n".join(progress)  # each line once (Train's print patch is off)
 
     assert ANSI not in output
     assert "does not have any available CPUs" not in output  # the planner left room for Ray Data
