@@ -50,7 +50,8 @@ def test_only_the_known_false_alarms_are_dropped():
     apply_ray_log_level()
     data = logging.getLogger("ray.data.dataset")
     auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    assert set(DROPPED_RECORDS) == {data.name, auth.name}
+    progress = logging.getLogger("ray.data._internal.progress")
+    assert set(DROPPED_RECORDS) == {data.name, auth.name, progress.name}
 
     def passes(logger: logging.Logger, message: str) -> bool:  # the logger's own filters, as logging applies them
         return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, "x.py", 1, message, None, None)))
@@ -59,10 +60,12 @@ def test_only_the_known_false_alarms_are_dropped():
                             "will hang unless more CPUs are freed up.")
     assert not passes(auth, "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to "
                             "opt out.")
+    assert not passes(progress, "Progress bars disabled. To enable, set `ray.data.DataContext.get_current()."
+                                "enable_progress_bars = True`.")
     assert passes(data, "Failed to read shard part-0007.parquet")
     assert passes(auth, "Token authentication is disabled for this Ray cluster. Anyone with network access …")
     apply_ray_log_level()  # idempotent: one filter per logger
-    assert len(data.filters) == 1 and len(auth.filters) == 1
+    assert len(data.filters) == len(auth.filters) == len(progress.filters) == 1
 
 
 @pytest.mark.ray
