@@ -21,8 +21,9 @@ On a fresh machine with nothing running it:
    overlay PNG;
 6. prints where everything is and the ``mlflow ui`` command to browse it.
 
-Progress is printed per stage; during training a watcher prints the loss and each
-epoch's val gIoU as the run logs them to MLflow (Train workers' own output stays quiet).
+Progress is printed per stage; during training, rank 0 of the Train workers prints its
+progress lines (``pipelines.progress``: epoch, step, losses, lr, samples/s, ETA, memory, and
+each epoch's validation), the same lines ``instalign train`` shows.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import argparse
 import json
 import math
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,50 +62,6 @@ def stage(number: int, total: int, title: str) -> Iterator[None]:
     _print(f"[{number}/{total}] {title} ...")
     yield
     _print(f"[{number}/{total}] {title}: done in {time.perf_counter() - t0:.1f} s")
-
-
-class TrainingWatcher(threading.Thread):
-    """Prints a training run's progress from MLflow while Ray Train runs it.
-
-    Train workers log to the MLflow run tagged with the run name (``tracking_mlflow``); the
-    driver's ``train()`` call blocks, so this thread polls that run's metric history and
-    prints new loss values and each epoch's validation gIoU.
-    """
-
-    def __init__(self, *, tracking_uri: str, run_name: str, every_s: float = 5.0) -> None:
-        super().__init__(daemon=True, name="quickstart-watcher")
-        self.tracking_uri, self.run_name, self.every_s = tracking_uri, run_name, every_s
-        self._halt = threading.Event()
-        self._seen: dict[str, int] = {"loss": -1, "val_gIoU": -1}
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=2 * self.every_s)
-
-    def run(self) -> None:
-        from mlflow import MlflowClient
-
-        from pipelines.tracking_mlflow import find_run
-
-        client = MlflowClient(tracking_uri=self.tracking_uri)
-        run_id = None
-        while not self._halt.wait(self.every_s):
-            try:
-                if run_id is None:
-                    exp = client.get_experiment_by_name(EXPERIMENT)
-                    run = find_run(self.tracking_uri, exp.experiment_id, self.run_name) if exp else None
-                    run_id = run.info.run_id if run else None
-                    if run_id is None:
-                        continue
-                for key in ("loss", "val_gIoU"):
-                    for m in client.get_metric_history(run_id, key):
-                        if m.step > self._seen[key]:
-                            self._seen[key] = m.step
-                            what = f"loss {m.value:.3f}" if key == "loss" else f"val gIoU {m.value:.1f}"
-                            _print(f"      step {m.step:>5}  {what}")
-            except Exception as e:  # progress display only: never fail the run over it
-                _print(f"      (progress unavailable: {e})")
-                return
 
 
 def baselines(data_dir: str, split: str, *, image_size: int, text_cfg: Any) -> dict[str, dict[str, float]]:
@@ -179,13 +135,6 @@ def promotion_gate(model: dict[str, float], base: dict[str, dict[str, float]]) -
     return passed, text
 
 
-def describe_version(name: str, version: str | int, description: str) -> None:
-    """Write ``description`` on the registered model version (shown in the MLflow UI)."""
-    from mlflow import MlflowClient
-
-    MlflowClient().update_model_version(name, str(version), description=description)
-
-
 def _fmt(v: float) -> str:
     return "  n/a" if isinstance(v, float) and math.isnan(v) else f"{v:5.1f}"
 
@@ -213,7 +162,7 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
     from pipelines.evaluate import evaluate_dataset
     from pipelines.prepare import prepare_dataset
     from pipelines.ray_utils import init_ray
-    from pipelines.registry import configure_tracking, set_alias
+    from pipelines.registry import annotate_version, configure_tracking, set_alias
     from pipelines.train import train
 
     t_start = time.perf_counter()
@@ -244,14 +193,9 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
 
     run_name = f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
     with stage(3, total, f"Ray Train: tiny preset, {epochs} epochs on {workers} CPU workers"):
-        watcher = TrainingWatcher(tracking_uri=tracking_uri, run_name=run_name)
-        watcher.start()
-        try:
-            result = train(cfg, str(prepared), num_workers=workers, name=run_name, experiment=EXPERIMENT,
-                           storage_path=str(workdir / "ray_results"), tracking_uri=tracking_uri,
-                           register_as=MODEL_NAME, max_failures=1, data_order=data_order)
-        finally:
-            watcher.stop()
+        result = train(cfg, str(prepared), num_workers=workers, name=run_name, experiment=EXPERIMENT,
+                       storage_path=str(workdir / "ray_results"), tracking_uri=tracking_uri,
+                       register_as=MODEL_NAME, max_failures=1, data_order=data_order)
         if result.registered_version is None:
             raise RuntimeError(f"training run {run_name} produced no checkpoint to register")
         _print(f"      registered models:/{MODEL_NAME}/{result.registered_version} as @candidate "
@@ -268,7 +212,8 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
 
     promoted, gate = promotion_gate(metrics, base)
     with stage(6, total, "registry: promotion gate"):
-        describe_version(MODEL_NAME, result.registered_version, gate)
+        annotate_version(MODEL_NAME, result.registered_version, metrics=metrics, baselines=base, decision=gate,
+                         metrics_source=f"{cfg.data.val_split} split, Ray Data evaluation of the registered model")
         _print("      " + gate)
         alias = "candidate"
         if promoted:

@@ -35,6 +35,11 @@ def test_quickstart_trains_registers_promotes_and_serves(tmp_path):
     # Progress, the comparison with the baselines and the summary are on stdout.
     for stage in range(1, 8):
         assert f"[{stage}/7]" in out
+    # Rank 0's progress lines (pipelines.progress) reach the quickstart's terminal: one per
+    # validation, and training lines with the ETA.
+    progress = [line for line in out.splitlines() if "[train] " in line]
+    assert sum(" val at step " in line for line in progress) == 4, out[-4000:]
+    assert any("[train] epoch 4/4 step " in line and "ETA" in line and "samples/s" in line for line in progress)
     assert "always no-target" in out and "always empty" in out
     db = workdir / "mlflow.db"
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out
@@ -59,7 +64,8 @@ def test_quickstart_trains_registers_promotes_and_serves(tmp_path):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     version = client.get_model_version("instalign-quickstart", str(summary["model_version"]))
-    assert version.description == rule and version.run_id == summary["mlflow_run_id"]
+    assert rule in version.description and version.run_id == summary["mlflow_run_id"]
+    assert "always no-target" in version.description  # the metrics beside the baselines
     assert ("champion" in version.aliases) is promoted
 
     from PIL import Image
