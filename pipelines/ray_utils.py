@@ -72,12 +72,15 @@ FORWARDED_ENV = (
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
 #: Where the level lives: the environment, so a private cluster's processes inherit it.
 LOG_LEVEL_ENV = "INSTALIGN_RAY_LOG_LEVEL"
-#: Worker output the driver never prints (Ray's documented ``RAY_DEDUP_LOGS_SKIP_REGEX``): an
-#: ERROR line Ray Train V2 logs from its own ``PreemptionWatcher`` actor in every run (its
-#: constructor arguments live in the object store while it may restart, ray-project/ray#53727)
-#: — nothing a user can act on. Read by Ray when ``ray`` is first imported, so set here, on
-#: import of this module, which ``pipelines.flags`` imports before anything imports Ray.
-SKIP_WORKER_LINES = r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
+#: Worker output the driver never prints (Ray's documented ``RAY_DEDUP_LOGS_SKIP_REGEX``), ERROR
+#: lines of Ray's own on normal runs that nobody can act on: Ray Train V2's ``PreemptionWatcher``
+#: actor keeps its constructor arguments in the object store while it may restart
+#: (ray-project/ray#53727), logged in every run; and the GCS failing to kill an actor whose
+#: process had already exited ("Socket closed"), a race when Train and Data tear down their
+#: actors. Read by Ray when ``ray`` is first imported, so set here, on import of this module,
+#: which ``pipelines.flags`` imports before anything imports Ray.
+SKIP_WORKER_LINES = (r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
+                     r"|Failed to kill actor \w+, return status: Invalid: KillActor RPC failed .*Socket closed")
 os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", SKIP_WORKER_LINES)
 #: A deprecation warning Ray Train's own ``DataConfig.default_ingest_options`` triggers in every
 #: run (it passes ``exclude_resources`` on); a ``PYTHONWARNINGS`` entry for a private cluster.
