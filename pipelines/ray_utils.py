@@ -153,6 +153,9 @@ def setup_worker_logging() -> None:
     spec = importlib.util.find_spec(TRAIN_REPORT_LOGGER_MODULE)
     if spec is not None and spec.origin:
         logging.getLogger(spec.origin).setLevel(ray_log_level())
+    # MLflow's system-metrics monitor says at INFO, in every Train worker, that it starts,
+    # skips GPU metrics and stops: library bookkeeping, not the run's progress.
+    logging.getLogger("mlflow.system_metrics").setLevel(ray_log_level())
 
 
 class DropRecords(logging.Filter):
@@ -228,8 +231,25 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     log.info("starting a private local Ray cluster with token authentication (pass --address auto or HOST:PORT "
              "to use a running one)" if mode.lower() == "token" else
              "starting a private local Ray cluster (pass --address auto or HOST:PORT to use a running one)")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **common)
+    # The dashboard serves Ray's State API, which Train's placement-group cleaner (a detached
+    # actor) must reach; with another Ray instance on the machine it cannot tell which one is
+    # ours ("Found multiple active Ray instances") and the run's placement groups would leak.
+    # So the port is chosen here and told to every process of the job.
+    port = free_port()
+    env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **common["runtime_env"].get("env_vars", {})}
+    common["runtime_env"] = {**common["runtime_env"], "env_vars": env_vars}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, **common)
     apply_ray_log_level()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def forwarded_env(extra: Iterable[str] = ()) -> dict[str, str]:
