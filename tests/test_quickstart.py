@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_quickstart_trains_registers_promotes_and_serves(tmp_path):
     workdir = tmp_path / "qs"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    # System metrics every second (default: a point a minute), so this short run has some.
+    env.update(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1", MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "quickstart", "--workdir", str(workdir), "--num-images", "120",
          "--epochs", "4"],
@@ -67,6 +69,16 @@ def test_quickstart_trains_registers_promotes_and_serves(tmp_path):
     assert rule in version.description and version.run_id == summary["mlflow_run_id"]
     assert "always no-target" in version.description  # the metrics beside the baselines
     assert ("champion" in version.aliases) is promoted
+    assert version.tags["instalign.promotion"] == rule[:5000]
+
+    # The training run: the prepared dataset as its input, system metrics from the workers' node.
+    run = client.get_run(summary["mlflow_run_id"])
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["grefcoco"]
+    assert "system/node_0/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
+    # The evaluation: its own run, linked to the version it evaluated.
+    evaluation = client.get_run(summary["evaluation_run_id"])
+    assert evaluation.data.tags["instalign.model_version"] == str(summary["model_version"])
+    assert evaluation.data.metrics["val_gIoU"] == pytest.approx(val["gIoU"])
 
     from PIL import Image
 

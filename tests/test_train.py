@@ -39,7 +39,7 @@ def test_cli_parses_and_routes_overrides():
         ["train", "--config", "tiny", "--data", "/d", "--num-workers", "2", "--cpus-per-worker", "0.5",
          "--name", "r1", "--max-failures", "1", "--register-as", "m", "model.num_queries=4"])
     assert (args.num_workers, args.cpus_per_worker, args.name, args.max_failures) == (2, 0.5, "r1", 1)
-    assert args.overrides == ["model.num_queries=4"] and args.gpus_per_worker == 0.0
+    assert args.overrides == ["model.num_queries=4"] and args.gpus_per_worker is None
     assert load_config(args.config, args.overrides).model.num_queries == 4
     with pytest.raises(ConfigError, match="no_such_key"):
         load_config("tiny", ["train.no_such_key=1"])
