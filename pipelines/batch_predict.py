@@ -4,7 +4,7 @@ Paper §3.6 inference (``instalign.predictor.Predictor``: no-target if p̂_nt > 
 else the merged mask σ(M_merged) > 0.5, eq. 8, at the original image size; the instances
 the aggregation kept with the words their alignment rows weigh most, eq. 1) over a whole
 table of (image, expression) pairs, with one output row per pair in the very record format
-the MLflow pyfunc and the Ray Serve application answer (``pipelines.pyfunc.prediction_to_record``).
+the MLflow pyfunc and the Ray Serve application answer (``pipelines.prediction_record``).
 
 What DATA can be:
 
@@ -355,7 +355,7 @@ class BatchPredictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from instalign.data.masks import rle_decode
         from instalign.metrics import GRESMetrics
-        from pipelines.pyfunc import prediction_to_record
+        from pipelines.prediction_record import prediction_to_record
 
         rows = batch.to_pylist()
         out: list[Optional[dict[str, Any]]] = [None] * len(rows)

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     from instalign.checkpoint import CheckpointError
-    from pipelines.pyfunc import PyfuncInputError, check_text, load_local_image, prediction_to_record
+    from pipelines.prediction_record import prediction_to_record
+    from pipelines.pyfunc import PyfuncInputError, check_text, load_local_image
     from pipelines.registry import RegistryError, configure_tracking, is_model_uri, resolve_checkpoint
 
     try:

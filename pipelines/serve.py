@@ -166,7 +166,8 @@ class _QueuedModel:
 def _overlay_png(image: bytes, record: dict[str, Any], text: str) -> bytes:
     """``instalign.visualize.overlay`` of a served record, as PNG bytes."""
     from instalign.visualize import overlay
-    from pipelines.pyfunc import decode_image, record_to_prediction
+    from pipelines.prediction_record import record_to_prediction
+    from pipelines.pyfunc import decode_image
 
     picture = decode_image("image", image)
     buf = io.BytesIO()

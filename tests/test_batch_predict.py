@@ -73,7 +73,7 @@ def _args(registered, data, out, **extra) -> argparse.Namespace:
 def test_table_with_bad_rows_finishes_and_counts_them(registered, ray_local, one_thread, tmp_path, capsys):
     from instalign.predictor import Predictor
     from pipelines.batch_predict import PREDICTION_SCHEMA, REJECT_SCHEMA, run
-    from pipelines.pyfunc import prediction_to_record
+    from pipelines.prediction_record import prediction_to_record
 
     images = tmp_path / "images"
     images.mkdir()

@@ -139,7 +139,7 @@ def test_predictions_equal_the_predictor(registered, loaded, image_root):
     json.dumps(out.to_dict(orient="records"))  # what the REST server sends must be plain JSON
 
     # A served record carries everything needed to draw it again (quickstart's overlay).
-    from pipelines.pyfunc import record_to_prediction
+    from pipelines.prediction_record import record_to_prediction
 
     back = record_to_prediction(out.iloc[1].to_dict())
     np.testing.assert_array_equal(back.mask, expected[1].mask)
@@ -272,7 +272,8 @@ def test_logged_in_a_training_run_the_model_carries_a_card_metrics_and_a_describ
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.pyfunc import MODEL_CARD, log_and_register
+    from pipelines.model_card import MODEL_CARD
+    from pipelines.pyfunc import log_and_register
     from pipelines.tracking_mlflow import MANIFEST_HASH_TAG, MlflowTracker, log_run_inputs, start_or_resume_run
     from instalign.config import tiny
 
@@ -312,7 +313,7 @@ def test_logged_in_a_training_run_the_model_carries_a_card_metrics_and_a_describ
 def test_a_checkpoint_registered_outside_a_run_says_its_data_is_unknown(registered, tmp_path):
     import mlflow
 
-    from pipelines.pyfunc import MODEL_CARD
+    from pipelines.model_card import MODEL_CARD
 
     _, version = registered
     card = open(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/{version.version}/{MODEL_CARD}",
