@@ -182,7 +182,8 @@ def baseline_prepare(root: Path, out: Path) -> dict:
 
     from instalign.data.readers import read_source
     from instalign.data.records import IMAGE_SCHEMA
-    from pipelines.prepare import plan_tasks, process_task
+    from pipelines.prepare_records import plan_tasks
+    from pipelines.prepare_shards import process_task
 
     with _Clock() as clock:
         tasks, *_ = plan_tasks(read_source("grefcoco", str(root)))
