@@ -286,8 +286,8 @@ def log_evaluation(result: Mapping[str, float], *, model: str, data_dir: str, sp
     from instalign.data.parquet import read_manifest
     from pipelines.redaction import redact
     from pipelines.registry import is_model_uri, model_ref
-    from pipelines.tracking_mlflow import (MANIFEST_HASH_TAG, ensure_experiment, log_dataset_input, manifest_digest,
-                                           metric_key, redact_data, run_context_tags)
+    from pipelines.run_inputs import log_dataset_input, manifest_digest
+    from pipelines.tracking_mlflow import MANIFEST_HASH_TAG, ensure_experiment, metric_key, redact_data, run_context_tags
 
     client = MlflowClient(tracking_uri=tracking_uri)
     manifest = read_manifest(str(data_dir))

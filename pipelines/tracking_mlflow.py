@@ -11,9 +11,9 @@ Who does what:
   ``type``, ``mlflow.user``) and the command line (``instalign.command``), all redacted
   (:func:`run_context_tags`); a child run (tag ``mlflow.parentRunId``, a Tune trial) carries
   its parent's, since its own process is a Ray worker started by no command a user typed.
-* The prepared dataset is the run's *input* (``run.inputs.dataset_inputs``: name, a digest of
-  its manifest, the source URI and the manifest's counts as the profile,
-  :func:`dataset_entity`), so MLflow's lineage links run, data and registered model.
+* What the run starts from — params, the prepared dataset as the run's *input* (lineage), git
+  commit, system info — is ``pipelines.run_inputs``; the per-node system metrics of a training
+  job are ``pipelines.system_metrics``.
 * **Rank 0** of the Train workers opens an :class:`MlflowTracker` on that run id and logs
   per-step and per-epoch metrics and overlays into the same run. Other ranks get the
   ``NullTracker``. Workers never end the run: a restarted worker group keeps logging into it.
@@ -35,20 +35,16 @@ anything reaches the store, not as a clean-up afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -65,8 +61,6 @@ COMMAND_TAG = "instalign.command"
 #: ... and the one that last resumed it.
 RESUME_COMMAND_TAG = "instalign.resumed_command"
 PARENT_RUN_TAG = "mlflow.parentRunId"
-#: MLflow's input tag naming what a dataset was used for (``train``, ``evaluation``).
-DATASET_CONTEXT_TAG = "mlflow.data.context"
 #: Run tags describing who ran what, inherited by child runs (:func:`run_context_tags`).
 _CONTEXT_PREFIXES = ("mlflow.source.", "mlflow.user", COMMAND_TAG)
 
@@ -305,106 +299,6 @@ class MlflowTracker:
         self.close()
 
 
-# --- what the driver records ---------------------------------------------------------------
-
-def git_commit(path: Union[str, Path, None] = None) -> Optional[str]:
-    """HEAD of the git checkout containing ``path`` (this package by default), or ``None``;
-    ``-dirty`` appended when tracked files have uncommitted changes."""
-    where = Path(path) if path else Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}-dirty" if dirty else head
-
-
-def system_info() -> dict[str, Any]:
-    """Versions and hardware of the driver machine (the workers' are logged by rank 0)."""
-    import torch
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-    }
-    for mod in ("ray", "mlflow", "timm", "transformers"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional package is just not recorded
-            info[mod] = None
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
-
-
-def manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """SHA-256 of the manifest's canonical JSON (sorted keys): it names the dataset's content
-    (the manifest lists every shard with its size, and the source's checksums) and provenance,
-    independently of where the dataset is stored."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-
-
-#: MLflow stores a dataset digest in at most 36 characters; 32 hex digits of the manifest's
-#: SHA-256 (the full one is the run tag ``instalign.dataset_manifest_sha256``).
-_DATASET_DIGEST_CHARS = 32
-
-
-def dataset_entity(manifest: Mapping[str, Any], data_dir: str):
-    """The prepared dataset as an ``mlflow.entities.Dataset``: a run input (lineage).
-
-    Name: the dataset named in the manifest; digest: the manifest's (:func:`manifest_digest`);
-    source: the redacted location (``{"uri": ...}``, type ``local`` or the URI's scheme);
-    profile: the manifest's per-split counts, quarantine, format and creation time.
-    """
-    from mlflow.entities import Dataset
-
-    uri = redact(str(data_dir))
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else "local"
-    profile = {key: manifest.get(key) for key in ("counts", "quarantined", "quarantined_samples_dropped", "format",
-                                                  "schema_version", "created", "instalign_version")
-               if key in manifest}
-    return Dataset(name=str(manifest.get("dataset") or "instalign-dataset"),
-                   digest=manifest_digest(manifest)[:_DATASET_DIGEST_CHARS],
-                   source_type=scheme if scheme != "file" else "local",
-                   source=json.dumps({"uri": uri}),
-                   profile=json.dumps(redact_data(profile), sort_keys=True))
-
-
-def log_dataset_input(tracking_uri: str, run_id: str, manifest: Mapping[str, Any], data_dir: str, *,
-                      context: str = "train", split: Optional[str] = None):
-    """Log the prepared dataset as an input of run ``run_id`` (``context``: what it was used
-    for; ``split``: which split, as the input tag ``instalign.split``). Logging the same
-    dataset into the same run again (a resumed run) adds nothing. Returns the entity."""
-    from mlflow.entities import DatasetInput, InputTag
-
-    dataset = dataset_entity(manifest, data_dir)
-    tags = [InputTag(DATASET_CONTEXT_TAG, context)] + ([InputTag("instalign.split", split)] if split else [])
-    _client(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
-    return dataset
-
-
-def log_run_inputs(tracker: MlflowTracker, cfg: Any, manifest: Mapping[str, Any], data_dir: str,
-                   run_params: Mapping[str, Any]) -> None:
-    """What a training run starts from: every resolved config field and run setting as a
-    param, the prepared dataset as the run's input (:func:`dataset_entity`), git commit and
-    dataset manifest hash as tags, the config YAML, the manifest and the driver's system info
-    as artifacts.
-    """
-    tracker.log_params({**cfg.flat(), **{f"run.{k}": v for k, v in run_params.items()}})
-    digest = manifest_digest(manifest)
-    tracker.set_tags({GIT_COMMIT_TAG: git_commit() or "unknown", MANIFEST_HASH_TAG: digest,
-                      "instalign.dataset": manifest.get("dataset", "?"), "instalign.data_dir": data_dir})
-    log_dataset_input(tracker.tracking_uri, tracker.run_id, manifest, data_dir, context="train")
-    tracker.log_text(cfg.to_yaml(), "config.yaml")
-    tracker.log_dict(dict(manifest), "dataset/_manifest.json")
-    tracker.log_dict(system_info(), "system_info.json")
-
-
 def log_checkpoint(tracker: MlflowTracker, checkpoint_dir: Union[str, Path], artifact_path: str) -> None:
     """A checkpoint directory as artifacts under ``artifact_path``, without its training state.
 
@@ -429,43 +323,16 @@ def redacted_context_tags() -> dict[str, str]:
     return {key: _tag_value(value) for key, value in resolve_tags().items()}
 
 
-# --- system metrics --------------------------------------------------------------------------
+#: Names that moved to their own modules, still importable from here until
+#: pipelines/job.py (``log_run_inputs``) and pipelines/worker.py (``system_metrics``) import
+#: them from their homes (/work/notes/requests-split.md). Looked up lazily: ``run_inputs``
+#: imports this module.
+_MOVED = {"log_run_inputs": "pipelines.run_inputs", "system_metrics": "pipelines.system_metrics"}
 
-#: Seconds between samples of the system-metrics monitor, and samples averaged per logged point
-#: (one point a minute by default: a long run stays a few thousand points per metric).
-SYSTEM_METRICS_INTERVAL_S = 10.0
-SYSTEM_METRICS_SAMPLES = 6
 
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
 
-@contextmanager
-def system_metrics(run_id: str, tracking_uri: str, *, node_id: Optional[str] = None,
-                   sampling_interval: float = SYSTEM_METRICS_INTERVAL_S,
-                   samples_before_logging: int = SYSTEM_METRICS_SAMPLES) -> Iterator[Any]:
-    """Log this machine's CPU, memory, disk, network and (NVIDIA) GPU use into run ``run_id``
-    while the block runs: MLflow's ``SystemMetricsMonitor`` in a background thread.
-
-    One monitor per node (local rank 0 of each node on a cluster): the metrics are named
-    ``system/<node_id>/cpu_utilization_percentage``, ``.../system_memory_usage_megabytes``,
-    ``.../gpu_0_utilization_percentage``, ... (``system/...`` without a node id). Steps continue
-    from the run's last system-metrics step, so a resumed run's curves go on rather than
-    restart at 0. The monitor stops by itself when the run is no longer ``RUNNING``.
-
-    ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` / ``..._SAMPLES_BEFORE_LOGGING`` override the
-    arguments (MLflow's rule). Without ``psutil`` nothing is logged, with one warning: a
-    missing monitoring package never stops training. Yields the monitor (or ``None``).
-    """
-    try:
-        import psutil  # noqa: F401  (MLflow's CPU / memory monitor needs it)
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-    except ImportError as e:
-        log.warning("no system metrics for run %s: %s (pip install psutil)", run_id, e)
-        yield None
-        return
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval,
-                                   samples_before_logging=samples_before_logging, resume_logging=True,
-                                   node_id=node_id, tracking_uri=tracking_uri)
-    monitor.start()
-    try:
-        yield monitor
-    finally:
-        monitor.finish()
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,8 @@ LAYERS = {
     "worker": 1,                                                # one Ray Train worker
     "resume": 0.5,                                              # the worker's resume rules
     "ray_utils": 0,
-    "tune_space": 0, "resources": 0, "loader": 0, "tracking_mlflow": 0,  # services
+    "run_inputs": 0.5,                                          # what a training run starts from
+    "tune_space": 0, "resources": 0, "loader": 0, "tracking_mlflow": 0, "system_metrics": 0,  # services
 }
 #: Verbs (and the steps of one) nothing else on the training side may import.
 OTHER_VERBS = {"cli", "quickstart", "prepare", "prepare_records", "prepare_shards", "prepare_output", "evaluate",

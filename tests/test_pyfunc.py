@@ -274,7 +274,8 @@ def test_logged_in_a_training_run_the_model_carries_a_card_metrics_and_a_describ
 
     from pipelines.model_card import MODEL_CARD
     from pipelines.pyfunc import log_and_register
-    from pipelines.tracking_mlflow import MANIFEST_HASH_TAG, MlflowTracker, log_run_inputs, start_or_resume_run
+    from pipelines.run_inputs import log_run_inputs
+    from pipelines.tracking_mlflow import MANIFEST_HASH_TAG, MlflowTracker, start_or_resume_run
     from instalign.config import tiny
 
     name = f"{MODEL_NAME}-card"

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from instalign.tracking import NullTracker, Tracker, finite_metrics
+from pipelines.run_inputs import git_commit
 from pipelines.tracking_mlflow import (
     RUN_NAME_TAG,
     MlflowTracker,
     default_artifact_location,
-    git_commit,
     metric_key,
     resolve_tracking_uri,
     start_or_resume_run,
@@ -125,7 +125,7 @@ def test_credentials_never_reach_the_run(store, tmp_path, tiny_cfg):
 
     from mlflow import MlflowClient
 
-    from pipelines.tracking_mlflow import log_run_inputs
+    from pipelines.run_inputs import log_run_inputs
 
     # Recorded verbatim by a careless caller (not through redaction.command_line).
     command = f"instalign train --data {S3_WITH_KEYS} --storage-path {TOKEN_URL} --aws-secret-access-key=hunter2"
@@ -205,7 +205,8 @@ def test_the_prepared_dataset_is_the_runs_input(store, tiny_cfg):
 
     from mlflow import MlflowClient
 
-    from pipelines.tracking_mlflow import DATASET_CONTEXT_TAG, MANIFEST_HASH_TAG, log_run_inputs
+    from pipelines.run_inputs import DATASET_CONTEXT_TAG, log_run_inputs
+    from pipelines.tracking_mlflow import MANIFEST_HASH_TAG
 
     manifest = {"format": "instalign-gres-parquet", "dataset": "grefcoco", "schema_version": 1,
                 "counts": {"train": {"samples": 12, "images": 3}, "val": {"samples": 5, "images": 1}},
@@ -231,7 +232,7 @@ def test_system_metrics_monitor_logs_into_the_run_per_node(store):
     a second monitor (another node, or a restarted one) continues the run's steps."""
     from mlflow import MlflowClient
 
-    from pipelines.tracking_mlflow import system_metrics
+    from pipelines.system_metrics import system_metrics
 
     run_id, _ = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="sysmetrics")
     client = MlflowClient(tracking_uri=store)
