@@ -68,8 +68,10 @@ FORWARDED_ENV = (
 )
 
 
-#: Ray's loggers held at :func:`ray_log_level` (``ray.init`` sets the ``ray`` logger itself).
-RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
+#: Ray's loggers held at :func:`ray_log_level` (``ray.init`` sets the ``ray`` logger itself), and
+#: tensorboardX's, which Tune's default TensorBoard callback drives (three INFO lines per trial
+#: result: "Summary name ray/tune/val_Pr@0.7 is illegal", for every ``@`` in a metric name).
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "tensorboardX")
 #: Where the level lives: the environment, so a private cluster's processes inherit it.
 LOG_LEVEL_ENV = "INSTALIGN_RAY_LOG_LEVEL"
 #: Worker output the driver never prints (Ray's documented ``RAY_DEDUP_LOGS_SKIP_REGEX``), ERROR

@@ -49,7 +49,8 @@ class BestSoFar(Callback):
     ``trial 1a2b3_00001 epoch 2: val_gIoU 31.20 | best so far: trial 1a2b3_00000 val_gIoU 35.10
     (epoch 2; train.lr=0.01, loss.nt_weight=0.5)``. Tune's table says the same every 30 s; this
     line marks the moment a trial reports, so a long search can be followed line by line.
-    Results without a finite ``metric`` are skipped (``tune_trial`` forwards validated ones only).
+    Results without a finite ``metric`` are skipped (``tune_trial`` forwards validated ones only),
+    and so is a trial's last result repeated (``tune_trial.trial_driver`` reports it once more).
     """
 
     def __init__(self, metric: str, mode: str, logger: logging.Logger = log) -> None:
@@ -57,6 +58,7 @@ class BestSoFar(Callback):
             raise ValueError(f"mode={mode!r}: expected max or min")
         self.metric, self.mode, self.log = metric, mode, logger
         self.best: Optional[tuple[float, str, int, dict[str, Any]]] = None  # value, trial, iteration, params
+        self._said: dict[str, tuple[int, float]] = {}  # trial → the (epoch, value) last logged
 
     def _better(self, value: float) -> bool:
         return self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
@@ -66,6 +68,9 @@ class BestSoFar(Callback):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return
         epoch = int(result.get("training_iteration", 0))
+        if self._said.get(trial.trial_id) == (epoch, float(value)):
+            return  # a trial's final state, reported once more when its run ends
+        self._said[trial.trial_id] = (epoch, float(value))
         if self._better(value):
             self.best = (float(value), trial.trial_id, epoch, dict(trial.config or {}))
         self.log.info(self.line(trial.trial_id, epoch, float(value)))

@@ -62,6 +62,7 @@ def test_best_so_far_follows_each_validated_result(caplog):
         best.on_trial_result(1, [a, b], b, {"val_gIoU": math.nan, "training_iteration": 1})  # not validated
         best.on_trial_result(2, [a, b], b, {"val_gIoU": 5.0, "training_iteration": 1})
         best.on_trial_result(3, [a, b], a, {"val_gIoU": 31.5, "training_iteration": 2})
+        best.on_trial_result(4, [a, b], a, {"val_gIoU": 31.5, "training_iteration": 2})  # the final state again
     assert caplog.messages == [
         "trial t_00000 epoch 1: val_gIoU 20.00 | best so far: trial t_00000 val_gIoU 20.00 "
         "(epoch 1; loss.nt_weight=0.5, train.lr=0.01)",
