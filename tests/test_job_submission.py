@@ -217,7 +217,7 @@ def test_pipeline_job_through_the_job_submission_api(tmp_path):
         "--address auto --no-progress",
         f"instalign train --config tiny --data {work}/prepared --num-workers 1 --address auto --name job-smoke "
         f"--storage-path {work}/ray_results --experiment job-smoke --max-failures 0 "
-        "train.max_steps=2 train.batch_size=2 data.max_val_samples=4 data.num_overlays=1",
+        "train.max_steps=2 train.batch_size=2 train.print_every_steps=1 data.max_val_samples=4 data.num_overlays=1",
     ])
     runtime_env = load_runtime_env(working_dir=str(REPO), env_vars={"MLFLOW_TRACKING_URI": tracking_uri})
 
@@ -247,6 +247,13 @@ def test_pipeline_job_through_the_job_submission_api(tmp_path):
     assert "quarantined:" in logs
     manifest = json.loads((work / "prepared" / "_manifest.json").read_text())
     assert manifest["counts"]["train"]["samples"] > 0
+
+    # train: rank 0's progress lines are in the job's logs (a user's only window on a cluster).
+    progress = [line for line in logs.splitlines() if "[train] " in line]
+    assert any("[train] start (from scratch): " in line for line in progress), logs[-4000:]
+    assert any(re.search(r"\[train\] epoch 1/\d+ step 2/2 \(100%\) \| loss \d", line) and "ETA" in line
+               for line in progress), progress
+    assert any("[train] epoch 1/" in line and " val at step 2: gIoU " in line for line in progress), progress
 
     # train: its JSON summary, a checkpoint in the storage path, an MLflow run with metrics.
     summary = _last_json(logs)
