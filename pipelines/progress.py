@@ -92,7 +92,8 @@ class ProgressPrinter:
         self._t0, self._step0 = self.clock(), step
         self._last_printed = step // self.every if self.every else -1
         where = f"resumed from {resumed_from} at step {step}" if resumed_from else "from scratch"
-        self._print(f"start ({where}): {self.epochs} epochs x {self.steps_per_epoch} steps = {self.max_steps} steps"
+        self._print(f"start ({where}): {self.epochs} epoch{'s' if self.epochs != 1 else ''} x {self.steps_per_epoch} "
+                    f"steps = {self.max_steps} steps"
                     f"{'' if self.max_steps == self.epochs * self.steps_per_epoch else ' (train.max_steps)'}, "
                     f"global batch {global_batch} on {world} worker{'s' if world > 1 else ''} ({device}, {precision})")
 
