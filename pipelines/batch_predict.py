@@ -23,8 +23,9 @@ What DATA can be:
   not pixels) so that every row keeps its number.
 
 How it runs: the checkpoint (a directory, or ``models:/NAME@ALIAS`` resolved once by
-``pipelines.registry.resolve_checkpoint``) goes into the object store once; ``map_batches``
-runs :class:`BatchPredictor`, a callable class — an actor pool whose actors (GPU or CPU) each
+``pipelines.registry.resolve_checkpoint``) goes into the object store once; DATA is read as
+``pipelines.batch_tables.read_pairs`` says; ``map_batches`` runs :class:`BatchPredictor`
+(``pipelines.batch_actor``), a callable class — an actor pool whose actors (GPU or CPU) each
 build the ``Predictor`` once. An actor checks every row with the serving boundary's own
 functions (``pipelines.pyfunc``: ``check_text``, ``image_size``, ``decode_image``; files capped
 at ``pyfunc.MAX_FILE_BYTES`` like ``instalign predict --image``), predicts the good rows of the
@@ -40,9 +41,7 @@ Output, under OUT: ``predictions/`` (Parquet, :data:`PREDICTION_SCHEMA`), ``reje
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -53,67 +52,10 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["BatchPredictConfig", "BatchPredictor", "batch_predict", "add_arguments", "add_data_arguments", "run",
-           "PREDICTION_SCHEMA", "REJECT_SCHEMA"]
+from pipelines.batch_actor import BatchPredictor
+from pipelines.batch_tables import PREDICTION_SCHEMA, REJECT_SCHEMA, BatchPredictError, is_prepared, read_pairs
 
-# --- schemas ----------------------------------------------------------------------------------
-
-RLE_TYPE = pa.struct([("size", pa.list_(pa.int64())), ("counts", pa.string())])
-INSTANCE_TYPE = pa.struct([
-    ("query", pa.int64()),
-    ("score", pa.float64()),
-    ("bbox", pa.list_(pa.float64())),  # COCO [x, y, w, h]
-    ("mask", RLE_TYPE),
-    ("words", pa.list_(pa.string())),
-    ("word_weights", pa.list_(pa.float64())),
-])
-
-#: What the actors read: one row per (image, expression), whatever DATA was.
-INPUT_SCHEMA = pa.schema([
-    ("row_id", pa.string()),  # "<image_id>:<ref_id>:<sent_id>" (prepared) or the table's id / row number
-    ("image", pa.binary()),  # encoded bytes, or null when image_path names the file
-    ("image_path", pa.string()),
-    ("text", pa.string()),
-    ("gt_mask", pa.string()),  # COCO RLE counts of the target union at the stored size; null: no ground truth
-    ("gt_no_target", pa.bool_()),
-])
-
-#: One row per predicted pair: the pyfunc record's fields, plus the pair and its IoU.
-PREDICTION_SCHEMA = pa.schema([
-    ("row_id", pa.string()),
-    ("image_path", pa.string()),
-    ("text", pa.string()),
-    ("width", pa.int64()),
-    ("height", pa.int64()),
-    ("mask", RLE_TYPE),
-    ("no_target", pa.bool_()),
-    ("no_target_prob", pa.float64()),
-    ("instances", pa.list_(INSTANCE_TYPE)),
-    ("gt_no_target", pa.bool_()),
-    ("iou", pa.float64()),  # null without ground truth
-])
-
-#: One row per pair that could not be predicted.
-REJECT_SCHEMA = pa.schema([
-    ("row_id", pa.string()),
-    ("image_path", pa.string()),
-    ("text", pa.string()),
-    ("reason", pa.string()),  # missing_image, unreadable_image, image_too_large, empty_text, text_too_long, ...
-    ("detail", pa.string()),
-])
-
-#: What the actors emit: both of the above in one table, split by ``status`` on the driver.
-_ACTOR_SCHEMA = pa.schema(list(PREDICTION_SCHEMA) + [
-    ("status", pa.string()),  # "ok" | "rejected"
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("metric_state", pa.string()),  # JSON GRESMetrics state of this one row (ground truth only)
-])
-
-
-class BatchPredictError(ValueError):
-    """DATA or OUT cannot be used; the message names it and what is wrong."""
-
+__all__ = ["BatchPredictConfig", "batch_predict", "add_arguments", "add_data_arguments", "run"]
 
 @dataclass(frozen=True)
 class BatchPredictConfig:
@@ -156,240 +98,6 @@ class BatchPredictConfig:
             raise BatchPredictError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if self.limit < 0:
             raise BatchPredictError(f"--limit must be >= 0, got {self.limit}")
-
-
-# --- reading DATA -----------------------------------------------------------------------------
-
-def _is_prepared(data: str) -> bool:
-    from instalign.data.records import MANIFEST_NAME
-
-    if "://" in data:
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(data)
-        return fs.get_file_info(f"{root.rstrip('/')}/{MANIFEST_NAME}").type == pafs.FileType.File
-    return os.path.isfile(os.path.join(data, MANIFEST_NAME))
-
-
-def _explode_prepared(batch: pa.Table) -> pa.Table:
-    """Ray Data UDF: prepared image rows → one :data:`INPUT_SCHEMA` row per sentence, the
-    target union (eq. 8's ground truth) encoded once per sentence at the stored size."""
-    from instalign.data.masks import rle_decode_many, rle_encode
-
-    rows = []
-    for image in batch.to_pylist():
-        h, w = int(image["height"]), int(image["width"])
-        index = {int(inst["ann_id"]): k for k, inst in enumerate(image["instances"])}
-        masks = rle_decode_many([inst["rle"] for inst in image["instances"]], h, w) if index else None
-        for smp in image["samples"]:
-            pick = [index[int(a)] for a in smp["ann_ids"] if int(a) in index]
-            union = masks[pick].any(0) if pick else np.zeros((h, w), dtype=bool)
-            rows.append({"row_id": f"{image['image_id']}:{smp['ref_id']}:{smp['sent_id']}", "image": image["image"],
-                         "image_path": None, "text": smp["text"], "gt_mask": rle_encode(union),
-                         "gt_no_target": bool(smp["no_target"])})
-    return pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
-
-
-def _read_table(data: str) -> pa.Table:
-    """A CSV/Parquet table of pairs as :data:`INPUT_SCHEMA` rows (read here, on the driver)."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    path = Path(data)
-    try:
-        if path.suffix.lower() == ".csv":
-            # Every column as text: an id like 007 or a path like 1e5.png must stay what it is.
-            with open(path, newline="", encoding="utf-8") as f:
-                names = next(csv.reader(f), [])
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in names}, strings_can_be_null=True))
-        elif path.suffix.lower() == ".parquet" or path.is_dir():
-            table = pq.read_table(path)
-        else:
-            raise BatchPredictError(f"{data}: expected a prepared dataset directory, a .csv or a .parquet table")
-    except FileNotFoundError:
-        raise BatchPredictError(f"{data}: no such file or directory") from None
-    except (pa.ArrowInvalid, OSError) as e:
-        raise BatchPredictError(f"{data}: not a readable table: {e}") from None
-    columns = set(table.column_names)
-    if "text" not in columns:
-        raise BatchPredictError(f"{data}: needs a 'text' column (columns: {sorted(columns)})")
-    if not columns & {"image_path", "image"}:
-        raise BatchPredictError(f"{data}: needs an 'image_path' column (or 'image' bytes in Parquet); "
-                                f"columns: {sorted(columns)}")
-    n = table.num_rows
-    base = path.parent if path.is_file() else path
-
-    def column(name: str) -> list:
-        return table.column(name).to_pylist() if name in columns else [None] * n
-
-    ids = column("id")
-    paths = [None if p is None else (p if "://" in str(p) or os.path.isabs(str(p)) else str(base / str(p)))
-             for p in column("image_path")]
-    images = column("image")
-    texts = [None if t is None else str(t) for t in column("text")]
-    return pa.Table.from_pydict({
-        "row_id": [str(i) if i is not None else str(k) for k, i in enumerate(ids)],
-        "image": [bytes(b) if isinstance(b, (bytes, bytearray)) else None for b in images],
-        "image_path": paths,
-        "text": texts,
-        "gt_mask": [None] * n,
-        "gt_no_target": [None] * n,
-    }, schema=INPUT_SCHEMA)
-
-
-def read_pairs(cfg: BatchPredictConfig):
-    """DATA as a ``ray.data.Dataset`` of :data:`INPUT_SCHEMA` rows; also says which kind it was."""
-    import ray
-
-    if _is_prepared(cfg.data):
-        from instalign.data.parquet import split_files
-
-        fs, paths = split_files(cfg.data, cfg.split)
-        if not paths:
-            raise BatchPredictError(f"{cfg.data}: split {cfg.split!r} has no Parquet file")
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "width", "height", "image",
-                                                                  "instances", "samples"])
-        ds = ds.map_batches(_explode_prepared, batch_format="pyarrow", batch_size=None)
-        kind = "prepared"
-    else:
-        ds = ray.data.from_arrow(_read_table(cfg.data))
-        kind = "table"
-    return (ds.limit(cfg.limit) if cfg.limit else ds), kind
-
-
-# --- the actor --------------------------------------------------------------------------------
-
-def _read_image_file(what: str, path: str) -> bytes:
-    """A local file or a ``pyarrow.fs`` URI, at most ``pyfunc.MAX_FILE_BYTES`` (regular files only)."""
-    from pipelines.pyfunc import MAX_FILE_BYTES, PyfuncInputError
-    from pipelines.serving import FileTooLarge, read_regular_file
-
-    try:
-        if "://" not in path or path.startswith("file://"):
-            return read_regular_file(path.removeprefix("file://"), MAX_FILE_BYTES)
-        import pyarrow.fs as pafs
-
-        fs, inner = pafs.FileSystem.from_uri(path)
-        info = fs.get_file_info(inner)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(path)
-        if info.type != pafs.FileType.File:
-            raise OSError("not a regular file")
-        if info.size is not None and info.size > MAX_FILE_BYTES:
-            raise FileTooLarge(path, info.size, MAX_FILE_BYTES)
-        with fs.open_input_stream(inner) as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-        if len(data) > MAX_FILE_BYTES:
-            raise FileTooLarge(path, len(data), MAX_FILE_BYTES)
-        return data
-    except FileNotFoundError:
-        raise _Rejected("missing_image", f"{what} does not exist") from None
-    except FileTooLarge as e:
-        raise _Rejected("image_too_large", f"{what} is {e.size} bytes, above the limit of {e.limit}") from None
-    except (OSError, pa.ArrowException, ValueError) as e:
-        raise _Rejected("unreadable_image", f"{what} cannot be read: {getattr(e, 'strerror', None) or e}") from None
-    except PyfuncInputError as e:  # pragma: no cover - read_regular_file raises none today
-        raise _Rejected("unreadable_image", str(e)) from None
-
-
-class _Rejected(Exception):
-    """A row that cannot be predicted: ``reason`` (a short code) and ``detail`` (the message)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-class BatchPredictor:
-    """Ray Data callable class: :data:`INPUT_SCHEMA` rows in, ``_ACTOR_SCHEMA`` rows out.
-
-    Args:
-        checkpoint: ``[ObjectRef]`` of the checkpoint payload (a list, so Ray hands over the
-            reference) or a local checkpoint directory.
-        device: ``"cuda"`` or ``"cpu"``.
-        top_words: words reported per instance.
-    """
-
-    def __init__(self, *, checkpoint: Any, device: str, top_words: int = 3) -> None:
-        from instalign.predictor import Predictor
-
-        if isinstance(checkpoint, list):
-            import ray
-
-            from pipelines.evaluate import _materialise
-
-            self._local = _materialise(ray.get(checkpoint[0]))  # removed with the actor
-            directory = self._local.name
-        else:
-            directory = checkpoint
-        self.predictor = Predictor.from_checkpoint(directory, device=device, top_words=top_words)
-
-    def _check(self, row: dict[str, Any]):
-        """Row → (decoded image, text); raises :class:`_Rejected` with the first problem found."""
-        from pipelines.pyfunc import PyfuncInputError, check_text, decode_image, image_size
-
-        what = f"row {row['row_id']}"
-        try:
-            text = check_text(row["row_id"], row["text"], tokenizer=self.predictor.tokenizer,
-                              max_tokens=self.predictor.transform.max_tokens)
-        except PyfuncInputError as e:
-            empty = not isinstance(row["text"], str) or not row["text"].strip()
-            raise _Rejected("empty_text" if empty else "text_too_long", str(e)) from None
-        if row["image"]:
-            data, what = row["image"], f"{what}: image bytes"
-        elif row["image_path"]:
-            what = f"{what}: image_path {row['image_path']!r}"
-            data = _read_image_file(what, row["image_path"])
-        else:
-            raise _Rejected("missing_image", f"{what}: no image bytes and no image_path")
-        try:
-            image_size(what, data)
-        except PyfuncInputError as e:
-            raise _Rejected("image_too_large" if "pixels" in str(e) else "unreadable_image", str(e)) from None
-        try:
-            return decode_image(what, data), text
-        except PyfuncInputError as e:
-            raise _Rejected("unreadable_image", str(e)) from None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from instalign.data.masks import rle_decode
-        from instalign.metrics import GRESMetrics
-        from pipelines.prediction_record import prediction_to_record
-
-        rows = batch.to_pylist()
-        out: list[Optional[dict[str, Any]]] = [None] * len(rows)
-        good, pictures, texts = [], [], []
-        for k, row in enumerate(rows):
-            base = {"row_id": row["row_id"], "image_path": row["image_path"], "text": row["text"]}
-            try:
-                picture, text = self._check(row)
-            except _Rejected as e:
-                out[k] = {**base, "status": "rejected", "reason": e.reason, "detail": e.detail}
-                continue
-            good.append(k)
-            pictures.append(picture)
-            texts.append(text)
-        predictions = self.predictor.predict_batch(pictures, texts, batch_size=max(1, len(pictures)))
-        for k, picture, prediction in zip(good, pictures, predictions):
-            row = rows[k]
-            w, h = picture.size
-            record = prediction_to_record(prediction)
-            result = {"row_id": row["row_id"], "image_path": row["image_path"], "text": row["text"], "width": w,
-                      "height": h, **record, "gt_no_target": row["gt_no_target"], "iou": None, "status": "ok"}
-            if row["gt_mask"] is not None:
-                gt = rle_decode(row["gt_mask"], h, w)
-                if gt.shape != prediction.mask.shape:
-                    raise BatchPredictError(f"row {row['row_id']}: ground truth is {gt.shape}, the image "
-                                            f"{prediction.mask.shape}")
-                metrics = GRESMetrics()
-                metrics.update(prediction.mask[None], np.asarray([prediction.no_target]), gt[None],
-                               np.asarray([bool(row["gt_no_target"])]))
-                state = metrics.state_dict()
-                result["iou"] = float(state["iou_sum"])  # this sample's IoU, ReLA's no-target convention
-                result["metric_state"] = json.dumps(state)
-            out[k] = result
-        return pa.Table.from_pylist(out, schema=_ACTOR_SCHEMA)
 
 
 # --- the job ----------------------------------------------------------------------------------
@@ -441,7 +149,7 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     checkpoint = resolve_checkpoint(cfg.model)
     checkpoint_files(checkpoint)  # an incomplete checkpoint: one message here, not a crash in every actor
     tags = _model_tags(cfg.model)
-    if not _is_prepared(cfg.data) and not Path(cfg.data).exists():
+    if not is_prepared(cfg.data) and not Path(cfg.data).exists():
         raise BatchPredictError(f"{cfg.data}: no such file or directory")
     out = _prepare_out(cfg.out)
 

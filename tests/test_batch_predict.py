@@ -72,7 +72,8 @@ def _args(registered, data, out, **extra) -> argparse.Namespace:
 
 def test_table_with_bad_rows_finishes_and_counts_them(registered, ray_local, one_thread, tmp_path, capsys):
     from instalign.predictor import Predictor
-    from pipelines.batch_predict import PREDICTION_SCHEMA, REJECT_SCHEMA, run
+    from pipelines.batch_predict import run
+    from pipelines.batch_tables import PREDICTION_SCHEMA, REJECT_SCHEMA
     from pipelines.prediction_record import prediction_to_record
 
     images = tmp_path / "images"
@@ -129,7 +130,8 @@ def test_prepared_split_logs_metrics_to_a_run_linked_to_the_version(registered, 
 
     from instalign.data.masks import rle_decode
     from instalign.data.parquet import read_manifest
-    from pipelines.batch_predict import REJECT_SCHEMA, run
+    from pipelines.batch_predict import run
+    from pipelines.batch_tables import REJECT_SCHEMA
 
     split = sorted(read_manifest(str(prepared_dataset))["files"])[0]
     out = tmp_path / "out"
