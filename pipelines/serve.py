@@ -12,8 +12,8 @@ when one is assigned) behind a FastAPI ingress:
   texts, image headers; ``pipelines.serving.ServingLimits`` from the ``INSTALIGN_SERVING_*``
   environment) and answered as MLflow answers them — ``{"error_code", "message"}`` with 400,
   413 or 503 — never with a stack trace. Unlike MLflow's scoring server, the raw body is
-  bounded too (:func:`max_body_bytes`: the payload limit in base64 plus JSON slack) and read
-  no further once over it.
+  bounded too (``pipelines.invocation.max_body_bytes``: the payload limit in base64 plus JSON
+  slack) and read no further once over it.
 * ``GET /ping`` and ``GET /health`` — 200 once the replica has loaded the model.
 * ``GET /`` — the page (``pipelines/web``): pick a bundled sample or upload an image, type an
   expression, see the overlay that ``instalign predict --out`` draws
@@ -37,12 +37,10 @@ that authenticates in front before binding a public interface. On Kubernetes,
 import argparse
 import asyncio
 import base64
-import binascii
 import functools
 import io
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -55,6 +53,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 
+from pipelines.invocation import RequestError, max_body_bytes, parse_invocation
+
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -63,68 +63,6 @@ STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 APP_NAME = "instalign"
 
 api = FastAPI(title="InstAlign", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-class RequestError(Exception):
-    """A request refused at the HTTP layer (before the pyfunc's checks): status and message."""
-
-    def __init__(self, status: int, message: str, error_code: str = "BAD_REQUEST") -> None:
-        super().__init__(message)
-        self.status, self.message, self.error_code = status, message, error_code
-
-
-def max_body_bytes(max_request_bytes: int) -> int:
-    """The largest HTTP body worth reading: the payload limit as base64 (4/3) plus 1 MiB of JSON."""
-    return 4 * math.ceil(max_request_bytes / 3) + 2**20
-
-
-def parse_invocation(body: bytes):
-    """The JSON body of ``/invocations`` → a DataFrame (``image`` base64-decoded to bytes).
-
-    Accepts MLflow's ``dataframe_records`` and ``dataframe_split`` (``columns`` + ``data``).
-    """
-    import pandas as pd
-
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"the body is not valid JSON: {e}") from None
-    if not isinstance(payload, dict):
-        raise RequestError(400, "the body must be a JSON object with 'dataframe_records' or 'dataframe_split'")
-    keys = [k for k in ("dataframe_records", "dataframe_split") if k in payload]
-    if len(keys) != 1:
-        raise RequestError(400, f"the body needs exactly one of 'dataframe_records' or 'dataframe_split' "
-                                f"(got keys {sorted(payload)})")
-    if keys[0] == "dataframe_records":
-        records = payload["dataframe_records"]
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise RequestError(400, "'dataframe_records' must be a list of objects")
-        frame = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=["text"])
-    else:
-        split = payload["dataframe_split"]
-        if not isinstance(split, dict) or not isinstance(split.get("columns"), list) \
-                or not isinstance(split.get("data"), list):
-            raise RequestError(400, "'dataframe_split' must be an object with lists 'columns' and 'data'")
-        columns = split["columns"]
-        for row, values in enumerate(split["data"]):
-            if not isinstance(values, list) or len(values) != len(columns):
-                raise RequestError(400, f"dataframe_split row {row}: expected a list of {len(columns)} values")
-        frame = pd.DataFrame(split["data"], columns=columns)
-    if "image" in frame.columns:
-        frame["image"] = [_b64decode(row, value) for row, value in enumerate(frame["image"])]
-    return frame
-
-
-def _b64decode(row: int, value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if not isinstance(value, str):
-        raise RequestError(400, f"row {row}: 'image' must be a base64 string of the encoded image, "
-                                f"got {type(value).__name__}")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(400, f"row {row}: 'image' is not valid base64") from None
 
 
 def _error(status: int, message: str, error_code: str) -> JSONResponse:
