@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -28,6 +29,25 @@ from tests.tiny_checkpoint import make_checkpoint
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL = "instalign-batch-test"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mlflow_state_restored():
+    """``mlflow.set_experiment`` (here and in ``batch_predict``) and ``configure_tracking`` set
+    process-wide state: the tracking URI, the active experiment id and ``$MLFLOW_EXPERIMENT_ID``.
+    Left behind, a later test file's ``mlflow.start_run`` on its own store looks for this
+    store's experiment id and fails ("No Experiment with id=2 exists")."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    uri, active, env = mlflow.get_tracking_uri(), fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID")
+    yield
+    mlflow.set_tracking_uri(uri)
+    fluent._active_experiment_id = active
+    if env is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = env
 
 
 @pytest.fixture(scope="module")
