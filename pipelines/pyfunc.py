@@ -64,7 +64,7 @@ from pipelines.serving import (  # noqa: F401
 )
 # ``record_to_prediction`` is re-exported, and ``prediction_to_record`` importable from here, until
 # pipelines/quickstart.py, tests/test_serving.py and tests/test_ray_serve.py import them from
-# ``pipelines.prediction_record`` (/work/notes/requests-split.md).
+# ``pipelines.prediction_record``.
 from pipelines.prediction_record import prediction_to_record, record_to_prediction  # noqa: F401
 
 #: ``instalign predict`` reads a local image file of at most this many bytes.

@@ -325,8 +325,8 @@ def redacted_context_tags() -> dict[str, str]:
 
 #: Names that moved to their own modules, still importable from here until
 #: pipelines/job.py (``log_run_inputs``) and pipelines/worker.py (``system_metrics``) import
-#: them from their homes (/work/notes/requests-split.md). Looked up lazily: ``run_inputs``
-#: imports this module.
+#: them from their homes. Looked up lazily (``run_inputs``
+#: imports this module): a static import here would be a cycle.
 _MOVED = {"log_run_inputs": "pipelines.run_inputs", "system_metrics": "pipelines.system_metrics"}
 
 
