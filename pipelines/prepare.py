@@ -58,18 +58,13 @@ Memory per Ray worker (one CPU each) is bounded by one shard: its stored image b
 table and Parquet encoding buffers (about as much again), plus one decoded image at a time
 (~1 MB for COCO; at most ``max_image_pixels`` × 3 bytes, 150 MB at the default cap).
 
-Ray starts while the driver reads, plans and works (issue 16): ``init_ray`` runs in the main
-thread — Ray 2.60 started from another thread makes the process exit at its first
-``ray.put`` (measured) — while a helper thread reads the release, checks the records, groups
-them by image, builds the task table, and then processes and writes shards from the front of
-the plan itself (:func:`_process_until`, the same ``write_shard`` a Ray task runs) until Ray
-is ready; the Ray Data pass takes the shards left. On 2 cores reading a 3,000-image release
-takes ~2 s and Ray's start 4–7 s, of which neither the read nor the idle core is lost any
-more. With a cluster already running (``--address``) Ray is ready at once and the driver
-processes nothing. An unreadable or hostile release is therefore refused once Ray has
-started, but before any task runs (no task ever sees it); ``--strict`` with a record
-quarantined on the driver likewise. One quarantined while processing fails the run after the
-pass, and the shards already written are removed.
+Ray starts while the driver reads and plans (issue 16): ``init_ray`` runs in the main thread —
+Ray 2.60 started from another thread makes the process exit at its first ``ray.put``
+(measured) — while a helper thread reads the release, checks the records, groups them by
+image and builds the task table, so the read no longer adds to Ray's start. An unreadable or
+hostile release is therefore refused once Ray has started, but before any task runs (no task
+ever sees it); ``--strict`` with a record quarantined on the driver likewise. One quarantined
+by a worker fails the run after the pass, and the shards already written are removed.
 
 Images are stored as the source bytes when the source is a JPEG that needs no resizing
 (no second lossy generation, no encode cost), otherwise re-encoded as RGB JPEG at
@@ -93,8 +88,8 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import os
 import sys
-import threading
 import time
 from collections import Counter
 from typing import Any
@@ -111,7 +106,7 @@ from instalign.data.source import GRESSource
 from pipelines.prepare_output import check_output, replace_output, resolve_output, sibling_path, write_manifest
 from pipelines.prepare_records import PrepareError, plan_tasks, quarantine_record, to_task_table
 from pipelines.prepare_shards import (DEFAULT_MAX_IMAGE_PIXELS, group_shards, plan_shards, process_task,
-                                      shard_file_name, write_shard, write_shards)
+                                      shard_file_name, write_shards)
 from pipelines.redaction import command_line, redact
 
 #: The verb's API; the rest of these names are re-exported from the modules that define them.
@@ -159,51 +154,21 @@ def _plan(source: GRESSource, *, splits: list[str] | None, root: str, strict: bo
     return _Plan(records, dict(empty_refs), dropped, to_task_table(ordered, root), shards)
 
 
-def _make_split_dirs(plan: _Plan, fs: pafs.FileSystem, out_path: str) -> None:
+def _run_pass(plan: _Plan, *, fs: pafs.FileSystem, out_path: str, dataset: str, **options: Any) -> list[dict]:
+    """The one Ray Data pass: every shard processed and written once; returns the statistics rows,
+    in shard order."""
+    import ray
+    import ray.data
+
     for split in sorted({s[0] for s in plan.shards}):
         if not is_safe_split_name(split):  # plan_tasks admits none; this line is what keeps writes inside out
             raise PrepareError(f"refusing to write split {split!r:.80}: not a safe directory name")
         fs.create_dir(f"{out_path}/{split}", recursive=True)
-
-
-def _process_until(ready: threading.Event, plan: _Plan, *, fs: pafs.FileSystem, out_path: str, dataset: str,
-                   **options: Any) -> list[dict]:
-    """Shards from the front of the plan, processed and written in the driver until ``ready`` is
-    set (Ray has started); returns their statistics rows.
-
-    Starting a private Ray cluster takes 4–7 s on 2 cores, longer than reading and planning
-    a release, and Ray's start does not keep both cores busy: the driver puts that time to
-    work with the very function a Ray task runs (``write_shard``), one shard at a time, and
-    stops within one shard of Ray being ready. The Ray Data pass takes the rest.
-    """
-    done: list[dict] = []
-    for i, (split, index, start, stop) in enumerate(plan.shards):
-        if ready.is_set():
-            break
-        if i == 0:
-            _make_split_dirs(plan, fs, out_path)
-        stats = write_shard(plan.task_table.slice(start, stop - start).to_pylist(), split=split, index=index, fs=fs,
-                            out_path=out_path, dataset=dataset, **options)
-        done.append(dict(stats, shard=i))
-    return done
-
-
-def _run_pass(plan: _Plan, *, first: int = 0, fs: pafs.FileSystem, out_path: str, dataset: str,
-              **options: Any) -> list[dict]:
-    """The one Ray Data pass: every shard from ``first`` on processed and written once; returns
-    their statistics rows, in shard order."""
-    import ray
-    import ray.data
-
-    _make_split_dirs(plan, fs, out_path)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    left = len(plan.shards) - first
-    if not left:
-        return []
-    if left < 2 * cpus:
+    if len(plan.shards) < 2 * cpus:
         log.info("%d shard(s) for %d CPUs: a shard is the unit of work, so a smaller --rows-per-shard would use "
-                 "the cores better", left, cpus)
-    groups = [(first + a, first + b) for a, b in group_shards(left, cpus)]
+                 "the cores better", len(plan.shards), cpus)
+    groups = group_shards(len(plan.shards), cpus)
     tasks = ray.put(plan.task_table)  # once; every task reads its rows from it
     stats = (ray.data.range(len(groups), override_num_blocks=len(groups))
              .map_batches(write_shards, batch_size=None, batch_format="numpy", num_cpus=1,
@@ -247,14 +212,11 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
     fs, out_path = resolve_output(out)
     replacing = check_output(fs, out_path, overwrite=overwrite)
 
+    if not os.path.isdir(root):  # the common mistake fails at once, not after Ray's start
+        raise PrepareError(f"cannot read {dataset} from {redact(str(root))}: no such directory")
     from pipelines.ray_utils import init_ray
 
-    build_path = sibling_path(out_path, "prepare") if replacing else out_path
-    options = dict(image_max_side=image_max_side, jpeg_quality=jpeg_quality, max_image_bytes=max_image_bytes,
-                   max_image_pixels=max_image_pixels)
-    ready = threading.Event()
-
-    def read_plan_and_start() -> tuple[GRESSource, _Plan, list[dict]]:
+    def read_and_plan() -> tuple[GRESSource, _Plan]:
         try:
             source = read_source(dataset, str(root), split_by=split_by)
         except (OSError, ValueError, UnsafePickleError) as e:  # these name the file and the record
@@ -263,27 +225,26 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
         plan = _plan(source, splits=splits, root=str(root), strict=strict, rows_per_shard=rows_per_shard)
         log.info("read the release in %.1fs, planned %d shard(s) in %.1fs", t_read - t0, len(plan.shards),
                  time.time() - t_read)
-        return source, plan, _process_until(ready, plan, fs=fs, out_path=build_path, dataset=dataset, **options)
+        return source, plan
 
+    # Overlap: Ray starts here, in the main thread, while a helper thread reads and plans (module docstring).
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="instalign-plan") as pool:
+        planning = pool.submit(read_and_plan)
+        init_ray(address)
+        import ray.data  # noqa: F401 - its import (~1 s) overlaps the planning too
+
+        source, plan = planning.result()
+    log.info("Ray ready after %.1fs", time.time() - t0)
+
+    build_path = sibling_path(out_path, "prepare") if replacing else out_path
     if replacing:
         log.info("overwrite: building the new dataset in %s; %s is replaced only once it is complete",
                  redact(build_path), redact(out_path))
     try:
-        # Overlap: Ray starts here, in the main thread, while a helper thread reads, plans and
-        # processes the first shards (module docstring).
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="instalign-plan") as pool:
-            planning = pool.submit(read_plan_and_start)
-            try:
-                init_ray(address)
-                import ray.data  # noqa: F401 - its import (~1 s) overlaps the planning too
-            finally:
-                ready.set()
-            t_ray = time.time() - t0
-            source, plan, early = planning.result()
-        log.info("Ray ready after %.1fs; %d shard(s) processed in the driver meanwhile", t_ray, len(early))
-        manifest = _build(fs, build_path, plan, early, source=source, root=root, dataset=dataset, splits=splits,
-                          strict=strict, split_by=split_by, progress=progress, rows_per_shard=rows_per_shard,
-                          **options)
+        manifest = _build(fs, build_path, plan, source=source, root=root, dataset=dataset, splits=splits,
+                          strict=strict, split_by=split_by, progress=progress, image_max_side=image_max_side,
+                          jpeg_quality=jpeg_quality, rows_per_shard=rows_per_shard, max_image_bytes=max_image_bytes,
+                          max_image_pixels=max_image_pixels)
     except BaseException as e:
         if replacing and fs.get_file_info(build_path).type != pafs.FileType.NotFound:
             fs.delete_dir(build_path)  # the old dataset was never touched
@@ -297,12 +258,10 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
     return manifest
 
 
-def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, early: list[dict], *, source: GRESSource, root: str,
-           dataset: str, splits: list[str] | None, strict: bool, split_by: str | None, progress: bool,
-           image_max_side: int, jpeg_quality: int, rows_per_shard: int, max_image_bytes: int,
-           max_image_pixels: int) -> dict:
-    """The Ray Data pass over the shards the driver has not processed (``early``: their
-    statistics rows), then the quarantine and the manifest (last) at ``out_path``."""
+def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, *, source: GRESSource, root: str, dataset: str,
+           splits: list[str] | None, strict: bool, split_by: str | None, progress: bool, image_max_side: int,
+           jpeg_quality: int, rows_per_shard: int, max_image_bytes: int, max_image_pixels: int) -> dict:
+    """The Ray Data pass, then the quarantine and the manifest (last) at ``out_path``."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -311,9 +270,9 @@ def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, early: list[dict], *
         ctx.enable_progress_bars = False
     t0 = time.time()
     try:
-        stats = early + _run_pass(plan, first=len(early), fs=fs, out_path=out_path, dataset=dataset,
-                                  image_max_side=image_max_side, jpeg_quality=jpeg_quality,
-                                  max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)
+        stats = _run_pass(plan, fs=fs, out_path=out_path, dataset=dataset, image_max_side=image_max_side,
+                          jpeg_quality=jpeg_quality, max_image_bytes=max_image_bytes,
+                          max_image_pixels=max_image_pixels)
     finally:
         ctx.enable_progress_bars = bars
     records = plan.records + [r for row in stats for r in json.loads(row["quarantine"])]

@@ -258,35 +258,3 @@ def test_cli_reports_bad_arguments(synthetic_root, tmp_path, capsys):
     rc = main(["prepare", "--dataset", "grefcoco", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
     assert rc == 1 and "cannot read grefcoco" in capsys.readouterr().err
 
-
-def test_the_driver_writes_shards_while_ray_starts_and_the_dataset_is_the_same(prepared_dataset, synthetic_root,
-                                                                               tmp_path, monkeypatch):
-    """Issue 16: while Ray starts, the driver processes shards from the front of the plan; the
-    Ray pass takes the rest. Here "Ray's start" lasts until the driver has written two shards:
-    the output must equal the one written by Ray alone (``prepared_dataset``, same shard size)."""
-    import time
-
-    import pipelines.ray_utils as ray_utils
-
-    out, real_init = tmp_path / "grefcoco", ray_utils.init_ray
-
-    def slow_start(address=None):
-        deadline = time.monotonic() + 60
-        while len(list(out.rglob("*.parquet"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        real_init(address)
-
-    seen = []
-    monkeypatch.setattr(ray_utils, "init_ray", slow_start)
-    real_pass = prep._run_pass
-    monkeypatch.setattr(prep, "_run_pass", lambda plan, *, first, **kw: seen.append(first) or real_pass(
-        plan, first=first, **kw))
-    manifest = prepare_dataset(dataset="grefcoco", root=synthetic_root, out=str(out), rows_per_shard=8)
-
-    expected = json.loads((prepared_dataset / MANIFEST_NAME).read_text())
-    # The driver wrote the first shards; Ray Data wrote the others.
-    assert len(seen) == 1 and 2 <= seen[0] < sum(len(f) for f in manifest["files"].values())
-    for key in ("counts", "files", "quarantined", "quarantined_samples_dropped"):
-        assert manifest[key] == expected[key], key
-    for split in expected["files"]:
-        assert _rows(out, split) == _rows(prepared_dataset, split)
