@@ -234,7 +234,7 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
         import ray.data  # noqa: F401 - its import (~1 s) overlaps the planning too
 
         source, plan = planning.result()
-    log.info("Ray ready after %.1fs", time.time() - t0)
+    log.info("Ray started and the release planned after %.1fs", time.time() - t0)
 
     build_path = sibling_path(out_path, "prepare") if replacing else out_path
     if replacing:
