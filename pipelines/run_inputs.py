@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -25,6 +26,8 @@ from pipelines.tracking_mlflow import GIT_COMMIT_TAG, MANIFEST_HASH_TAG, MlflowT
 
 #: MLflow's input tag naming what a dataset was used for (``train``, ``evaluation``).
 DATASET_CONTEXT_TAG = "mlflow.data.context"
+#: Tries to log a dataset input (a concurrent run may insert the same dataset row first).
+_DATASET_ATTEMPTS = 4
 
 
 def git_commit(path: Union[str, Path, None] = None) -> Optional[str]:
@@ -103,9 +106,24 @@ def log_dataset_input(tracking_uri: str, run_id: str, manifest: Mapping[str, Any
     from mlflow import MlflowClient
     from mlflow.entities import DatasetInput, InputTag
 
+    from mlflow.exceptions import MlflowException
+
     dataset = dataset_entity(manifest, data_dir)
     tags = [InputTag(DATASET_CONTEXT_TAG, context)] + ([InputTag("instalign.split", split)] if split else [])
-    MlflowClient(tracking_uri=tracking_uri).log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for attempt in range(_DATASET_ATTEMPTS):
+        try:
+            client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
+            return dataset
+        except MlflowException as e:
+            # An experiment holds one row per (name, digest); the store looks it up, then inserts.
+            # Concurrent runs of one experiment (Tune trials) logging the same dataset race
+            # between the two: the loser's insert breaks the unique constraint. On retry the
+            # lookup finds the winner's row and only the run's link is written.
+            if "UNIQUE constraint" not in str(e) and "Duplicate entry" not in str(e) \
+                    or attempt == _DATASET_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     return dataset
 
 

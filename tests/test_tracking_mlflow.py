@@ -227,6 +227,40 @@ def test_the_prepared_dataset_is_the_runs_input(store, tiny_cfg):
     assert {t.key: t.value for t in inp.tags} == {DATASET_CONTEXT_TAG: "train"}
 
 
+def test_concurrent_runs_of_one_experiment_log_the_same_dataset(store):
+    """Tune's trials start together and each logs the same prepared dataset into one
+    experiment: the store's look-up-then-insert races, and the loser's insert breaks the
+    (experiment, name, digest) unique constraint. Every run must still get its input."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from pipelines.run_inputs import log_dataset_input
+
+    manifest = {"dataset": "grefcoco", "counts": {"train": {"samples": 12}}, "created": "2026-11-30"}
+    for round_ in range(3):  # fresh dataset rows each round: a new digest
+        manifest["created"] = f"2026-11-30 round {round_}"
+        runs = [start_or_resume_run(tracking_uri=store, experiment="race", run_name=f"r{round_}-{i}")[0]
+                for i in range(6)]
+        barrier, errors = threading.Barrier(len(runs)), []
+
+        def log(run_id: str) -> None:
+            barrier.wait()
+            try:
+                log_dataset_input(store, run_id, manifest, "/data/prepared")
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        client = MlflowClient(tracking_uri=store)
+        assert all([d.dataset.name for d in client.get_run(r).inputs.dataset_inputs] == ["grefcoco"] for r in runs)
+
+
 def test_system_metrics_monitor_logs_into_the_run_per_node(store):
     """The per-node monitor a training node runs: ``system/<node>/...`` metrics reach the run;
     a second monitor (another node, or a restarted one) continues the run's steps."""
