@@ -286,7 +286,7 @@ def serve_one(model_uri: str, sample: dict[str, Any], out: Path) -> Path:
     import pandas as pd
 
     from instalign.visualize import save_overlay
-    from pipelines.pyfunc import record_to_prediction
+    from pipelines.prediction_record import record_to_prediction
 
     model = mlflow.pyfunc.load_model(model_uri)
     record = model.predict(pd.DataFrame({"image": [sample["image"]], "text": [sample["text"]]})).iloc[0].to_dict()

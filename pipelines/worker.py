@@ -164,10 +164,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         worker.record_resume(checkpoint.path, skipped)
     # One system-metrics monitor per node (its local rank 0): CPU, memory, disk, network and
-    # NVIDIA GPU use as system/node_<n>/... metrics of the job's run (tracking_mlflow.system_metrics).
+    # NVIDIA GPU use as system/node_<n>/... metrics of the job's run (pipelines.system_metrics).
     monitor = nullcontext()
     if ctx.get_local_rank() == 0 and spec.mlflow_run_id:
-        from pipelines.tracking_mlflow import system_metrics
+        from pipelines.system_metrics import system_metrics
 
         monitor = system_metrics(spec.mlflow_run_id, spec.tracking_uri, node_id=f"node_{ctx.get_node_rank()}")
     with monitor:

@@ -77,7 +77,7 @@ def predictor(model):
 
 
 def _expected(predictor, image: bytes, text: str) -> dict:
-    from pipelines.pyfunc import prediction_to_record
+    from pipelines.prediction_record import prediction_to_record
 
     return prediction_to_record(predictor.predict(image, text))
 

@@ -79,7 +79,7 @@ def _close(got: dict, want: dict) -> None:
 def expected(registered):
     """What the checkpoint's own Predictor answers for the good request."""
     from instalign.predictor import Predictor
-    from pipelines.pyfunc import prediction_to_record
+    from pipelines.prediction_record import prediction_to_record
 
     predictor = Predictor.from_checkpoint(registered["checkpoint"], device="cpu")
     return prediction_to_record(predictor.predict(png(IMAGE_SIZE), "the red ball on the left"))
