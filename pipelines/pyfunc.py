@@ -62,10 +62,7 @@ from pipelines.serving import (  # noqa: F401
     read_regular_file,
     read_served_image_path,
 )
-# ``record_to_prediction`` is re-exported, and ``prediction_to_record`` importable from here, until
-# pipelines/quickstart.py, tests/test_serving.py and tests/test_ray_serve.py import them from
-# ``pipelines.prediction_record``.
-from pipelines.prediction_record import prediction_to_record, record_to_prediction  # noqa: F401
+from pipelines.prediction_record import prediction_to_record
 
 #: ``instalign predict`` reads a local image file of at most this many bytes.
 MAX_FILE_BYTES = 256 * 2**20
