@@ -223,7 +223,7 @@ def run_job(job: TrainJob, tracker: Any, *, extra_params: Optional[Mapping[str, 
     from contextlib import nullcontext
 
     from pipelines.ray_utils import ResourceWaitReporter
-    from pipelines.tracking_mlflow import log_run_inputs
+    from pipelines.run_inputs import log_run_inputs
 
     d = job.data
     log_run_inputs(tracker, job.config, d.manifest, d.data_dir, {**job.params(), **dict(extra_params or {})})

@@ -321,18 +321,3 @@ def redacted_context_tags() -> dict[str, str]:
     from mlflow.tracking.context.registry import resolve_tags
 
     return {key: _tag_value(value) for key, value in resolve_tags().items()}
-
-
-#: Names that moved to their own modules, still importable from here until
-#: pipelines/job.py (``log_run_inputs``) and pipelines/worker.py (``system_metrics``) import
-#: them from their homes. Looked up lazily (``run_inputs``
-#: imports this module): a static import here would be a cycle.
-_MOVED = {"log_run_inputs": "pipelines.run_inputs", "system_metrics": "pipelines.system_metrics"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
