@@ -70,6 +70,18 @@ def _fail(where: str, msg: str) -> None:
     raise ClusterConfigError(f"{where}: {msg}")
 
 
+def embedded_yaml_mapping(spec: dict, field: str, where: str) -> dict:
+    """``spec[field]``: a YAML document held as a string (a KubeRay field), parsed to a mapping."""
+    text = _get(spec, field, where, kind=str)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ClusterConfigError(f"{where}: spec.{field} is not valid YAML: {e}") from None
+    if not isinstance(value, dict):
+        _fail(where, f"spec.{field} must be a mapping")
+    return value
+
+
 def _get(doc: Any, dotted: str, where: str, *, kind: type | tuple[type, ...] | None = None) -> Any:
     """``doc[a][b][c]`` for ``"a.b.c"``, or an error naming the missing field."""
     node = doc
@@ -352,13 +364,7 @@ def check_kuberay(doc: dict[str, Any], where: str, *, runtime_env: dict[str, Any
     need_gpu = any(v in ("train", "tune", "evaluate") for v in verbs)
     check_ray_cluster_spec(_get(spec, "rayClusterSpec", where, kind=dict), f"{where} spec.rayClusterSpec",
                            need_gpu=need_gpu)
-    text = _get(spec, "runtimeEnvYAML", where, kind=str)
-    try:
-        env = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ClusterConfigError(f"{where}: spec.runtimeEnvYAML is not valid YAML: {e}") from None
-    if not isinstance(env, dict):
-        _fail(where, "spec.runtimeEnvYAML must be a mapping")
+    env = embedded_yaml_mapping(spec, "runtimeEnvYAML", where)
     check_runtime_env(env, f"{where} spec.runtimeEnvYAML", remote=True)
     if runtime_env is not None:
         # The manifest must run the same environment as `ray job submit --runtime-env`; only

@@ -21,14 +21,13 @@ from __future__ import annotations
 import importlib
 from typing import Any, Optional
 
-import yaml
-
 from tests.cluster_config import (
     ClusterConfigError,
     _fail,
     _get,
     check_ray_cluster_spec,
     check_runtime_env,
+    embedded_yaml_mapping,
 )
 
 APP_BUILDER = "pipelines.serve:app_builder"
@@ -52,13 +51,7 @@ def check_rayservice(doc: dict[str, Any], where: str, *, runtime_env: Optional[d
     spec = _get(doc, "spec", where, kind=dict)
     if (spec.get("serveService") or {}).get("spec", {}).get("type", "ClusterIP") != "ClusterIP":
         _fail(where, "spec.serveService must stay ClusterIP (the page and /invocations have no authentication)")
-    text = _get(spec, "serveConfigV2", where, kind=str)
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ClusterConfigError(f"{where}: spec.serveConfigV2 is not valid YAML: {e}") from None
-    if not isinstance(config, dict):
-        _fail(where, "spec.serveConfigV2 must be a mapping")
+    config = embedded_yaml_mapping(spec, "serveConfigV2", where)
     try:
         ServeDeploySchema.parse_obj(config)
     except Exception as e:  # pydantic's ValidationError (v1 or v2, as Ray ships it)
