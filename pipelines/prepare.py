@@ -58,13 +58,13 @@ Memory per Ray worker (one CPU each) is bounded by one shard: its stored image b
 table and Parquet encoding buffers (about as much again), plus one decoded image at a time
 (~1 MB for COCO; at most ``max_image_pixels`` × 3 bytes, 150 MB at the default cap).
 
-Ray starts while the driver reads and plans (issue 16): ``init_ray`` runs in the main thread —
+Ray starts while the driver plans: the release is read and validated first (an unreadable
+or hostile release fails without starting Ray), then ``init_ray`` runs in the main thread —
 Ray 2.60 started from another thread makes the process exit at its first ``ray.put``
-(measured) — while a helper thread reads the release, checks the records, groups them by
-image and builds the task table, so the read no longer adds to Ray's start. An unreadable or
-hostile release is therefore refused once Ray has started, but before any task runs (no task
-ever sees it); ``--strict`` with a record quarantined on the driver likewise. One quarantined
-by a worker fails the run after the pass, and the shards already written are removed.
+(measured) — while a helper thread checks the records, groups them by image and builds the
+task table. ``--strict`` with a record quarantined on the driver therefore fails after Ray
+has started, but before any task runs; one quarantined by a worker fails the run after the
+pass, and the shards already written are removed.
 
 Images are stored as the source bytes when the source is a JPEG that needs no resizing
 (no second lossy generation, no encode cost), otherwise re-encoded as RGB JPEG at
@@ -88,7 +88,6 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -212,29 +211,23 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
     fs, out_path = resolve_output(out)
     replacing = check_output(fs, out_path, overwrite=overwrite)
 
-    if not os.path.isdir(root):  # the common mistake fails at once, not after Ray's start
-        raise PrepareError(f"cannot read {dataset} from {redact(str(root))}: no such directory")
+    try:
+        source = read_source(dataset, str(root), split_by=split_by)
+    except (OSError, ValueError, UnsafePickleError) as e:  # SourceFormatError/UnsafePickleError name file and record
+        raise PrepareError(f"cannot read {dataset} from {redact(str(root))}: {e}") from e
+    t_read = time.time()
     from pipelines.ray_utils import init_ray
 
-    def read_and_plan() -> tuple[GRESSource, _Plan]:
-        try:
-            source = read_source(dataset, str(root), split_by=split_by)
-        except (OSError, ValueError, UnsafePickleError) as e:  # these name the file and the record
-            raise PrepareError(f"cannot read {dataset} from {redact(str(root))}: {e}") from e
-        t_read = time.time()
-        plan = _plan(source, splits=splits, root=str(root), strict=strict, rows_per_shard=rows_per_shard)
-        log.info("read the release in %.1fs, planned %d shard(s) in %.1fs", t_read - t0, len(plan.shards),
-                 time.time() - t_read)
-        return source, plan
-
-    # Overlap: Ray starts here, in the main thread, while a helper thread reads and plans (module docstring).
+    # Overlap: Ray starts here, in the main thread, while a helper thread plans (module docstring).
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="instalign-plan") as pool:
-        planning = pool.submit(read_and_plan)
+        planning = pool.submit(_plan, source, splits=splits, root=str(root), strict=strict,
+                               rows_per_shard=rows_per_shard)
         init_ray(address)
         import ray.data  # noqa: F401 - its import (~1 s) overlaps the planning too
 
-        source, plan = planning.result()
-    log.info("Ray started and the release planned after %.1fs", time.time() - t0)
+        plan = planning.result()
+    log.info("read the release in %.1fs; planned %d shard(s) while Ray started (%.1fs)", t_read - t0,
+             len(plan.shards), time.time() - t_read)
 
     build_path = sibling_path(out_path, "prepare") if replacing else out_path
     if replacing:

@@ -257,4 +257,3 @@ def test_cli_reports_bad_arguments(synthetic_root, tmp_path, capsys):
     assert rc == 1 and "split(s) ['nope'] not in the release" in capsys.readouterr().err
     rc = main(["prepare", "--dataset", "grefcoco", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
     assert rc == 1 and "cannot read grefcoco" in capsys.readouterr().err
-
