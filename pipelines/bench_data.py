@@ -39,10 +39,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines import flags
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 TARGETS = {"prepare": 100.0, "loader": 150.0}
 _WORDS = dict(

@@ -63,11 +63,12 @@ def parse_invocation(body: bytes):
                 raise RequestError(400, f"dataframe_split row {row}: expected a list of {len(columns)} values")
         frame = pd.DataFrame(split["data"], columns=columns)
     if "image" in frame.columns:
-        frame["image"] = [_b64decode(row, value) for row, value in enumerate(frame["image"])]
+        frame["image"] = [b64decode_image(row, value) for row, value in enumerate(frame["image"])]
     return frame
 
 
-def _b64decode(row: int, value: Any) -> Any:
+def b64decode_image(row: int, value: Any) -> Any:
+    """Row ``row``'s base64 ``image`` field → bytes (``None`` stays missing); a 400 otherwise."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if not isinstance(value, str):

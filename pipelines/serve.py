@@ -53,7 +53,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 
-from pipelines.invocation import RequestError, max_body_bytes, parse_invocation
+from pipelines.invocation import RequestError, b64decode_image, max_body_bytes, parse_invocation
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class InstAlignService:
             payload = json.loads(await self._body(request))
             if not isinstance(payload, dict):
                 raise RequestError(400, "the body must be a JSON object with 'image' and 'text'")
-            image = _b64decode(0, payload.get("image"))
+            image = b64decode_image(0, payload.get("image"))
             if not image:
                 raise RequestError(400, "choose an image first")
             frame = pd.DataFrame({"image": [image], "text": [payload.get("text")]})
