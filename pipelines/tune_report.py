@@ -159,8 +159,9 @@ def summarize(grid: Any, *, base: Config, metric: str, mode: str, train_samples:
         else:
             expected = expected_iterations(trial_config(base, r.config), train_samples, max_iterations)
             status = "completed" if iterations >= expected else "stopped_early"
-        rows.append(TrialRow(trial_id=trial_id, status=status, params=dict(r.config), iterations=iterations, best=best,
-                             last=last, best_iteration=best_it, checkpoint_path=ckpt,
+        # A trial that never started (a search interrupted before it) has no config yet.
+        rows.append(TrialRow(trial_id=trial_id, status=status, params=dict(r.config or {}), iterations=iterations,
+                             best=best, last=last, best_iteration=best_it, checkpoint_path=ckpt,
                              mlflow_run_id=run_ids.get(trial_id),
                              error=None if r.error is None else f"{type(r.error).__name__}: {r.error}"[:500]))
     return sorted(rows, key=lambda row: row.trial_id)

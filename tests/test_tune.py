@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -202,10 +204,17 @@ def test_interrupted_search_resumes_where_it_stopped(prepared_dataset, ray_local
                   experiment="test-tune-resume", tracking_uri=store, scheduler="none", max_failures=0)
     done = threading.Event()
 
+    import ray
+
     def interrupt_after_first_result():
-        results = tmp_path / "ray" / "nt-search"
+        # Tune's CSV logger writes a trial's progress.csv in the driver's staging directory (Ray's
+        # session dir) as each result is processed; the copy under storage_path is synced later —
+        # after the trial ended, on a loaded machine — so both places are watched.
+        staged = Path(ray._private.worker._global_node.get_session_dir_path()) / "artifacts"
+        stored = tmp_path / "ray" / "nt-search"
         while not done.is_set():
-            if any(len(p.read_text().splitlines()) >= 2 for p in results.glob("*/progress.csv")):
+            csvs = [*stored.glob("*/progress.csv"), *staged.glob("*/nt-search/driver_artifacts/*/progress.csv")]
+            if any(len(p.read_text().splitlines()) >= 2 for p in csvs):
                 os.kill(os.getpid(), signal.SIGUSR1)
                 return
             time.sleep(0.5)

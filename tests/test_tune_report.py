@@ -76,3 +76,19 @@ def test_best_so_far_follows_each_validated_result(caplog):
     assert lowest.best[:2] == (5.0, "t_00001")
     with pytest.raises(ValueError, match="mode='best'"):
         BestSoFar("val_gIoU", "best")
+
+
+def test_a_trial_that_never_started_is_unfinished_not_a_crash():
+    """A search interrupted while a trial was still PENDING: Tune's result for it has no
+    config, no metrics and no history — the report says "unfinished" for it."""
+    from types import SimpleNamespace
+
+    from pipelines.tune_report import summarize
+
+    base = load_config("tiny", ["train.epochs=2", "train.batch_size=8"])
+    pending = SimpleNamespace(metrics_dataframe=None, metrics=None, config=None, error=None,
+                              path="/runs/nt-search/trial_driver_efc08_00001_1_loss_nt_weight=1.0000_2026-11-30")
+    (row,) = summarize([pending], base=base, metric="val_gIoU", mode="max", train_samples=32, max_iterations=2,
+                       run_ids={}, tune_status={"efc08_00001": "PENDING"})
+    assert (row.trial_id, row.status, row.params, row.iterations) == ("efc08_00001", "unfinished", {}, 0)
+    assert math.isnan(row.best) and row.mlflow_run_id is None
