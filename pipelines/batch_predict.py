@@ -153,7 +153,7 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
         raise BatchPredictError(f"{cfg.data}: no such file or directory")
     out = _prepare_out(cfg.out)
 
-    init_ray(cfg.address)
+    init_ray(cfg.address, data_only=True)
     use_gpu = cfg.gpus_per_worker > 0
     cpus = cfg.cpus_per_worker
     if cpus is None:

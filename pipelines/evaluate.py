@@ -181,7 +181,7 @@ def evaluate_dataset(checkpoint: str, data_dir: str, *, split: str = "val", metr
     if metrics not in METRICS:
         raise ValueError(f"metrics={metrics!r}: expected one of {sorted(METRICS)}")
 
-    init_ray(address)
+    init_ray(address, data_only=True)
     use_gpu = gpus_per_worker > 0
     if cpus_per_worker is None:
         cpus_per_worker = default_cpus_per_worker(num_workers, use_gpu=use_gpu)

@@ -222,7 +222,7 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="instalign-plan") as pool:
         planning = pool.submit(_plan, source, splits=splits, root=str(root), strict=strict,
                                rows_per_shard=rows_per_shard)
-        init_ray(address)
+        init_ray(address, data_only=True)
         import ray.data  # noqa: F401 - its import (~1 s) overlaps the planning too
 
         plan = planning.result()

@@ -27,11 +27,18 @@ PRIVATE_CLUSTER = textwrap.dedent("""
     import json, logging, os, sys
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from pipelines.ray_utils import init_ray
-    init_ray()
+    init_ray(data_only=sys.argv[1] == "data_only")
     import ray
     ctx = ray.get_runtime_context()
+
+    @ray.remote
+    def worker_env():
+        return os.environ.get("INSTALIGN_RAY_LOG_LEVEL")
+
     print(json.dumps({"gcs_address": ctx.gcs_address, "pid": os.getpid(),
-                      "token": os.path.isfile(os.path.expanduser("~/.ray/auth_token"))}), flush=True)
+                      "token": os.path.isfile(os.path.expanduser("~/.ray/auth_token")),
+                      "runtime_env": sorted(ctx.runtime_env), "worker_log_level": ray.get(worker_env.remote())}),
+          flush=True)
     sys.stdin.readline()  # hold the cluster until the test is done with it
     ray.shutdown()
 """)
@@ -105,18 +112,29 @@ def _is_loopback(address: str) -> bool:
 
 
 @pytest.mark.ray
-def test_private_cluster_is_new_and_keeps_token_authentication(ray_local, tmp_path):
-    """The session's test cluster (``ray_local``) runs on this machine; the verb must not join it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+@pytest.mark.parametrize("kind", ["full", "data_only"])
+def test_private_cluster_is_new_and_keeps_token_authentication(ray_local, tmp_path, kind):
+    """The session's test cluster (``ray_local``) runs on this machine; the verb must not join it.
+
+    ``data_only`` (prepare, evaluate, batch predict) is the lean cluster: no job runtime
+    environment — its workers inherit the driver's environment, the log level with it — and
+    the same authentication.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "INSTALIGN_RAY_LOG_LEVEL"}
     env.update(HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", PRIVATE_CLUSTER], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", PRIVATE_CLUSTER, kind], cwd=tmp_path, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line, proc.stderr.read()[-3000:]
         info = json.loads(line)
         assert info["gcs_address"] != ray_local.get_runtime_context().gcs_address  # a new cluster, not ours
         assert info["token"]  # Ray generated the cluster's token in the user's home
+        assert info["worker_log_level"] == "WARNING"
+        if kind == "data_only":
+            assert info["runtime_env"] == []
+        else:
+            assert "worker_process_setup_hook" in info["runtime_env"] and "env_vars" in info["runtime_env"]
 
         sockets = _listening_sockets(_descendants(info["pid"]))
         exposed = sorted({(a, p) for a, p, _ in sockets if not _is_loopback(a)})
