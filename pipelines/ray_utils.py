@@ -144,17 +144,21 @@ DROPPED_RECORDS = {
 TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
 
 
+def train_report_logger_name() -> str:
+    """The name of that logger — its file's path — found without importing ``ray.train``
+    (``importlib.util.find_spec`` would import the package: ~0.8 CPU-s in every worker)."""
+    import ray
+
+    return os.path.join(os.path.dirname(ray.__file__), *TRAIN_REPORT_LOGGER_MODULE.split(".")[1:]) + ".py"
+
+
 def setup_worker_logging() -> None:
     """``worker_process_setup_hook`` of the job's Ray processes: Ray's lines there as in the driver.
 
     Runs in every worker process of the job (``init_ray`` sets it) before any task or actor.
     """
-    import importlib.util
-
     apply_ray_log_level()
-    spec = importlib.util.find_spec(TRAIN_REPORT_LOGGER_MODULE)
-    if spec is not None and spec.origin:
-        logging.getLogger(spec.origin).setLevel(ray_log_level())
+    logging.getLogger(train_report_logger_name()).setLevel(ray_log_level())
     # MLflow's system-metrics monitor says at INFO, in every Train worker, that it starts,
     # skips GPU metrics and stops: library bookkeeping, not the run's progress.
     logging.getLogger("mlflow.system_metrics").setLevel(ray_log_level())
@@ -203,10 +207,9 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             ``predict``): a private cluster then starts lean — without the dashboard's modules,
             which only Ray Train's State API needs, and without a job runtime environment
             (:func:`setup_worker_logging` configures Train's loggers; the cluster's workers
-            inherit this process's environment, log levels included). Ray cannot hand a
-            runtime-env job the workers it prestarts, so that environment alone cost ~3 s of a
-            3,000-image ``prepare`` on 2 cores, the dashboard's nine processes ~1.5 CPU-s more
-            (README, Performance). Ignored when joining a cluster.
+            inherit this process's environment, log levels included). On 2 cores the two
+            together cost a 3,000-image ``prepare`` ~3.5 s of 15 (the dashboard's nine
+            processes ~1.5 CPU-s; README, Performance). Ignored when joining a cluster.
 
     Ray's loggers follow :func:`set_ray_log_level` (module docstring: what the user sees).
     """

@@ -69,6 +69,22 @@ def test_only_the_known_false_alarms_are_dropped():
 
 
 @pytest.mark.ray
+def test_the_worker_setup_hook_quiets_train_without_importing_it():
+    """The hook runs in every worker of a job, Ray Data's too: importing ``ray.train`` there
+    cost ~0.8 CPU-s per process. It must name Train's report logger without that import."""
+    code = ("import logging, sys\n"
+            "from pipelines.ray_utils import setup_worker_logging, train_report_logger_name\n"
+            "setup_worker_logging()\n"
+            "assert 'ray.train' not in sys.modules, 'the hook imported ray.train'\n"
+            "assert logging.getLogger(train_report_logger_name()).level == logging.WARNING\n"
+            "import ray.train.v2._internal.execution.context as c\n"
+            "assert c.logger is logging.getLogger(train_report_logger_name()), (c.logger.name,)\n")
+    env = {k: v for k, v in os.environ.items() if k != "INSTALIGN_RAY_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_a_normal_training_run_prints_progress_and_no_ray_chatter(prepared_dataset, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no test conveniences
     env.update(PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
