@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -192,8 +193,10 @@ def test_strict_fails_with_the_first_records_and_writes_nothing(ray_local, synth
     victim = sorted((root / "images" / "train2014").iterdir())[5]
     victim.write_bytes(victim.read_bytes()[:300])  # only a worker can see this one
     out = tmp_path / "out"
+    interval = sys.getswitchinterval()
     with pytest.raises(PrepareError) as err:
         prepare_dataset(dataset="grefcoco", root=root, out=str(out), strict=True, progress=False)
+    assert sys.getswitchinterval() == interval  # shortened while planning only, restored on failure too
     assert "--strict: 1 bad record" in str(err.value) and "[corrupt_image]" in str(err.value)
     assert victim.name in str(err.value)
     assert not out.exists() or not any(out.rglob("*"))
