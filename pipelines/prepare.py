@@ -62,9 +62,10 @@ Ray starts while the driver plans: the release is read and validated first (an u
 or hostile release fails without starting Ray), then ``init_ray`` runs in the main thread —
 Ray 2.60 started from another thread makes the process exit at its first ``ray.put``
 (measured) — while a helper thread checks the records, groups them by image and builds the
-task table (with a short GIL switch interval meanwhile, so that ``ray.init`` is not starved). ``--strict`` with a record quarantined on the driver therefore fails after Ray
-has started, but before any task runs; one quarantined by a worker fails the run after the
-pass, and the shards already written are removed.
+task table (with a short GIL switch interval meanwhile, so that ``ray.init`` is not starved).
+``--strict`` with a record quarantined on the driver therefore fails after Ray has started,
+but before any task runs; one quarantined by a worker fails the run after the pass, and the
+shards already written are removed.
 
 Images are stored as the source bytes when the source is a JPEG that needs no resizing
 (no second lossy generation, no encode cost), otherwise re-encoded as RGB JPEG at
