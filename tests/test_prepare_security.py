@@ -198,7 +198,7 @@ def test_strict_with_an_unsafe_split_fails_on_the_driver(synthetic_root, tmp_pat
     def no_pass(*args, **kwargs):
         raise AssertionError("no Ray Data task may run for a release refused on the driver")
 
-    monkeypatch.setattr("pipelines.ray_utils.init_ray", lambda address=None: None)  # no cluster needed here
+    monkeypatch.setattr("pipelines.ray_utils.init_ray", lambda address=None, **options: None)  # no cluster needed here
     monkeypatch.setattr(prep, "_run_pass", no_pass)
     with pytest.raises(prep.PrepareError, match=r"\[unsafe_split\] ref 0: split '/tmp/abs' is not a safe"):
         prepare_dataset(dataset="grefcoco", root=root, out=str(tmp_path / "out"), strict=True)
