@@ -142,7 +142,7 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     from pipelines.ray_utils import init_ray
     from pipelines.resources import check_leaves_room_for_data, cluster_cpus, default_cpus_per_worker
     from pipelines.registry import resolve_checkpoint
-    from pipelines.tracking_mlflow import metric_key, redact_data, redacted_context_tags
+    from pipelines.tracking_mlflow import ensure_experiment, metric_key, redact_data, redacted_context_tags
 
     from instalign.checkpoint import checkpoint_files
 
@@ -216,7 +216,8 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    mlflow.set_experiment(cfg.experiment)
+    # Like every verb's: a new experiment keeps its artifacts beside a sqlite store, not in ./mlruns of the cwd.
+    mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.get_tracking_uri(), cfg.experiment))
     with mlflow.start_run(run_name="batch-predict", tags={**redacted_context_tags(), **redact_data(tags),
                                                           "instalign.task": "batch-predict"}) as run:
         mlflow.log_params(redact_data({k: v for k, v in asdict(cfg).items() if v is not None}))

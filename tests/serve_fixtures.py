@@ -51,7 +51,8 @@ def register(root: Path, name: str, **biases: float) -> dict[str, Any]:
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment("serve-test")
+        from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
+        mlflow.set_experiment(experiment_id=ensure_experiment(uri, "serve-test"))
         version = log_and_register(checkpoint, registered_model_name=name, alias="champion")
     finally:
         mlflow.set_tracking_uri(previous)

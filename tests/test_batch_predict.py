@@ -62,7 +62,8 @@ def registered(tmp_path_factory):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment("batch-test")
+        from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
+        mlflow.set_experiment(experiment_id=ensure_experiment(uri, "batch-test"))
         version = log_and_register(checkpoint, registered_model_name=MODEL, alias="champion")
     finally:
         mlflow.set_tracking_uri(previous)
@@ -176,6 +177,8 @@ def test_prepared_split_logs_metrics_to_a_run_linked_to_the_version(registered, 
     assert run_.data.tags["instalign.model_name"] == MODEL
     assert run_.data.tags["instalign.model_version"] == registered["version"]
     assert run_.data.metrics["rows"] == 12
+    # The run's summary.json lies beside the sqlite store, not in ./mlruns of whatever the cwd was.
+    assert run_.info.artifact_uri.startswith((registered["root"] / "mlruns").resolve().as_uri())
     for key in ("gIoU", "cIoU"):
         if not math.isnan(summary["metrics"][key]):
             assert run_.data.metrics[key] == pytest.approx(summary["metrics"][key])

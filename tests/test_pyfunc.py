@@ -40,7 +40,8 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_name="pyfunc-tests")
+    from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
+    mlflow.set_experiment(experiment_id=ensure_experiment(uri, "pyfunc-tests"))
     yield uri
     mlflow.set_tracking_uri(previous)
 

@@ -53,7 +53,8 @@ def registered(tmp_path_factory):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        mlflow.set_experiment("serving-test")
+        from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
+        mlflow.set_experiment(experiment_id=ensure_experiment(tracking_uri, "serving-test"))
         version = log_and_register(checkpoint, registered_model_name=MODEL_NAME, alias="champion")
     finally:
         mlflow.set_tracking_uri(previous)

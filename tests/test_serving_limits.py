@@ -50,7 +50,8 @@ def model_uri(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving_limits")
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    mlflow.set_experiment("serving-limits")
+    from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
+    mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.get_tracking_uri(), "serving-limits"))
     log_and_register(make_checkpoint(root / "ckpt"), registered_model_name=MODEL_NAME, alias="candidate")
     yield f"models:/{MODEL_NAME}@candidate"
     mlflow.set_tracking_uri(previous)

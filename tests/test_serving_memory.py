@@ -103,7 +103,8 @@ def registered(tmp_path_factory):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        mlflow.set_experiment("serving-memory")
+        from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
+        mlflow.set_experiment(experiment_id=ensure_experiment(tracking_uri, "serving-memory"))
         # Biased so that every query is a kept instance: the most full-size masks per image.
         log_and_register(make_checkpoint(root / "ckpt", score_bias=4.0, no_target_bias=-4.0),
                          registered_model_name=MODEL_NAME, alias="champion")
