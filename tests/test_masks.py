@@ -75,6 +75,9 @@ def test_degenerate_polygons_are_dropped_like_rela():
     ([[0, 0, 4, 0, 4]], "odd number of coordinates"),
     ([[0, 0, 4, 0, 4, float("nan")]], "non-finite"),
     ([[0, 0, "4", 0, 4, 4]], "not a flat list of numbers"),
+    ([[0, 0, True, 0, 4, 4]], "not a flat list of numbers"),
+    ([[0, 0, 4.0, 0, 4, None]], "not a flat list of numbers"),
+    ([[0, 0, np.float32(4), 0, 4, float("inf")]], "non-finite"),
     ([[[0, 0], [4, 0], [4, 4]]], "not a flat list of numbers"),
     ("polygon", "must be a polygon list or an RLE dict"),
     ({"counts": "00"}, "must have 'counts' and 'size'"),
@@ -174,3 +177,11 @@ def test_out_size_scales_polygons_and_resizes_rles():
     assert segmentation_to_rle(tri, 8, 8, out_size=(8, 8)) == segmentation_to_rle(tri, 8, 8)
     with pytest.raises(ValueError, match="odd number"):
         segmentation_to_rle([[0, 0, 4, 0, 4]], 8, 8, out_size=(4, 4))
+
+
+def test_numpy_scalar_coordinates_rasterise_like_python_numbers():
+    """A pickled release can carry numpy scalars; they take the slow type check, same mask."""
+    square = [1, 1, 6, 1.5, 6, 6, 1, 6]
+    assert segmentation_to_rle([[np.float32(v) for v in square]], 8, 8) == segmentation_to_rle([square], 8, 8)
+    assert segmentation_to_rle([[np.int64(v) if float(v).is_integer() else np.float64(v) for v in square]], 8, 8) \
+        == segmentation_to_rle([square], 8, 8)

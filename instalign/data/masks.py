@@ -98,18 +98,23 @@ def _check_size(height: Any, width: Any) -> tuple[int, int]:
     return int(height), int(width)
 
 
+_PLAIN_NUMBERS = frozenset((float, int))
+
+
 def _polygons_to_rle(polygons: list, height: int, width: int) -> dict:
     valid = []
     for k, poly in enumerate(polygons):
-        if not isinstance(poly, (list, tuple)) or not all(isinstance(v, Real) and not isinstance(v, bool)
-                                                           for v in poly):
+        # ``map`` keeps the per-coordinate loops in C: JSON gives floats and ints, checked by
+        # type at once; anything else (numpy scalars from a pickle) takes the ``Real`` check.
+        if not isinstance(poly, (list, tuple)) or not (_PLAIN_NUMBERS.issuperset(map(type, poly)) or all(
+                isinstance(v, Real) and not isinstance(v, bool) for v in poly)):
             raise ValueError(f"polygon {k} is not a flat list of numbers")
         if len(poly) % 2:
             raise ValueError(f"polygon {k} has an odd number of coordinates ({len(poly)})")
-        if not all(math.isfinite(v) for v in poly):
+        if not all(map(math.isfinite, poly)):
             raise ValueError(f"polygon {k} has a non-finite coordinate")
         if len(poly) >= 6:  # fewer than 3 points has no area: dropped, as ReLA does
-            valid.append([float(v) for v in poly])
+            valid.append(list(map(float, poly)))
     if not valid:
         raise ValueError("no polygon with at least 3 points")
     rles = mask_utils.frPyObjects(valid, height, width)
