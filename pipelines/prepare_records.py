@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from instalign.data.readers import is_safe_split_name, reference_problems
 from instalign.data.records import IMAGE_SCHEMA
-from instalign.data.source import GRESSource
+from instalign.data.source import Annotation, GRESSource
 from pipelines.redaction import redact
 
 #: One task per ``(image, split)``: where the image is, its annotated size, the target instances
@@ -33,8 +33,13 @@ TASK_SCHEMA = pa.schema([
     ("path", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
+    # A segmentation of plain polygons (lists of JSON numbers, nearly all of COCO) travels as
+    # ``polygons``, in Arrow: cheaper to build and to read than JSON text (~1 s each way at
+    # 10,000 images). Anything else (an RLE dict, numpy scalars from a pickle, a malformed list
+    # that a worker must quarantine) is ``segmentation``, JSON text; the other one is null.
     ("instances", pa.list_(pa.struct([("ann_id", pa.int64()), ("category_id", pa.int32()),
-                                      ("segmentation", pa.string())]))),  # JSON: polygons and RLE differ in type
+                                      ("polygons", pa.list_(pa.list_(pa.float64()))),
+                                      ("segmentation", pa.string())]))),
     ("samples", IMAGE_SCHEMA.field("samples").type),
 ])
 
@@ -121,7 +126,7 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_roo
         g = groups[key]
         for a in ref.ann_ids:
             ann = source.annotations[a]
-            g["instances"][a] = dict(ann_id=a, category_id=ann.category_id, segmentation=json.dumps(ann.segmentation, default=_jsonable))
+            g["instances"][a] = _task_instance(ann)
         for s in ref.sentences:
             g["samples"].append(dict(ref_id=ref.ref_id, sent_id=s.sent_id, text=s.text, ann_ids=list(ref.ann_ids),
                                      no_target=not ref.ann_ids))
@@ -143,6 +148,24 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_roo
         g["samples"].sort(key=lambda s: (s["ref_id"], s["sent_id"]))
         tasks.append(g)
     return tasks, records, dict(empty_refs), dropped
+
+
+_PLAIN_NUMBERS = frozenset((float, int))
+
+
+def _task_instance(ann: Annotation) -> dict:
+    """One ``TASK_SCHEMA`` instance: plain polygons as ``polygons``, any other segmentation as JSON."""
+    seg = ann.segmentation
+    if type(seg) is list and seg and all(type(p) is list and _PLAIN_NUMBERS.issuperset(map(type, p)) for p in seg):
+        return dict(ann_id=ann.ann_id, category_id=ann.category_id, polygons=seg, segmentation=None)
+    return dict(ann_id=ann.ann_id, category_id=ann.category_id, polygons=None,
+                segmentation=json.dumps(seg, default=_jsonable))
+
+
+def task_segmentation(instance: dict) -> Any:
+    """The segmentation of a task instance, as the release gave it (see ``TASK_SCHEMA``)."""
+    polygons = instance["polygons"]
+    return polygons if polygons is not None else json.loads(instance["segmentation"])
 
 
 def _jsonable(obj: Any) -> Any:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from instalign.data.images import DEFAULT_MAX_IMAGE_BYTES
 from instalign.data.records import IMAGE_SCHEMA
-from pipelines.prepare_records import quarantine_record
+from pipelines.prepare_records import quarantine_record, task_segmentation
 
 #: Decoded-pixel cap per image: 50 M pixels (150 MB as RGB) is an 8K photograph; COCO's largest
 #: image has 0.4 M. A header claiming more is ``image_too_large`` before any pixel is decoded.
@@ -165,7 +165,7 @@ def process_task(task: dict, *, dataset: str, image_max_side: int, jpeg_quality:
     records, instances, bad = [], [], set()
     for inst in task["instances"]:
         try:
-            rle = _rasterise(json.loads(inst["segmentation"]), height=height, width=width, out_h=out_h, out_w=out_w)
+            rle = _rasterise(task_segmentation(inst), height=height, width=width, out_h=out_h, out_w=out_w)
         except Exception as e:  # noqa: BLE001 - pycocotools raises bare Exceptions/TypeErrors
             bad.add(inst["ann_id"])
             records.append(quarantine_record(**where, ann_id=inst["ann_id"], reason="invalid_segmentation",

@@ -1,5 +1,6 @@
-"""``process_task`` on damaged JPEGs, no Ray: a JPEG stored as its own bytes is checked with a
-1/8-scale decode (``VERIFY_DRAFT``), which must refuse exactly what a full decode refuses."""
+"""The driver's task rows and ``process_task``, no Ray: segmentations survive the task table
+whatever their form, and a JPEG stored as its own bytes is checked with a 1/8-scale decode
+(``VERIFY_DRAFT``), which must refuse exactly what a full decode refuses."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import io
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from instalign.data.readers import read_source
 from instalign.data.synthetic import generate_grefcoco
-from pipelines.prepare_records import plan_tasks
+from instalign.data.source import Annotation
+from pipelines.prepare_records import _task_instance, plan_tasks, task_segmentation, to_task_table
 from pipelines.prepare_shards import process_task
 
 
@@ -58,3 +61,35 @@ def test_kept_jpeg_is_checked_like_a_full_decode(task, tmp_path):
         assert quarantined or row["image"] == data
         refused += quarantined
     assert refused >= 5  # every truncation, and some of the overwritten streams
+
+
+SEGMENTATIONS = {
+    "polygons": [[1, 1, 6.5, 1, 6, 6], [0.25, 7, 3, 7, 2, 5]],
+    "compressed_rle": {"size": [8, 8], "counts": "P1"},
+    "uncompressed_rle": {"size": [8, 8], "counts": [10, 20, 34]},
+    "numpy_scalars": [[np.float32(1.5), np.int64(1), 6.0, 1, 6, 6]],
+    "bool_coordinate": [[True, 1, 6, 1, 6, 6]],
+    "string_coordinate": [[1, "1", 6, 1, 6, 6]],
+    "nested_points": [[[1, 1], [6, 1], [6, 6]]],
+}
+
+
+@pytest.mark.parametrize("kind", SEGMENTATIONS)
+def test_segmentations_survive_the_task_table(kind, task):
+    seg = SEGMENTATIONS[kind]
+    inst = _task_instance(Annotation(ann_id=7, image_id=1, category_id=3, segmentation=seg))
+    assert (inst["polygons"] is not None) == (kind == "polygons")  # only plain JSON numbers go as Arrow lists
+    row = to_task_table([dict(task, instances=[inst])], "root").to_pylist()[0]
+    back = task_segmentation(row["instances"][0])
+    assert back == (seg if kind != "numpy_scalars" else [[1.5, 1, 6.0, 1, 6, 6]])
+    if kind == "polygons":
+        assert all(type(v) is float for poly in back for v in poly)  # float64 in Arrow, ints included
+
+
+def test_a_malformed_polygon_is_quarantined_by_the_worker(task):
+    bad = _task_instance(Annotation(ann_id=task["instances"][0]["ann_id"], image_id=task["image_id"],
+                                    category_id=1, segmentation=SEGMENTATIONS["string_coordinate"]))
+    row = to_task_table([dict(task, instances=[bad] + task["instances"][1:])], "root").to_pylist()[0]
+    _, records = process_task(row, dataset="grefcoco", image_max_side=0, jpeg_quality=90)
+    assert "invalid_segmentation" in [r["reason"] for r in records]
+    assert "not a flat list of numbers" in next(r["detail"] for r in records if r["reason"] == "invalid_segmentation")

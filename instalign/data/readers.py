@@ -192,12 +192,20 @@ class _Record:
 
     def integer(self, key: str, *, bits: int = 64, **kw: Any) -> int:
         """An int that fits the ``bits``-bit signed column it is stored in."""
+        value = self.raw.get(key)
+        if type(value) is int:  # the common case, inline: a release holds millions of these
+            lo, hi = _INT_RANGE[bits]
+            if lo <= value <= hi:
+                return value
         return self.in_range(key, self.get(key, _is_int, "an int", **kw), bits)
 
     def in_range(self, key: str, value: Any, bits: int = 64) -> Any:
         """``value`` (an int, a list of ints or None) after checking every int fits ``bits`` bits."""
         lo, hi = _INT_RANGE[bits]
-        for v in () if value is None else _as_list(value):
+        values = () if value is None else _as_list(value)
+        if values and lo <= min(values) and max(values) <= hi:
+            return value
+        for v in values:
             if not lo <= v <= hi:
                 shown = v if v.bit_length() <= 256 else f"an int of {v.bit_length()} bits"
                 raise self.fail(f"key '{key}' holds {shown}, outside the signed {bits}-bit range it is stored in")
@@ -216,6 +224,8 @@ def _is_text_or_none(v: Any) -> bool:
 
 
 def _is_int_or_int_list(v: Any) -> bool:
+    if type(v) is list and _INT_ONLY.issuperset(map(type, v)):  # JSON's case, in C (bool is not int here)
+        return True
     return _is_int(v) or (isinstance(v, (list, tuple)) and all(_is_int(x) for x in v))
 
 
@@ -223,14 +233,24 @@ def _as_list(v: int | list[int]) -> list[int]:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+_SCALARS = frozenset((int, float, str, bool, bytes, type(None)))
+_INT_ONLY = frozenset((int,))
+
+
 def _depth(value: Any, limit: int) -> int:
     """Nesting depth of lists/tuples/dicts in ``value``, counted iteratively and at most ``limit``."""
+    if not isinstance(value, (list, tuple, dict)):
+        return 0
     depth, level = 0, [value]
     while depth < limit:
-        level = [c for v in level if isinstance(v, (list, tuple, dict))
-                 for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (list, tuple, dict))]
-        if not level:
+        nested = []
+        for v in level:
+            children = v.values() if isinstance(v, dict) else v
+            if not _SCALARS.issuperset(map(type, children)):  # a polygon's floats are passed over in C
+                nested += [c for c in children if isinstance(c, (list, tuple, dict))]
+        if not nested:
             return depth
+        level = nested
         depth += 1
     return depth
 
@@ -282,7 +302,15 @@ def _read_instances(path: Path, image_dir: Path, *, need_file_name: bool
 def _sentences(rec: _Record) -> tuple[Sentence, ...]:
     raw = rec.get("sentences", lambda v: isinstance(v, (list, tuple)), "a list", default=[])
     out = []
+    lo, hi = _INT_RANGE[64]
     for j, s in enumerate(raw):
+        if type(s) is dict:  # the common case, inline: a non-empty 'raw' and an int id
+            text, sent_id = s.get("raw"), s.get("sent_id")
+            if type(text) is str and type(sent_id) is int and lo <= sent_id <= hi:
+                text = text.strip()
+                if text:
+                    out.append(Sentence(sent_id=sent_id, text=text))
+                    continue
         srec = _Record(rec.path, f"{rec.where}.sentences[{j}]", s)
         text = srec.get("raw", _is_text_or_none, "a string", default=None)
         if not text or not text.strip():
