@@ -250,16 +250,12 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     # So the port is chosen here and told to every process of the job. A data-only cluster
     # still runs Ray's minimal API server: on loopback, on a free port, too.
     port = free_port()
-    if data_only:
-        if runtime_env is None:
-            del common["runtime_env"]
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                 dashboard_port=port, **common)
-        apply_ray_log_level()
-        return
-    env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **common["runtime_env"].get("env_vars", {})}
-    common["runtime_env"] = {**common["runtime_env"], "env_vars": env_vars}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+    if data_only and runtime_env is None:
+        del common["runtime_env"]  # the workers inherit this process's environment
+    elif not data_only:
+        env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **job_env.get("env_vars", {})}
+        common["runtime_env"] = {**job_env, "env_vars": env_vars}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=not data_only, dashboard_host="127.0.0.1",
              dashboard_port=port, **common)
     apply_ray_log_level()
 
