@@ -328,7 +328,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alias", default="champion", help="alias to set (default: champion)")
     from pipelines import flags
 
-    flags.add_tracking_uri(parser)
+    flags.add_tracking(parser, experiment="instalign")  # --experiment: where a --checkpoint's run goes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -340,8 +340,14 @@ def run(args: argparse.Namespace) -> int:
             if not args.name:
                 print("instalign register: --checkpoint needs --name", file=sys.stderr)
                 return 2
-            from pipelines.pyfunc import log_and_register
+            import mlflow
 
+            from pipelines.pyfunc import log_and_register
+            from pipelines.tracking_mlflow import ensure_experiment
+
+            # Not MLflow's Default experiment: a sqlite store created by this command would
+            # give it ./mlruns of the current directory, and the model's files would land there.
+            mlflow.set_experiment(experiment_id=ensure_experiment(uri, args.experiment))
             version = log_and_register(args.checkpoint, registered_model_name=args.name, alias=args.alias)
     except (RegistryError, FileNotFoundError, ValueError) as e:
         print(f"instalign register: {e}", file=sys.stderr)

@@ -179,3 +179,33 @@ def test_model_ref_names_the_version_and_its_logged_model(store, versions):
     assert model_ref(f"models:/{ref.model_id}").model_id == ref.model_id
     with pytest.raises(RegistryError, match="alias nope"):
         model_ref(f"models:/{NAME}@nope")
+
+
+def test_register_cli_keeps_artifacts_beside_its_store(tmp_path):
+    """``instalign register --checkpoint`` in a fresh process and a fresh store: its run goes to
+    the ``--experiment`` (artifacts beside the sqlite file), not to MLflow's Default experiment,
+    whose artifacts land in ``./mlruns`` of whatever directory the command ran in."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    cwd, store_dir = tmp_path / "cwd", tmp_path / "store"
+    cwd.mkdir()
+    store_dir.mkdir()
+    store = f"sqlite:///{store_dir / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "register", "--checkpoint", str(checkpoint),
+                           "--name", "cwd-test", "--alias", "candidate", "--tracking-uri", store,
+                           "--experiment", "registrations"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (cwd / "mlruns").exists() and os.listdir(cwd) == []
+    client = MlflowClient(store)
+    version = client.get_model_version_by_alias("cwd-test", "candidate")
+    run = client.get_run(version.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "registrations"
+    assert run.info.artifact_uri.startswith((store_dir / "mlruns").resolve().as_uri()), run.info.artifact_uri
