@@ -4,8 +4,8 @@ The reader of the chosen dataset (``instalign.data.readers``) parses the refs an
 annotations on the driver; the driver checks them, groups the samples (one per sentence)
 by ``(image, split)`` so that each image is stored once however many expressions name it,
 one *task* row per image, and hands them to Ray Data in shards (below). Per task a worker
-reads the image file, decodes it in full (a truncated JPEG fails here, not at training
-time), optionally shrinks it, and rasterises each target annotation to COCO RLE at the
+reads the image file, decodes every scan of it (a truncated JPEG fails here, not at
+training time; a JPEG kept as released is checked at 1/8 scale), optionally shrinks it, and rasterises each target annotation to COCO RLE at the
 *stored* size.
 
 This module is the verb: :func:`prepare_dataset` (the driver: plan while Ray starts, one

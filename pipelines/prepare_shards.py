@@ -3,9 +3,10 @@
 The driver orders the tasks (``pipelines.prepare_records``) and cuts each split into shards
 (:func:`plan_shards`), groups consecutive shards into Ray tasks (:func:`group_shards`), and
 runs :func:`write_shards` over them with Ray Data (``pipelines.prepare``). Per image a worker
-reads the file (regular files only, up to ``max_image_bytes``), decodes it in full (a
-truncated JPEG fails here, not at training time; more than ``max_image_pixels`` is refused
-at the header), optionally shrinks it, and rasterises each target annotation to COCO RLE at
+reads the file (regular files only, up to ``max_image_bytes``), decodes every scan of it (a
+truncated JPEG fails here, not at training time; a JPEG kept as its bytes is decoded at 1/8
+scale, ``VERIFY_DRAFT``; more than ``max_image_pixels`` is refused at the header), optionally
+shrinks it, and rasterises each target annotation to COCO RLE at
 the *stored* size (:func:`process_task`). A bad row is quarantined, never raised
 (``missing_image``, ``not_regular_file``, ``image_too_large``, ``corrupt_image``,
 ``image_size_mismatch``, ``invalid_segmentation``, ``invalid_target``, ``unexpected_error``).
