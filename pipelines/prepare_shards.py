@@ -33,7 +33,7 @@ from pipelines.prepare_records import quarantine_record, task_segmentation
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 #: The draft size for a JPEG whose bytes are stored as they are, decoded only to check it: PIL
 #: picks libjpeg's smallest DCT scale (1/8). Every scan is still entropy-decoded, so truncated
-#: and broken streams fail exactly as in a full decode (``test_prepare``), at ~40 % of its cost
+#: and broken streams fail exactly as in a full decode (``test_prepare_images``), at ~40 % of its cost
 #: (0.9 against 2.1–2.4 ms for a 640×480 COCO JPEG here).
 VERIFY_DRAFT = (1, 1)
 _JPEG_MAGIC = b"\xff\xd8\xff"
