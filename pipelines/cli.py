@@ -61,6 +61,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == verb:  # only the chosen verb's module is imported
             importlib.import_module(module).add_arguments(p)
+            from pipelines import flags
+
+            flags.add_log_level(p)  # every verb: instalign's and Ray's logs (``main``)
         # SUPPRESS: when absent after the verb, the value given before it (or False) stands.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
@@ -101,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         build_parser().print_help()
         return 2
+    if getattr(args, "log_level", None):  # asked for: before the verb's first log line and Ray's start
+        from pipelines import flags
+
+        flags.setup_logging(args.log_level)
     try:
         module = importlib.import_module(VERBS[args.verb][0])
         return int(module.run(args) or 0)

@@ -359,10 +359,13 @@ def run(args: argparse.Namespace) -> int:
     # Our logger only: a root handler would also print Ray Data's DEBUG records (its loggers are set to DEBUG).
     # Attached for this run only, to the stderr of this run: a handler left behind would keep
     # writing to a stream that may be closed by then (pytest's capture, a redirected stderr).
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    # With ``--log-level`` the CLI has configured the root logger (``flags.setup_logging``), Ray's
+    # loggers held at that level too: no handler of our own then.
+    handler = None if getattr(args, "log_level", None) else logging.StreamHandler()
+    if handler is not None:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(getattr(args, "log_level", None) or logging.INFO)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] or None
     try:
         manifest = prepare_dataset(dataset=args.dataset, root=args.root, out=args.out,
@@ -372,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
                                    split_by=args.split_by, max_image_bytes=args.max_image_bytes,
                                    max_image_pixels=args.max_image_pixels)
     finally:
-        log.removeHandler(handler)
+        if handler is not None:
+            log.removeHandler(handler)
     for split, c in manifest["counts"].items():
         print(f"{split:>8}: {c['images']:>7} images {c['refs']:>7} refs {c['samples']:>7} samples "
               f"({c['no_target_samples']} no-target, {c['multi_target_samples']} multi-target)")

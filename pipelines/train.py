@@ -145,7 +145,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers")
     flags.add_worker_resources(parser)
     flags.add_address(parser)
-    flags.add_log_level(parser)
     flags.add_run_name(parser, what="run")
     flags.add_tracking(parser, experiment="instalign")
     parser.add_argument("--register-as", default=None, help="register the best checkpoint under this model name")

@@ -302,7 +302,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
     flags.add_worker_resources(parser)
     flags.add_address(parser)
-    flags.add_log_level(parser)
     a("--metric", default="val_gIoU", choices=list(METRICS), help="validation metric to optimise")
     a("--mode", default="max", choices=["max", "min"])
     flags.add_run_name(parser, what="search")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,28 @@ def test_the_cli_default_is_auto_and_0_means_cpu():
         assert build_parser(verb).parse_args(base).gpus_per_worker is None
         assert build_parser(verb).parse_args(base + ["--gpus-per-worker", "0"]).gpus_per_worker == 0.0
         assert build_parser(verb).parse_args(base + ["--log-level", "debug"]).log_level == "DEBUG"
+
+
+def test_every_verb_takes_log_level_and_sets_rays_before_it_starts(tmp_path, monkeypatch):
+    """``--log-level`` is one flag of every verb; the CLI applies it (Ray's level, kept in the
+    environment for the cluster's processes) before the verb runs."""
+    import argparse
+
+    from pipelines.cli import VERBS, build_parser, main
+    from pipelines.ray_utils import LOG_LEVEL_ENV
+
+    for verb in VERBS:
+        sub = next(a for a in build_parser(verb)._actions if isinstance(a, argparse._SubParsersAction))
+        assert "--log-level" in sub.choices[verb]._option_string_actions, verb
+    monkeypatch.setenv(LOG_LEVEL_ENV, "WARNING")
+    monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "WARNING")
+    monkeypatch.setattr("pipelines.ray_utils.init_ray", lambda *a, **k: pytest.fail("the release is refused first"))
+    argv = ["prepare", "--dataset", "grefcoco", "--root", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]
+    prepare_log = logging.getLogger("instalign.prepare")
+    monkeypatch.setattr(prepare_log, "level", prepare_log.level)  # restored afterwards
+    assert main(argv + ["--log-level", "debug"]) == 1
+    assert os.environ[LOG_LEVEL_ENV] == os.environ["RAY_DATA_LOG_LEVEL"] == "DEBUG"
+    assert prepare_log.level == logging.DEBUG
 
 
 def test_one_storage_rule(tmp_path, monkeypatch):
