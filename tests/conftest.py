@@ -93,3 +93,15 @@ def prepared_dataset(synthetic_root, _ray_session_guard, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "grefcoco"
     prepare_dataset(dataset="grefcoco", root=synthetic_root, out=str(out), rows_per_shard=8)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_written_into_the_checkout():
+    """A test that leaves ``mlruns/`` in the checkout has sent artifacts to MLflow's Default
+    experiment, which a user's command would put in their current directory: fail the run."""
+    mlruns = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mlruns")
+    existed = os.path.exists(mlruns)
+    yield
+    assert existed or not os.path.exists(mlruns), (
+        f"{mlruns} was written by this test run: some MLflow run or logged model went to the Default "
+        "experiment (create experiments with pipelines.tracking_mlflow.ensure_experiment)")

@@ -93,10 +93,19 @@ def test_evaluating_a_registered_version_records_a_linked_run(ray_local, prepare
     from pipelines.pyfunc import log_and_register
     from pipelines.registry import version_model_id
 
+    from mlflow.tracking import fluent
+
+    from pipelines.tracking_mlflow import ensure_experiment
+
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store)
+    # set_experiment's process-wide state, restored afterwards (see test_batch_predict).
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     try:
+        # Not the Default experiment: its artifacts would land in ./mlruns of the cwd.
+        mlflow.set_experiment(experiment_id=ensure_experiment(store, "registrations"))
         version = log_and_register(checkpoint, registered_model_name="instalign-test-eval", alias="candidate")
         argv = ["evaluate", "--model", "models:/instalign-test-eval@candidate", "--data", str(prepared_dataset),
                 "--split", "val", "--batch-size", "4", "--max-samples", "6", "--tracking-uri", store,
