@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from instalign.data.masks import PLAIN_NUMBER_TYPES
 from instalign.data.readers import is_safe_split_name, reference_problems
 from instalign.data.records import IMAGE_SCHEMA
 from instalign.data.source import Annotation, GRESSource
@@ -150,13 +151,10 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_roo
     return tasks, records, dict(empty_refs), dropped
 
 
-_PLAIN_NUMBERS = frozenset((float, int))
-
-
 def _task_instance(ann: Annotation) -> dict:
     """One ``TASK_SCHEMA`` instance: plain polygons as ``polygons``, any other segmentation as JSON."""
     seg = ann.segmentation
-    if type(seg) is list and seg and all(type(p) is list and _PLAIN_NUMBERS.issuperset(map(type, p)) for p in seg):
+    if type(seg) is list and seg and all(type(p) is list and PLAIN_NUMBER_TYPES.issuperset(map(type, p)) for p in seg):
         return dict(ann_id=ann.ann_id, category_id=ann.category_id, polygons=seg, segmentation=None)
     return dict(ann_id=ann.ann_id, category_id=ann.category_id, polygons=None,
                 segmentation=json.dumps(seg, default=_jsonable))

@@ -98,7 +98,8 @@ def _check_size(height: Any, width: Any) -> tuple[int, int]:
     return int(height), int(width)
 
 
-_PLAIN_NUMBERS = frozenset((float, int))
+#: The types of JSON numbers: a polygon of only these is checked by type alone.
+PLAIN_NUMBER_TYPES = frozenset((float, int))
 
 
 def _polygons_to_rle(polygons: list, height: int, width: int) -> dict:
@@ -106,7 +107,7 @@ def _polygons_to_rle(polygons: list, height: int, width: int) -> dict:
     for k, poly in enumerate(polygons):
         # ``map`` keeps the per-coordinate loops in C: JSON gives floats and ints, checked by
         # type at once; anything else (numpy scalars from a pickle) takes the ``Real`` check.
-        if not isinstance(poly, (list, tuple)) or not (_PLAIN_NUMBERS.issuperset(map(type, poly)) or all(
+        if not isinstance(poly, (list, tuple)) or not (PLAIN_NUMBER_TYPES.issuperset(map(type, poly)) or all(
                 isinstance(v, Real) and not isinstance(v, bool) for v in poly)):
             raise ValueError(f"polygon {k} is not a flat list of numbers")
         if len(poly) % 2:
