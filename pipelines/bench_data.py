@@ -7,7 +7,9 @@ gRefCOCO layout and read by the real reader.
 
 * **prepare** — ``prepare_dataset`` end to end as a user runs it (read the release, start a
   private Ray cluster, one Ray Data pass of decode + RLE + Parquet write, manifest) in images/s,
-  and per CPU of the Ray cluster;
+  and per CPU of the Ray cluster; then again as a job on a running cluster: a new Python
+  process joins that cluster and prepares the same images (:func:`bench_prepare_job`), which
+  pays for importing Ray, connecting and starting the pass's actors, not for Ray's start;
 * **loader** — ``load_samples`` → ``iter_torch_batches(collate_fn=RowsToBatch("cpu"))`` at
   S×S (480 by default) in training samples/s, per CPU, cold (1st epoch: worker start-up,
   tokenizer load, imports) and warm; and warm as raw uint8 numpy batches, which is what the
@@ -16,14 +18,15 @@ gRefCOCO layout and read by the real reader.
   ``process_task`` + a pyarrow write for prepare, ``ParquetGRES`` (with and without
   ``collate``) for the loader. On few cores Ray's per-task overhead can make it slower than the plain loop
   (PLATFORM-FACTS, Ray Data); the table says so instead of hiding it.
-* **ratios** — from one run on the same images: prepare's images/s over the plain loop's, and
+* **ratios** — from one run on the same images: prepare's images/s over the plain loop's (both
+  ways: with Ray's start, and on a running cluster), and
   the Ray loader's warm samples/s over ``ParquetGRES``'s, whole and per core, printed with
   the CPU count and the load average (issue 16's goals: prepare ≥ 1.6× at 10,000 images on
   2 cores, ≥ 1.2× at 3,000; the loader ≥ 1× per core).
 
 Per core is reported two ways: wall-clock rate / CPUs, and items per CPU-second consumed by
 the whole local process tree (driver + Ray's raylet, object store and workers, from
-``/proc``). The second is what a core delivers when busy, and stays meaningful on a shared
+``/proc``, sampled so that processes ending meanwhile count: :class:`TreeCPU`). The second is what a core delivers when busy, and stays meaningful on a shared
 machine where wall time measures the neighbours' load too.
 
 Targets (README Performance table): prepare ≥ 100 images/s/core, loader ≥ 150 samples/s/core.
@@ -37,6 +40,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,15 +127,14 @@ def make_coco_like(root: str | Path, *, num_images: int, seed: int = 0, instance
 
 # --- measurements -----------------------------------------------------------------------------
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds (user + system, incl. reaped children) of this process and all its descendants.
+def tree_cpu_by_pid() -> dict[int, float]:
+    """CPU seconds (user + system) each process of this process's tree has used so far.
 
-    A local Ray cluster (raylet, object store, workers) descends from the driver, so this counts
-    Ray's own overhead too. Per-core throughput is then items per CPU-second: unlike wall time
-    it does not move when other jobs share the cores. Linux ``/proc`` only (NaN elsewhere).
+    A local Ray cluster (raylet, object store, workers) descends from the driver that started
+    it, so this covers Ray's own overhead too. Linux ``/proc`` only (empty elsewhere).
     """
     if not os.path.isdir("/proc/self"):
-        return float("nan")
+        return {}
     tick = os.sysconf("SC_CLK_TCK")
     procs: dict[int, tuple[int, float]] = {}
     for d in os.listdir("/proc"):
@@ -143,7 +146,7 @@ def tree_cpu_seconds() -> float:
         except OSError:  # exited meanwhile
             continue
         rest = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
-        procs[int(d)] = (int(rest[1]), sum(int(v) for v in rest[11:15]) / tick)  # ppid; utime stime cutime cstime
+        procs[int(d)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / tick)  # ppid; utime + stime
     tree, frontier = {os.getpid()}, [os.getpid()]
     while frontier:
         parent = frontier.pop()
@@ -151,18 +154,58 @@ def tree_cpu_seconds() -> float:
             if ppid == parent and pid not in tree:
                 tree.add(pid)
                 frontier.append(pid)
-    return sum(procs[p][1] for p in tree if p in procs)
+    return {p: procs[p][1] for p in tree if p in procs}
+
+
+class TreeCPU:
+    """CPU seconds this process tree uses over a block, processes that exit meanwhile included.
+
+    Sampled every ``every_s`` seconds: a process that ends keeps its last sample (so it loses
+    at most one interval), and a parent's count never includes its children's (no ``cutime``:
+    Ray's raylet does not reap its workers with ``wait``, so their time would vanish from it).
+    Per-core throughput is then items per CPU-second: unlike wall time it does not move when
+    other jobs share the cores.
+    """
+
+    def __init__(self, every_s: float = 0.5) -> None:
+        self.every_s = every_s
+        self.seconds = float("nan")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="instalign-bench-cpu", daemon=True)
+
+    def _sample(self) -> None:
+        self._last.update(tree_cpu_by_pid())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def __enter__(self) -> "TreeCPU":
+        self._first = tree_cpu_by_pid()
+        self._last = dict(self._first)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        if self._first:
+            self.seconds = sum(cpu - self._first.get(pid, 0.0) for pid, cpu in self._last.items())
 
 
 class _Clock:
     """Wall and process-tree CPU time of a block."""
 
     def __enter__(self) -> "_Clock":
-        self.wall, self.cpu = time.perf_counter(), tree_cpu_seconds()
+        self._cpu = TreeCPU().__enter__()
+        self.wall = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.wall, tree_cpu_seconds() - self.cpu
+        self.wall = time.perf_counter() - self.wall
+        self._cpu.__exit__(*exc)
+        self.cpu = self._cpu.seconds
 
     def result(self, items: int) -> dict:
         return dict(seconds=self.wall, cpu_seconds=self.cpu, items=items)
@@ -177,6 +220,30 @@ def bench_prepare(root: Path, out: Path, *, rows_per_shard: int, address: str | 
         manifest = prepare_dataset(dataset="grefcoco", root=str(root), out=str(out), rows_per_shard=rows_per_shard,
                                    overwrite=True, progress=False, address=address)
     return clock.result(manifest["counts"]["train"]["images"])
+
+
+def bench_prepare_job(root: Path, out: Path, *, rows_per_shard: int, address: str) -> dict:
+    """``prepare_dataset`` in a new Python process joining the running cluster at ``address``,
+    as a job submitted to a cluster runs it: that process imports Ray, connects and runs the
+    pass; the cluster and its node-wide actors are already up.
+
+    The time is measured inside that process around ``prepare_dataset`` (like the loop's, after
+    its imports); the CPU seconds are this process's tree across the run: the new driver, and
+    the cluster's processes when this process started them (``NaN`` per CPU-second otherwise).
+    """
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from pathlib import Path; from pipelines.bench_data import bench_prepare; "
+            "print(json.dumps(bench_prepare(Path(sys.argv[1]), Path(sys.argv[2]), rows_per_shard=int(sys.argv[3]), "
+            "address=sys.argv[4])))")
+    with TreeCPU() as cpu:
+        done = subprocess.run([sys.executable, "-c", code, str(root), str(out), str(rows_per_shard), address],
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode != 0:
+        raise RuntimeError(f"prepare in a new driver failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return dict(result, cpu_seconds=cpu.seconds)
 
 
 def baseline_prepare(root: Path, out: Path) -> dict:
@@ -247,9 +314,12 @@ def _row(stage: str, path: str, r: dict, cpus: float, unit: str) -> dict:
                 unit=unit, target=TARGETS.get(stage.split(" ")[0]))
 
 
+#: The path of :func:`bench_prepare_job`'s row.
+RUNNING_CLUSTER = "Ray Data, new driver on a running cluster (as a job)"
 #: The comparisons ``run`` prints: (what, stage prefix, the Ray path, the plain path).
 RATIOS = (
     ("prepare, Ray Data / plain loop", "prepare", "Ray Data (incl. Ray start)", "1 process, no Ray"),
+    ("prepare on a running cluster, Ray Data / plain loop", "prepare", RUNNING_CLUSTER, "1 process, no Ray"),
     ("loader, Ray Data / plain Parquet reader", "loader", "Ray Data → Batch on CPU, 2nd epoch",
      "1 process, no Ray: → Batch on CPU"),
 )
@@ -318,11 +388,23 @@ def run(args: argparse.Namespace) -> int:
     # them from the page cache: they were just written).
     if "prepare" in stages and not args.skip_baseline:
         rows.append(_row("prepare", "1 process, no Ray", baseline_prepare(root, work / "baseline"), 1, "images/s"))
+    # Then prepare as a user's first run: `instalign prepare` with no --address starts a private
+    # cluster (timed); this process stays connected to it. With --address, it joins that cluster.
     ray_prepare = bench_prepare(root, out, rows_per_shard=args.rows_per_shard, address=args.address)
     init_ray(args.address)  # already connected by prepare: reused
     cpus = cluster_cpus()
     if "prepare" in stages:
-        rows.append(_row("prepare", "Ray Data (incl. Ray start)", ray_prepare, cpus, "images/s"))
+        if not args.address:
+            rows.append(_row("prepare", "Ray Data (incl. Ray start)", ray_prepare, cpus, "images/s"))
+        # And as a job on a running cluster: a new driver process joins the cluster (the one
+        # just started, or --address's) and prepares the same images again.
+        import ray
+
+        job = bench_prepare_job(root, out, rows_per_shard=args.rows_per_shard,
+                                address=args.address or ray.get_runtime_context().gcs_address)
+        if args.address:  # the cluster's processes are not this process's children: not counted
+            job["cpu_seconds"] = float("nan")
+        rows.append(_row("prepare", RUNNING_CLUSTER, job, cpus, "images/s"))
     if "loader" in stages:
         stage = f"loader {args.image_size}²"
         for label, r in bench_loader(out, image_size=args.image_size, batch_size=args.batch_size, text_cfg=text_cfg):

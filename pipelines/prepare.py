@@ -42,10 +42,11 @@ One streaming pass (issue 16). The unit of work is a *shard*: up to ``rows_per_s
 consecutive image tasks of one split, which become exactly one Parquet file
 ``out/<split>/<split>-NNNNN.parquet``. The task table (Arrow, built on the driver) is put in
 the object store once; ``ray.data.range(number of groups)`` feeds groups of consecutive
-shards (:func:`group_shards`, ~8 Ray tasks per CPU: a task's fixed cost is ~85 ms here) to
-a ``map_batches`` UDF (:func:`write_shards`) that looks their rows up in that table,
-processes each image, writes each shard's file and returns one small statistics row per
-shard (counts and the shard's quarantine records). Image bytes therefore never enter the object store: nothing is
+shards (:func:`group_shards`, ~8 Ray Data tasks per CPU) to a ``map_batches`` UDF
+(:func:`write_shards`, run by an actor pool of one :class:`ShardWriter` per CPU, which keeps
+each core busy back to back) that looks their rows up in that table, processes each image,
+writes each shard's file and returns one small statistics row per shard (counts and the
+shard's quarantine records). Image bytes therefore never enter the object store: nothing is
 materialised, nothing spills, however large the release (``tests/test_prepare_streaming.py``:
 ~117 MB of images through an 80 MiB object store), and each image is decoded once.
 The driver streams the statistics rows back (``iter_batches``) and builds the counts, the
@@ -53,7 +54,7 @@ quarantine and the manifest from them. Ray Data's own writers do not fit the lay
 ``write_parquet(partition_cols=["split"])`` names folders ``split=train`` and drops the
 ``split`` column, and a write task fed by ``min_rows_per_file`` buffering mixes splits.
 
-Memory per Ray worker (one CPU each) is bounded by one shard: its stored image bytes
+Memory per Ray worker (one actor per CPU) is bounded by one shard: its stored image bytes
 (``rows_per_shard`` × ~160 KB for COCO-sized JPEGs: ~40 MB at the default 256), its Arrow
 table and Parquet encoding buffers (about as much again), plus one decoded image at a time
 (~1 MB for COCO; at most ``max_image_pixels`` × 3 bytes, 150 MB at the default cap).
@@ -105,8 +106,8 @@ from instalign.data.safe_pickle import UnsafePickleError
 from instalign.data.source import GRESSource
 from pipelines.prepare_output import check_output, replace_output, resolve_output, sibling_path, write_manifest
 from pipelines.prepare_records import PrepareError, plan_tasks, quarantine_record, to_task_table
-from pipelines.prepare_shards import (DEFAULT_MAX_IMAGE_PIXELS, group_shards, plan_shards, process_task,
-                                      shard_file_name, write_shards)
+from pipelines.prepare_shards import (DEFAULT_MAX_IMAGE_PIXELS, ShardWriter, group_shards, plan_shards,
+                                      process_task, shard_file_name)
 from pipelines.redaction import command_line, redact
 
 #: The verb's API; the rest of these names are re-exported from the modules that define them.
@@ -172,8 +173,11 @@ def _run_pass(plan: _Plan, *, fs: pafs.FileSystem, out_path: str, dataset: str, 
                  "the cores better", len(plan.shards), cpus)
     groups = group_shards(len(plan.shards), cpus)
     tasks = ray.put(plan.task_table)  # once; every task reads its rows from it
+    # One actor per CPU, started at once; the pass goes on with those that start when the
+    # cluster is shared (min_size=1), so a busy cluster slows it rather than stalls it.
+    actors = ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=min(cpus, len(groups)))
     stats = (ray.data.range(len(groups), override_num_blocks=len(groups))
-             .map_batches(write_shards, batch_size=None, batch_format="numpy", num_cpus=1,
+             .map_batches(ShardWriter, compute=actors, batch_size=None, batch_format="numpy", num_cpus=1,
                           fn_kwargs=dict(tasks=tasks, shards=plan.shards, groups=groups, fs=fs, out_path=out_path,
                                          dataset=dataset, **options)))
     rows = [r for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow") for r in batch.to_pylist()]

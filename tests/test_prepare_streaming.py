@@ -88,3 +88,48 @@ def test_release_larger_than_the_object_store_prepares_without_spilling(small_st
     first = pq.read_table(out / "train" / manifest["files"]["train"][0]).slice(0, 1).to_pylist()[0]
     name = f"COCO_train2014_{first['image_id']:012d}.jpg"
     assert first["image"] == (root / "images" / "train2014" / name).read_bytes()
+
+
+def _kill_first_busy_shard_writer(killed: list, stop) -> None:
+    """SIGKILL the first ``ShardWriter`` actor process seen running a task (Ray titles it
+    ``ray::MapWorker(…ShardWriter)).submit`` meanwhile): what the kernel's OOM killer does."""
+    import psutil
+
+    while not stop.is_set() and not killed:
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            title = " ".join(proc.info["cmdline"] or []).strip()  # Ray pads its process titles
+            if title.startswith("ray::MapWorker(") and "ShardWriter)).submit" in title:
+                proc.kill()
+                killed.append(proc.info["pid"])
+                return
+        stop.wait(0.01)
+
+
+@pytest.mark.timeout(300)  # with restarts off, Ray Data waited forever on the dead actor (measured)
+def test_a_shard_writer_killed_mid_task_is_restarted_and_every_shard_is_written(ray_local, tmp_path):
+    """The pass's actors restart and their tasks are retried (Ray Data's defaults for actor
+    pools: ``max_restarts=-1``, ``max_task_retries=-1``): a worker killed in the middle of a
+    shard costs a retry, not the run, and the retried shard is rewritten whole."""
+    import threading
+
+    root, out = tmp_path / "release", tmp_path / "out"
+    num_images = 48
+    _noisy_release(root, num_images=num_images)  # ~1 MB noise JPEGs: tasks long enough to be caught running
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_first_busy_shard_writer, args=(killed, stop), daemon=True)
+    killer.start()
+    try:
+        manifest = prepare_dataset(dataset="grefcoco", root=str(root), out=str(out), rows_per_shard=2, progress=False)
+    finally:
+        stop.set()
+        killer.join()
+
+    assert killed, "no ShardWriter was caught running a task: the test did not test anything"
+    assert manifest["counts"]["train"]["images"] == num_images and manifest["quarantined"] == {}
+    assert manifest["files"]["train"] == [f"train-{i:05d}.parquet" for i in range(num_images // 2)]
+    ids = [i for name in manifest["files"]["train"]
+           for i in pq.read_table(out / "train" / name, columns=["image_id"]).column("image_id").to_pylist()]
+    assert sorted(ids) == ids and len(set(ids)) == num_images == len(ids)
+    sizes = {name: (out / "train" / name).stat().st_size for name in manifest["files"]["train"]}
+    assert sizes == {name: manifest["file_sizes"][f"train/{name}"] for name in manifest["files"]["train"]}
