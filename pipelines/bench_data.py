@@ -26,8 +26,9 @@ gRefCOCO layout and read by the real reader.
 
 Per core is reported two ways: wall-clock rate / CPUs, and items per CPU-second consumed by
 the whole local process tree (driver + Ray's raylet, object store and workers, from
-``/proc``, sampled so that processes ending meanwhile count: :class:`TreeCPU`). The second is what a core delivers when busy, and stays meaningful on a shared
-machine where wall time measures the neighbours' load too.
+``/proc``, sampled so that processes ending meanwhile count: :class:`TreeCPU`). The second
+is what a core delivers when busy, and stays meaningful on a shared machine where wall time
+measures the neighbours' load too.
 
 Targets (README Performance table): prepare ≥ 100 images/s/core, loader ≥ 150 samples/s/core.
 Speed targets live here, never in tests.

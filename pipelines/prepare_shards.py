@@ -271,8 +271,9 @@ class ShardWriter:
     worker for the next one, so each worker idled 0.15–0.2 s after every ~0.35 s task (Ray's
     timeline, 3,000 images on 2 cores: a third of the pass). An actor is sent its next task
     while it runs the current one (Ray Data's default of two in flight per actor), so the
-    tasks run back to back; and the modules are imported once per actor, not per worker
-    lease. The pass went 5.2–6.2 s → 4.8 s at 3,000 images on a running cluster.
+    tasks run back to back. The pass went 5.2–6.2 s → 4.8 s at 3,000 images on a running
+    cluster. A killed actor is restarted and its task retried (Ray Data's defaults for actor
+    pools; ``tests/test_prepare_streaming.py``): the retried shard's file is rewritten whole.
     Memory is unchanged: the UDF runs one task at a time per actor, and a queued task's input
     is one small block of group indices.
     """
