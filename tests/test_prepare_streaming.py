@@ -92,15 +92,20 @@ def test_release_larger_than_the_object_store_prepares_without_spilling(small_st
 
 def _kill_first_busy_shard_writer(killed: list, stop) -> None:
     """SIGKILL the first ``ShardWriter`` actor process seen running a task (Ray titles it
-    ``ray::MapWorker(…ShardWriter)).submit`` meanwhile): what the kernel's OOM killer does."""
+    ``ray::MapWorker(…ShardWriter)).submit`` meanwhile): what the kernel's OOM killer does.
+    Only among this process's descendants (the test's local cluster): never another run's worker."""
     import psutil
 
+    me = psutil.Process()
     while not stop.is_set() and not killed:
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            title = " ".join(proc.info["cmdline"] or []).strip()  # Ray pads its process titles
+        for proc in me.children(recursive=True):
+            try:
+                title = " ".join(proc.cmdline()).strip()  # Ray pads its process titles
+            except psutil.Error:  # exited meanwhile
+                continue
             if title.startswith("ray::MapWorker(") and "ShardWriter)).submit" in title:
                 proc.kill()
-                killed.append(proc.info["pid"])
+                killed.append(proc.pid)
                 return
         stop.wait(0.01)
 
