@@ -191,6 +191,23 @@ def show_progress_bars(interactive: bool) -> None:
         DataContext.get_current().enable_progress_bars = False
 
 
+def plain_repeat_notes() -> None:
+    """Ray's "[repeated 4x across cluster]" notes without colour codes when ``RAY_COLOR_PREFIX=0``.
+
+    Ray's log deduplication appends that note to a worker line it saw several times, always in
+    green (``ray._private.ray_logging._color``), whatever ``RAY_COLOR_PREFIX`` says: a log file
+    got escape codes whenever the raylet repeated a warning (seen in CI: test_run_output). Ray
+    has no setting for it, so with ``RAY_COLOR_PREFIX=0`` the note's colour function becomes
+    the identity; where Ray has no such function, nothing is changed.
+    """
+    if os.environ.get("RAY_COLOR_PREFIX") != "0":
+        return
+    from ray._private import ray_logging
+
+    if callable(getattr(ray_logging, "_color", None)):
+        ray_logging._color = str
+
+
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
              runtime_env: Optional[Mapping[str, Any]] = None, data_only: bool = False) -> None:
     """Connect this process to Ray: join ``address`` or start a private local cluster.
@@ -220,6 +237,7 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         return
     if not sys.stdout.isatty():  # a log file: no colour codes around the workers' line prefixes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    plain_repeat_notes()
     show_progress_bars(sys.stderr.isatty())
     os.environ.setdefault(LOG_LEVEL_ENV, ray_log_level())
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", ray_log_level())

@@ -108,3 +108,31 @@ def test_a_normal_training_run_prints_progress_and_no_ray_chatter(prepared_datas
     assert "core_worker" not in output and "RayDeprecationWarning" not in output
     chatter = [line for line in ray_lines(output) if not line.startswith("(raylet) WARNING: ")]
     assert chatter == [], "\n".join(chatter)
+
+
+def test_repeat_notes_carry_no_colour_when_colour_is_off(monkeypatch):
+    """Ray's deduplicator marks a repeated worker line "[repeated Nx across cluster]" in green
+    whatever RAY_COLOR_PREFIX says; with RAY_COLOR_PREFIX=0 (output not a terminal) it is plain."""
+    from ray._private import ray_logging
+
+    from pipelines.ray_utils import plain_repeat_notes
+
+    monkeypatch.setattr(ray_logging, "_color", ray_logging._color)  # restored afterwards
+
+    def repeated_twice() -> str:
+        clock = [0.0]
+        dedup = ray_logging.LogDeduplicator(5, None, None, _timesource=lambda: clock[0])
+        line = "WARNING: 26 PYTHON worker processes have been started on node"
+        for pid in (1, 2, 3):
+            dedup.deduplicate(dict(ip="10.0.0.1", pid=pid, lines=[line]))
+        clock[0] = 10.0
+        return "\n".join(out for batch in dedup.flush() for out in batch["lines"])
+
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
+    plain_repeat_notes()
+    assert "across cluster]" in repeated_twice() and ANSI in repeated_twice()  # Ray's own behaviour, untouched
+
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "0")
+    plain_repeat_notes()
+    note = repeated_twice()
+    assert "[repeated 2x across cluster]" in note and ANSI not in note
