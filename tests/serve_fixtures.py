@@ -41,21 +41,13 @@ def free_port() -> int:
 
 
 def register(root: Path, name: str, **biases: float) -> dict[str, Any]:
-    import mlflow
-
     from pipelines.pyfunc import log_and_register
+    from tests.mlflow_store import tracking_store
     from tests.tiny_checkpoint import make_checkpoint
 
     checkpoint = make_checkpoint(root / "checkpoint", **biases)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
-        mlflow.set_experiment(experiment_id=ensure_experiment(uri, "serve-test"))
+    with tracking_store(root, "serve-test") as uri:
         version = log_and_register(checkpoint, registered_model_name=name, alias="champion")
-    finally:
-        mlflow.set_tracking_uri(previous)
     return {"checkpoint": checkpoint, "tracking_uri": uri, "model": f"models:/{name}@champion",
             "version": str(version.version)}
 

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.mlflow_store import tracking_store
 from tests.tiny_checkpoint import make_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -52,21 +53,12 @@ def _mlflow_state_restored():
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    import mlflow
-
     from pipelines.pyfunc import log_and_register
 
     root = tmp_path_factory.mktemp("batch")
     checkpoint = make_checkpoint(root / "checkpoint", score_bias=4.0, no_target_bias=-4.0)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
-        mlflow.set_experiment(experiment_id=ensure_experiment(uri, "batch-test"))
+    with tracking_store(root, "batch-test") as uri:
         version = log_and_register(checkpoint, registered_model_name=MODEL, alias="champion")
-    finally:
-        mlflow.set_tracking_uri(previous)
     return {"root": root, "checkpoint": checkpoint, "tracking_uri": uri, "version": str(version.version)}
 
 

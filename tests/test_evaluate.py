@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from instalign.metrics import NoTargetScores
+from mlflow_store import tracking_store
 from tiny_checkpoint import make_checkpoint
 
 
@@ -86,34 +87,21 @@ def test_evaluating_a_registered_version_records_a_linked_run(ray_local, prepare
                                                                capsys, monkeypatch):
     """``instalign evaluate --model models:/NAME@ALIAS``: one MLflow run with the command, the
     dataset as input, the metrics, linked to the version's logged model (its metrics show there)."""
-    import mlflow
     from mlflow import MlflowClient
 
     from pipelines.cli import main
     from pipelines.pyfunc import log_and_register
     from pipelines.registry import version_model_id
 
-    from mlflow.tracking import fluent
-
-    from pipelines.tracking_mlflow import ensure_experiment
-
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(store)
-    # set_experiment's process-wide state, restored afterwards (see test_batch_predict).
-    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    try:
-        # Not the Default experiment: its artifacts would land in ./mlruns of the cwd.
-        mlflow.set_experiment(experiment_id=ensure_experiment(store, "registrations"))
+    # Not the Default experiment: its artifacts would land in ./mlruns of the cwd.
+    with tracking_store(tmp_path, "registrations") as store:
         version = log_and_register(checkpoint, registered_model_name="instalign-test-eval", alias="candidate")
         argv = ["evaluate", "--model", "models:/instalign-test-eval@candidate", "--data", str(prepared_dataset),
                 "--split", "val", "--batch-size", "4", "--max-samples", "6", "--tracking-uri", store,
                 "--experiment", "evals", "--json", str(tmp_path / "m.json")]
         monkeypatch.setattr("sys.argv", ["instalign", *argv])
         assert main(argv) == 0
-    finally:
-        mlflow.set_tracking_uri(previous)
     printed = capsys.readouterr().out
     got = json.loads((tmp_path / "m.json").read_text())
 

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from mlflow_store import tracking_store
 from tiny_checkpoint import make_checkpoint
 
 MODEL_NAME = "instalign-test-pyfunc"
@@ -33,17 +34,9 @@ def png_bytes(w: int, h: int, seed: int = 0) -> bytes:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A fresh sqlite tracking store; MLflow's global URI restored afterwards."""
-    import mlflow
-
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
-    mlflow.set_experiment(experiment_id=ensure_experiment(uri, "pyfunc-tests"))
-    yield uri
-    mlflow.set_tracking_uri(previous)
+    """A fresh sqlite tracking store; MLflow's process-wide state restored afterwards."""
+    with tracking_store(tmp_path_factory.mktemp("mlflow"), "pyfunc-tests") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mlflow_store import tracking_store
 from tiny_checkpoint import make_checkpoint
 
 NAME = "instalign-test-registry"
@@ -16,16 +17,8 @@ NAME = "instalign-test-registry"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    import mlflow
-
-    root = tmp_path_factory.mktemp("mlflow-registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
-    mlflow.set_experiment(experiment_id=ensure_experiment(uri, "registry-tests"))
-    yield uri
-    mlflow.set_tracking_uri(previous)
+    with tracking_store(tmp_path_factory.mktemp("mlflow-registry"), "registry-tests") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

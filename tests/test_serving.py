@@ -22,6 +22,7 @@ import json
 import numpy as np
 import pytest
 
+from mlflow_store import tracking_store
 from model_server import invoke, model_server
 from serve_fixtures import png
 
@@ -34,7 +35,6 @@ IMAGE_SIZE = (97, 61)  # (w, h): odd, non-square, unlike the model's 128×128 in
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """A tiny random-init checkpoint, registered as ``models:/MODEL_NAME@champion``."""
-    import mlflow
     import torch
 
     from instalign.checkpoint import save_checkpoint
@@ -49,15 +49,8 @@ def registered(tmp_path_factory):
     model = build_model(cfg.model).eval()
     checkpoint = save_checkpoint(root / "checkpoint", model, cfg, tokenizer=load_tokenizer(cfg.model.text_encoder))
 
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
-        mlflow.set_experiment(experiment_id=ensure_experiment(tracking_uri, "serving-test"))
+    with tracking_store(root, "serving-test") as tracking_uri:
         version = log_and_register(checkpoint, registered_model_name=MODEL_NAME, alias="champion")
-    finally:
-        mlflow.set_tracking_uri(previous)
     return {"checkpoint": checkpoint, "tracking_uri": tracking_uri, "version": version.version, "root": root}
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from mlflow_store import tracking_store
 from tiny_checkpoint import make_checkpoint
 
 MODEL_NAME = "instalign-serving-limits"
@@ -43,18 +44,12 @@ def header_only_png(w: int, h: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def model_uri(tmp_path_factory):
-    import mlflow
-
     from pipelines.pyfunc import log_and_register
 
     root = tmp_path_factory.mktemp("serving_limits")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
-    mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.get_tracking_uri(), "serving-limits"))
-    log_and_register(make_checkpoint(root / "ckpt"), registered_model_name=MODEL_NAME, alias="candidate")
-    yield f"models:/{MODEL_NAME}@candidate"
-    mlflow.set_tracking_uri(previous)
+    with tracking_store(root, "serving-limits"):
+        log_and_register(make_checkpoint(root / "ckpt"), registered_model_name=MODEL_NAME, alias="candidate")
+        yield f"models:/{MODEL_NAME}@candidate"
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from mlflow_store import tracking_store
 from model_server import invoke, model_server
 from tiny_checkpoint import make_checkpoint
 
@@ -94,22 +95,13 @@ def reset_peak(pid: int) -> None:
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    import mlflow
-
     from pipelines.pyfunc import log_and_register
 
     root = tmp_path_factory.mktemp("serving_memory")
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        from pipelines.tracking_mlflow import ensure_experiment  # artifacts beside the db, not in ./mlruns
-        mlflow.set_experiment(experiment_id=ensure_experiment(tracking_uri, "serving-memory"))
+    with tracking_store(root, "serving-memory") as tracking_uri:
         # Biased so that every query is a kept instance: the most full-size masks per image.
         log_and_register(make_checkpoint(root / "ckpt", score_bias=4.0, no_target_bias=-4.0),
                          registered_model_name=MODEL_NAME, alias="champion")
-    finally:
-        mlflow.set_tracking_uri(previous)
     return tracking_uri, root
 
 
