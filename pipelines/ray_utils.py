@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
@@ -85,8 +87,17 @@ SKIP_WORKER_LINES = (r"Actor with class name: 'PreemptionWatcher' .* has constru
                      r"|Failed to kill actor \w+, return status: Invalid: KillActor RPC failed .*Socket closed")
 os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", SKIP_WORKER_LINES)
 #: A deprecation warning Ray Train's own ``DataConfig.default_ingest_options`` triggers in every
-#: run (it passes ``exclude_resources`` on); a ``PYTHONWARNINGS`` entry for a private cluster.
-IGNORED_WARNINGS = "ignore:`ExecutionOptions.exclude_resources` is deprecated"
+#: run (it passes ``exclude_resources`` on): in Train's controller, and in the driver when the
+#: ``ordered`` data order builds ingest options (the quickstart). Ignored in the driver and in
+#: the job's workers (:func:`ignore_known_warnings`), and through ``PYTHONWARNINGS`` in every
+#: process of a private cluster.
+IGNORED_WARNING_MESSAGE = "`ExecutionOptions.exclude_resources` is deprecated"
+IGNORED_WARNINGS = f"ignore:{IGNORED_WARNING_MESSAGE}"
+
+
+def ignore_known_warnings() -> None:
+    """This process ignores :data:`IGNORED_WARNING_MESSAGE` (and only that warning)."""
+    warnings.filterwarnings("ignore", message=re.escape(IGNORED_WARNING_MESSAGE))
 
 
 def set_ray_log_level(level: Optional[str | int] = None) -> None:
@@ -158,6 +169,7 @@ def setup_worker_logging() -> None:
     Runs in every worker process of the job (``init_ray`` sets it) before any task or actor.
     """
     apply_ray_log_level()
+    ignore_known_warnings()
     logging.getLogger(train_report_logger_name()).setLevel(ray_log_level())
     # MLflow's system-metrics monitor says at INFO, in every Train worker, that it starts,
     # skips GPU metrics and stops: library bookkeeping, not the run's progress.
@@ -232,6 +244,7 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     """
     import ray
 
+    ignore_known_warnings()
     if ray.is_initialized():
         log.info("Ray already initialised; reusing the current connection")
         return

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,32 @@ def test_repeat_notes_carry_no_colour_when_colour_is_off(monkeypatch):
     plain_repeat_notes()
     note = repeated_twice()
     assert "[repeated 2x across cluster]" in note and ANSI not in note
+
+
+
+@pytest.mark.parametrize("setup", ["none", "driver", "worker"])
+def test_ray_trains_exclude_resources_warning_is_ignored_in_the_driver_and_the_workers(setup):
+    """The ``ordered`` data order (the quickstart's) builds Ray Train's ingest options in the
+    driver, where Ray warns that ``exclude_resources`` is deprecated: a user cannot act on it.
+    ``init_ray`` ignores that warning in the driver (also when Ray is already connected), and the
+    job's worker setup hook in every worker; with neither, Ray's warning shows."""
+    code = textwrap.dedent(f"""
+        import warnings
+        warnings.simplefilter("always")  # every warning shown, each time
+        import ray
+        from pipelines import ray_utils
+        from pipelines.job import GRESDataConfig
+        if {setup!r} == "driver":
+            ray.is_initialized = lambda: True  # init_ray then connects nothing: only its set-up runs
+            ray_utils.init_ray()
+        elif {setup!r} == "worker":
+            ray_utils.setup_worker_logging()
+        GRESDataConfig(data_order="ordered")
+        warnings.warn("another deprecation", DeprecationWarning)  # other warnings still show
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("exclude_resources" in done.stderr) == (setup == "none"), done.stderr[-3000:]
+    assert "another deprecation" in done.stderr
