@@ -58,6 +58,7 @@ image ``file_name``\\ s that are absolute or climb out of the image directory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -78,6 +79,9 @@ __all__ = [
     "read_refzom",
     "read_refcoco",
     "read_source",
+    "ReleaseFiles",
+    "locate_release",
+    "read_release",
     "reference_problems",
     "is_safe_split_name",
     "DATASETS",
@@ -390,47 +394,101 @@ def _refcoco_targets(rec: _Record, ann: list[int] | None) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------- readers
-def _finish(dataset: str, root: Path, refs_path: Path, inst_path: Path, images: dict, annotations: dict,
-            refs: list[Ref]) -> GRESSource:
-    checksums = {_checksum_key(p, root): _sha256(p) for p in (refs_path, inst_path)}
-    logger.info("%s: %d refs, %d images, %d annotations", dataset, len(refs), len(images), len(annotations))
-    return GRESSource(dataset=dataset, images=images, annotations=annotations, refs=refs, checksums=checksums)
+@dataclasses.dataclass(frozen=True)
+class ReleaseFiles:
+    """Where one release's annotation files and images are: located and checked to be
+    regular files, not yet read (:func:`locate_release`)."""
+
+    dataset: str
+    root: Path
+    refs: Path
+    instances: Path
+    images: Path
+
+
+#: Per dataset: its folder under the root, its refs file name (``{split_by}`` filled in) and its image folder.
+_LAYOUT = {
+    "grefcoco": ("grefcoco", "grefs({split_by}).json", "train2014"),
+    "refzom": ("ref-zom", "refs(final).p", "trainval2014"),
+    **{name: (name, "refs({split_by}).p", "train2014") for name in REFCOCO_SPLIT_BYS},
+}
+_TITLE = {"grefcoco": "gRefCOCO", "refzom": "Ref-ZOM"}
+
+
+def locate_release(dataset: str, root: str | os.PathLike[str], *, split_by: str | None = None,
+                   refs_file: str | os.PathLike[str] | None = None,
+                   instances_file: str | os.PathLike[str] | None = None,
+                   image_dir: str | os.PathLike[str] | None = None) -> ReleaseFiles:
+    """The release's files under ``root`` (or where the overrides point), without reading them.
+
+    Cheap (a few ``stat`` calls): ``prepare`` calls it before anything else, so that a wrong
+    ``--root`` is refused at once; parsing the files is the expensive part.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message names the override that points at it).
+        SourceFormatError: a file is a directory, FIFO or device.
+        ValueError: an unknown dataset, or a split scheme the dataset is not released in.
+    """
+    if dataset not in _LAYOUT:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    if dataset == "grefcoco":
+        split_by = split_by or "unc"
+    elif dataset in REFCOCO_SPLIT_BYS:
+        split_by = split_by or REFCOCO_SPLIT_BYS[dataset][0]
+        if split_by not in REFCOCO_SPLIT_BYS[dataset]:
+            raise ValueError(f"{dataset} is released split by {REFCOCO_SPLIT_BYS[dataset]}, not {split_by!r}")
+    root = Path(root)
+    folder, refs_name, images = _LAYOUT[dataset]
+    if refs_file is None:
+        refs_file = root / folder / refs_name.format(split_by=split_by)
+        pickle_path = refs_file.with_suffix(".p")
+        if dataset == "grefcoco" and not refs_file.is_file() and pickle_path.is_file():
+            refs_file = pickle_path  # gRefCOCO's refs come as JSON, or as the pickle of older copies
+    title = _TITLE.get(dataset, dataset)
+    return ReleaseFiles(
+        dataset=dataset, root=root,
+        refs=_require_file(Path(refs_file), f"{title} refs file", "refs_file"),
+        instances=_require_file(Path(instances_file or root / folder / "instances.json"), f"{title} instances file",
+                                "instances_file"),
+        images=Path(image_dir or root / "images" / images))
+
+
+def _finish(files: ReleaseFiles, images: dict, annotations: dict, refs: list[Ref]) -> GRESSource:
+    checksums = {_checksum_key(p, files.root): _sha256(p) for p in (files.refs, files.instances)}
+    logger.info("%s: %d refs, %d images, %d annotations", files.dataset, len(refs), len(images), len(annotations))
+    return GRESSource(dataset=files.dataset, images=images, annotations=annotations, refs=refs, checksums=checksums)
+
+
+def read_release(files: ReleaseFiles) -> GRESSource:
+    """Parse and check the located release (layout and quirks in the module docstring)."""
+    images, annotations, crowd = _read_instances(files.instances, files.images,
+                                                 need_file_name=files.dataset == "refzom")
+    if files.dataset == "grefcoco":
+        disagree: list[int] = []
+        refs = _parse_refs(files.refs, _load_refs(files.refs), _grefcoco_targets(disagree), crowd)
+        if disagree:
+            logger.warning("%s: %d ref(s) whose 'no_target' flag disagrees with ann_id; ann_id wins, e.g. ref_id %s",
+                           files.refs, len(disagree), disagree[:5])
+    else:
+        targets = _refzom_targets if files.dataset == "refzom" else _refcoco_targets
+        refs = _parse_refs(files.refs, _load_refs(files.refs), targets, crowd)
+    return _finish(files, images, annotations, refs)
 
 
 def read_grefcoco(root: str | os.PathLike[str], *, refs_file: str | os.PathLike[str] | None = None,
                   instances_file: str | os.PathLike[str] | None = None,
                   image_dir: str | os.PathLike[str] | None = None, split_by: str = "unc") -> GRESSource:
     """gRefCOCO as released by ReLA (layout and quirks in the module docstring)."""
-    root = Path(root)
-    if refs_file is None:
-        json_path = root / "grefcoco" / f"grefs({split_by}).json"
-        pickle_path = root / "grefcoco" / f"grefs({split_by}).p"
-        refs_file = json_path if json_path.is_file() or not pickle_path.is_file() else pickle_path
-    refs_path = _require_file(Path(refs_file), "gRefCOCO refs file", "refs_file")
-    inst_path = _require_file(Path(instances_file or root / "grefcoco" / "instances.json"),
-                              "gRefCOCO instances file", "instances_file")
-    images, annotations, crowd = _read_instances(inst_path, Path(image_dir or root / "images" / "train2014"),
-                                                 need_file_name=False)
-    disagree: list[int] = []
-    refs = _parse_refs(refs_path, _load_refs(refs_path), _grefcoco_targets(disagree), crowd)
-    if disagree:
-        logger.warning("%s: %d ref(s) whose 'no_target' flag disagrees with ann_id; ann_id wins, e.g. ref_id %s",
-                       refs_path, len(disagree), disagree[:5])
-    return _finish("grefcoco", root, refs_path, inst_path, images, annotations, refs)
+    return read_release(locate_release("grefcoco", root, split_by=split_by, refs_file=refs_file,
+                                       instances_file=instances_file, image_dir=image_dir))
 
 
 def read_refzom(root: str | os.PathLike[str], *, refs_file: str | os.PathLike[str] | None = None,
                 instances_file: str | os.PathLike[str] | None = None,
                 image_dir: str | os.PathLike[str] | None = None) -> GRESSource:
     """Ref-ZOM (splits ``train``/``test``; ``source == 'zero'`` marks no-target refs)."""
-    root = Path(root)
-    refs_path = _require_file(Path(refs_file or root / "ref-zom" / "refs(final).p"), "Ref-ZOM refs file", "refs_file")
-    inst_path = _require_file(Path(instances_file or root / "ref-zom" / "instances.json"),
-                              "Ref-ZOM instances file", "instances_file")
-    images, annotations, crowd = _read_instances(inst_path, Path(image_dir or root / "images" / "trainval2014"),
-                                                 need_file_name=True)
-    refs = _parse_refs(refs_path, _load_refs(refs_path), _refzom_targets, crowd)
-    return _finish("refzom", root, refs_path, inst_path, images, annotations, refs)
+    return read_release(locate_release("refzom", root, refs_file=refs_file, instances_file=instances_file,
+                                       image_dir=image_dir))
 
 
 def read_refcoco(root: str | os.PathLike[str], dataset: str = "refcoco", split_by: str = "unc", *,
@@ -440,29 +498,14 @@ def read_refcoco(root: str | os.PathLike[str], dataset: str = "refcoco", split_b
     """Classic RefCOCO / RefCOCO+ / RefCOCOg (every ref has exactly its targets; no no-target)."""
     if dataset not in REFCOCO_SPLIT_BYS:
         raise ValueError(f"dataset must be one of {sorted(REFCOCO_SPLIT_BYS)}, got {dataset!r}")
-    if split_by not in REFCOCO_SPLIT_BYS[dataset]:
-        raise ValueError(f"{dataset} is released split by {REFCOCO_SPLIT_BYS[dataset]}, not {split_by!r}")
-    root = Path(root)
-    refs_path = _require_file(Path(refs_file or root / dataset / f"refs({split_by}).p"),
-                              f"{dataset} refs file", "refs_file")
-    inst_path = _require_file(Path(instances_file or root / dataset / "instances.json"),
-                              f"{dataset} instances file", "instances_file")
-    images, annotations, crowd = _read_instances(inst_path, Path(image_dir or root / "images" / "train2014"),
-                                                 need_file_name=False)
-    refs = _parse_refs(refs_path, _load_refs(refs_path), _refcoco_targets, crowd)
-    return _finish(dataset, root, refs_path, inst_path, images, annotations, refs)
+    return read_release(locate_release(dataset, root, split_by=split_by, refs_file=refs_file,
+                                       instances_file=instances_file, image_dir=image_dir))
 
 
 def read_source(dataset: str, root: str | os.PathLike[str], *, split_by: str | None = None,
                 **paths: Any) -> GRESSource:
     """Dispatch on ``dataset`` (one of :data:`DATASETS`); ``paths`` are the layout overrides."""
-    if dataset == "grefcoco":
-        return read_grefcoco(root, split_by=split_by or "unc", **paths)
-    if dataset == "refzom":
-        return read_refzom(root, **paths)
-    if dataset in REFCOCO_SPLIT_BYS:
-        return read_refcoco(root, dataset, split_by or REFCOCO_SPLIT_BYS[dataset][0], **paths)
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    return read_release(locate_release(dataset, root, split_by=split_by, **paths))
 
 
 def reference_problems(source: GRESSource) -> list[dict[str, Any]]:
