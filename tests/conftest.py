@@ -23,6 +23,12 @@ if "INSTALIGN_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["INSTALIGN_CACHE"], True)
 
 import pytest  # noqa: E402
+# Ray and Ray Data bind their log handlers to ``sys.stderr`` as it is when they are first
+# imported. Imported here, at collection, that is the session's stream; imported first inside
+# a test that uses ``capsys``, it would be that test's buffer, closed afterwards, and every
+# later Ray Data log line would print "--- Logging error ---" and a traceback into some other
+# test's output (measured: test_cli_errors then test_prepare_security).
+import ray.data  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
