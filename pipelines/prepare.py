@@ -8,8 +8,8 @@ reads the image file, decodes every scan of it (a truncated JPEG fails here, not
 training time; a JPEG kept as released is checked at 1/8 scale), optionally shrinks it, and rasterises each target annotation to COCO RLE at the
 *stored* size.
 
-This module is the verb: :func:`prepare_dataset` (the driver: plan while Ray starts, one
-Ray Data pass, quarantine and manifest) and the CLI. The steps live beside it:
+This module is the verb: :func:`prepare_dataset` (the driver: read and plan while Ray starts,
+one Ray Data pass, quarantine and manifest) and the CLI. The steps live beside it:
 ``pipelines.prepare_records`` (the driver-side record checks and the image tasks),
 ``pipelines.prepare_shards`` (shard planning and the worker side: one image row, one
 shard file) and ``pipelines.prepare_output`` (the output location, the safe overwrite and
@@ -59,14 +59,19 @@ Memory per Ray worker (one actor per CPU) is bounded by one shard: its stored im
 table and Parquet encoding buffers (about as much again), plus one decoded image at a time
 (~1 MB for COCO; at most ``max_image_pixels`` × 3 bytes, 150 MB at the default cap).
 
-Ray starts while the driver plans: the release is read and validated first (an unreadable
-or hostile release fails without starting Ray), then ``init_ray`` runs in the main thread —
-Ray 2.60 started from another thread makes the process exit at its first ``ray.put``
-(measured) — while a helper thread checks the records, groups them by image and builds the
-task table (with a short GIL switch interval meanwhile, so that ``ray.init`` is not starved).
-``--strict`` with a record quarantined on the driver therefore fails after Ray has started,
-but before any task runs; one quarantined by a worker fails the run after the pass, and the
-shards already written are removed.
+Ray starts while the release is read (issue 16). Only the release's files are located on the
+driver first (:func:`instalign.data.readers.locate_release`: a wrong ``--root`` fails at once,
+without Ray); then a forked child process parses and checks them, groups the records by image
+and builds the task table (:class:`_Plan`, sent back through a pipe) while ``init_ray`` runs in
+the main thread — Ray 2.60 started from another thread makes the process exit at its first
+``ray.put`` (measured) — and imports Ray Data. A process, not a thread: ``json.load`` holds
+Python's lock for seconds and starved ``ray.init`` (``pipelines.forked``). So a bad release is
+reported once Ray has started, a few seconds later than a wrong path, and the driver never
+holds the parsed release, only the plan. Where forking is not safe (not Linux, or the process
+is already connected to Ray, which then has nothing left to start) the driver reads and plans
+inline. ``--strict`` with a record quarantined while planning fails before any task runs; one
+quarantined by a worker fails the run after the pass, and the shards already written are
+removed.
 
 Images are stored as the source bytes when the source is a JPEG that needs no resizing
 (no second lossy generation, no encode cost), otherwise re-encoded as RGB JPEG at
@@ -85,9 +90,9 @@ manifest records the command line and the source root redacted (``pipelines.reda
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import logging
 import sys
@@ -100,10 +105,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from instalign.data.images import DEFAULT_MAX_IMAGE_BYTES
-from instalign.data.readers import is_safe_split_name, read_source
+from instalign.data.readers import ReleaseFiles, is_safe_split_name, locate_release, read_release
 from instalign.data.records import QUARANTINE_DIR, QUARANTINE_SCHEMA, SCHEMA_VERSION
 from instalign.data.safe_pickle import UnsafePickleError
 from instalign.data.source import GRESSource
+from pipelines.forked import ForkedCall, fork_is_safe
 from pipelines.prepare_output import check_output, replace_output, resolve_output, sibling_path, write_manifest
 from pipelines.prepare_records import PrepareError, plan_tasks, quarantine_record, to_task_table
 from pipelines.prepare_shards import (DEFAULT_MAX_IMAGE_PIXELS, ShardWriter, group_shards, plan_shards,
@@ -118,8 +124,6 @@ __all__ = ["DATASETS", "PrepareError", "prepare_dataset", "add_arguments", "run"
 log = logging.getLogger("instalign.prepare")
 
 DATASETS = ("grefcoco", "refzom", "refcoco", "refcoco+", "refcocog")
-#: The GIL switch interval while the driver plans and Ray starts (:func:`prepare_dataset`).
-PLANNING_SWITCH_INTERVAL_S = 0.0002
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -133,13 +137,30 @@ def _format_records(records: list[dict], n: int = 5) -> str:
 
 @dataclasses.dataclass
 class _Plan:
-    """What the driver works out from the release while Ray starts."""
+    """What the driver works out from the release while Ray starts: all it keeps of the release."""
 
     records: list[dict]  # quarantined on the driver
     empty_refs: dict[str, int]
     dropped: int  # samples lost with the driver's quarantined records
     task_table: pa.Table  # ordered as ``shards`` expects
     shards: list[tuple[str, int, int, int]]
+    split_names: list[str]  # the release's (safe) splits
+    checksums: dict[str, str]  # the release's annotation files
+
+
+def _read_and_plan(files: ReleaseFiles, *, splits: list[str] | None, root: str, strict: bool,
+                   rows_per_shard: int) -> _Plan:
+    """Parse and check the release, then plan its shards (in a forked child while Ray starts)."""
+    t0 = time.time()
+    try:
+        source = read_release(files)
+    except (OSError, ValueError, UnsafePickleError) as e:  # SourceFormatError/UnsafePickleError name file and record
+        raise PrepareError(f"cannot read {files.dataset} from {redact(str(root))}: {e}") from e
+    t_read = time.time()
+    plan = _plan(source, splits=splits, root=root, strict=strict, rows_per_shard=rows_per_shard)
+    log.info("read the release in %.1fs; planned %d shard(s) in %.1fs", t_read - t0, len(plan.shards),
+             time.time() - t_read)
+    return plan
 
 
 def _plan(source: GRESSource, *, splits: list[str] | None, root: str, strict: bool, rows_per_shard: int) -> _Plan:
@@ -154,7 +175,9 @@ def _plan(source: GRESSource, *, splits: list[str] | None, root: str, strict: bo
         raise PrepareError(f"{source.dataset} at {redact(str(root))}: no sample to write (no ref with sentences in "
                            f"splits {splits})")
     ordered, shards = plan_shards(tasks, rows_per_shard)
-    return _Plan(records, dict(empty_refs), dropped, to_task_table(ordered, root), shards)
+    return _Plan(records, dict(empty_refs), dropped, to_task_table(ordered, root), shards,
+                 split_names=sorted({r.split for r in source.refs if is_safe_split_name(r.split)}),
+                 checksums=dict(source.checksums))
 
 
 def _run_pass(plan: _Plan, *, fs: pafs.FileSystem, out_path: str, dataset: str, **options: Any) -> list[dict]:
@@ -219,38 +242,31 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
     replacing = check_output(fs, out_path, overwrite=overwrite)
 
     try:
-        source = read_source(dataset, str(root), split_by=split_by)
-    except (OSError, ValueError, UnsafePickleError) as e:  # SourceFormatError/UnsafePickleError name file and record
+        files = locate_release(dataset, str(root), split_by=split_by)  # a wrong --root: refused before Ray starts
+    except (OSError, ValueError) as e:  # SourceFormatError names the file
         raise PrepareError(f"cannot read {dataset} from {redact(str(root))}: {e}") from e
-    t_read = time.time()
     from pipelines.ray_utils import init_ray
 
-    # Overlap: Ray starts here, in the main thread, while a helper thread plans (module docstring).
-    # The planning thread holds the GIL for seconds of pure Python; ``ray.init`` gives it up at
-    # every socket, file and process call and, at the default 5 ms switch interval, waits that
-    # long each time to get it back (the convoy effect): 8.1–8.8 s for this overlap at 10,000
-    # images, 6.3–6.6 s with a 0.2 ms interval (alternating runs, 2 cores).
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, PLANNING_SWITCH_INTERVAL_S))
-    try:
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="instalign-plan") as pool:
-            planning = pool.submit(_plan, source, splits=splits, root=str(root), strict=strict,
-                                   rows_per_shard=rows_per_shard)
+    planning = dict(splits=splits, root=str(root), strict=strict, rows_per_shard=rows_per_shard)
+    if fork_is_safe():  # Ray starts while a child process reads and plans (module docstring)
+        with ForkedCall(functools.partial(_read_and_plan, files, **planning), name="release reader") as reading:
             init_ray(address, data_only=True)
-            import ray.data  # noqa: F401 - its import (~1 s) overlaps the planning too
+            import ray.data  # noqa: F401 - its import (~1 s) overlaps the reading too
 
-            plan = planning.result()
-    finally:
-        sys.setswitchinterval(interval)
-    log.info("read the release in %.1fs; planned %d shard(s) while Ray started (%.1fs)", t_read - t0,
-             len(plan.shards), time.time() - t_read)
+            t_ray = time.time()
+            plan = reading.result()
+        log.info("Ray started in %.1fs while a child process read the release; its plan came %.1fs later",
+                 t_ray - t0, time.time() - t_ray)
+    else:
+        plan = _read_and_plan(files, **planning)
+        init_ray(address, data_only=True)
 
     build_path = sibling_path(out_path, "prepare") if replacing else out_path
     if replacing:
         log.info("overwrite: building the new dataset in %s; %s is replaced only once it is complete",
                  redact(build_path), redact(out_path))
     try:
-        manifest = _build(fs, build_path, plan, source=source, root=root, dataset=dataset, splits=splits,
+        manifest = _build(fs, build_path, plan, root=root, dataset=dataset, splits=splits,
                           strict=strict, split_by=split_by, progress=progress, image_max_side=image_max_side,
                           jpeg_quality=jpeg_quality, rows_per_shard=rows_per_shard, max_image_bytes=max_image_bytes,
                           max_image_pixels=max_image_pixels)
@@ -267,7 +283,7 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
     return manifest
 
 
-def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, *, source: GRESSource, root: str, dataset: str,
+def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, *, root: str, dataset: str,
            splits: list[str] | None, strict: bool, split_by: str | None, progress: bool, image_max_side: int,
            jpeg_quality: int, rows_per_shard: int, max_image_bytes: int, max_image_pixels: int) -> dict:
     """The Ray Data pass, then the quarantine and the manifest (last) at ``out_path``."""
@@ -291,7 +307,7 @@ def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, *, source: GRESSourc
                            f"{_format_records(records)}")
     counts: dict[str, dict[str, int]] = {}
     files: dict[str, list[str]] = {}
-    for split in sorted(splits or {r.split for r in source.refs if is_safe_split_name(r.split)}):
+    for split in sorted(splits or plan.split_names):
         mine = [r for r in stats if r["split"] == split]
         empty = plan.empty_refs.get(split, 0)
         counts[split] = dict(images=sum(r["images"] for r in mine), refs=sum(r["refs"] for r in mine) + empty,
@@ -322,7 +338,7 @@ def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, *, source: GRESSourc
         file_sizes=file_sizes,
         quarantined=dict(sorted(Counter(r["reason"] for r in records).items())),
         quarantined_samples_dropped=plan.dropped + sum(r["dropped_samples"] for r in stats),
-        source=dict(root=redact(str(root)), checksums=dict(source.checksums)),
+        source=dict(root=redact(str(root)), checksums=plan.checksums),
         options=dict(image_max_side=image_max_side, jpeg_quality=jpeg_quality, rows_per_shard=rows_per_shard,
                      splits=splits, strict=strict, split_by=split_by, max_image_bytes=max_image_bytes,
                      max_image_pixels=max_image_pixels),

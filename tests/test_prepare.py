@@ -8,7 +8,9 @@ and one interrupted run (plus its ``--overwrite`` re-run).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,6 +27,7 @@ from pipelines import prepare as prep
 from pipelines.prepare import PrepareError, prepare_dataset
 
 pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _oracle_mask(segmentation, h: int, w: int) -> np.ndarray:
@@ -193,13 +196,32 @@ def test_strict_fails_with_the_first_records_and_writes_nothing(ray_local, synth
     victim = sorted((root / "images" / "train2014").iterdir())[5]
     victim.write_bytes(victim.read_bytes()[:300])  # only a worker can see this one
     out = tmp_path / "out"
-    interval = sys.getswitchinterval()
     with pytest.raises(PrepareError) as err:
         prepare_dataset(dataset="grefcoco", root=root, out=str(out), strict=True, progress=False)
-    assert sys.getswitchinterval() == interval  # shortened while planning only, restored on failure too
     assert "--strict: 1 bad record" in str(err.value) and "[corrupt_image]" in str(err.value)
     assert victim.name in str(err.value)
     assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_a_new_process_reads_in_a_child_while_ray_starts_and_writes_the_same_dataset(prepared_dataset,
+                                                                                     synthetic_root, tmp_path):
+    """The CLI in a fresh process (no Ray yet) forks its reader (``pipelines.forked``); a
+    process already connected to Ray (this one: ``prepared_dataset``) reads inline. The two
+    datasets are the same, shard for shard."""
+    out = tmp_path / "forked"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", "--dataset", "grefcoco", "--root",
+                           str(synthetic_root), "--out", str(out), "--rows-per-shard", "8", "--no-progress"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr
+    assert "Ray started in" in proc.stderr and "while a child process read the release" in proc.stderr
+    assert "read the release in" in proc.stderr  # the child's own log line reaches the same stderr
+    forked, inline = (json.loads((d / MANIFEST_NAME).read_text()) for d in (out, prepared_dataset))
+    for key in ("counts", "files", "quarantined", "quarantined_samples_dropped", "source"):
+        assert forked[key] == inline[key], key
+    names = [f"{split}/{name}" for split, files in inline["files"].items() for name in files]
+    for name in names + [f"{QUARANTINE_DIR}/quarantine.parquet"]:
+        assert pq.read_table(out / name).equals(pq.read_table(prepared_dataset / name)), name
 
 
 def test_rerun_refuses_without_overwrite(prepared_dataset, synthetic_root):
