@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path

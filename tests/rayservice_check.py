@@ -22,7 +22,6 @@ import importlib
 from typing import Any, Optional
 
 from tests.cluster_config import (
-    ClusterConfigError,
     _fail,
     _get,
     check_ray_cluster_spec,

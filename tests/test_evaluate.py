@@ -12,7 +12,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from instalign.metrics import NoTargetScores
 from mlflow_store import tracking_store

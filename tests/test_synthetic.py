@@ -154,7 +154,7 @@ def test_targets_are_consistent_with_the_pictures_and_the_words(generated):
 def test_deterministic_by_seed(tmp_path):
     a = generate_grefcoco(tmp_path / "a", num_images=6, seed=7)
     b = generate_grefcoco(tmp_path / "b", num_images=6, seed=7)
-    c = generate_grefcoco(tmp_path / "c", num_images=6, seed=8)
+    generate_grefcoco(tmp_path / "c", num_images=6, seed=8)
     assert a == b
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert len(files) == 8  # 6 images + 2 annotation files
