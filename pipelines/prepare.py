@@ -109,7 +109,7 @@ from instalign.data.readers import ReleaseFiles, is_safe_split_name, locate_rele
 from instalign.data.records import QUARANTINE_DIR, QUARANTINE_SCHEMA, SCHEMA_VERSION
 from instalign.data.safe_pickle import UnsafePickleError
 from instalign.data.source import GRESSource
-from pipelines.forked import ForkedCall, fork_is_safe
+from pipelines.forked import ChildFailed, ForkedCall, fork_is_safe
 from pipelines.prepare_output import check_output, replace_output, resolve_output, sibling_path, write_manifest
 from pipelines.prepare_records import PrepareError, plan_tasks, quarantine_record, to_task_table
 from pipelines.prepare_shards import (DEFAULT_MAX_IMAGE_PIXELS, ShardWriter, group_shards, plan_shards,
@@ -254,7 +254,10 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
             import ray.data  # noqa: F401 - its import (~1 s) overlaps the reading too
 
             t_ray = time.time()
-            plan = reading.result()
+            try:
+                plan = reading.result()
+            except ChildFailed as e:  # killed (out of memory?): the one line says so
+                raise PrepareError(f"cannot read {dataset} from {redact(str(root))}: {e}") from e
         log.info("Ray started in %.1fs while a child process read the release; its plan came %.1fs later",
                  t_ray - t0, time.time() - t_ray)
     else:

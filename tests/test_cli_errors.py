@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import types
@@ -87,6 +88,17 @@ def test_a_missing_release_is_refused_before_ray_starts(tmp_path, capsys, monkey
     rc = main(["prepare", "--dataset", "grefcoco", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
     line = _one_line(capsys.readouterr().err)
     assert rc == 1 and "instances.json is not a regular file" in line
+
+
+def test_a_reader_killed_midway_is_one_line(tmp_path, capsys, stub_ray, monkeypatch):
+    """The forked reader dies (the kernel's OOM killer, say): one line naming the signal."""
+    write_grefcoco(tmp_path)
+    monkeypatch.setattr("pipelines.prepare.fork_is_safe", lambda: True)  # even if this process uses Ray
+    monkeypatch.setattr("pipelines.prepare._read_and_plan", lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
+    rc = main(["prepare", "--dataset", "grefcoco", "--root", str(tmp_path), "--out", str(tmp_path / "out")])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 1 and line.startswith("instalign prepare: cannot read grefcoco from")
+    assert "release reader process ended without an answer (killed by SIGKILL; out of memory?)" in line
 
 
 def test_debug_shows_the_traceback(tmp_path, stub_ray):
