@@ -258,7 +258,7 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
                 plan = reading.result()
             except ChildFailed as e:  # killed (out of memory?): the one line says so
                 raise PrepareError(f"cannot read {dataset} from {redact(str(root))}: {e}") from e
-        log.info("Ray started in %.1fs while a child process read the release; its plan came %.1fs later",
+        log.info("Ray started in %.1fs while a child process read the release; waited %.1fs more for its plan",
                  t_ray - t0, time.time() - t_ray)
     else:
         plan = _read_and_plan(files, **planning)
