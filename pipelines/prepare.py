@@ -148,6 +148,11 @@ class _Plan:
     checksums: dict[str, str]  # the release's annotation files
 
 
+def _unreadable(dataset: str, root: str, why: BaseException) -> PrepareError:
+    """The one-line error of a release that cannot be read: located, parsed or its reader killed."""
+    return PrepareError(f"cannot read {dataset} from {redact(str(root))}: {why}")
+
+
 def _read_and_plan(files: ReleaseFiles, *, splits: list[str] | None, root: str, strict: bool,
                    rows_per_shard: int) -> _Plan:
     """Parse and check the release, then plan its shards (in a forked child while Ray starts)."""
@@ -155,7 +160,7 @@ def _read_and_plan(files: ReleaseFiles, *, splits: list[str] | None, root: str, 
     try:
         source = read_release(files)
     except (OSError, ValueError, UnsafePickleError) as e:  # SourceFormatError/UnsafePickleError name file and record
-        raise PrepareError(f"cannot read {files.dataset} from {redact(str(root))}: {e}") from e
+        raise _unreadable(files.dataset, root, e) from e
     t_read = time.time()
     plan = _plan(source, splits=splits, root=root, strict=strict, rows_per_shard=rows_per_shard)
     log.info("read the release in %.1fs; planned %d shard(s) in %.1fs", t_read - t0, len(plan.shards),
@@ -244,7 +249,7 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
     try:
         files = locate_release(dataset, str(root), split_by=split_by)  # a wrong --root: refused before Ray starts
     except (OSError, ValueError) as e:  # SourceFormatError names the file
-        raise PrepareError(f"cannot read {dataset} from {redact(str(root))}: {e}") from e
+        raise _unreadable(dataset, root, e) from e
     from pipelines.ray_utils import init_ray
 
     planning = dict(splits=splits, root=str(root), strict=strict, rows_per_shard=rows_per_shard)
@@ -257,7 +262,7 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
             try:
                 plan = reading.result()
             except ChildFailed as e:  # killed (out of memory?): the one line says so
-                raise PrepareError(f"cannot read {dataset} from {redact(str(root))}: {e}") from e
+                raise _unreadable(dataset, root, e) from e
         log.info("Ray started in %.1fs while a child process read the release; waited %.1fs more for its plan",
                  t_ray - t0, time.time() - t_ray)
     else:
