@@ -105,7 +105,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from instalign.data.images import DEFAULT_MAX_IMAGE_BYTES
-from instalign.data.readers import ReleaseFiles, is_safe_split_name, locate_release, read_release
+from instalign.data.readers import ReleaseFiles, gc_paused, is_safe_split_name, locate_release, read_release
 from instalign.data.records import QUARANTINE_DIR, QUARANTINE_SCHEMA, SCHEMA_VERSION
 from instalign.data.safe_pickle import UnsafePickleError
 from instalign.data.source import GRESSource
@@ -153,6 +153,7 @@ def _unreadable(dataset: str, root: str, why: BaseException) -> PrepareError:
     return PrepareError(f"cannot read {dataset} from {redact(str(root))}: {why}")
 
 
+@gc_paused()  # all of it: in the forked child the collector would find nothing to free
 def _read_and_plan(files: ReleaseFiles, *, splits: list[str] | None, root: str, strict: bool,
                    rows_per_shard: int) -> _Plan:
     """Parse and check the release, then plan its shards (in a forked child while Ray starts)."""

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from instalign.data.masks import PLAIN_NUMBER_TYPES
-from instalign.data.readers import is_safe_split_name, reference_problems
+from instalign.data.readers import gc_paused, is_safe_split_name, reference_problems
 from instalign.data.records import IMAGE_SCHEMA
 from instalign.data.source import Annotation, GRESSource
 from pipelines.redaction import redact
@@ -59,6 +59,7 @@ def quarantine_record(*, dataset: str, split: str = "", image_id: int = -1, ref_
                 reason=reason, detail=detail)
 
 
+@gc_paused()  # millions of small objects, no cycle (readers.gc_paused)
 def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_root: str | os.PathLike[str] | None = None
                ) -> tuple[list[dict], list[dict], dict[str, int], int]:
     """Check refs/annotations against each other and group samples per ``(image, split)``.
@@ -126,8 +127,8 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_roo
                                height=info.height, instances={}, samples=[])
         g = groups[key]
         for a in ref.ann_ids:
-            ann = source.annotations[a]
-            g["instances"][a] = _task_instance(ann)
+            if a not in g["instances"]:  # refs of one image name the same annotations again and again
+                g["instances"][a] = _task_instance(source.annotations[a])
         for s in ref.sentences:
             g["samples"].append(dict(ref_id=ref.ref_id, sent_id=s.sent_id, text=s.text, ann_ids=list(ref.ann_ids),
                                      no_target=not ref.ann_ids))

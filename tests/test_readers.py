@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -13,8 +14,9 @@ import pytest
 
 from fixtures_official import Expected, write_grefcoco, write_refcoco, write_refzom
 from instalign.data.masks import rle_decode, segmentation_to_rle
-from instalign.data.readers import (SourceFormatError, read_grefcoco, read_refcoco, read_refzom, read_source,
-                                    reference_problems)
+from instalign.data import readers
+from instalign.data.readers import (SourceFormatError, gc_paused, read_grefcoco, read_refcoco, read_refzom,
+                                    read_source, reference_problems)
 from instalign.data.safe_pickle import UnsafePickleError
 from instalign.data.source import GRESSource
 
@@ -289,3 +291,44 @@ def test_read_source_dispatch(tmp_path):
     g, z = write_grefcoco(tmp_path / "g"), write_refzom(tmp_path / "z")
     assert _as_expected(read_source("grefcoco", tmp_path / "g")) == g
     assert _as_expected(read_source("refzom", tmp_path / "z")) == z
+
+
+# ------------------------------------------------------------------ the cycle collector
+def test_gc_paused_turns_the_collector_back_on_however_the_block_ends():
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        with gc_paused():
+            raise ValueError("a malformed release")
+    assert gc.isenabled()
+    gc.disable()  # a caller that had switched it off keeps it off
+    try:
+        with gc_paused():
+            with gc_paused():
+                pass
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_release_is_parsed_and_planned_with_the_collector_off(tmp_path, monkeypatch):
+    """The collector walks every object a release becomes, again and again: more than half of
+    a large read (``gc_paused``). Reading, and ``prepare``'s planning, run without it."""
+    from pipelines import prepare_records
+
+    write_grefcoco(tmp_path)
+    seen = {}
+
+    def noting(step, fn):
+        def wrapped(*args):
+            seen.setdefault(step, gc.isenabled())
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(readers, "_parse_refs", noting("read", readers._parse_refs))
+    monkeypatch.setattr(prepare_records, "_task_instance", noting("plan", prepare_records._task_instance))
+    prepare_records.plan_tasks(read_grefcoco(tmp_path))
+    assert seen == {"read": False, "plan": False} and gc.isenabled()
