@@ -182,7 +182,7 @@ def _plan(source: GRESSource, *, splits: list[str] | None, root: str, strict: bo
                            f"splits {splits})")
     ordered, shards = plan_shards(tasks, rows_per_shard)
     return _Plan(records, dict(empty_refs), dropped, to_task_table(ordered, root), shards,
-                 split_names=sorted({r.split for r in source.refs if is_safe_split_name(r.split)}),
+                 split_names=[s for s in source.splits() if is_safe_split_name(s)],
                  checksums=dict(source.checksums))
 
 

@@ -82,13 +82,14 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_roo
             raise PrepareError(f"{ds}: split name {s!r:.80} is not a safe directory name (letters, digits, "
                                f"'_', '.', '-'; not starting with '.'; at most 64 characters)")
     records: list[dict] = []
-    unsafe = [r for r in source.refs if not is_safe_split_name(r.split)]
+    available = [s for s in source.splits() if is_safe_split_name(s)]  # each name checked once, not per ref
+    safe = set(available)
+    unsafe = [r for r in source.refs if r.split not in safe]
     for ref in unsafe:  # whatever --splits says: no selection can name them, and the release is suspect
         records.append(quarantine_record(
             dataset=ds, image_id=ref.image_id, ref_id=ref.ref_id, reason="unsafe_split",
             detail=f"ref {ref.ref_id}: split {ref.split!r:.80} is not a safe directory name (letters, digits, '_', "
                    f"'.', '-'; not starting with '.'; at most 64 characters); drops {len(ref.sentences)} sample(s)"))
-    available = sorted({r.split for r in source.refs if is_safe_split_name(r.split)})
     if splits:
         unknown = sorted(set(splits) - set(available))
         if unknown:
