@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from instalign.data.images import DEFAULT_MAX_IMAGE_BYTES
+from instalign.data.readers import gc_paused
 from instalign.data.records import IMAGE_SCHEMA
 from pipelines.prepare_records import quarantine_record, task_segmentation
 
@@ -241,19 +242,28 @@ def write_shard(tasks: list[dict], *, split: str, index: int, fs: pafs.FileSyste
     return stats
 
 
+# Without the cycle collector (``readers.gc_paused``): a shard's task rows become thousands of
+# lists and dicts (polygons, samples), none in a cycle, and each collection of the oldest
+# generation walks the worker's whole heap (Ray, pyarrow, PIL: ~120,000 objects). Measured at
+# 10,000 images in one process with that heap: the rows of every shard in 0.97-1.1 CPU-s with
+# it, 0.38 without; all shards written in 13.65 CPU-s against 12.97.
+@gc_paused()
 def write_shards(batch: dict[str, np.ndarray], *, tasks: Any, shards: list[tuple[str, int, int, int]],
                  groups: list[tuple[int, int]], **kwargs: Any) -> pa.Table:
     """Ray Data UDF over ``ray.data.range(len(groups))``: group indices → the statistics rows
     of their shards.
 
-    ``tasks`` is the ``ObjectRef`` of the whole task table (Arrow: read zero-copy from the
-    node's object store); ``shards[i]`` is ``(split, index in split, first row, end row)``;
+    ``tasks`` is the whole task table, or on Ray its ``ObjectRef`` (Arrow: read zero-copy from
+    the node's object store); ``shards[i]`` is ``(split, index in split, first row, end row)``;
     group ``g`` is the shards ``range(*groups[g])``, processed one after the other (memory:
     one shard). ``kwargs`` are :func:`write_shard`'s.
     """
-    import ray
+    if isinstance(tasks, pa.Table):
+        table = tasks
+    else:
+        import ray
 
-    table = ray.get(tasks)
+        table = ray.get(tasks)
     out = []
     for g in batch["id"]:
         for i in range(*groups[int(g)]):
