@@ -246,7 +246,8 @@ def write_shard(tasks: list[dict], *, split: str, index: int, fs: pafs.FileSyste
 # lists and dicts (polygons, samples), none in a cycle, and each collection of the oldest
 # generation walks the worker's whole heap (Ray, pyarrow, PIL: ~120,000 objects). Measured at
 # 10,000 images in one process with that heap: the rows of every shard in 0.97-1.1 CPU-s with
-# it, 0.38 without; all shards written in 13.65 CPU-s against 12.97.
+# it, 0.38 without; all shards written in 13.65 CPU-s against 12.97. Memory is as before:
+# reference counting frees everything (a collection after 3,000 images found no garbage).
 @gc_paused()
 def write_shards(batch: dict[str, np.ndarray], *, tasks: Any, shards: list[tuple[str, int, int, int]],
                  groups: list[tuple[int, int]], **kwargs: Any) -> pa.Table:
