@@ -91,7 +91,7 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_roo
             detail=f"ref {ref.ref_id}: split {ref.split!r:.80} is not a safe directory name (letters, digits, '_', "
                    f"'.', '-'; not starting with '.'; at most 64 characters); drops {len(ref.sentences)} sample(s)"))
     if splits:
-        unknown = sorted(set(splits) - set(available))
+        unknown = sorted(set(splits) - safe)
         if unknown:
             raise PrepareError(f"{ds}: split(s) {unknown} not in the release; available: {available}")
     wanted = set(splits or available)

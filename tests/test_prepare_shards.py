@@ -47,12 +47,12 @@ def test_a_workers_shards_are_written_with_the_collector_off(tmp_path, monkeypat
                                   segmentation=None)],
                   samples=[sample]) for i, name in [(1, "a.jpg"), (2, "missing.jpg"), (3, "a.jpg")]]
     seen = []
+    write_shard = prepare_shards.write_shard
 
     def noting(rows, **kwargs):
         seen.append(gc.isenabled())
         return write_shard(rows, **kwargs)
 
-    write_shard = prepare_shards.write_shard
     monkeypatch.setattr(prepare_shards, "write_shard", noting)
     (tmp_path / "out" / "train").mkdir(parents=True)
     ordered, shards = plan_shards(tasks, rows_per_shard=2)
