@@ -31,6 +31,8 @@ Aggregation = Literal["aia", "aia_no_prelu", "fixed_threshold"]
 NoTargetInput = Literal["concat", "q_global", "t_sen", "mean_queries"]
 Decoder = Literal["pot", "mask2former", "rela"]
 Precision = Literal["auto", "bf16", "fp32"]
+#: A config value worked out from the prepared dataset when a job is planned (``pipelines.job``).
+Auto = Literal["auto"]
 
 #: Reserved text-encoder name: a 2-layer RoBERTa with a byte-level BPE tokenizer that
 #: ``instalign.modeling.tiny_text`` writes to a local directory (Hugging Face layout) and
@@ -152,10 +154,11 @@ class LossConfig:
     inst_weight: float = 1.0  # λ_inst (eq. 13)
     nt_weight: float = 0.1  # λ_nt (eq. 13)
     #: Weight of the no-target (positive) samples in the no-target BCE. The paper is silent on
-    #: class balance; 1 is the plain BCE, ``r = (1 - share) / share`` (``share``: the train
-    #: split's no-target share) balances the classes. The quickstart uses ``sqrt(r)``, measured
-    #: best at the 0.5 threshold (``pipelines/quickstart.py``, README).
-    nt_pos_weight: float = 1.0
+    #: class balance; 1 is the plain BCE (the ``paper`` preset), ``r = (1 - share) / share``
+    #: (``share``: the train split's no-target share) balances the classes. ``auto`` (the ``tiny``
+    #: preset) is ``sqrt(r)`` of the prepared train split, worked out from its manifest when a job
+    #: is planned (``instalign.losses.balanced_nt_pos_weight``; README, docs/objective.md).
+    nt_pos_weight: Union[float, Auto] = 1.0
     score_weight: float = 2.0  # λ_score (eqs. 5, 7)
     mask_weight: float = 5.0  # λ_mask, on BCE + dice (eqs. 5, 7)
     phrase_weight: float = 1.0  # λ_phrase (eqs. 3, 5, 7)
@@ -169,7 +172,8 @@ class LossConfig:
         _check_literal(self, "instance_supervision")
         for name in ("merged_weight", "inst_weight", "nt_weight", "score_weight", "mask_weight", "phrase_weight"):
             _check(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
-        _check(self.nt_pos_weight > 0, "loss.nt_pos_weight must be > 0")
+        _check(self.nt_pos_weight == "auto" or (isinstance(self.nt_pos_weight, float) and self.nt_pos_weight > 0),
+               f"loss.nt_pos_weight={self.nt_pos_weight!r}: must be > 0 or 'auto'")
         _check(self.num_points >= 1, "loss.num_points must be >= 1")
         _check(self.oversample_ratio >= 1.0, "loss.oversample_ratio must be >= 1")
         _check(0.0 <= self.importance_sample_ratio <= 1.0, "loss.importance_sample_ratio must be in [0, 1]")
@@ -358,6 +362,9 @@ def tiny() -> Config:
     cfg.model.num_heads = 4
     cfg.model.ffn_dim = 64
     cfg.loss.num_points = 1024
+    # A random-init toy at the 0.5 threshold learns "no target" only with the classes balanced
+    # (README, "where the paper is silent"): sqrt(targeted / no-target) of the train split.
+    cfg.loss.nt_pos_weight = "auto"
     cfg.train.batch_size = 8
     # The paper's 1e-4 is for pretrained encoders over 20 epochs; this random-init toy trains for
     # a few hundred steps (the quickstart), where 1e-3 decayed to 1e-4 learned the no-target

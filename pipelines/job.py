@@ -6,7 +6,8 @@ the quickstart (through ``pipelines.train.train``) all come here:
 1. :func:`plan_data` checks a config against a prepared dataset — the split exists, the
    global batch splits evenly over the workers and fits the data — before any cluster starts;
 2. a :class:`TrainJob` holds everything else a run needs, decided once by the caller: the
-   config (a ``Config`` dataclass, validated when it was built), the data plan, the
+   config (a ``Config`` dataclass, validated when it was built, its ``auto`` values worked
+   out from the dataset's manifest by :func:`resolve_data_options`), the data plan, the
    resources (``pipelines.resources``), where Ray stores the run, the MLflow run it is
    tracked in, the data order and an optional worker hook (tests only);
 3. :func:`run_job` logs the job's inputs into its MLflow run, builds the Ray Datasets
@@ -22,12 +23,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ray.train import DataConfig
 
-from instalign.config import Config
+from instalign.config import Config, apply_overrides
+from instalign.losses import balanced_nt_pos_weight
 from pipelines.resources import WorkerResources
 from pipelines.worker import DATA_ORDERS, SCORE_METRIC, RunSpec, WorkerHook, loop_config, train_fn_per_worker
 
@@ -60,9 +62,14 @@ class TrainJob:
     max_failures: int = 2
     hook: Optional[WorkerHook] = None
 
+    #: What :func:`resolve_data_options` worked out, ``{config key: how}``; logged as tags.
+    derived: dict[str, str] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         if self.data_order not in DATA_ORDERS:
             raise ValueError(f"data_order={self.data_order!r}: expected one of {DATA_ORDERS}")
+        self.config, derived = resolve_data_options(self.config, self.data.manifest)
+        self.derived = {**derived, **self.derived}
 
     def run_spec(self) -> RunSpec:
         """What the workers get beside the config."""
@@ -80,6 +87,38 @@ class TrainJob:
                     val_samples=self.data.val_samples, steps_per_epoch=self.data.steps_per_epoch,
                     max_failures=self.max_failures, placement_strategy=r.placement_strategy,
                     storage_path=self.storage_path)
+
+
+def resolve_data_options(cfg: Config, manifest: Mapping[str, Any]) -> tuple[Config, dict[str, str]]:
+    """``cfg`` with its ``auto`` values worked out from a prepared dataset's manifest, and how.
+
+    Every training verb (``train``, each ``tune`` trial, the quickstart, the cluster jobs)
+    builds a :class:`TrainJob`, which calls this once on the driver: the workers, the
+    checkpoint's ``config.yaml`` and the run's params all see the number, never ``auto``.
+
+    * ``loss.nt_pos_weight: auto`` — ``sqrt(targeted / no-target)`` of the train split
+      (:func:`instalign.losses.balanced_nt_pos_weight`), from the manifest's counts after
+      quarantine.
+
+    Returns:
+        The resolved config (``cfg`` itself when nothing is ``auto``) and ``{key: how}``.
+    """
+    derived: dict[str, str] = {}
+    if cfg.loss.nt_pos_weight == "auto":
+        split = cfg.data.train_split
+        counts = manifest.get("counts", {}).get(split)
+        if counts is None:
+            raise ValueError(f"loss.nt_pos_weight=auto: the dataset has no split {split!r} to balance on "
+                             f"(it has {sorted(manifest.get('counts', {}))})")
+        total, nt = int(counts["samples"]), int(counts.get("no_target_samples", 0))
+        weight = balanced_nt_pos_weight(total, nt)
+        cfg = apply_overrides(cfg, [f"loss.nt_pos_weight={weight}"])
+        derived["loss.nt_pos_weight"] = (f"auto: {weight} = sqrt(targeted / no-target) = sqrt({total - nt} / {nt}) "
+                                         f"of split {split!r}" if 0 < nt < total else
+                                         f"auto: 1.0 (split {split!r} has {nt} no-target of {total} samples: "
+                                         "nothing to balance)")
+        log.info("loss.nt_pos_weight %s", derived["loss.nt_pos_weight"])
+    return cfg, derived
 
 
 def count_samples(manifest: Mapping[str, Any], split: str, cap: int, data_dir: str) -> int:
@@ -227,6 +266,8 @@ def run_job(job: TrainJob, tracker: Any, *, extra_params: Optional[Mapping[str, 
 
     d = job.data
     log_run_inputs(tracker, job.config, d.manifest, d.data_dir, {**job.params(), **dict(extra_params or {})})
+    if job.derived:
+        tracker.set_tags({f"instalign.derived.{key}": how for key, how in job.derived.items()})
     datasets = build_datasets(job.config, d.data_dir, data_order=job.data_order, num_cpus=job.resources.data_cpus)
     trainer = build_trainer(job, datasets, callbacks=callbacks)
     with ResourceWaitReporter() if report_waits else nullcontext():

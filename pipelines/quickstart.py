@@ -159,6 +159,7 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
     from instalign.config import load_config
     from instalign.data.synthetic import generate_grefcoco
     from pipelines.evaluate import evaluate_dataset, log_evaluation
+    from pipelines.job import resolve_data_options
     from pipelines.prepare import prepare_dataset
     from pipelines.ray_utils import init_ray
     from pipelines.registry import annotate_version, configure_tracking, set_alias
@@ -184,11 +185,11 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
                                    rows_per_shard=64, splits=["train", "val"], progress=False)
         _print(f"      {json.dumps({s: c['samples'] for s, c in manifest['counts'].items()})} samples, "
                f"quarantined: {manifest['quarantined'] or 'nothing'}")
-        if not any(o.split("=", 1)[0].strip() == "loss.nt_pos_weight" for o in overrides):
-            weight = nt_pos_weight_for(manifest["counts"][cfg.data.train_split])
-            cfg = load_config(cfg, [f"loss.nt_pos_weight={weight:.4f}"])
-            _print(f"      no-target BCE weight {weight:.2f} = sqrt(targeted / no-target samples of "
-                   f"{cfg.data.train_split!r}) (class balance; the paper is silent on it)")
+        # The tiny preset's data-derived options, as every training verb works them out
+        # (pipelines.job); resolved here too so that the summary shows the numbers.
+        cfg, derived = resolve_data_options(cfg, manifest)
+        for key, how in derived.items():
+            _print(f"      {key} {how} (class balance; the paper is silent on it)")
 
     run_name = f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
     with stage(3, total, f"Ray Train: tiny preset, {epochs} epochs on {workers} workers"):
@@ -257,26 +258,6 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
         ray.shutdown()
     _print(format_summary(summary))
     return summary
-
-
-def nt_pos_weight_for(split_counts: dict[str, int]) -> float:
-    """The no-target BCE's positive weight for a train split: ``sqrt(targeted / no-target)``.
-
-    The paper is silent on class balance. Measured on the quickstart's data (19 % no-target,
-    ratio r = 4.17; tiny preset, 756 steps; README): the plain BCE (weight 1) never says
-    "no target" at the 0.5 threshold within the budget (N-acc 0); full balance (weight r)
-    says it too often (N-acc 98, T-acc 56); the geometric mean of the two, √r = 2.04, lands
-    between (N-acc 59–73, T-acc 78–85). It only shifts where 0.5 falls on p̂_nt, the
-    ranking (AUROC) is the head's own.
-
-    Raises:
-        ValueError: the split has no no-target sample or no targeted one (nothing to balance).
-    """
-    total, nt = int(split_counts["samples"]), int(split_counts.get("no_target_samples", 0))
-    if nt <= 0 or nt >= total:
-        raise ValueError(f"cannot balance the no-target loss: {nt} of {total} train samples are no-target; "
-                         "set loss.nt_pos_weight explicitly")
-    return math.sqrt((total - nt) / nt)
 
 
 def serve_one(model_uri: str, sample: dict[str, Any], out: Path) -> Path:

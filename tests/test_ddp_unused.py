@@ -33,7 +33,7 @@ def _batch() -> Batch:
     ["phrase_aligned", "vanilla", "none"], ["concat", "q_global", "t_sen", "mean_queries"],
     ["pot", "mask2former", "rela"])))
 def test_predicate_matches_the_gradients(supervision, no_target_input, decoder):
-    cfg = load_config("tiny", [f"loss.instance_supervision={supervision}",
+    cfg = load_config("tiny", ["loss.nt_pos_weight=1", f"loss.instance_supervision={supervision}",
                                f"model.no_target_input={no_target_input}", f"model.decoder={decoder}"])
     torch.manual_seed(0)
     model = build_model(cfg.model)

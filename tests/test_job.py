@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from instalign.config import load_config
@@ -71,3 +73,48 @@ def test_best_checkpoint_is_the_best_scored_one_that_verifies(tmp_path):
     assert best_checkpoint(result) is ckpts[8]  # the tie at 30 goes to the later step
     assert best_checkpoint(SimpleNamespace(checkpoint=ckpts[2], best_checkpoints=[
         (ckpts[2], {"step": 2, "val_gIoU": float("nan")})])) is ckpts[2]  # nothing scored: the latest
+
+
+def test_the_no_target_weight_is_balanced_on_the_train_split():
+    from instalign.losses import balanced_nt_pos_weight
+
+    # the quickstart's train split: 294 of 1519 expressions are no-target
+    assert balanced_nt_pos_weight(1519, 294) == round(math.sqrt(1225 / 294), 4) == 2.0412
+    assert balanced_nt_pos_weight(10, 5) == 1.0  # balanced already: plain BCE
+    assert balanced_nt_pos_weight(10, 0) == balanced_nt_pos_weight(10, 10) == 1.0  # one class: nothing to balance
+    with pytest.raises(ValueError):
+        balanced_nt_pos_weight(10, 11)
+
+
+def test_auto_options_are_worked_out_once_from_the_manifest_for_every_training_verb():
+    from pipelines.job import TrainJob, plan_data, resolve_data_options
+    from pipelines.resources import plan_workers
+
+    manifest = {"counts": {"train": {"samples": 1519, "no_target_samples": 294}, "val": {"samples": 9}}}
+    tiny = load_config("tiny")
+    assert tiny.loss.nt_pos_weight == "auto" and load_config("paper").loss.nt_pos_weight == 1.0
+    job = TrainJob(config=tiny, data=plan_data(tiny, "/d", manifest, 1), run_name="r",
+                   resources=plan_workers(1, cluster={"CPU": 2}), storage_path="/runs", tracking_uri="sqlite:///m.db",
+                   mlflow_run_id="abc")
+    # the workers, the checkpoint's config.yaml and the run's params see the number, never "auto"
+    assert job.config.loss.nt_pos_weight == 2.0412 and "nt_pos_weight: 2.0412" in job.config.to_yaml()
+    assert job.derived == {"loss.nt_pos_weight": "auto: 2.0412 = sqrt(targeted / no-target) = sqrt(1225 / 294) "
+                                                  "of split 'train'"}
+    assert tiny.loss.nt_pos_weight == "auto"  # the caller's config is not changed
+    # a number is kept as it is, and nothing is said to be derived
+    fixed, derived = resolve_data_options(load_config("tiny", ["loss.nt_pos_weight=3"]), manifest)
+    assert (fixed.loss.nt_pos_weight, derived) == (3.0, {})
+    # a split without no-target samples: the plain BCE, and the reason
+    plain, derived = resolve_data_options(tiny, MANIFEST)
+    assert plain.loss.nt_pos_weight == 1.0 and "0 no-target of 40 samples" in derived["loss.nt_pos_weight"]
+
+
+def test_an_unresolved_auto_weight_cannot_build_a_criterion():
+    from instalign.config import ConfigError
+    from instalign.losses import build_criterion
+
+    with pytest.raises(ValueError, match="worked out from a prepared train split"):
+        build_criterion(load_config("tiny").loss)
+    for bad in ("-1", "0", "always", "true"):
+        with pytest.raises(ConfigError, match="nt_pos_weight"):
+            load_config("tiny", [f"loss.nt_pos_weight={bad}"])

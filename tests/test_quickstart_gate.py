@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipelines.quickstart import MIN_CLASS_ACC, nt_pos_weight_for, promotion_gate
+from pipelines.quickstart import MIN_CLASS_ACC, promotion_gate
 
 BASELINES = {  # what the two trivial predictors score on a split with 23 % no-target samples
     "always empty": {"gIoU": 0.0, "cIoU": 0.0, "N_acc": 0.0, "T_acc": 100.0},
@@ -36,11 +36,3 @@ def test_gate_needs_giou_above_the_baselines_and_both_class_accuracies(metrics, 
     assert text.endswith("promoted to @champion." if promoted else "not promoted.")
     assert ("FAIL" in text) != promoted
 
-
-def test_no_target_weight_comes_from_the_train_split_share():
-    # the quickstart's train split: 294 of 1519 expressions are no-target
-    assert nt_pos_weight_for({"samples": 1519, "no_target_samples": 294}) == pytest.approx(math.sqrt(1225 / 294))
-    assert nt_pos_weight_for({"samples": 10, "no_target_samples": 5}) == 1.0  # balanced already: plain BCE
-    for counts in ({"samples": 10, "no_target_samples": 0}, {"samples": 10, "no_target_samples": 10}):
-        with pytest.raises(ValueError, match="set loss.nt_pos_weight explicitly"):
-            nt_pos_weight_for(counts)

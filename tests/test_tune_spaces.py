@@ -178,3 +178,12 @@ def test_bad_file_structure(tmp_path):
         load_space(write(tmp_path, uniform, base="huge"))
     with pytest.raises(SpaceError, match="'params' must be a non-empty mapping"):
         load_space(write(tmp_path, {}))
+
+
+def test_the_no_target_weight_is_searchable_with_auto_among_its_choices(tmp_path):
+    path = write(tmp_path, {"loss.nt_pos_weight": {"type": "choice", "values": ["auto", 1.0, 2.5]}})
+    space = load_space(path)
+    values = [trial_config(tiny(), {"loss.nt_pos_weight": v}).loss.nt_pos_weight for v in space.params[0].values]
+    assert values == ["auto", 1.0, 2.5]  # "auto" is worked out per trial from the data (pipelines.job)
+    with pytest.raises(SpaceError, match="nt_pos_weight"):
+        load_space(write(tmp_path, {"loss.nt_pos_weight": {"type": "choice", "values": ["always", 1.0]}}))
