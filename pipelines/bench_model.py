@@ -130,7 +130,9 @@ def measure(args: argparse.Namespace, cfg, mode: str) -> dict[str, Any]:
     model = model.to(device).train()
     vocab = int(model.text_encoder.encoder.config.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
-    criterion = build_criterion(cfg.loss)
+    # No prepared split to balance an ``auto`` weight on; a number costs the same step time.
+    criterion = build_criterion(dataclasses.replace(cfg.loss, nt_pos_weight=1.0)
+                                if cfg.loss.nt_pos_weight == "auto" else cfg.loss)
     optimizer = build_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                 backbone_lr_mult=cfg.train.backbone_lr_mult,
                                 text_encoder_lr_mult=cfg.train.text_encoder_lr_mult)
