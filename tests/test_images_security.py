@@ -125,3 +125,66 @@ def test_corrupt_image_is_not_too_large():
 def test_open_image_still_names_the_path(tmp_path: Path):
     with pytest.raises(CorruptImageError, match="missing.jpg: cannot read"):
         open_image(tmp_path / "missing.jpg")
+
+
+# --- formats outside the allow-list ------------------------------------------------------------
+
+def dds_header() -> bytes:
+    """128 bytes: a DDS header (magic, 124-byte header, 16×16, a made-up FourCC). Pillow's DDS
+    parser raised ``NotImplementedError`` on it — no ``OSError``, so it escaped every caller."""
+    header = struct.pack("<4s7I", b"DDS ", 124, 0x1007, 16, 16, 0, 0, 0) + bytes(44)
+    pixel_format = struct.pack("<II4s5I", 32, 0x4, b"ZZZZ", 0, 0, 0, 0, 0)
+    return header + pixel_format + struct.pack("<5I", 0x1000, 0, 0, 0, 0)
+
+
+def psd_header() -> bytes:
+    """A PSD (Photoshop) header Pillow would parse: 16×16, 3 channels, 8 bits, RGB."""
+    return b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, 16, 16, 8, 3) + bytes(12)
+
+
+def ico_file() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(buf, format="ICO")
+    return buf.getvalue()
+
+
+OTHER_FORMATS = {"DDS": dds_header(), "PSD": psd_header(), "ICO": ico_file()}
+
+
+@pytest.mark.parametrize("name", OTHER_FORMATS)
+def test_formats_outside_the_allow_list_are_refused_in_one_line(name):
+    from instalign.data.images import UnsupportedImageFormatError
+
+    data = OTHER_FORMATS[name]
+    assert len(dds_header()) == 128
+    for read in (read_image_size, decode_image):
+        with pytest.raises(UnsupportedImageFormatError) as err:
+            read(data, source="upload.bin")
+        message = str(err.value)
+        assert message.startswith("upload.bin: unsupported image format") and "\n" not in message
+        assert f"{name}'s" in message and "JPEG, PNG, WEBP, BMP, GIF, TIFF" in message
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_every_allowed_format_is_read(fmt):
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), (200, 100, 50)).save(buf, format=fmt)
+    assert read_image_size(buf.getvalue()) == (20, 10)
+    assert decode_image(buf.getvalue()).size == (20, 10)
+
+
+def test_any_decoder_exception_is_a_corrupt_image(monkeypatch):
+    """Whatever a parser of an allowed format raises — ``NotImplementedError``, ``RuntimeError``,
+    ``ZeroDivisionError``, none of them an ``OSError`` — reaches callers as the one error they
+    catch, never as the parser's own."""
+    from PIL import PngImagePlugin
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    for exc in (NotImplementedError("no such mode"), RuntimeError("odd"), ZeroDivisionError("x")):
+        def broken(self, exc=exc):
+            raise exc
+        monkeypatch.setattr(PngImagePlugin.PngImageFile, "_open", broken)
+        for read in (read_image_size, decode_image):
+            with pytest.raises(CorruptImageError, match=f"^x.png: corrupt or not an image \\({type(exc).__name__}"):
+                read(png.getvalue(), source="x.png")

@@ -11,10 +11,18 @@ Policies, in one place:
   image must be decoded as stored; a rotated decode would misalign every mask (``prepare``
   checks the decoded size against the annotation's). ``exif_transpose=True`` is for user
   photos (the predictor, serving), where the upright view is what the user describes.
+* **Six formats, nothing else.** Only :data:`ALLOWED_FORMATS` (JPEG, PNG, WebP, BMP, GIF, TIFF)
+  are parsed at all: ``Image.open`` is given that list, so the parsers of Pillow's other
+  formats (DDS, PSD, ICO, EPS, …) never see the bytes — a crafted 128-byte DDS header made
+  one of them raise ``NotImplementedError``, which no ``except OSError`` catches. A file in
+  another format Pillow knows is an :class:`UnsupportedImageFormatError` that names it
+  (by its signature alone, a guess where two formats share one).
 * **Corrupt data fails loudly.** ``Image.open`` is lazy: only ``load()`` decodes, so it is
   always forced here — a truncated JPEG raises instead of yielding a half-grey image.
   ``ImageFile.LOAD_TRUNCATED_IMAGES`` (a process-wide switch) is never touched. Every
-  failure is a :class:`CorruptImageError` naming the source.
+  failure — whatever a decoder raises (``OSError``, ``SyntaxError``, ``struct.error``,
+  ``NotImplementedError``, …) — is a :class:`CorruptImageError` naming the source, so a
+  caller needs one ``except`` to refuse a request or quarantine a record.
 * **Bounded input.** Files are read only when they are regular files (a link to
   ``/dev/zero`` or a FIFO is refused, never read forever or waited on) and only up to a byte
   cap; decoding is refused from the header when the picture has more than ``max_pixels``
@@ -28,17 +36,19 @@ Policies, in one place:
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
-import struct
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "ALLOWED_FORMATS",
     "CorruptImageError",
     "ImageTooLargeError",
+    "UnsupportedImageFormatError",
     "NotARegularFileError",
     "DEFAULT_MAX_IMAGE_BYTES",
     "read_regular_file",
@@ -55,13 +65,33 @@ __all__ = [
 #: any photograph (COCO's largest JPEG is ~1 MB), far below what would hurt a worker.
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
+#: The only encodings parsed (``Image.open(..., formats=...)``): what cameras, browsers and
+#: datasets produce. Each extra Pillow parser is attack surface for bytes from strangers.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
 
 class CorruptImageError(ValueError):
-    """Bytes that are not a decodable image (truncated, corrupt, unknown format, too large)."""
+    """Bytes that are not a decodable image (truncated, corrupt, unknown format, too large).
+
+    ``detail`` is the message without the leading ``"<source>: "``, for callers that name
+    the record their own way."""
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = message if detail is None else detail
 
 
 class ImageTooLargeError(CorruptImageError):
     """An image over a byte or pixel cap (e.g. a decompression bomb); refused before decoding."""
+
+
+class UnsupportedImageFormatError(CorruptImageError):
+    """An image in a format Pillow knows but :data:`ALLOWED_FORMATS` leaves out (DDS, PSD, ICO, …);
+    refused before any of that format's parser runs."""
+
+
+def _refusal(cls: type[CorruptImageError], source: str, detail: str) -> CorruptImageError:
+    return cls(f"{source}: {detail}", detail=detail)
 
 
 def _too_large(message: str, size: int, limit: int) -> ImageTooLargeError:
@@ -127,8 +157,56 @@ def _pixel_cap(max_pixels: int | None) -> int | None:
 
 def _check_pixels(img: Image.Image, limit: int | None, source: str) -> None:
     if limit and img.size[0] * img.size[1] > limit:
-        raise ImageTooLargeError(f"{source}: image too large to decode safely ({img.size[0]}x{img.size[1]} "
-                                 f"= {img.size[0] * img.size[1]} pixels exceeds the limit of {limit})")
+        raise _refusal(ImageTooLargeError, source, f"image too large to decode safely ({img.size[0]}x{img.size[1]} "
+                                                   f"= {img.size[0] * img.size[1]} pixels exceeds the limit of {limit})")
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    """:data:`ALLOWED_FORMATS` this Pillow can open (WebP needs libwebp). ``Image.init()``
+    registers every plugin once, so that ``Image.open`` never does it mid-request and
+    :func:`_known_format` can name the formats refused."""
+    Image.init()
+    return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
+
+
+def _known_format(data: bytes) -> str | None:
+    """The format outside the allow-list whose signature ``data`` starts with, if any.
+
+    Only Pillow's ``accept`` checks run (comparisons of the first 16 bytes), never a parser.
+    ``None`` when an allowed format claims the bytes (then they are a corrupt image of that
+    format) or none does (not an image)."""
+    prefix = data[:16]
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            claimed = accept is not None and not isinstance(result := accept(prefix), str) and bool(result)
+        except Exception:  # noqa: BLE001 - a signature check that fails claims nothing
+            claimed = False
+        if claimed:
+            return None if name in ALLOWED_FORMATS else name
+    return None
+
+
+def _open(data: bytes, source: str) -> Image.Image:
+    """``Image.open`` limited to the allowed formats (lazy: the header only)."""
+    try:
+        return Image.open(io.BytesIO(data), formats=_formats())
+    except UnidentifiedImageError:
+        other = _known_format(data)
+        allowed = ", ".join(_formats())
+        if other:
+            raise _refusal(UnsupportedImageFormatError, source,
+                           f"unsupported image format (its signature is {other}'s; accepted: {allowed})") from None
+        raise _refusal(CorruptImageError, source, f"corrupt or not an image (not a readable {allowed} file)") from None
+
+
+def _decoder_failure(exc: Exception, source: str) -> CorruptImageError:
+    """Whatever a decoder raised, as the one error callers catch (see the module policies)."""
+    if isinstance(exc, (Image.DecompressionBombError, MemoryError)):  # PIL's own refusal; or no memory for it
+        return _refusal(ImageTooLargeError, source, f"image too large to decode safely ({exc})")
+    kind = "truncated" if "truncated" in str(exc).lower() else "corrupt or not an image"
+    return _refusal(CorruptImageError, source, f"{kind} ({type(exc).__name__}: {exc})")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -160,9 +238,12 @@ def decode_image(
     ``max_pixels``: refuse (:class:`ImageTooLargeError`) from the header a picture with more
     pixels; ``None``: ``PIL.Image.MAX_IMAGE_PIXELS``; ``0``: no cap of our own (PIL's own
     refusal above twice its limit still applies).
+
+    Raises:
+        CorruptImageError: always, whatever went wrong (subclasses: too large, unsupported format).
     """
     try:
-        img = Image.open(io.BytesIO(data))
+        img = _open(data, source)
         # PIL only *warns* between MAX_IMAGE_PIXELS and twice that; refuse here instead of
         # flipping the process-wide warnings filter (not thread-safe) to make it raise.
         _check_pixels(img, _pixel_cap(max_pixels), source)
@@ -175,11 +256,8 @@ def decode_image(
         return to_rgb(img)
     except CorruptImageError:
         raise
-    except Image.DecompressionBombError as exc:  # PIL's own refusal, in Image.open
-        raise ImageTooLargeError(f"{source}: image too large to decode safely ({exc})") from exc
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, struct.error) as exc:
-        kind = "truncated" if "truncated" in str(exc) else "corrupt or not an image"
-        raise CorruptImageError(f"{source}: {kind} ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - every decoder failure is a refusal, see the module policies
+        raise _decoder_failure(exc, source) from exc
 
 
 def open_image(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES, **kwargs) -> Image.Image:
@@ -199,17 +277,18 @@ def read_image_size(data: bytes, *, source: str = "<bytes>", max_pixels: int | N
     """``(width, height)`` from the header only (no pixel decode); as stored, EXIF ignored.
 
     ``max_pixels`` as in :func:`decode_image`: a header claiming more is refused here already.
+
+    Raises:
+        CorruptImageError: always, whatever went wrong (subclasses: too large, unsupported format).
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _open(data, source) as img:
             _check_pixels(img, _pixel_cap(max_pixels), source)
             return img.size
     except CorruptImageError:
         raise
-    except Image.DecompressionBombError as exc:  # PIL's own refusal (over twice its limit)
-        raise ImageTooLargeError(f"{source}: image too large to decode safely ({exc})") from exc
-    except (OSError, SyntaxError, ValueError, struct.error) as exc:  # struct.error: some plugins leak it
-        raise CorruptImageError(f"{source}: corrupt or not an image ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - every decoder failure is a refusal, see the module policies
+        raise _decoder_failure(exc, source) from exc
 
 
 def resize_long_side(img: Image.Image, long_side: int, *, resample: int = Image.BILINEAR) -> Image.Image:
