@@ -12,7 +12,14 @@ Choices, following ReLA (the gRefCOCO authors' code, DESIGN §2):
 * masks: nearest neighbour, pixel-centre aligned (as PIL ``NEAREST`` and torch
   ``nearest-exact``), so image and mask resizes sample the same grid;
 * text: the encoder's tokenizer, special tokens added, truncated and padded to
-  ``max_tokens`` (20 in the paper, incl. special tokens); the attention mask marks real tokens;
+  ``max_tokens`` tokens, special tokens included. 20 is ReLA's budget, adopted where the
+  paper is silent (not a number taken from the paper): ReLA's ``REFERRING.MAX_TOKENS = 20``
+  (``gres_model/config.py``), applied in ``RefCOCOMapper.__call__``
+  (``gres_model/data/dataset_mappers/refcoco_mapper.py``). One difference: ReLA cuts
+  ``encode(..., add_special_tokens=True)[:20]``, so an over-long expression loses its
+  closing ``[SEP]``; the Hugging Face truncation used here drops words and keeps both
+  ``<s>`` and ``</s>``. The attention mask marks real tokens, the two special tokens
+  included (``docs/model.md``, "Where we differ from Mask2Former and ReLA");
 * predictions back to an original ``(h, w)``: bilinear on probabilities (ReLA's
   ``sem_seg_postprocess``), nearest on boolean masks.
 
@@ -43,7 +50,8 @@ class GRESTransform:
 
     Args:
         image_size: side ``S`` of the square model input (480 in the paper).
-        max_tokens: ``L``, token budget including special tokens (20 in the paper).
+        max_tokens: ``L``, token budget including special tokens (20: ReLA's ``MAX_TOKENS``,
+            not the paper's).
         tokenizer: any Hugging Face tokenizer with a pad token (``None``: images only).
         mean, std: per-channel normalisation on the [0, 1] scale.
     """
