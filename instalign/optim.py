@@ -1,19 +1,32 @@
 """Optimiser and learning-rate schedule (paper §4.1; DESIGN §2).
 
 The paper trains with AdamW at lr 1e-4, decayed linearly to 1e-6 over 20 epochs. Where it
-is silent we follow Mask2Former (``train_net.py::build_optimizer``), as DESIGN §2 asks:
+is silent, what comes from where (Mask2Former's ``train_net.py::Trainer.build_optimizer``,
+ReLA's ``train_net.py::Trainer.build_optimizer``, which copies it with changes):
 
-* **Parameter groups.** The pretrained encoders learn slower than the freshly initialised
-  decoder: the visual backbone at ``lr × backbone_lr_mult`` (Mask2Former's 0.1) and the
-  pretrained text encoder (RoBERTa) at ``lr × text_encoder_lr_mult``. Only the Hugging Face
-  model itself counts as "text encoder": the linear projection to the model width C is new
-  and trains at the full rate.
-* **No weight decay** on normalisation layers (Mask2Former's ``WEIGHT_DECAY_NORM = 0``), on
-  embeddings (``WEIGHT_DECAY_EMBED = 0``: the learned queries and their positional
-  embeddings, level embeddings, word/position embeddings), on biases and other 1-D
-  parameters (PReLU slopes), and on Swin's relative-position bias tables and absolute
-  position embeddings (timm's ``no_weight_decay``). Decaying these pulls scales and offsets
-  toward zero, which regularises nothing useful.
+* **Backbone at ``lr × backbone_lr_mult`` (0.1) — Mask2Former** (``SOLVER.BACKBONE_MULTIPLIER``
+  for every module whose name contains ``backbone``). ReLA drops that branch: its Swin
+  trains at its base rate, which is 1e-5 (``SOLVER.BASE_LR`` in
+  ``configs/referring_R50.yaml``, inherited by its Swin configs) for every part.
+* **Pretrained text encoder at ``lr × text_encoder_lr_mult`` (0.1) — ours.** Mask2Former has
+  no text encoder. ReLA leaves every ``text_encoder`` parameter out of its loop and adds back
+  only BERT's encoder layers 0–9, in one group at the *base* rate with the default weight
+  decay (biases and LayerNorms included); BERT's embeddings and layers 10–11 are never
+  given to the optimiser, so they stay at their pretrained values. We train the whole
+  pretrained language model, slowed like the backbone (both are pretrained encoders); at
+  the paper's lr 1e-4 that is 1e-5, the rate ReLA's BERT layers train at. Only
+  the Hugging Face model itself counts as "text encoder": the linear projection to the
+  model width C is new and trains at the full rate (ours).
+* **No weight decay on normalisation layers and embeddings — Mask2Former**
+  (``SOLVER.WEIGHT_DECAY_NORM = 0`` for the norm module types, ``WEIGHT_DECAY_EMBED = 0``
+  for ``nn.Embedding``: the learned queries and their positional embeddings, level
+  embeddings, word/position embeddings), and on Swin's ``relative_position_bias_table`` and
+  ``absolute_pos_embed`` (Mask2Former and ReLA match those names; timm's Swin lists the
+  former in its ``no_weight_decay``). ``weight_decay`` 0.05 is Mask2Former's value.
+* **No weight decay on biases and other 1-D parameters (PReLU slopes) — ours.** Mask2Former
+  and ReLA decay every bias outside a norm layer at 0.05. We follow the BERT/timm habit of
+  exempting them: a bias or a slope sets an offset or a scale, not a direction the model
+  can overfit with, and decaying it only pulls it toward zero.
 
 The schedule is torch's own ``LinearLR`` (factor 1 → ``min_lr / lr``), stepped once per
 optimizer step, so ``total_steps`` is ``epochs × steps_per_epoch`` and the decay is exact
@@ -125,7 +138,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_l
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float,
                     text_encoder_lr_mult: float, betas: tuple[float, float] = (0.9, 0.999),
                     eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` (paper §4.1 optimiser, Mask2Former's groups)."""
+    """AdamW over :func:`param_groups` (paper §4.1 optimiser; the groups' sources in the module docstring)."""
     if lr <= 0:
         raise ValueError(f"build_optimizer: lr must be > 0, got {lr}")
     if weight_decay < 0 or backbone_lr_mult < 0 or text_encoder_lr_mult < 0:
