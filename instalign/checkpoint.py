@@ -18,6 +18,13 @@ each listed file's size and digest (:func:`checkpoint_files`) and a missing, tru
 altered file is named in a :class:`CheckpointError` — never loaded (a checkpoint without its
 ``tokenizer.json`` used to load a 5-token tokenizer and answer every expression alike).
 
+Only resuming needs the training state, and it is twice the weights (AdamW's two moments per
+parameter). Copies made for inference — the MLflow run's ``checkpoints/best``, the registered
+model's ``checkpoint`` artifact, fetched by every serving replica and batch actor — are made
+with :func:`export_inference_checkpoint`: the weights, config and tokenizer under a seal of
+their own. Dropping files from a copy but keeping the original seal would make a directory
+that no reader accepts (the seal lists the files it lacks).
+
 ``load_model`` rebuilds the architecture with pretrained weights OFF (backbone
 ``pretrained=False``; text encoder from ``<dir>/text_encoder`` with ``pretrained=False``)
 and loads the safetensors strictly, so the result is exactly what was saved. Nothing is
@@ -46,6 +53,7 @@ from instalign.config import Config, ConfigError, load_config
 from instalign.integrity import IntegrityError, seal, unseal, verify
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_model", "load_training_state", "checkpoint_files",
+           "export_inference_checkpoint", "TRAINING_STATE_FILES",
            "unwrap_model", "REQUIRED_FILES", "CONFIG_FILE", "WEIGHTS_FILE", "TEXT_ENCODER_DIR", "STATE_TENSORS_FILE", "STATE_JSON_FILE"]
 
 CONFIG_FILE = "config.yaml"
@@ -53,6 +61,8 @@ WEIGHTS_FILE = "model.safetensors"
 TEXT_ENCODER_DIR = "text_encoder"
 STATE_TENSORS_FILE = "training_state.safetensors"
 STATE_JSON_FILE = "training_state.json"
+#: What only resuming reads; an inference copy (:func:`export_inference_checkpoint`) leaves it out.
+TRAINING_STATE_FILES = (STATE_TENSORS_FILE, STATE_JSON_FILE)
 FORMAT_VERSION = 2
 SEAL_KIND = "checkpoint"
 #: Files every checkpoint lists in its seal (the tokenizer's own files are listed as saved).
@@ -221,6 +231,15 @@ def save_checkpoint(directory: Union[str, Path], model: nn.Module, cfg: Config, 
 
 # --- load ------------------------------------------------------------------------------------
 
+def _verified_seal(directory: Path, required, *, digests: bool = True) -> dict[str, Any]:
+    """The checkpoint's seal after checking every listed file; a :class:`CheckpointError` naming
+    the bad file otherwise."""
+    try:
+        return verify(directory, kind=SEAL_KIND, required=required, digests=digests)
+    except IntegrityError as e:
+        raise CheckpointError(f"checkpoint {directory} is incomplete or damaged: {e.file}: {e.problem}") from None
+
+
 def checkpoint_files(directory: Union[str, Path], *, digests: bool = True) -> dict[str, Path]:
     """The required files of a checkpoint, after checking every file against the seal.
 
@@ -230,10 +249,7 @@ def checkpoint_files(directory: Union[str, Path], *, digests: bool = True) -> di
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory}: not a directory")
-    try:
-        verify(directory, kind=SEAL_KIND, required=REQUIRED_FILES, digests=digests)
-    except IntegrityError as e:
-        raise CheckpointError(f"checkpoint {directory} is incomplete or damaged: {e.file}: {e.problem}") from None
+    _verified_seal(directory, REQUIRED_FILES, digests=digests)
     return {
         "config": directory / CONFIG_FILE,
         "weights": directory / WEIGHTS_FILE,
@@ -310,10 +326,7 @@ def load_training_state(directory: Union[str, Path], optimizer: Optional[torch.o
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {directory} has no training state: missing {', '.join(missing)}")
-    try:
-        verify(directory, kind=SEAL_KIND, required=[STATE_JSON_FILE, STATE_TENSORS_FILE])
-    except IntegrityError as e:
-        raise CheckpointError(f"checkpoint {directory} is incomplete or damaged: {e.file}: {e.problem}") from None
+    _verified_seal(directory, [STATE_JSON_FILE, STATE_TENSORS_FILE])
     try:
         payload = json.loads(paths[0].read_text())
         tensors = load_file(str(paths[1]))
@@ -330,3 +343,37 @@ def load_training_state(directory: Union[str, Path], optimizer: Optional[torch.o
     if restore_rng and payload.get("rng") is not None:
         _set_rng_state(_decode(payload["rng"], tensors))
     return _decode(payload["state"], tensors)
+
+
+# --- export ----------------------------------------------------------------------------------
+
+def export_inference_checkpoint(src: Union[str, Path], dst: Union[str, Path]) -> Path:
+    """Copy what inference needs from checkpoint ``src`` into the new directory ``dst``, sealed anew.
+
+    ``dst`` gets every file ``src``'s seal lists except :data:`TRAINING_STATE_FILES` (weights,
+    config, the tokenizer files) and a seal listing exactly those: it loads with
+    :func:`load_model` anywhere it is copied, and :func:`load_training_state` says it has no
+    training state. ``src`` is verified against its seal first (digests included), and each copy
+    must have its source's digest, so the new seal never vouches for a damaged file.
+
+    Raises:
+        CheckpointError: ``src`` is incomplete or damaged, ``dst`` is not empty, or a copy
+            differs from its source (``src`` rewritten meanwhile).
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"checkpoint {src}: not a directory")
+    listing = _verified_seal(src, REQUIRED_FILES)["files"]
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"export of checkpoint {src}: {dst} exists and is not an empty directory")
+    keep = sorted(rel for rel in listing if rel not in TRAINING_STATE_FILES)
+    for rel in keep:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, dst / rel)
+    sealed = seal(dst, kind=SEAL_KIND, files=keep, meta={"format_version": FORMAT_VERSION, "training_state": False})
+    changed = [rel for rel in keep if sealed["files"][rel]["sha256"] != listing[rel]["sha256"]]
+    if changed:
+        unseal(dst)
+        raise CheckpointError(f"export of checkpoint {src}: {changed[0]} changed while it was copied; "
+                              "export it again once nothing writes to it")
+    return dst

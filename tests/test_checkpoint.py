@@ -17,6 +17,7 @@ from instalign.checkpoint import (
     TEXT_ENCODER_DIR,
     WEIGHTS_FILE,
     CheckpointError,
+    export_inference_checkpoint,
     load_model,
     load_training_state,
     save_checkpoint,
@@ -212,3 +213,46 @@ def test_unpicklable_state_is_refused(trained, tmp_path):
     with pytest.raises(TypeError, match="state.callback"):
         save_checkpoint(tmp_path / "bad", model, cfg, tokenizer=load_tokenizer(cfg.model.text_encoder),
                         callback=object())
+
+
+# --- inference copies ----------------------------------------------------------------------------
+
+def test_an_inference_export_loads_alike_without_training_state(trained, tmp_path):
+    """What MLflow gets (``checkpoints/best``, the model's ``checkpoint``): the weights, config and
+    tokenizer under a seal of their own — it loads, and says it cannot resume."""
+    images, ids, attn = trained.inputs
+    out = export_inference_checkpoint(trained.directory, tmp_path / "inference")
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    listed = json.loads((out / SEAL_FILE).read_text())["files"]
+    assert set(listed) == on_disk - {SEAL_FILE}
+    assert not {STATE_JSON_FILE, STATE_TENSORS_FILE} & on_disk
+    source = json.loads((trained.directory / SEAL_FILE).read_text())["files"]
+    assert {k: v for k, v in source.items() if k not in (STATE_JSON_FILE, STATE_TENSORS_FILE)} == listed
+    a, _ = load_model(trained.directory)
+    b, _ = load_model(out)
+    with torch.no_grad():
+        assert torch.equal(a(images, ids, attn).merged_logits, b(images, ids, attn).merged_logits)
+    with pytest.raises(CheckpointError, match="has no training state"):
+        load_training_state(out)
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_FILE, STATE_TENSORS_FILE])
+def test_an_inference_export_refuses_a_damaged_source(trained, tmp_path, name):
+    """Even a damaged file the export would leave out: the source is not what its seal says."""
+    copy = tmp_path / "copy"
+    shutil.copytree(trained.directory, copy)
+    data = bytearray((copy / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(f"{name}: content differs")):
+        export_inference_checkpoint(copy, tmp_path / "out")
+    assert not (tmp_path / "out" / SEAL_FILE).exists()
+
+
+def test_an_inference_export_needs_an_empty_destination(trained, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="not an empty directory"):
+        export_inference_checkpoint(trained.directory, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        export_inference_checkpoint(tmp_path / "nowhere", tmp_path / "out2")
