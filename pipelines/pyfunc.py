@@ -299,20 +299,41 @@ def signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+class _PyfuncDeclaringServingLimits:
+    """``mlflow.pyfunc`` as the flavor of ``mlflow.models.Model.log``, with every serving limit
+    declared in ``MLmodel`` as a load-time ``model_config`` key, unset.
+
+    MLflow accepts a load-time ``model_config`` only for keys the logged model declares; unset
+    keys fall back to the environment (``ServingLimits.load``). They are declared here, in
+    ``save_model``, rather than through ``mlflow.pyfunc.log_model(model_config=…)``, because
+    ``Model.log`` (MLflow 3.17) also logs a ``model_config`` it is given as params of the
+    active run: the training run's params — its settings — would gain ``max_rows=None``,
+    ``image_root=None``, ….
+    """
+
+    @staticmethod
+    def save_model(path, mlflow_model=None, **kwargs):
+        config = {f.name: None for f in fields(ServingLimits)}
+        return mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, model_config=config, **kwargs)
+
+
 def log_model(checkpoint_dir: str | os.PathLike, *, name: str = "model", registered_model_name: str | None = None):
     """Log ``checkpoint_dir`` as an InstAlign pyfunc in the active run; returns MLflow's ``ModelInfo``.
 
-    The logged model gets ``MODEL_CARD.md`` and the run's validation metrics
-    (``pipelines.model_card``).
+    The model's artifact ``checkpoint`` is an inference copy of ``checkpoint_dir``
+    (``instalign.checkpoint.export_inference_checkpoint``: no optimizer state, which every
+    serving replica and batch actor would otherwise download). The logged model gets
+    ``MODEL_CARD.md`` and the run's validation metrics (``pipelines.model_card``); the run's
+    params are left as they are.
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint {str(checkpoint_dir)!r}: not a directory")
-    from instalign.checkpoint import CONFIG_FILE, checkpoint_files
+    from mlflow.models import Model
+
+    from instalign.checkpoint import CONFIG_FILE, export_inference_checkpoint
     from instalign.config import load_config
     from pipelines.model_card import MODEL_CARD, link_run_metrics, model_card
-
-    checkpoint_files(checkpoint_dir)  # refuse an incomplete checkpoint before logging anything
     # MLflow validates the input example by loading the just-saved model, which puts the
     # model's temporary code/ directory first on sys.path. Importing the predictor's modules
     # now binds ``instalign`` to this installation, so the process never half-imports a copy
@@ -324,21 +345,22 @@ def log_model(checkpoint_dir: str | os.PathLike, *, name: str = "model", registe
     active = mlflow.active_run()
     run = client.get_run(active.info.run_id) if active is not None else None
     with tempfile.TemporaryDirectory(prefix="instalign-pyfunc-") as tmp:
+        # Verified against its seal first: an incomplete checkpoint is refused before logging.
+        checkpoint = export_inference_checkpoint(checkpoint_dir, Path(tmp) / "checkpoint")
         model_file = Path(tmp) / "instalign_model.py"
         model_file.write_text(MODEL_CODE)
-        info = mlflow.pyfunc.log_model(
+        info = Model.log(
+            artifact_path=None,
             name=name,
+            flavor=_PyfuncDeclaringServingLimits,
             python_model=str(model_file),
-            artifacts={"checkpoint": str(checkpoint_dir)},
+            artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(_REPO / "instalign"), str(_REPO / "pipelines")],
             signature=signature(),
             input_example=input_example(),
             pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name,
             tags=redacted_context_tags(),
-            # Every serving limit as a key, unset: MLflow accepts a load-time ``model_config``
-            # only for keys the logged model declares; unset keys fall back to the environment.
-            model_config={f.name: None for f in fields(ServingLimits)},
         )
         card = Path(tmp) / MODEL_CARD
         card.write_text(model_card(load_config(checkpoint_dir / CONFIG_FILE), run=run,

@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -300,16 +299,17 @@ class MlflowTracker:
 
 
 def log_checkpoint(tracker: MlflowTracker, checkpoint_dir: Union[str, Path], artifact_path: str) -> None:
-    """A checkpoint directory as artifacts under ``artifact_path``, without its training state.
+    """A checkpoint directory as artifacts under ``artifact_path``, as an inference checkpoint.
 
-    Only what inference needs (weights, config, tokenizer): the optimizer state is twice the
-    model's size and belongs to the Ray run directory, which resumes from it.
+    Only what inference needs (weights, config, tokenizer), sealed anew
+    (``instalign.checkpoint.export_inference_checkpoint``), so the downloaded copy loads with
+    ``load_model``: the optimizer state is twice the model's size and belongs to the Ray run
+    directory, which resumes from it.
     """
-    from instalign.checkpoint import STATE_JSON_FILE, STATE_TENSORS_FILE
+    from instalign.checkpoint import export_inference_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        dst = Path(tmp) / "checkpoint"
-        shutil.copytree(checkpoint_dir, dst, ignore=shutil.ignore_patterns(STATE_JSON_FILE, STATE_TENSORS_FILE))
+        dst = export_inference_checkpoint(checkpoint_dir, Path(tmp) / "checkpoint")
         tracker.log_artifact(dst, artifact_path)  # a directory: its files land under artifact_path/
 
 
