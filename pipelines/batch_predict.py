@@ -140,6 +140,7 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     from instalign.metrics import GRESMetrics
     from pipelines.evaluate import _checkpoint_payload
     from pipelines.ray_utils import init_ray
+    from pipelines.redaction import write_json
     from pipelines.resources import check_leaves_room_for_data, cluster_cpus, default_cpus_per_worker
     from pipelines.registry import resolve_checkpoint
     from pipelines.tracking_mlflow import ensure_experiment, metric_key, redact_data, redacted_context_tags
@@ -214,7 +215,7 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
         "metrics": metrics.compute() if metrics.state_dict()["samples"] else {},
         "out": str(out.resolve()),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)  # redacted: --data/--model may be URIs with credentials
 
     # Like every verb's: a new experiment keeps its artifacts beside a sqlite store, not in ./mlruns of the cwd.
     mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.get_tracking_uri(), cfg.experiment))
@@ -226,7 +227,7 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
                             **{metric_key(k): v for k, v in summary["metrics"].items() if np.isfinite(v)}})
         mlflow.log_dict(redact_data(summary), "summary.json")
     summary["mlflow_run_id"] = run.info.run_id
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 

@@ -9,8 +9,9 @@ Errors the user can act on — a bad file, a bad record, a wrong option — end 
 them: the project's own error classes (:data:`USER_ERRORS`) and the built-in ones that name a
 file or a value (``FileNotFoundError``, ``PermissionError``, ``ValueError`` …). ``--debug``
 (before or after the verb) shows the traceback instead. Anything else is a bug and keeps its
-traceback. Messages pass through :func:`pipelines.redaction.redact`: an error that quotes a
-URI never prints its credentials.
+traceback. Everything a verb prints — these messages, its results, log lines, a ``--debug``
+traceback — passes through :func:`pipelines.redaction.redacted_output`: an error that quotes
+a URI never prints its credentials.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("instalign.modeling.backbone", "BackboneLoadError"),
     ("instalign.modeling.text_encoder", "TextEncoderLoadError"),
     ("mlflow.exceptions", "MlflowException"),  # e.g. a registered model or alias that does not exist
+    ("pipelines.ray_utils", "RayVersionError"),  # a Ray too old to start an authenticated private cluster
 )
 #: Built-in errors that, raised out of a verb, describe the input (a path, a value), not a bug.
 BUILTIN_USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,
@@ -92,12 +94,18 @@ def describe(exc: BaseException) -> str | None:
     exc = _cause(exc)
     if not isinstance(exc, user_error_types()):
         return None
-    from pipelines.redaction import redact
-
-    return redact(str(exc).strip() or type(exc).__name__)
+    return str(exc).strip() or type(exc).__name__  # printed through pipelines.redaction (main)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``instalign VERB …``: the verb's exit status; all its output redacted (module docstring)."""
+    from pipelines.redaction import redacted_output
+
+    with redacted_output():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = argv[0] if argv and argv[0] in VERBS else next((a for a in argv if a in VERBS), None)
     args = build_parser(verb).parse_args(argv)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import tempfile
@@ -383,7 +382,9 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(tuned, title=f"NOT the paper's rule: no-target threshold chosen on {args.threshold_from}"))
         result.update(tuned)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from pipelines.redaction import write_json
+
+        write_json(args.json, result)
     if args.no_track:
         return 0
     settings = {k: getattr(args, k) for k in ("split", "metrics", "num_workers", "gpus_per_worker", "batch_size",

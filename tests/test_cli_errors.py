@@ -194,3 +194,50 @@ def test_error_classes_are_not_imported_to_be_recognised():
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # closed once the socket is: nothing listens there
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "--model", "models:/m@champion", "--data", "/nonexistent/prepared"],
+    ["predict", "--model", "models:/m@champion", "--image", "x.png", "--text", "the ball"],
+    ["register", "--run", "0123abcd"],
+], ids=["evaluate", "predict", "register"])
+def test_a_password_in_the_tracking_uri_is_never_printed(tmp_path, argv):
+    """The MLflow server is down: MLflow's error quotes the URI, and the verb reports it — redacted."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"http://user:SECRET@127.0.0.1:{_closed_port()}",
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "SECRET" not in proc.stdout + proc.stderr
+    assert f"instalign {argv[0]}: " in proc.stderr and "http://***@127.0.0.1:" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_everything_a_verb_prints_is_redacted(fake_verb, capsys, monkeypatch):
+    """Not only the error line: a verb's results on stdout and its warnings on stderr too."""
+    module = sys.modules["instalign_test_boom"]
+
+    def run(args):
+        print("models:/m@champion -> version 3 (tracking http://user:SECRET@host:5000)")
+        print("instalign boom: cannot reach https://host/api?access_token=SECRET2", file=sys.stderr)
+        return 0
+
+    monkeypatch.setattr(module, "run", run)
+    assert main(["boom"]) == 0
+    out, err = capsys.readouterr()
+    assert "SECRET" not in out + err and "http://***@host:5000" in out and "access_token=***" in err
+
+
+def test_too_old_a_ray_is_one_line(fake_verb, capsys):
+    from pipelines.ray_utils import RayVersionError
+
+    fake_verb["error"] = RayVersionError("Ray 2.40.0 has no token authentication (Ray >= 2.52.0 has): ...")
+    assert main(["boom"]) == 1
+    assert _one_line(capsys.readouterr().err).startswith("instalign boom: Ray 2.40.0 has no token authentication")
