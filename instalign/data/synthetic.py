@@ -36,7 +36,7 @@ from PIL import Image
 
 from instalign.data.masks import counts_to_runs, rle_decode, rle_encode
 
-__all__ = ["generate_grefcoco", "COLOURS", "SHAPES", "SPLITS"]
+__all__ = ["generate_grefcoco", "COLOURS", "SHAPES", "SPLITS", "Release"]
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 75, 215), "yellow": (230, 195, 35)}
 SHAPES = ("circle", "square", "triangle")
@@ -111,7 +111,7 @@ def _segmentation(o: _Obj, vis: np.ndarray, h: int, w: int) -> Any:
     if o.polygon is not None and np.array_equal(vis, o.full):
         return [o.polygon]
     counts = rle_encode(vis)
-    if o.shape == "circle" and o.ann_id % 2:  # uncompressed RLE, as COCO's crowd-style releases
+    if o.polygon is None and o.ann_id % 2:  # uncompressed RLE, as COCO's crowd-style releases
         return {"size": [h, w], "counts": counts_to_runs(counts).tolist()}
     return {"size": [h, w], "counts": counts}
 
@@ -187,6 +187,96 @@ def _sentences(rng: np.random.Generator, phrases: list[str], next_sent: int) -> 
     return [{"tokens": p.split(), "raw": p, "sent": p, "sent_id": next_sent + j} for j, p in enumerate(chosen)]
 
 
+# ------------------------------------------------------------------- the release
+class Release:
+    """The on-disk release being written: images, annotations, refs and the per-split counts.
+
+    Shared by every synthetic style (this module's shapes, ``synthetic_objects``), so that
+    each writes exactly the layout and quirks described in the module docstring; a style
+    decides what is in the pictures and what the expressions say.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, description: str, seed: int, num_images: int,
+                 categories: tuple[str, ...]) -> None:
+        self.root = Path(root)
+        self.image_dir, self.ann_dir = self.root / "images" / "train2014", self.root / "grefcoco"
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.ann_dir.mkdir(parents=True, exist_ok=True)
+        self.info = {"description": description, "seed": seed, "num_images": num_images}
+        self.categories = categories
+        self.counts: dict[str, Counter] = {k: Counter() for k in
+                                           ("images", "refs", "samples", "no_target_samples", "multi_target_samples")}
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+        self.refs: list[dict] = []
+        self.next_ann, self.next_ref, self.next_sent = 1, 0, 0
+
+    def add_image(self, image_id: int, split: str, pixels: np.ndarray, objs: list[_Obj], *, jpeg_quality: int) -> None:
+        """Save the picture and annotate what is visible of each object (later = on top)."""
+        h, w = pixels.shape[:2]
+        file_name = f"COCO_train2014_{image_id:012d}.jpg"
+        Image.fromarray(pixels).save(self.image_dir / file_name, quality=jpeg_quality)
+        self.images.append({"id": image_id, "file_name": file_name, "width": w, "height": h, "license": 1})
+        for o, v in zip(objs, _visible(objs)):
+            ys, xs = np.nonzero(v)
+            self.annotations.append({
+                "id": o.ann_id, "image_id": image_id, "category_id": self.categories.index(o.shape) + 1,
+                "segmentation": _segmentation(o, v, h, w), "area": float(v.sum()), "iscrowd": 0,
+                "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
+            })
+        self.counts["images"][split] += 1
+
+    def add_refs(self, rng: np.random.Generator, image_id: int, split: str,
+                 specs: list[tuple[list[_Obj], list[str], bool]]) -> None:
+        """One ref per ``(targets, phrases, with sentences?)``; 1–3 of the phrases become its sentences."""
+        for targets, phrases, with_sentences in specs:
+            sents = _sentences(rng, phrases, self.next_sent) if with_sentences else []
+            self.next_sent += len(sents)
+            ids = [o.ann_id for o in targets]
+            cats = [self.categories.index(o.shape) + 1 for o in targets]
+            single_as_int = len(ids) == 1 and self.next_ref % 2 == 0
+            self.refs.append({
+                "ref_id": self.next_ref, "image_id": image_id, "split": split,
+                "file_name": f"COCO_train2014_{image_id:012d}_{self.next_ref}.jpg",
+                "ann_id": ids[0] if single_as_int else (ids or [-1]),
+                "category_id": cats[0] if single_as_int else (cats or [-1]),
+                "sent_ids": [s["sent_id"] for s in sents], "sentences": sents, "no_target": not ids,
+            })
+            self.next_ref += 1
+            self.counts["refs"][split] += 1
+            self.counts["samples"][split] += len(sents)
+            self.counts["no_target_samples"][split] += len(sents) * (not ids)
+            self.counts["multi_target_samples"][split] += len(sents) * (len(ids) > 1)
+
+    def write(self, supercategory: str) -> dict[str, dict[str, int]]:
+        """``instances.json`` and ``grefs(unc).json``; the per-split counts."""
+        instances = {
+            "info": self.info,
+            "licenses": [{"id": 1, "name": "CC0"}],
+            "images": self.images, "annotations": self.annotations,
+            "categories": [{"id": k + 1, "name": c, "supercategory": supercategory}
+                           for k, c in enumerate(self.categories)],
+        }
+        (self.ann_dir / "instances.json").write_text(json.dumps(instances, separators=(",", ":")))
+        (self.ann_dir / "grefs(unc).json").write_text(json.dumps(self.refs, separators=(",", ":")))
+        return {k: {s: int(c[s]) for s in SPLITS} for k, c in self.counts.items()}
+
+
+def check_sizes(num_images: int, min_size: int, max_size: int) -> None:
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if not 32 <= min_size < max_size:
+        raise ValueError(f"need 32 <= min_size < max_size, got {min_size}, {max_size}")
+
+
+def image_size(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[int, int]:
+    """(w, h), never square (the readers and transforms must meet non-square images)."""
+    w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+    if w == h:
+        w = w - 1 if w > min_size else w + 1
+    return w, h
+
+
 # ------------------------------------------------------------------- generator
 def generate_grefcoco(root: str | os.PathLike[str], num_images: int = 200, seed: int = 0, *,
                       min_size: int = 96, max_size: int = 320, jpeg_quality: int = 90) -> dict[str, dict[str, int]]:
@@ -196,43 +286,22 @@ def generate_grefcoco(root: str | os.PathLike[str], num_images: int = 200, seed:
     ``samples`` (sentences), ``no_target_samples``, ``multi_target_samples`` — each a
     ``{split: n}`` dict, for tests to compare with what the readers and ``prepare`` report.
     """
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
-    if not 32 <= min_size < max_size:
-        raise ValueError(f"need 32 <= min_size < max_size, got {min_size}, {max_size}")
-    root = Path(root)
-    image_dir, ann_dir = root / "images" / "train2014", root / "grefcoco"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    ann_dir.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, Counter] = {k: Counter() for k in
-                                  ("images", "refs", "samples", "no_target_samples", "multi_target_samples")}
-    images, annotations, refs = [], [], []
-    next_ann, next_ref, next_sent = 1, 0, 0
+    check_sizes(num_images, min_size, max_size)
+    release = Release(root, description="InstAlign synthetic gRefCOCO", seed=seed, num_images=num_images,
+                      categories=SHAPES)
     for i in range(num_images):
         rng = np.random.default_rng([seed, i])
-        w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
-        if w == h:
-            w = w - 1 if w > min_size else w + 1
+        w, h = image_size(rng, min_size, max_size)
         image_id, split = _IMAGE_ID0 + i, _SPLIT_CYCLE[i % len(_SPLIT_CYCLE)]
-        objs = _place_objects(rng, h, w, next_ann)
-        next_ann += len(objs)
-        vis = _visible(objs)
+        objs = _place_objects(rng, h, w, release.next_ann)
+        release.next_ann += len(objs)
 
         background = np.array([rng.integers(185, 245)] * 3) + rng.integers(-12, 13, size=3)
         pixels = np.empty((h, w, 3), dtype=np.uint8)
         pixels[:] = np.clip(background, 0, 255)
         for o in objs:
             pixels[o.full] = np.clip(np.array(COLOURS[o.colour]) + rng.integers(-20, 21, size=3), 0, 255)
-        file_name = f"COCO_train2014_{image_id:012d}.jpg"
-        Image.fromarray(pixels).save(image_dir / file_name, quality=jpeg_quality)
-        images.append({"id": image_id, "file_name": file_name, "width": w, "height": h, "license": 1})
-        for o, v in zip(objs, vis):
-            ys, xs = np.nonzero(v)
-            annotations.append({
-                "id": o.ann_id, "image_id": image_id, "category_id": SHAPES.index(o.shape) + 1,
-                "segmentation": _segmentation(o, v, h, w), "area": float(v.sum()), "iscrowd": 0,
-                "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
-            })
+        release.add_image(image_id, split, pixels, objs, jpeg_quality=jpeg_quality)
 
         # (targets, phrases, keep sentences?) for every ref of this image.
         specs: list[tuple[list[_Obj], list[str], bool]] = []
@@ -246,33 +315,5 @@ def generate_grefcoco(root: str | os.PathLike[str], num_images: int = 200, seed:
         specs.append(([], _no_target(rng, objs), True))
         if i % 8 == 5 and specs[0][0]:  # the release has a few refs without sentences
             specs.append((specs[0][0], specs[0][1], False))
-
-        counts["images"][split] += 1
-        for targets, phrases, with_sentences in specs:
-            sents = _sentences(rng, phrases, next_sent) if with_sentences else []
-            next_sent += len(sents)
-            ids = [o.ann_id for o in targets]
-            cats = [SHAPES.index(o.shape) + 1 for o in targets]
-            single_as_int = len(ids) == 1 and next_ref % 2 == 0
-            refs.append({
-                "ref_id": next_ref, "image_id": image_id, "split": split,
-                "file_name": f"COCO_train2014_{image_id:012d}_{next_ref}.jpg",
-                "ann_id": ids[0] if single_as_int else (ids or [-1]),
-                "category_id": cats[0] if single_as_int else (cats or [-1]),
-                "sent_ids": [s["sent_id"] for s in sents], "sentences": sents, "no_target": not ids,
-            })
-            next_ref += 1
-            counts["refs"][split] += 1
-            counts["samples"][split] += len(sents)
-            counts["no_target_samples"][split] += len(sents) * (not ids)
-            counts["multi_target_samples"][split] += len(sents) * (len(ids) > 1)
-
-    instances = {
-        "info": {"description": "InstAlign synthetic gRefCOCO", "seed": seed, "num_images": num_images},
-        "licenses": [{"id": 1, "name": "CC0"}],
-        "images": images, "annotations": annotations,
-        "categories": [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)],
-    }
-    (ann_dir / "instances.json").write_text(json.dumps(instances, separators=(",", ":")))
-    (ann_dir / "grefs(unc).json").write_text(json.dumps(refs, separators=(",", ":")))
-    return {k: {s: int(c[s]) for s in SPLITS} for k, c in counts.items()}
+        release.add_refs(rng, image_id, split, specs)
+    return release.write("shape")
