@@ -5,9 +5,10 @@ is silent, what comes from where (Mask2Former's ``train_net.py::Trainer.build_op
 ReLA's ``train_net.py::Trainer.build_optimizer``, which copies it with changes):
 
 * **Backbone at ``lr × backbone_lr_mult`` (0.1) — Mask2Former** (``SOLVER.BACKBONE_MULTIPLIER``
-  for every module whose name contains ``backbone``). ReLA drops that branch: its Swin
-  trains at its base rate, which is 1e-5 (``SOLVER.BASE_LR`` in
-  ``configs/referring_R50.yaml``, inherited by its Swin configs) for every part.
+  for every module whose name contains ``backbone``). ReLA's copy drops that branch (its
+  config still sets the multiplier, which no code reads): its Swin trains at its base rate,
+  1e-5 (``SOLVER.BASE_LR`` in ``configs/referring_R50.yaml``, inherited by its Swin
+  configs), like every other part.
 * **Pretrained text encoder at ``lr × text_encoder_lr_mult`` (0.1) — ours.** Mask2Former has
   no text encoder. ReLA leaves every ``text_encoder`` parameter out of its loop and adds back
   only BERT's encoder layers 0–9, in one group at the *base* rate with the default weight
