@@ -17,7 +17,12 @@ generated on first use): a process on another host that can route to this one ca
 connect without the token. The dashboard, which Ray Train V2 needs for its State API
 (without it finished runs leak placement groups), listens on loopback only. Authentication
 is never switched off here; a ``RAY_AUTH_MODE=disabled`` set by the user in the
-environment is obeyed with a warning.
+environment is obeyed with a warning. Token mode is asked for explicitly
+(:func:`private_cluster_auth`), not left to Ray's default (on for a new local cluster only
+from Ray 2.59), and the mode Ray then reports is what the log line says. A Ray without
+token authentication (before :data:`TOKEN_AUTH_MIN_RAY`) is refused rather than started
+open: its cluster would accept any process on the network, and a line saying so is easy
+to miss in a run's log.
 
 What the user sees. Rank 0's progress lines (``pipelines.progress``) are printed by a Train
 worker, so worker output is forwarded to the driver (``log_to_driver``): to the terminal, and
@@ -268,13 +273,9 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     warnings_env = os.environ.get("PYTHONWARNINGS", "")
     if IGNORED_WARNINGS not in warnings_env:  # inherited by the cluster's processes
         os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings_env, IGNORED_WARNINGS]))
-    mode = os.environ.get("RAY_AUTH_MODE", "token")  # unset: Ray 2.60 turns token auth on for a new cluster
-    if mode.lower() != "token":
-        log.warning("RAY_AUTH_MODE=%s is set: the private Ray cluster runs WITHOUT authentication while its ports "
-                    "listen on every interface; unset it to keep Ray's token authentication", mode)
-    log.info("starting a private local Ray cluster with token authentication (pass --address auto or HOST:PORT "
-             "to use a running one)" if mode.lower() == "token" else
-             "starting a private local Ray cluster (pass --address auto or HOST:PORT to use a running one)")
+    mode = private_cluster_auth()
+    log.info("starting a private local Ray cluster %s (pass --address auto or HOST:PORT to use a running one)",
+             "with token authentication" if mode == "token" else "WITHOUT authentication")
     # The dashboard serves Ray's State API, which Train's placement-group cleaner (a detached
     # actor) must reach; with another Ray instance on the machine it cannot tell which one is
     # ours ("Found multiple active Ray instances") and the run's placement groups would leak.
@@ -289,6 +290,81 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=not data_only, dashboard_host="127.0.0.1",
              dashboard_port=port, **common)
     apply_ray_log_level()
+
+
+#: The first Ray with token authentication (``RAY_AUTH_MODE=token``; Ray's docs, "Ray token
+#: authentication": "available in Ray 2.52.0 or later"). Ray turns it on by itself for a new
+#: local cluster only from 2.59, so :func:`private_cluster_auth` asks for it explicitly.
+TOKEN_AUTH_MIN_RAY = "2.52.0"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
+
+class RayVersionError(RuntimeError):
+    """The installed Ray cannot give a private cluster what it needs (token authentication)."""
+
+
+def ray_supports_token_auth(version: str) -> bool:
+    """Whether Ray ``version`` (``ray.__version__``) has token authentication."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) >= Version(TOKEN_AUTH_MIN_RAY)
+    except InvalidVersion:
+        return False
+
+
+def check_ray_version(version: str) -> None:
+    """Refuse a Ray too old for token authentication, in one line the user can act on."""
+    if not ray_supports_token_auth(version):
+        raise RayVersionError(f"Ray {version} has no token authentication (Ray >= {TOKEN_AUTH_MIN_RAY} has): a private "
+                              f"cluster would accept any process that can reach this machine. Upgrade Ray "
+                              f"(pip install 'ray>={TOKEN_AUTH_MIN_RAY}'), or set {AUTH_MODE_ENV}=disabled to run "
+                              f"it unauthenticated on a trusted network")
+
+
+def auth_mode_in_effect() -> str:
+    """The authentication mode Ray applies to a cluster this process starts: ``"token"``,
+    ``"disabled"`` or ``"unknown"`` (a Ray that cannot say) — read from Ray, not from the
+    environment, so a log line never claims a mode Ray did not take."""
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+    except ImportError:
+        return "unknown"
+    mode = get_authentication_mode()
+    return "token" if mode == AuthenticationMode.TOKEN else "disabled" if mode == AuthenticationMode.DISABLED \
+        else "unknown"
+
+
+def private_cluster_auth() -> str:
+    """Set and check the authentication of a private cluster about to start; returns the mode.
+
+    ``RAY_AUTH_MODE`` chosen by the user is obeyed (anything but ``token`` with a warning).
+    Unset, token mode is set here — in the environment, which the cluster's processes
+    inherit, and in Ray's configuration of this process, which Ray caches when it is first
+    imported — and read back from Ray: a Ray that does not report token mode is refused
+    (:class:`RayVersionError`).
+    """
+    import ray
+
+    chosen = os.environ.get(AUTH_MODE_ENV)
+    wants_token = chosen is None or chosen.strip().lower() == "token"
+    if wants_token:
+        check_ray_version(ray.__version__)
+        os.environ[AUTH_MODE_ENV] = "token"
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")  # what Ray's own token default does: re-read RAY_AUTH_MODE in this process
+    except (ImportError, AttributeError):
+        pass
+    mode = auth_mode_in_effect()
+    if wants_token and mode != "token":
+        raise RayVersionError(f"Ray {ray.__version__} did not turn token authentication on ({AUTH_MODE_ENV}=token "
+                              f"gave mode {mode!r}); refusing to start an open private cluster")
+    if mode != "token":
+        log.warning("%s=%s is set: the private Ray cluster runs WITHOUT authentication while its ports listen on "
+                    "every interface; unset it to keep Ray's token authentication", AUTH_MODE_ENV, chosen)
+    return mode
 
 
 def free_port() -> int:

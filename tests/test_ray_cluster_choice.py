@@ -6,6 +6,9 @@
   interface (Ray 2.60 cannot bind them all to loopback), so the test lists every listening
   socket of the cluster's processes and proves that a client without the token cannot
   connect through a non-loopback one.
+* Token mode is set explicitly (not left to Ray's default, on for local clusters only from
+  2.59), the log line says the mode Ray reports, and a Ray without token authentication is
+  refused: checked in fresh interpreters whose ``ray.init`` only records what it was given.
 * A run whose workers cannot be placed says what it waits for.
 """
 
@@ -156,7 +159,7 @@ def test_private_cluster_is_new_and_keeps_token_authentication(ray_local, tmp_pa
         except subprocess.TimeoutExpired:
             proc.kill()
     log = proc.stderr.read()
-    assert "starting a private local Ray cluster" in log
+    assert "starting a private local Ray cluster with token authentication" in log
 
 
 @pytest.mark.ray
@@ -183,3 +186,79 @@ def test_a_run_that_cannot_be_placed_says_what_it_waits_for(ray_local, caplog):
         assert message in caplog.text
     finally:
         remove_placement_group(pg)
+
+
+#: ``init_ray()`` in a fresh interpreter, ``ray.init`` replaced by a recorder of the mode Ray
+#: reports at that moment: what a new cluster would get, without starting one.
+AUTH_CHOICE = textwrap.dedent("""
+    import json, logging, os, sys
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import ray
+    if sys.argv[1]:
+        ray.__version__ = sys.argv[1]
+    from pipelines import ray_utils
+    seen = {}
+    ray.init = lambda *a, **k: seen.update(mode=ray_utils.auth_mode_in_effect(), env=os.environ.get("RAY_AUTH_MODE"))
+    try:
+        ray_utils.init_ray(data_only=True)
+    except ray_utils.RayVersionError as e:
+        seen["refused"] = str(e)
+    print(json.dumps(seen), flush=True)
+""")
+
+
+def _auth_choice(tmp_path, *, auth_mode=None, version=""):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO))
+    if auth_mode is not None:
+        env["RAY_AUTH_MODE"] = auth_mode
+    proc = subprocess.run([sys.executable, "-c", AUTH_CHOICE, version], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_token_mode_is_set_and_read_back(tmp_path):
+    seen, log = _auth_choice(tmp_path)
+    assert seen == {"mode": "token", "env": "token"}  # set here, and Ray reports it before the cluster starts
+    assert "starting a private local Ray cluster with token authentication" in log
+    assert "WARNING" not in log
+
+
+def test_auth_disabled_by_the_user_is_obeyed_and_said(tmp_path):
+    seen, log = _auth_choice(tmp_path, auth_mode="disabled")
+    assert seen == {"mode": "disabled", "env": "disabled"}
+    assert "WARNING pipelines.ray_utils: RAY_AUTH_MODE=disabled is set: the private Ray cluster runs WITHOUT" in log
+    assert "starting a private local Ray cluster WITHOUT authentication" in log
+    assert "with token authentication" not in log
+
+
+def test_a_ray_without_token_auth_is_refused(tmp_path):
+    seen, log = _auth_choice(tmp_path, version="2.51.0")
+    assert "mode" not in seen  # ray.init was never called
+    assert seen["refused"].startswith("Ray 2.51.0 has no token authentication (Ray >= 2.52.0 has)")
+    assert "RAY_AUTH_MODE=disabled" in seen["refused"] and "starting" not in log
+    seen, log = _auth_choice(tmp_path, auth_mode="disabled", version="2.51.0")  # the user's explicit choice stands
+    assert seen["env"] == "disabled" and "WITHOUT authentication" in log
+
+
+@pytest.mark.parametrize("version, ok", [("2.40.0", False), ("2.51.9", False), ("2.52.0", True), ("2.52.0rc1", False),
+                                         ("2.60.0", True), ("2.61.0.dev0", True), ("3.0.0", True), ("nightly", False)])
+def test_token_auth_version_floor(version, ok):
+    from pipelines.ray_utils import RayVersionError, check_ray_version, ray_supports_token_auth
+
+    assert ray_supports_token_auth(version) is ok
+    if ok:
+        check_ray_version(version)
+    else:
+        with pytest.raises(RayVersionError, match=f"Ray {version} has no token authentication"):
+            check_ray_version(version)
+
+
+def test_the_dependency_floor_is_the_token_auth_floor():
+    import re
+
+    from pipelines.ray_utils import TOKEN_AUTH_MIN_RAY
+
+    floor = re.search(r'"ray\[[^\]]*\]>=([0-9.]+)"', (REPO / "pyproject.toml").read_text())
+    assert floor and TOKEN_AUTH_MIN_RAY.startswith(floor.group(1)), floor
