@@ -1,7 +1,7 @@
-"""``instalign bench {model,data,predict}``: one verb, three benchmark modules.
+"""``instalign bench {model,data,predict,fuzz}``: one verb, four benchmark modules.
 
 Each benchmark lives in its own module (``pipelines.bench_model``, ``pipelines.bench_data``,
-``pipelines.bench_predict``) exposing ``add_arguments(parser)`` and ``run(args) -> int``,
+``pipelines.bench_predict``, ``pipelines.bench_fuzz``) exposing ``add_arguments(parser)`` and ``run(args) -> int``,
 like every verb of ``pipelines.cli``. Only the chosen benchmark's module is imported, so
 ``instalign bench predict`` does not pay for Ray Data and ``instalign bench --help`` is instant.
 Speed targets live in these benchmarks and the README's Performance table, never in tests.
@@ -16,12 +16,13 @@ BENCHES: dict[str, tuple[str, str]] = {
     "model": ("pipelines.bench_model", "forward/backward step time and memory of the model"),
     "data": ("pipelines.bench_data", "Ray Data prepare/load throughput"),
     "predict": ("pipelines.bench_predict", "single-request latency and batched throughput of the predictor"),
+    "fuzz": ("pipelines.bench_fuzz", "property-based fuzzing of the trust boundaries, tallied per boundary"),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The benchmark's own options are parsed in ``run`` by its module's parser: argparse
-    # cannot add them lazily, and importing all three modules up front would cost seconds.
+    # cannot add them lazily, and importing all four modules up front would cost seconds.
     parser.add_argument("bench", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the chosen benchmark (see --help)")
 
