@@ -241,7 +241,8 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], *, device: Union[torch.
             batch = batch.to(device, non_blocking=True)
             outputs = forward_batch(model, batch, device=device, precision=precision)
             masks, no_target, _, no_target_prob = postprocess(outputs, tuple(batch.union_masks.shape[-2:]))
-            metrics.update(masks, no_target, batch.union_masks, batch.no_target)
+            metrics.update(masks, no_target, batch.union_masks, batch.no_target,
+                           [m.shape[0] for m in batch.instance_masks])  # the slices' target counts
             if scores is not None:
                 scores.update(no_target_prob, batch.no_target)
     finally:

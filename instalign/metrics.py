@@ -35,6 +35,18 @@ workers or batches and be ``merge``-d, or shipped across process boundaries.
 Inputs to ``update``: boolean (or integer, non-zero = True) torch tensors or numpy
 arrays: masks (B, H, W), flags (B,). Letters: B batch, H×W the evaluation resolution.
 
+**Slices** (``GRESMetrics``): gRefCOCO's point is the mix of single-, multi- and no-target
+expressions, so gIoU and cIoU are also reported per kind of sample, with its count:
+``single`` (one target), ``multi`` (two or more), ``multi_2`` and ``multi_3plus`` (exactly
+two; three or more) and ``no_target`` — keys ``<slice>.gIoU``, ``<slice>.cIoU``,
+``<slice>.samples``. Each slice runs the same per-sample rules as the whole split (the table
+above), over its own samples: a slice's gIoU is the mean IoU of its samples, its cIoU its
+ΣI / ΣU. The overall numbers do not depend on the slices. The no-target slice's gIoU is
+its N_acc (IoU 1 or 0); its cIoU is 0 when any no-target sample got a mask (ΣI = 0), NaN
+when none did (ΣU = 0). Counting targets needs the number of GT instances per sample
+(``num_targets``); without it, only the no-target slice is known and the others stay
+empty (NaN, count 0).
+
 **The no-target head as a classifier** (``NoTargetScores``): N_acc and T_acc above are the
 head's accuracies at the paper's threshold, p̂_nt > 0.5. How well p̂_nt *ranks* no-target
 above targeted expressions — whatever the threshold — is its **AUROC**. To stay a
@@ -119,7 +131,7 @@ class _Accumulator:
         self.reset()
 
     def reset(self) -> None:
-        self._state: dict[str, Union[int, float]] = {k: (0.0 if k == "iou_sum" else 0) for k in self._KEYS}
+        self._state: dict[str, Union[int, float]] = {k: (0.0 if k.endswith("iou_sum") else 0) for k in self._KEYS}
 
     def state_dict(self) -> dict[str, Union[int, float]]:
         """Plain Python numbers: picklable, JSON-able, summable across workers."""
@@ -130,7 +142,7 @@ class _Accumulator:
         if missing or unknown:
             raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {sorted(missing)}, "
                              f"unknown keys {sorted(unknown)}")
-        self._state = {k: (float(state[k]) if k == "iou_sum" else int(state[k])) for k in self._KEYS}
+        self._state = {k: (float(state[k]) if k.endswith("iou_sum") else int(state[k])) for k in self._KEYS}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]):
@@ -150,41 +162,72 @@ class _Accumulator:
         return f"{type(self).__name__}({self._state})"
 
 
+#: Slices of ``GRESMetrics`` kept as sums; ``multi`` is ``multi_2`` + ``multi_3plus``.
+_SLICE_SUMS = ("single", "multi_2", "multi_3plus", "no_target")
+#: Reported slices, in order, and the summed slices each is made of.
+SLICES = {"single": ("single",), "multi": ("multi_2", "multi_3plus"), "multi_2": ("multi_2",),
+          "multi_3plus": ("multi_3plus",), "no_target": ("no_target",)}
+_SLICE_TERMS = ("samples", "inter", "union", "iou_sum")
+
+
+def _slice_of(gt_nt: bool, num_targets: int | None) -> str | None:
+    if gt_nt:
+        return "no_target"
+    if num_targets is None or num_targets < 1:  # unknown (or a GT mask without instances)
+        return None
+    return "single" if num_targets == 1 else "multi_2" if num_targets == 2 else "multi_3plus"
+
+
 class GRESMetrics(_Accumulator):
-    """gRefCOCO metrics (ReLA): cIoU, gIoU, N_acc, T_acc, Pr@0.7/0.8/0.9."""
+    """gRefCOCO metrics (ReLA): cIoU, gIoU, N_acc, T_acc, Pr@0.7/0.8/0.9, and gIoU / cIoU per
+    slice (single-, multi-, no-target; module docstring)."""
 
     _KEYS = ("samples", "targeted", "no_target", "tp", "fn", "fp", "tn", "inter", "union", "iou_sum",
-             *(f"pr@{t}" for t in PR_THRESHOLDS))
+             *(f"pr@{t}" for t in PR_THRESHOLDS),
+             *(f"{name}:{term}" for name in _SLICE_SUMS for term in _SLICE_TERMS))
 
     def update(self, pred_masks: ArrayLike, pred_no_target: ArrayLike, gt_masks: ArrayLike,
-               gt_no_target: ArrayLike) -> None:
-        """Add a batch: masks (B, H, W) and flags (B,), boolean."""
+               gt_no_target: ArrayLike, num_targets: ArrayLike | list[int] | None = None) -> None:
+        """Add a batch: masks (B, H, W) and flags (B,), boolean; ``num_targets`` (B,) the GT
+        instances of each sample (0 for no-target), for the slices."""
         s = self._state
-        for inter, union, area, pred_nt, gt_nt in _per_sample(pred_masks, pred_no_target, gt_masks, gt_no_target):
+        rows = _per_sample(pred_masks, pred_no_target, gt_masks, gt_no_target)
+        counts: list[int | None] = [None] * len(rows)
+        if num_targets is not None:
+            counts = [int(n) for n in torch.as_tensor(np.asarray(num_targets)).flatten().tolist()]
+            if len(counts) != len(rows):
+                raise ValueError(f"num_targets has {len(counts)} values for a batch of {len(rows)}")
+        for (inter, union, area, pred_nt, gt_nt), n in zip(rows, counts):
             s["samples"] += 1
             if gt_nt:
                 s["no_target"] += 1
                 if pred_nt:  # TP: IoU 1, nothing into ΣI/ΣU
                     s["tp"] += 1
-                    s["iou_sum"] += 1.0
+                    iou, inter, union = 1.0, 0, 0
                 else:  # FN: IoU 0, the predicted area is all union
                     s["fn"] += 1
-                    s["union"] += area
-                continue
-            s["targeted"] += 1
-            if pred_nt:  # FP: the mask is empty, so I = 0 and U = |gt|
-                s["fp"] += 1
+                    iou, inter, union = 0.0, 0, area
             else:
-                s["tn"] += 1
-            iou = inter / union if union else 0.0
+                s["targeted"] += 1
+                if pred_nt:  # FP: the mask is empty, so I = 0 and U = |gt|
+                    s["fp"] += 1
+                else:
+                    s["tn"] += 1
+                iou = inter / union if union else 0.0
+                for t in PR_THRESHOLDS:
+                    s[f"pr@{t}"] += int(iou >= t)
             s["inter"] += inter
             s["union"] += union
             s["iou_sum"] += iou
-            for t in PR_THRESHOLDS:
-                s[f"pr@{t}"] += int(iou >= t)
+            where = _slice_of(gt_nt, n)
+            if where is not None:
+                s[f"{where}:samples"] += 1
+                s[f"{where}:inter"] += inter
+                s[f"{where}:union"] += union
+                s[f"{where}:iou_sum"] += iou
 
     def compute(self) -> dict[str, float]:
-        """Percentages; NaN where the denominator is 0."""
+        """Percentages (and each slice's ``samples``); NaN where the denominator is 0."""
         s = self._state
         out = {
             "cIoU": _ratio(s["inter"], s["union"]),
@@ -194,6 +237,11 @@ class GRESMetrics(_Accumulator):
         }
         for t in PR_THRESHOLDS:
             out[f"Pr@{t}"] = _ratio(s[f"pr@{t}"], s["targeted"])
+        for name, parts in SLICES.items():
+            n, inter, union, iou = (sum(s[f"{p}:{term}"] for p in parts) for term in _SLICE_TERMS)
+            out[f"{name}.gIoU"] = _ratio(iou, n)
+            out[f"{name}.cIoU"] = _ratio(inter, union)
+            out[f"{name}.samples"] = n
         return out
 
 
@@ -203,8 +251,9 @@ class RefZOMMetrics(_Accumulator):
     _KEYS = ("samples", "targeted", "no_target", "inter", "union", "iou_sum", "nt_correct")
 
     def update(self, pred_masks: ArrayLike, pred_no_target: ArrayLike, gt_masks: ArrayLike,
-               gt_no_target: ArrayLike) -> None:
-        """Add a batch: masks (B, H, W) and flags (B,), boolean."""
+               gt_no_target: ArrayLike, num_targets: ArrayLike | list[int] | None = None) -> None:
+        """Add a batch: masks (B, H, W) and flags (B,), boolean. ``num_targets`` is accepted for
+        the same call as ``GRESMetrics`` and unused: Ref-ZOM's protocol has no slices."""
         s = self._state
         for inter, union, area, _, gt_nt in _per_sample(pred_masks, pred_no_target, gt_masks, gt_no_target):
             s["samples"] += 1
@@ -320,9 +369,35 @@ class NoTargetScores:
                 tn += self.neg[edge]
         return best_edge / self.bins
 
+    def quantile(self, q: float, *, no_target: bool) -> float:
+        """The ``q``-quantile of p̂_nt over one class (the upper edge of the bin that reaches it,
+        so within 1/``bins`` of the exact value); NaN if the class is empty."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"NoTargetScores.quantile: q={q} is not in [0, 1]")
+        hist = self.pos if no_target else self.neg
+        n = sum(hist)
+        if not n:
+            return math.nan
+        need, seen = max(q * n, 1e-12), 0
+        for i, c in enumerate(hist):
+            seen += c
+            if seen >= need:
+                return (i + 1) / self.bins
+        return 1.0
+
     def compute(self) -> dict[str, float]:
-        """``nt_AUROC`` (percent); N/T accuracies at 0.5 are ``GRESMetrics``' N_acc / T_acc (exact)."""
-        return {"nt_AUROC": self.auroc()}
+        """``nt_AUROC`` (percent) and where each class's p̂_nt lies: quartiles of the no-target
+        (``nt_score_no_target_p25/p50/p75``) and targeted samples (``nt_score_targeted_p*``).
+
+        Why the head lags shows here: a ranking that is right (high AUROC) with both classes'
+        scores below 0.5 is a threshold problem (class balance), overlapping quartiles a
+        ranking one. N/T accuracies at 0.5 are ``GRESMetrics``' N_acc / T_acc (exact).
+        """
+        out = {"nt_AUROC": self.auroc()}
+        for cls, no_target in (("no_target", True), ("targeted", False)):
+            for q in (25, 50, 75):
+                out[f"nt_score_{cls}_p{q}"] = self.quantile(q / 100, no_target=no_target)
+        return out
 
 
-__all__ = ["GRESMetrics", "NT_BINS", "NoTargetScores", "PR_THRESHOLDS", "RefZOMMetrics"]
+__all__ = ["GRESMetrics", "NT_BINS", "NoTargetScores", "PR_THRESHOLDS", "RefZOMMetrics", "SLICES"]

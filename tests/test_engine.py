@@ -182,8 +182,9 @@ def test_evaluate_matches_manual_metrics(parts):
     with torch.no_grad():
         for b in batches:
             masks, nt, _, _ = postprocess(model(b.images, b.input_ids, b.attention_mask), b.images.shape[-1])
-            manual.update(masks, nt, b.union_masks, b.no_target)
+            manual.update(masks, nt, b.union_masks, b.no_target, [len(m) for m in b.instance_masks])
     got, want = metrics.compute(), manual.compute()
+    assert got["single.samples"] + got["multi.samples"] + got["no_target.samples"] == 4  # every sample in a slice
     assert got.keys() == want.keys()
     for k in want:
         assert (math.isnan(got[k]) and math.isnan(want[k])) or got[k] == pytest.approx(want[k]), k

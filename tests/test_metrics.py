@@ -76,7 +76,8 @@ def test_gres_false_positive_treats_flagged_mask_as_empty():
 
 def test_gres_undefined_denominators_are_nan_and_never_raise():
     r = GRESMetrics().compute()
-    assert all(math.isnan(v) for v in r.values())
+    assert all(math.isnan(v) for k, v in r.items() if not k.endswith(".samples"))
+    assert [v for k, v in r.items() if k.endswith(".samples")] == [0] * 5  # each slice's count
     m = GRESMetrics()
     m.update(EMPTY[None], np.array([True]), EMPTY[None], np.array([True]))  # one TP only
     r = m.compute()
@@ -99,7 +100,7 @@ def test_gres_merge_of_halves_equals_one_pass():
     b.update(*stack(GRES_CASES, 3))
     merged = a.merge(b)
     assert merged.state_dict() == pytest.approx(one.state_dict())
-    assert merged.compute() == pytest.approx(one.compute())
+    assert merged.compute() == pytest.approx(one.compute(), nan_ok=True)  # slices without counts: NaN
 
 
 def test_gres_state_crosses_process_boundaries():
@@ -107,7 +108,7 @@ def test_gres_state_crosses_process_boundaries():
     m.update(*stack(GRES_CASES))
     state = json.loads(json.dumps(m.state_dict()))  # plain numbers only
     again = GRESMetrics.from_state(state)
-    assert again.compute() == pytest.approx(m.compute())
+    assert again.compute() == pytest.approx(m.compute(), nan_ok=True)
     fresh = GRESMetrics()
     fresh.load_state_dict(state)
     assert fresh.state_dict() == m.state_dict()
@@ -227,3 +228,57 @@ def test_no_target_threshold_choice_and_accuracies():
     assert 0.20 < best <= 0.30  # all no-target found, 2 of 3 targeted kept
     n_acc, t_acc = scores.accuracies(best)
     assert n_acc == 100.0 and t_acc == pytest.approx(200 / 3)
+
+
+def test_no_target_score_quartiles_per_class_are_within_a_bin_of_the_exact_ones():
+    rng = np.random.default_rng(1)
+    pos, neg = rng.beta(2, 5, 400), rng.beta(1, 8, 1200)  # a head that ranks well but stays below 0.5
+    scores = NoTargetScores()
+    scores.update(torch.tensor(np.concatenate([pos, neg])), np.r_[np.ones(400, bool), np.zeros(1200, bool)])
+    out = scores.compute()
+    for cls, values in (("no_target", pos), ("targeted", neg)):
+        for q in (25, 50, 75):
+            assert abs(out[f"nt_score_{cls}_p{q}"] - np.quantile(values, q / 100)) <= 2.0 / NT_BINS
+    assert out["nt_score_no_target_p75"] < 0.5 < out["nt_AUROC"] / 100  # a threshold problem, not a ranking one
+    empty = NoTargetScores()
+    empty.update(torch.tensor([0.2]), np.array([False]))
+    assert math.isnan(empty.compute()["nt_score_no_target_p50"]) and empty.quantile(1.0, no_target=False) == 0.201
+    with pytest.raises(ValueError):
+        empty.quantile(1.5, no_target=True)
+
+
+def test_slices_split_the_overall_sums_by_kind_of_sample_and_leave_the_overall_numbers_alone():
+    g = torch.Generator().manual_seed(3)
+    n = 40
+    gt_nt = torch.rand(n, generator=g) < 0.25
+    targets = torch.where(gt_nt, 0, torch.randint(1, 5, (n,), generator=g))
+    gt = (torch.rand(n, 8, 8, generator=g) < 0.4) & ~gt_nt[:, None, None]
+    pred = torch.rand(n, 8, 8, generator=g) < 0.4
+    pred_nt = torch.rand(n, generator=g) < 0.3
+    plain, sliced, merged = GRESMetrics(), GRESMetrics(), GRESMetrics()
+    for lo in range(0, n, 7):  # batches of 7
+        batch = pred[lo:lo + 7], pred_nt[lo:lo + 7], gt[lo:lo + 7], gt_nt[lo:lo + 7]
+        plain.update(*batch)
+        sliced.update(*batch, targets[lo:lo + 7])
+        part = GRESMetrics()
+        part.update(*batch, targets[lo:lo + 7].tolist())
+        merged.merge(part)
+    r, p = sliced.compute(), plain.compute()
+    for key in ("gIoU", "cIoU", "N_acc", "T_acc", "Pr@0.7"):  # ReLA's numbers: unchanged by slicing
+        assert r[key] == p[key]
+    assert merged.compute() == pytest.approx(r)  # mergeable sums
+    # each slice, by hand: the same per-sample rules over its own samples
+    for name, keep in (("single", targets == 1), ("multi", targets >= 2), ("multi_2", targets == 2),
+                       ("multi_3plus", targets >= 3), ("no_target", gt_nt)):
+        alone = GRESMetrics()
+        alone.update(pred[keep], pred_nt[keep], gt[keep], gt_nt[keep])
+        expect = alone.compute()
+        assert r[f"{name}.samples"] == int(keep.sum()) > 0
+        assert r[f"{name}.gIoU"] == pytest.approx(expect["gIoU"])
+        assert r[f"{name}.cIoU"] == pytest.approx(expect["cIoU"], nan_ok=True)
+    assert r["single.samples"] + r["multi.samples"] + r["no_target.samples"] == n
+    assert r["no_target.gIoU"] == pytest.approx(r["N_acc"])  # IoU 1 or 0 per no-target sample
+    # without instance counts only the no-target slice is known
+    assert p["no_target.samples"] == r["no_target.samples"] and p["single.samples"] == p["multi.samples"] == 0
+    with pytest.raises(ValueError, match="num_targets has 2 values for a batch of 1"):
+        GRESMetrics().update(pred[:1], pred_nt[:1], gt[:1], gt_nt[:1], [1, 2])
