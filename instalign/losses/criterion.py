@@ -37,9 +37,13 @@ MLflow metric names and tunable weights:
     of each matched pair on importance-sampled points (Mask2Former);
   - ``loss_phrase``: ``L_phrase(i) = 1 − cos(P^i, Q^i)`` (eq. 3) of the matched queries.
 
-  With deep supervision every auxiliary block is matched again and adds its own eq. 7
-  loss with equal weight; ``loss_inst`` is the sum and ``loss_inst_<k>`` the term of
-  block k (0-based, the final block last). ``loss_score``/``loss_unmatched``/``loss_mask``/
+  With deep supervision every auxiliary block is matched too (its own assignment, but
+  one matcher call for all K blocks, so all are matched at the same uniform points;
+  Mask2Former draws fresh points per output) and adds its own eq. 7 loss with equal
+  weight. The K supervised predictions are the blocks' outputs: the initial queries'
+  prediction, which Mask2Former supervises, gets no loss (docs/model.md, "Where we
+  differ from Mask2Former and ReLA"). ``loss_inst`` is the sum and ``loss_inst_<k>`` the
+  term of block k (0-based, the final block last). ``loss_score``/``loss_unmatched``/``loss_mask``/
   ``loss_dice``/``loss_phrase`` report the final block's terms.
 * ``loss`` — eq. 13: ``λ_merged·L_merged + λ_inst·L_inst + λ_nt·L_nt``, the only entry
   that carries gradient; the others are detached copies for logging.

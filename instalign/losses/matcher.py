@@ -7,7 +7,12 @@ instances by minimising (eq. 5–6)
 
 with ``scipy.optimize.linear_sum_assignment``. As in Mask2Former the mask terms are read
 at ``num_points`` uniformly sampled points shared by every query and instance of an
-image, in fp32 and without gradient. The phrase term (eq. 3) depends on the query only:
+image, in fp32 and without gradient. Unlike Mask2Former (fresh points per image in every
+matcher call, i.e. per supervised output), :meth:`HungarianMatcher.match_blocks` draws
+one set per image for all the blocks it is given, and the criterion gives it all K at
+once: every block is matched at the same points (the ground truth is read once; the
+blocks' point noise is shared, not independent — docs/model.md, "Where we differ from
+Mask2Former and ReLA"). The phrase term (eq. 3) depends on the query only:
 it biases matching toward queries whose phrase is already aligned with their object.
 ``phrase_weight = 0`` gives the ``vanilla`` ablation of Table 3.
 
@@ -134,6 +139,7 @@ class HungarianMatcher(nn.Module):
             blocks: K block predictions of the same batch (final and/or auxiliary).
             instance_masks: B tensors (M_b, S, S), the ground-truth instances.
             point_coords: (B, P, 2) points to use instead of fresh uniform ones (tests).
+                Either way one set per image serves every block.
 
         Returns:
             (K, B, N, M_max) fp32 costs on the prediction device; columns past M_b are

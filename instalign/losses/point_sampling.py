@@ -6,7 +6,8 @@ predicted masks live at stride 4 and the ground truth at the input size; samplin
 normalised coordinates compares them without resizing either.
 
 * the matcher uses ``num_points`` *uniform* points, shared by all queries and all
-  instances of an image (:func:`uniform_points`);
+  instances of an image (:func:`uniform_points`) and — unlike Mask2Former — by all the
+  blocks matched in one step;
 * the loss uses Mask2Former's *importance sampling* (:func:`uncertain_points`): draw
   ``oversample_ratio × num_points`` uniform candidates, keep the
   ``importance_sample_ratio`` share with the highest uncertainty ``-|logit|`` (the

@@ -15,7 +15,8 @@
   ``fixed_threshold``: the union (max of logits) of instances with p̂ > τ, a very
   negative logit where none is kept.
 * ``NoTargetHead`` — eqs. 10–12: ``Q_global = Σ_i p̂_i Q_K^i``, ``T_sen`` = mean of T_K
-  over real tokens, ``MLP([Q_global; T_sen])`` → logit of p̂_nt (2-layer MLP: the paper
+  over real tokens (special tokens included, :func:`sentence_feature`),
+  ``MLP([Q_global; T_sen])`` → logit of p̂_nt (2-layer MLP: the paper
   says "MLP"; Mask2Former-style Linear–ReLU–Linear). Table 3 (c) variants: ``q_global`` or
   ``t_sen`` alone, and ``mean_queries`` = ``mean_i Q_K^i`` alone ("average all object
   queries"). With ``decoder=pot`` the queries have read the text in every block, so even
@@ -117,6 +118,11 @@ class InstanceAggregation(nn.Module):
 
 def sentence_feature(t: Tensor, text_mask: Tensor) -> Tensor:
     """T_sen (eq. 11): mean of the word features over real tokens.
+
+    Real tokens are the attention mask's: the words and the special tokens ``<s>`` and
+    ``</s>`` (for w word tokens they weigh 2/(w+2) of the mean), as ReLA's language masks
+    count ``[CLS]``/``[SEP]`` as real. ReLA has no sentence feature; neither uses a pooled
+    or CLS feature (docs/model.md, "Where we differ from Mask2Former and ReLA").
 
     Args: t (B, L, C); text_mask (B, L) bool. Returns: (B, C) in fp32.
     """

@@ -24,8 +24,9 @@ class BlockPrediction:
 class InstAlignOutput:
     """Everything the criterion, the metrics and the predictor need.
 
-    ``final`` is block K's prediction; ``aux`` holds blocks 1..K-1 (empty when deep
-    supervision is off or K = 1). ``merged_logits`` is the pre-sigmoid M_merged of eq. 8
+    ``final`` is block K's prediction; ``aux`` holds blocks 1..K-1 (empty when K = 1; the
+    criterion ignores it when deep supervision is off). The initial queries' prediction is
+    in neither: unlike Mask2Former it is not supervised (docs/model.md, "Where we differ from Mask2Former and ReLA"). ``merged_logits`` is the pre-sigmoid M_merged of eq. 8
     (for ``aggregation=fixed_threshold`` a logit whose sigmoid is the union of the kept
     instances), ``no_target_logits`` the pre-sigmoid p̂_nt of eq. 12.
     """
@@ -33,7 +34,7 @@ class InstAlignOutput:
     final: BlockPrediction
     merged_logits: Tensor  # (B, H, W)
     no_target_logits: Tensor  # (B,)
-    text_mask: Tensor  # (B, L) bool, True for real tokens
+    text_mask: Tensor  # (B, L) bool, True for real tokens (<s> and </s> included, not padding)
     aux: list[BlockPrediction] = field(default_factory=list)
 
     @property

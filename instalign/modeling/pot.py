@@ -19,7 +19,8 @@ read" the same alignment — the quantity POA then supervises — and costs one 
 pair instead of two. Both directions run through ``scaled_dot_product_attention``.
 
 **POA** (eqs. 1–3), after each block, parameter-free:
-``R_k = softmax(Q_k T_kᵀ/√C)`` over real words, ``P_k = R_k T_k``,
+``R_k = softmax(Q_k T_kᵀ/√C)`` over the real tokens (the attention mask's: the words and
+the special tokens ``<s>``/``</s>``), ``P_k = R_k T_k``,
 ``L_phrase(i) = 1 − cos(P_k^i, Q_k^i)``; computed in fp32 on the block outputs.
 
 **Table 3 (e), the decoder rows** — what step 2 is (``text_attention``):
@@ -248,7 +249,9 @@ class PhraseObjectDecoder(nn.Module):
         q_pos = self.query_embed.weight[None].expand(b, -1, -1)
         # Text-conditioned scores (decoder=mask2former) read T0's sentence feature: T is never updated there.
         sentence = sentence_feature(text, text_mask).to(text.dtype) if self.heads.text_score else None  # (B, C)
-        mask_logits, _ = self.heads(q, mask_features, sentence)  # initial prediction: only its mask is used
+        # Initial prediction (Q0): only its mask is used, for block 1's attention mask. Unlike
+        # Mask2Former it gets no loss: Q0 has seen neither image nor expression (docs/model.md).
+        mask_logits, _ = self.heads(q, mask_features, sentence)
         allowed = self.attention_mask(mask_logits, sizes[0])
         t = text
         preds: list[BlockPrediction] = []
