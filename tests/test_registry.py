@@ -72,8 +72,13 @@ def test_models_uri_resolves_to_the_same_checkpoint(store, versions, checkpoint,
     from pipelines.registry import resolve_checkpoint
 
     local = resolve_checkpoint(f"models:/{NAME}/2")
-    for rel in ("config.yaml", "model.safetensors", "text_encoder/tokenizer.json", "_SEALED.json"):
+    for rel in ("config.yaml", "model.safetensors", "text_encoder/tokenizer.json"):
         assert (local / rel).read_bytes() == (checkpoint / rel).read_bytes(), rel
+    # The model holds an inference export (its own seal): the same files, digests and all.
+    from instalign.checkpoint import export_inference_checkpoint
+    from instalign.integrity import verify
+
+    assert verify(local)["files"] == verify(export_inference_checkpoint(checkpoint, tmp_path / "export"))["files"]
     # Only the checkpoint came down, not the bundled code, into the cache entry of version 2.
     assert local.parts[-2:] == (NAME, "2") and local.parent.parent.parent.name == "models"
     assert not (local / "code").exists() and not (local / ".download").exists()
