@@ -1,11 +1,31 @@
 """Multi-scale deformable attention (Deformable DETR, as used by Mask2Former's pixel decoder).
 
 DESIGN §1 asks for a pure-PyTorch path that runs on every device. ``ms_deform_attn`` is the
-one dispatch point: it picks an implementation by name ("pytorch", or "auto" for the fastest
-available one) so that a compiled kernel could be added later behind the same signature,
-detected without raising at import and tested equal to the reference (nanochat's attention
-fallback pattern; the counterexample is Mask2Former's op that raises at import). Today the
-only implementation is the ``grid_sample`` one, so "auto" resolves to it.
+one dispatch point: it picks an implementation by name so that a compiled kernel can be
+added behind the same signature, detected without raising at import and tested equal to the
+reference (nanochat's attention fallback pattern; the counterexample is Mask2Former's op that
+raises at import). A kernel registers with ``register_ms_deform_attn_impl(name, fn,
+available)``; "auto" takes the first registered kernel whose ``available(value)`` is true
+for the input's device/dtype and otherwise the lean PyTorch path.
+
+Built-in implementations:
+
+* ``"pytorch"`` — ``ms_deform_attn_pytorch``, the memory-lean path: one level (and
+  optionally one query chunk) at a time is sampled, weighted, summed over its P points and
+  added into the fp32 output, so the (B·M, D, Q, L·P) stack of all samples never exists.
+  When gradients are needed each (level, chunk) piece runs under non-reentrant activation
+  checkpointing, so the graph keeps only the op's inputs and the sampling is recomputed in
+  backward, one piece at a time. That is what makes it lean in *saved* memory: the weighted
+  sum needs the sampled values for the attention weights' gradient, so without recomputation
+  the per-level samples add up to the same bytes as the stack (docs/performance.md).
+* ``"reference"`` — ``ms_deform_attn_reference``, the naive stack-then-sum path, kept as
+  the readable reference for tests and debugging.
+
+Precision: sampling locations and attention weights are always fp32 (bf16 locations would be
+off by ~1/4 pixel on a 60×60 level; Mask2Former's CUDA op casts to fp32 for the same reason).
+``grid_sample`` needs its input and grid in one dtype, so a bf16/fp16 ``value`` is upcast —
+one level (and query chunk) at a time, inside the recomputed piece, never the whole tensor —
+and the weighted sum accumulates in fp32; the result is cast back to ``value``'s dtype.
 
 Letters: B batch, S flattened multi-scale tokens (Σ H_l·W_l), Q query tokens, M heads,
 D channels per head, L levels, P sampling points per head and level.
@@ -14,11 +34,13 @@ D channels per head, L levels, P sampling points per head and level.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 SpatialShapes = Union[Sequence[Sequence[int]], Tensor]
 
@@ -31,13 +53,17 @@ def _as_shapes(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
-def ms_deform_attn_pytorch(
+def ms_deform_attn_reference(
     value: Tensor,
     spatial_shapes: SpatialShapes,
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """Bilinear sampling of every level with ``grid_sample``, then a weighted sum over L·P.
+    """The naive path: sample every level with ``grid_sample``, stack, weighted sum over L·P.
+
+    Kept as the reference the lean path and any kernel are tested against. It upcasts the
+    whole ``value`` to fp32 and keeps the (B·M, D, Q, L·P) stack for backward (~58 MB per
+    image and layer at the paper preset).
 
     Args:
         value: (B, S, M, D) projected values of all levels, flattened row-major per level.
@@ -46,12 +72,10 @@ def ms_deform_attn_pytorch(
         attention_weights: (B, Q, M, L, P), summing to 1 over L·P.
 
     Returns:
-        (B, Q, M·D).
+        (B, Q, M·D) in ``value``'s dtype.
     """
     shapes = _as_shapes(spatial_shapes)
     out_dtype = value.dtype
-    # Sample in fp32 whatever the autocast dtype: bf16 locations would be off by ~1/4 pixel
-    # on a 60×60 level (Mask2Former's CUDA op casts its inputs to fp32 for the same reason).
     value, sampling_locations, attention_weights = value.float(), sampling_locations.float(), attention_weights.float()
     b, _, m, d = value.shape
     _, q, _, num_levels, p, _ = sampling_locations.shape
@@ -72,6 +96,74 @@ def ms_deform_attn_pytorch(
     return out.view(b, m * d, q).transpose(1, 2).contiguous().to(out_dtype)
 
 
+def _level_piece(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor,
+                 level: int, start: int, h: int, w: int, q0: int, q1: int) -> Tensor:
+    """Level ``level`` for queries [q0, q1): sampled and summed over its P points, (B·M, D, q1-q0) fp32.
+
+    Takes the op's whole input tensors (plus ints) so that, under checkpointing, the graph
+    holds those inputs once and every slice, upcast and grid below is recomputed.
+    """
+    b, _, m, d = value.shape
+    p = sampling_locations.shape[4]
+    # (B, H·W, M, D) -> (B·M, D, H, W), upcast for grid_sample (same dtype as the fp32 grid)
+    v = value[:, start:start + h * w].permute(0, 2, 3, 1).reshape(b * m, d, h, w).float()
+    # (B, q, M, P, 2) -> (B·M, q, P, 2) in grid_sample's [-1, 1]; locations stay fp32
+    g = (2 * sampling_locations[:, q0:q1, :, level].float() - 1).transpose(1, 2).flatten(0, 1)
+    # align_corners=False: pixel centres at (i + 0.5) / H, as in Deformable DETR
+    sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B·M, D, q, P)
+    weights = attention_weights[:, q0:q1, :, level].float().transpose(1, 2).reshape(b * m, 1, q1 - q0, p)
+    return (sampled * weights).sum(-1)
+
+
+def ms_deform_attn_pytorch(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    query_chunk: Optional[int] = None,
+    checkpoint: bool = True,
+) -> Tensor:
+    """Memory-lean multi-scale deformable attention: per-level accumulation, optional query chunks.
+
+    Same shapes and result as ``ms_deform_attn_reference`` (equal to ~1e-7 in fp32).
+
+    Args:
+        query_chunk: queries per piece (None: all at once). Bounds the transient
+            (B·M, D, chunk, P) sample tensor, in forward and in the backward recompute.
+        checkpoint: recompute each piece's sampling in backward instead of keeping the
+            samples (``torch.utils.checkpoint``, non-reentrant); only applies when a
+            gradient is needed. Saved bytes drop ~5× at the paper preset for one extra
+            ``grid_sample`` forward per piece.
+    """
+    shapes = _as_shapes(spatial_shapes)
+    b, _, m, d = value.shape
+    q = sampling_locations.shape[1]
+    if query_chunk is not None and query_chunk < 1:
+        raise ValueError(f"ms_deform_attn_pytorch: query_chunk must be >= 1, got {query_chunk}")
+    chunk = query_chunk or max(q, 1)
+    recompute = checkpoint and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (value, sampling_locations, attention_weights))
+    starts = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
+    chunks = []
+    for q0 in range(0, q, chunk):
+        q1 = min(q0 + chunk, q)
+        acc: Optional[Tensor] = None
+        for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
+            args = (value, sampling_locations, attention_weights, lvl, start, h, w, q0, q1)
+            if recompute:
+                # grid_sample draws no random numbers: no RNG state to stash and restore
+                piece = activation_checkpoint(_level_piece, *args, use_reentrant=False, preserve_rng_state=False)
+            else:
+                piece = _level_piece(*args)
+            acc = piece if acc is None else acc + piece
+        chunks.append(acc)
+    if not chunks:  # no queries
+        return value.new_zeros(b, 0, m * d)
+    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)  # (B·M, D, Q)
+    return out.view(b, m * d, q).transpose(1, 2).contiguous().to(value.dtype)
+
+
 def small_tensor(data: list, device: torch.device, dtype: torch.dtype) -> Tensor:
     """A tensor of Python numbers on ``device`` without a host sync.
 
@@ -81,13 +173,70 @@ def small_tensor(data: list, device: torch.device, dtype: torch.dtype) -> Tensor
     return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
 
 
-#: name -> implementation with the pure-PyTorch signature. A compiled kernel would register
-#: here after a guarded import (never raising at import) and need a parity test.
-_IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {"pytorch": ms_deform_attn_pytorch}
+#: The dispatch signature every registered implementation takes.
+Implementation = Callable[[Tensor, SpatialShapes, Optional[Tensor], Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class _Registered:
+    fn: Implementation
+    available: Callable[[Tensor], bool]
+
+
+def _pytorch(value: Tensor, spatial_shapes: SpatialShapes, level_start_index: Optional[Tensor],
+             sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    del level_start_index  # derived from spatial_shapes
+    return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def _reference(value: Tensor, spatial_shapes: SpatialShapes, level_start_index: Optional[Tensor],
+               sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    del level_start_index
+    return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def _always(value: Tensor) -> bool:
+    return True
+
+
+#: The two built-ins run everywhere; "auto" never picks them by name, it falls back to "pytorch".
+_BUILTIN = {"pytorch": _Registered(_pytorch, _always), "reference": _Registered(_reference, _always)}
+#: name -> registered kernel, in registration order (the order "auto" tries them in).
+_IMPLEMENTATIONS: dict[str, _Registered] = dict(_BUILTIN)
+
+
+def register_ms_deform_attn_impl(name: str, fn: Implementation, available: Callable[[Tensor], bool]) -> None:
+    """Register a kernel (e.g. a fused CUDA op, after a guarded import that never raises).
+
+    Args:
+        name: what ``impl=`` selects it by; not "auto" nor a built-in name.
+        fn: called as ``fn(value, spatial_shapes, level_start_index, sampling_locations,
+            attention_weights)`` with the shapes of ``ms_deform_attn_reference``
+            (``level_start_index`` may be None) and must return (B, Q, M·D) in ``value``'s dtype.
+            It needs a parity test against ``ms_deform_attn_reference``.
+        available: ``available(value)`` says whether ``fn`` can run on this input (device,
+            dtype); "auto" only picks ``fn`` where it is true. Must not raise.
+    """
+    if name == "auto" or name in _BUILTIN:
+        raise ValueError(f"register_ms_deform_attn_impl: {name!r} is reserved")
+    _IMPLEMENTATIONS[name] = _Registered(fn, available)
 
 
 def available_implementations() -> list[str]:
     return list(_IMPLEMENTATIONS)
+
+
+def resolve_implementation(impl: str, value: Tensor) -> str:
+    """The implementation name that ``impl`` means for this input ("auto": first available kernel, else "pytorch")."""
+    if impl == "auto":
+        kernels = (n for n, r in _IMPLEMENTATIONS.items() if n not in _BUILTIN and r.available(value))
+        return next(kernels, "pytorch")
+    if impl not in _IMPLEMENTATIONS:
+        raise ValueError(f"ms_deform_attn: unknown impl {impl!r}; available: {available_implementations()}")
+    if not _IMPLEMENTATIONS[impl].available(value):
+        raise ValueError(f"ms_deform_attn: impl {impl!r} cannot run on {value.dtype} tensors on {value.device}; "
+                         "use impl='auto' to fall back to the PyTorch path")
+    return impl
 
 
 def ms_deform_attn(
@@ -101,17 +250,11 @@ def ms_deform_attn(
 ) -> Tensor:
     """Dispatch point for multi-scale deformable attention (see module docstring).
 
-    ``level_start_index`` is what a flattened-index CUDA kernel needs; the PyTorch path
-    derives the split from ``spatial_shapes``. Shapes as ``ms_deform_attn_pytorch``.
+    ``level_start_index`` is what a flattened-index CUDA kernel needs; the PyTorch paths
+    derive the split from ``spatial_shapes``. Shapes as ``ms_deform_attn_reference``.
     """
-    del level_start_index  # only a compiled kernel would read it
-    if impl == "auto":
-        impl = "pytorch"  # the fastest available: no faster kernel is shipped yet
-    try:
-        fn = _IMPLEMENTATIONS[impl]
-    except KeyError:
-        raise ValueError(f"ms_deform_attn: unknown impl {impl!r}; available: {available_implementations()}") from None
-    return fn(value, spatial_shapes, sampling_locations, attention_weights)
+    fn = _IMPLEMENTATIONS[resolve_implementation(impl, value)].fn
+    return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 class MSDeformAttn(nn.Module):
@@ -196,4 +339,5 @@ class MSDeformAttn(nn.Module):
         return self.output_proj(out)
 
 
-__all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_pytorch", "available_implementations", "small_tensor"]
+__all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_pytorch", "ms_deform_attn_reference",
+           "register_ms_deform_attn_impl", "resolve_implementation", "available_implementations", "small_tensor"]

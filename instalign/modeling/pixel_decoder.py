@@ -70,7 +70,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         num_layers: deformable encoder layers (6 in the paper, 0 disables the encoder).
         num_heads, num_points, ffn_dim: deformable attention heads, points per level, FFN width.
         dropout: inside the encoder layers.
-        attention_impl: ``ms_deform_attn`` implementation name.
+        attention_impl: ``ms_deform_attn`` implementation name: "auto" (a registered kernel where
+            available, else "pytorch"), "pytorch" (memory-lean, recomputes the sampling in
+            backward) or "reference" (the naive path, for tests).
     """
 
     def __init__(self, *, in_channels: Sequence[int], hidden_dim: int, mask_dim: int, num_layers: int,
