@@ -103,8 +103,9 @@ class PixelDecoderConfig:
     num_heads: int = 8
     num_points: int = 4
     ffn_dim: int = 1024
-    #: "pytorch" (grid_sample, any device) or "auto" (a faster kernel where one exists and is tested equal).
-    attention_impl: Literal["pytorch", "auto"] = "auto"
+    #: "pytorch" (memory-lean grid_sample path, any device), "reference" (the naive path, for tests and
+    #: debugging) or "auto" (a registered kernel where it is available for the input, else "pytorch").
+    attention_impl: Literal["pytorch", "reference", "auto"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.num_layers >= 0, "model.pixel_decoder.num_layers must be >= 0")

@@ -24,6 +24,7 @@ Examples::
     instalign bench model --batch-size 32                       # GPU: paper preset, eager + compile
     instalign bench model --config tiny --batch-size 8          # CPU-friendly
     instalign bench model --batch-size 1 --steps 3 model.num_queries=50
+    instalign bench model --deform-memory                       # saved bytes of deformable attention (CPU)
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="eager and/or torch.compile; auto = both on CUDA, eager only on CPU [auto]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--deform-memory", type=int, nargs="?", const=1, default=None, metavar="BATCH",
+                        help="instead: saved-activation bytes of one pixel-decoder deformable attention call "
+                             "(reference vs lean), counted on CPU at the config's sizes, batch BATCH [1]")
 
 
 def synthetic_batch(*, batch_size: int, image_size: int, max_tokens: int, vocab_size: int, seed: int) -> Batch:
@@ -196,7 +200,33 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def deform_memory(args: argparse.Namespace) -> int:
+    """``--deform-memory``: what autograd saves for one deformable attention call, per implementation.
+
+    Saved bytes do not depend on the device, so they are counted on CPU with saved-tensor
+    hooks (``instalign.modeling.ms_deform_attn_memory``); the figures go to docs/performance.md.
+    """
+    from instalign.modeling import ms_deform_attn_memory
+
+    if args.deform_memory < 1:
+        raise SystemExit("bench model: --deform-memory BATCH must be >= 1")
+    cfg = load_config(args.config, args.overrides)
+    pd = cfg.model.pixel_decoder
+    rows = ms_deform_attn_memory.measure(batch=args.deform_memory, image_size=cfg.model.image_size,
+                                         dim=cfg.model.hidden_dim, heads=pd.num_heads, points=pd.num_points,
+                                         seed=args.seed)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    print(ms_deform_attn_memory.markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.deform_memory is not None:
+        return deform_memory(args)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.latency_iters < 0:
