@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fixtures_official import write_grefcoco, write_refzom
@@ -67,6 +67,12 @@ _PICKLE_ONLY = (st.binary(max_size=12) | st.tuples(_SCALARS, _SCALARS) | st.froz
                 | st.integers(-5, 5).map(np.int64) | _ODD_FLOATS.map(np.float32) | st.just(np.bool_(True)))
 
 
+#: Junk aimed at one field: names that leave the directory, ids past the stored range.
+_FIELD_JUNK = {"file_name": _NAMES | st.text(max_size=30), "split": _NAMES | st.text(max_size=30),
+               "ref_id": _HUGE, "image_id": _HUGE, "id": _HUGE, "width": _HUGE, "sent_id": _HUGE,
+               "category_id": _HUGE, "ann_id": _HUGE | st.lists(_HUGE, max_size=3)}
+
+
 def _nest(depth: int):
     value: object = [1.0, 2.0]
     for _ in range(depth):
@@ -78,6 +84,17 @@ def _junk(pickled: bool):
     return _JSON | _DEEP | _PICKLE_ONLY if pickled else _JSON | _DEEP
 
 
+#: The fields a hostile release would aim at, per file (a random walk finds them too, rarely).
+_TARGETED = {
+    "refs": [(0, "split"), (1, "split"), (0, "ann_id"), (0, "image_id"), (0, "ref_id"), (0, "sentences"),
+             (0, "sentences", 0, "raw"), (0, "sentences", 0, "sent_id"), (2, "source"), (0, "category_id")],
+    "instances": [("images", 0, "file_name"), ("images", 1, "file_name"), ("images", 0, "width"),
+                  ("images", 0, "id"), ("annotations", 0, "segmentation"), ("annotations", 1, "segmentation", "counts"),
+                  ("annotations", 0, "segmentation", 0), ("annotations", 0, "image_id"), ("annotations", 0, "iscrowd"),
+                  ("annotations", 0, "category_id")],
+}
+
+
 @st.composite
 def edited_release(draw):
     """``(dataset, which file, edits)``; each edit is ``(path of keys/indices, op, value)``."""
@@ -85,12 +102,14 @@ def edited_release(draw):
     which = draw(st.sampled_from(("refs", "instances")))
     edits = []
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.lists(st.integers(0, 20) | st.sampled_from(
+        path = draw(st.sampled_from(_TARGETED[which]) | st.lists(st.integers(0, 20) | st.sampled_from(
             ["images", "annotations", "file_name", "split", "ann_id", "sentences", "raw", "segmentation", "id",
              "image_id", "width", "height", "ref_id", "sent_id", "counts", "size", "iscrowd", "source"]),
-            max_size=5))
+            max_size=5).map(tuple))
         op = draw(st.sampled_from(("set", "set", "delete", "add_key")))
-        edits.append((tuple(path), op, draw(_junk(pickled=ds == "refzom" and which == "refs"))))
+        junk = _junk(pickled=ds == "refzom" and which == "refs")
+        field = next((step for step in reversed(path) if isinstance(step, str)), None)
+        edits.append((tuple(path), op, draw(_FIELD_JUNK.get(field, junk) | junk)))
     return ds, which, edits
 
 
@@ -159,6 +178,8 @@ def _outside(root: Path):
 
 @fuzz_settings()
 @given(case=edited_release())
+@example(case=("grefcoco", "instances", [(("images", 0, "file_name"), "set", "a\x00b.jpg")]))
+@example(case=("refzom", "refs", [((0, "split"), "set", "../../x"), ((1, "ann_id"), "set", [2**63])]))
 def test_edited_release_is_read_and_quarantined_or_refused_in_one_line(release, case):
     from instalign.data.readers import SourceFormatError
     from instalign.data.safe_pickle import UnsafePickleError
@@ -252,6 +273,7 @@ def _not_plain(value) -> str | None:
 
 @fuzz_settings()
 @given(data=mutated_pickles())
+@example(data=b"X\x01\x00\x00\x00\x80.")  # a BINUNICODE string that is not UTF-8
 def test_mutated_pickle_is_plain_data_or_refused(data):
     from instalign.data.safe_pickle import PickleReadError, UnsafePickleError, safe_loads
 
