@@ -339,16 +339,18 @@ class _Worker:
     def _validate(self, step: int) -> dict[str, float]:
         from instalign.checkpoint import unwrap_model
         from instalign.engine import evaluate
-        from instalign.metrics import GRESMetrics
+        from instalign.metrics import GRESMetrics, NoTargetScores
         from pipelines.loader import RowsToBatch
 
         model = unwrap_model(self.model)  # no DDP hooks in eval: shards may differ in length
         batches = self.val_shard.iter_torch_batches(batch_size=self.local_batch, collate_fn=RowsToBatch(self.device))
-        local = evaluate(model, batches, device=self.device, precision=self.precision)
-        merged = GRESMetrics()
-        for s in self._gather(local.state_dict()):
+        scores = NoTargetScores()  # the no-target head's AUROC and score quartiles per class
+        local = evaluate(model, batches, device=self.device, precision=self.precision, scores=scores)
+        merged, merged_scores = GRESMetrics(), NoTargetScores()
+        for s, h in self._gather((local.state_dict(), scores.state_dict())):
             merged.merge(GRESMetrics.from_state(s))
-        val = {f"val_{k}": v for k, v in merged.compute().items()}
+            merged_scores.merge(NoTargetScores.from_state(h))
+        val = {f"val_{k}": v for k, v in {**merged.compute(), **merged_scores.compute()}.items()}
         val["val_samples"] = merged.state_dict()["samples"]
         if self.rank == 0:
             self.tracker.log_metrics({**val, "epoch": self._epoch}, step)

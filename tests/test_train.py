@@ -134,6 +134,16 @@ def test_two_worker_training_tracks_checkpoints_and_resumes(prepared_dataset, ra
     assert sorted(m.step for m in loss) == [1, 2, 3, 4, 5, 6]
     assert {"loss_merged", "loss_nt", "loss_inst", "lr", "grad_norm", "samples_per_s"} <= set(run.data.metrics)
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_gIoU")) == [4, 6]
+    # why the no-target head lags, at every validation: its ranking and where each class's scores lie
+    # (NaN, so left out, where the 8 val samples hold one class only) and gIoU / cIoU per slice
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_nt_score_targeted_p50")) == [4, 6]
+    slices = {k: run.data.metrics[f"val_{k}.samples"] for k in ("single", "multi", "no_target")}
+    assert sum(slices.values()) == 8 and "val_single.gIoU" in run.data.metrics and "grad_clipped" in run.data.metrics
+    assert ("val_nt_AUROC" in run.data.metrics) == ("val_nt_score_no_target_p50" in run.data.metrics) \
+        == (0 < slices["no_target"] < 8)
+    # the tiny preset's auto no-target weight: the number trained with, and how it was worked out
+    assert float(run.data.params["loss.nt_pos_weight"]) > 0
+    assert run.data.tags["instalign.derived.loss.nt_pos_weight"].startswith("auto: ")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "dataset", "system_info.json", "overlays", "checkpoints"} <= artifacts
     assert len(client.list_artifacts(run.info.run_id, "overlays/step_00000004")) == 2
