@@ -19,6 +19,8 @@ The predictor is a real tiny random checkpoint, so valid rows run the model.
 from __future__ import annotations
 
 import base64
+import functools
+import inspect
 import io
 import json
 import math
@@ -182,11 +184,51 @@ def test_ray_serve_body_is_predicted_or_refused_with_a_4xx(predictor, limits, bo
     from pipelines.invocation import RequestError, parse_invocation
     from pipelines.pyfunc import predict_records
 
+    # ``max_rows`` as the handler passes it, where parse_invocation counts rows while parsing.
+    bounded = "max_rows" in inspect.signature(parse_invocation).parameters
+    parse = functools.partial(parse_invocation, max_rows=limits.max_rows) if bounded else parse_invocation
+
     def call():
-        frame = parse_invocation(body)
+        frame = parse(body)
         return _check_records(predict_records(predictor, frame, limits=limits), len(frame))
 
     run_case("request body: Ray Serve (parse_invocation + predict_records)", body, call,
+             refusals=(RequestError, MlflowException), status=_serve_status, uncaught_status=500)
+
+
+@st.composite
+def explain_bodies(draw) -> bytes:
+    """A ``POST /explain`` body: ``{"image": base64, "text": ...}`` with fuzzed values, other JSON, or bytes."""
+    image = draw(st.sampled_from(GOOD_IMAGES).map(_b64) | _image_bytes().map(_b64) | _JSON)
+    payload = draw(st.fixed_dictionaries({"image": st.just(image), "text": _TEXTS}) | _JSON)
+    body = json.dumps(payload, allow_nan=True).encode()
+    if draw(st.booleans()) and body:
+        cut = draw(st.integers(0, len(body)))
+        body = body[:cut] + draw(st.binary(max_size=3)) + body[cut + 1:]
+    return body
+
+
+@fuzz_settings()
+@given(body=explain_bodies())
+def test_ray_serve_page_body_is_explained_or_refused_with_a_4xx(predictor, limits, body):
+    """``POST /explain`` (the page): the work of the handler is ``serve.explain_record``."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines import serve
+    from pipelines.invocation import RequestError
+    from pipelines.serving import PredictionGate
+
+    if not hasattr(serve, "explain_record"):
+        pytest.skip("this pipelines.serve explains inside its handler only (no explain_record to call without Ray)")
+    gate = PredictionGate(1, 5.0)
+
+    def call():
+        record, png = serve.explain_record(predictor, body, limits=limits, gate=gate)
+        json.dumps(record)
+        assert png.startswith(b"\x89PNG")
+        return record
+
+    run_case("request body: Ray Serve page (explain_record)", body, call,
              refusals=(RequestError, MlflowException), status=_serve_status, uncaught_status=500)
 
 
