@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fixtures_official import write_grefcoco
-from fuzz_support import fuzz_settings, run_case
+from fuzz_support import TALLY_PATH, fuzz_settings, run_case
 
 _RISKY = st.sampled_from(["", ".", "..", "...", "/", "\\", "\x00", "train", "val", "-", "_", "~", ".hidden",
                           "a/b", "C:", "%2e%2e", "\u2024\u2024", "\u202e", "\n", " ", "x" * 64, "x" * 65])
@@ -142,9 +142,22 @@ def test_served_image_path_never_reads_outside_the_root(image_root, data):
     root, allowed, base = image_root
     value = data.draw(_served_paths(root, base), label="image_path")
 
-    def escaped(content: bytes) -> str | None:
-        return None if content in allowed else f"read {content[:40]!r}, which is no file under the root"
-
     run_case("image_path: serving.read_served_image_path", value,
              lambda: read_served_image_path(0, value, root=str(root), max_bytes=1 << 20),
-             refusals=(PyfuncInputError,), status=lambda e: e.get_http_status_code(), escaped=escaped)
+             refusals=(PyfuncInputError,), status=lambda e: e.get_http_status_code(), escaped=_no_file_under(allowed))
+
+
+def _no_file_under(allowed: set[bytes]):
+    def escaped(content: bytes) -> str | None:
+        return None if content in allowed else f"read {content[:40]!r}, which is no file under the root"
+    return escaped
+
+
+@pytest.mark.skipif(bool(TALLY_PATH), reason="a tally counts cases instead of failing them")
+def test_the_property_fails_for_a_reader_that_follows_links_out(image_root):
+    """A control: the check above is not vacuous — a reader that joins and reads, following the
+    link out of the root as a plain ``open`` does, is caught reading the secret."""
+    root, allowed, _ = image_root
+    with pytest.raises(AssertionError, match="escape .*SECRET"):
+        run_case("control", "outside_link", lambda: (root / "outside_link").read_bytes(), refusals=(),
+                 escaped=_no_file_under(allowed))

@@ -31,7 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from fuzz_support import fuzz_settings, run_case
+from fuzz_support import TALLY_PATH, fuzz_settings, run_case
 from tiny_checkpoint import make_checkpoint
 
 MAX_ROWS = 3
@@ -230,6 +230,19 @@ def test_ray_serve_page_body_is_explained_or_refused_with_a_4xx(predictor, limit
 
     run_case("request body: Ray Serve page (explain_record)", body, call,
              refusals=(RequestError, MlflowException), status=_serve_status, uncaught_status=500)
+
+
+@pytest.mark.skipif(bool(TALLY_PATH), reason="a tally counts cases instead of failing them")
+def test_an_uncaught_exception_counts_as_a_traceback_and_a_500():
+    """A control: what the Ray Serve handler does not catch fails the property as a 500."""
+    from pipelines.invocation import RequestError
+
+    def parse_that_trips():
+        raise KeyError("dataframe_split")
+
+    with pytest.raises(AssertionError, match="traceback/5xx .*KeyError"):
+        run_case("control", b"{}", parse_that_trips, refusals=(RequestError,), status=_serve_status,
+                 uncaught_status=500)
 
 
 def test_the_fuzzed_requests_reach_the_model(predictor, limits):
