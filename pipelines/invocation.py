@@ -30,17 +30,39 @@ def max_body_bytes(max_request_bytes: int) -> int:
     return 4 * math.ceil(max_request_bytes / 3) + 2**20
 
 
-def parse_invocation(body: bytes):
+#: Where the rows are in MLflow's two layouts (key paths from the top of the body).
+ROWS_AT = (("dataframe_records",), ("dataframe_split", "data"))
+
+
+def read_json(body: bytes, *, max_rows: int):
+    """The JSON of a request body, read with bounds (``pipelines.bounded_json``): refused (413)
+    as soon as its rows (:data:`ROWS_AT`) pass ``max_rows`` or it holds more than 64 values per
+    row allowed (a guard on what lies outside the rows), 400 past 32 levels of nesting or when
+    it is not JSON — nothing over a bound is built first."""
+    from pipelines.bounded_json import LimitExceeded, loads
+
+    try:
+        return loads(body.decode(json.detect_encoding(body), "surrogatepass"), rows_at=ROWS_AT, max_rows=max_rows,
+                     max_values=64 * (max_rows + 1))
+    except LimitExceeded as e:
+        if e.what == "levels of nesting":
+            raise RequestError(400, f"the body is nested more than {e.limit} levels deep") from None
+        why = ("the limit per request (INSTALIGN_SERVING_MAX_ROWS); split it" if e.what == "rows"
+               else f"64 per row of the {max_rows} allowed (INSTALIGN_SERVING_MAX_ROWS)")
+        raise RequestError(413, f"the body holds more than {e.limit} {e.what}, {why}", "RESOURCE_EXHAUSTED") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the body is not valid JSON: {e}") from None
+
+
+def parse_invocation(body: bytes, *, max_rows: int = 16):
     """The JSON body of ``/invocations`` → a DataFrame (``image`` base64-decoded to bytes).
 
-    Accepts MLflow's ``dataframe_records`` and ``dataframe_split`` (``columns`` + ``data``).
+    Accepts MLflow's ``dataframe_records`` and ``dataframe_split`` (``columns`` + ``data``),
+    with at most ``max_rows`` rows, counted while the body is read (:func:`read_json`).
     """
     import pandas as pd
 
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"the body is not valid JSON: {e}") from None
+    payload = read_json(body, max_rows=max_rows)
     if not isinstance(payload, dict):
         raise RequestError(400, "the body must be a JSON object with 'dataframe_records' or 'dataframe_split'")
     keys = [k for k in ("dataframe_records", "dataframe_split") if k in payload]

@@ -27,7 +27,8 @@ row with
 
 Bad input raises ``PyfuncInputError`` (HTTP 400) naming the row and what is wrong, before any
 model work: a missing column, bytes that are not an image, a path the server may not read,
-an empty text, a text longer than the model's token limit, an image above ``MAX_PIXELS``. A
+an empty text, a text over ``ServingLimits.max_text_chars`` characters (checked before it is
+tokenized), a text longer than the model's token limit, an image above ``MAX_PIXELS``. A
 request over a limit of ``pipelines.serving.ServingLimits`` (rows, payload bytes, decoded
 pixels, all checked before decoding) raises ``RequestTooLarge`` (413); a request that finds
 no free prediction slot in time, ``ServerBusy`` (503). ``pipelines.serving`` says why the
@@ -40,7 +41,7 @@ import io
 import os
 import tempfile
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -94,19 +95,33 @@ def _present(value: Any) -> bool:
     return not (isinstance(value, (str, bytes, bytearray)) and len(value) == 0)
 
 
+def _unreadable(what: str, error) -> PyfuncInputError:
+    """A ``CorruptImageError`` as the row's 400, in one line; ``reason`` is the code batch
+    prediction files the row under (``unsupported_image_format``, ``image_too_large``,
+    ``unreadable_image``)."""
+    from instalign.data.images import ImageTooLargeError, UnsupportedImageFormatError
+
+    refusal = PyfuncInputError(f"{what} is not a readable image: {getattr(error, 'detail', error)}")
+    refusal.reason = ("unsupported_image_format" if isinstance(error, UnsupportedImageFormatError)
+                      else "image_too_large" if isinstance(error, ImageTooLargeError) else "unreadable_image")
+    return refusal
+
+
 def image_size(what: str, data: bytes) -> tuple[int, int]:
     """``(width, height)`` of encoded image ``data`` from its header alone (nothing decoded);
-    refuses what is not an image and images above ``MAX_PIXELS``. ``what`` names it in errors."""
-    from PIL import Image, UnidentifiedImageError
+    refuses what is not an image in an allowed format (``instalign.data.images.read_image_size``:
+    every decoder failure) and images above ``MAX_PIXELS``. ``what`` names it in errors."""
+    from instalign.data.images import CorruptImageError, read_image_size
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-        raise PyfuncInputError(f"{what} is not a readable image: {e}") from None
+        width, height = read_image_size(data, source=what, max_pixels=0)  # MAX_PIXELS below, in our words
+    except CorruptImageError as e:
+        raise _unreadable(what, e) from None
     if width * height > MAX_PIXELS:
-        raise PyfuncInputError(f"{what} is {width}x{height} = {width * height} pixels, above the limit of "
-                               f"{MAX_PIXELS}; downscale it first")
+        refusal = PyfuncInputError(f"{what} is {width}x{height} = {width * height} pixels, above the limit of "
+                                   f"{MAX_PIXELS}; downscale it first")
+        refusal.reason = "image_too_large"
+        raise refusal
     return width, height
 
 
@@ -117,8 +132,8 @@ def decode_image(what: str, data: bytes):
 
     try:
         return decode(data)
-    except (ValueError, OSError) as e:  # truncated or corrupt past the header
-        raise PyfuncInputError(f"{what} is not a readable image: {e}") from None
+    except ValueError as e:  # CorruptImageError (every decoder failure), or empty bytes
+        raise _unreadable(what, e) from None
 
 
 def load_local_image(path: str | os.PathLike):
@@ -137,15 +152,44 @@ def load_local_image(path: str | os.PathLike):
     return decode_image(what, data)
 
 
-def check_text(row: int, text: Any, *, tokenizer, max_tokens: int) -> str:
-    """Refuse empty texts and texts the model would truncate (it reads ``max_tokens`` tokens)."""
+def _preview(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: errors name what came, never echo all of it."""
+    text = repr(value[:limit + 1] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def check_text_size(row: int, text: Any, *, max_chars: int = ServingLimits.max_text_chars) -> str:
+    """Refuse what is not a non-empty string, texts over ``max_chars`` characters and texts that
+    are not valid Unicode (a lone surrogate: no UTF-8 exists for it). O(1) before the length
+    check, so a huge text costs nothing; what passes is at most ``4 × max_chars`` UTF-8 bytes."""
     if not isinstance(text, str) or not text.strip():
-        raise PyfuncInputError(f"row {row}: 'text' must be a non-empty string, got {text!r}")
+        raise PyfuncInputError(f"row {row}: 'text' must be a non-empty string, got {_preview(text)}")
+    if len(text) > max_chars:
+        raise PyfuncInputError(f"row {row}: 'text' {_preview(text)} is {len(text)} characters, above the limit of "
+                               f"{max_chars} characters ({ENV['max_text_chars']}); shorten it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PyfuncInputError(f"row {row}: 'text' is not valid Unicode ({e.reason} at character {e.start})") from None
+    return text
+
+
+def check_text_tokens(row: int, text: str, *, tokenizer, max_tokens: int) -> str:
+    """Refuse texts the model would truncate (it reads ``max_tokens`` tokens). Tokenizing costs
+    time and memory in the text's length: call :func:`check_text_size` first."""
     n = len(tokenizer(text)["input_ids"])  # with the special tokens, as the transform counts
     if n > max_tokens:
         raise PyfuncInputError(f"row {row}: text {text!r} is {n} tokens, longer than the model's limit of "
                                f"{max_tokens} (including special tokens); shorten it")
     return text
+
+
+def check_text(row: int, text: Any, *, tokenizer, max_tokens: int,
+               max_chars: int = ServingLimits.max_text_chars) -> str:
+    """Refuse empty texts, texts over ``max_chars`` characters (before tokenizing) and texts the
+    model would truncate (it reads ``max_tokens`` tokens)."""
+    text = check_text_size(row, text, max_chars=max_chars)
+    return check_text_tokens(row, text, tokenizer=tokenizer, max_tokens=max_tokens)
 
 
 # --- the pyfunc ------------------------------------------------------------------------------
@@ -195,17 +239,23 @@ def _row_image(row: int, rec: dict[str, Any], limits: ServingLimits, budget: int
     raise PyfuncInputError(f"row {row}: needs an 'image' (bytes) or an 'image_path'")
 
 
-def predict_records(predictor, frame: pd.DataFrame, *, limits: ServingLimits | None = None,
-                    gate: PredictionGate | None = None) -> list[dict[str, Any]]:
-    """Check the whole request, then predict it inside one of ``gate``'s slots.
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request that passed :func:`check_request`: its texts and its encoded images, with a
+    name for each image in errors."""
 
-    Everything that can refuse a request runs first, on encoded bytes and image headers only:
-    columns, rows (``limits.max_rows``), payload bytes (``limits.max_request_bytes``: image
-    bytes sent or read from ``image_path``, plus texts), texts, image headers and decoded
-    pixels summed over rows (``limits.max_pixels``). Only then are images decoded and run,
-    ``_CHUNK`` rows at a time, each chunk's full-size masks turned into RLE before the next.
+    texts: list[str]
+    images: list[tuple[str, bytes]]
+
+
+def check_request(frame: pd.DataFrame, limits: ServingLimits) -> CheckedRequest:
+    """Every refusal that costs no model work, on the request as sent and image headers only.
+
+    Columns, rows (``limits.max_rows``), each text's characters (``limits.max_text_chars``),
+    payload bytes (``limits.max_request_bytes``: image bytes sent or read from ``image_path``,
+    plus texts), image headers and decoded pixels summed over rows (``limits.max_pixels``).
+    Nothing is tokenized or decoded here: that waits for a slot (:func:`predict_checked`).
     """
-    limits = limits or ServingLimits()
     if not isinstance(frame, pd.DataFrame):
         raise PyfuncInputError(f"input must be a pandas DataFrame, got {type(frame).__name__}")
     if "text" not in frame.columns:
@@ -216,14 +266,12 @@ def predict_records(predictor, frame: pd.DataFrame, *, limits: ServingLimits | N
         raise RequestTooLarge(f"the request has {len(frame)} rows, above the limit of {limits.max_rows} rows per "
                               f"request ({ENV['max_rows']}); split it")
     records = frame.to_dict(orient="records")
+    texts = [check_text_size(row, rec.get("text"), max_chars=limits.max_text_chars) for row, rec in enumerate(records)]
     payload = sum(_nbytes(rec.get("image")) + _nbytes(rec.get("text")) for rec in records)
     if payload > limits.max_request_bytes:
         raise RequestTooLarge(f"the request's images and texts are {payload} bytes, above the limit of "
                               f"{limits.max_request_bytes} bytes per request ({ENV['max_request_bytes']}); "
                               f"send fewer or smaller images")
-    tokenizer, max_tokens = predictor.transform.tokenizer, predictor.transform.max_tokens
-    texts = [check_text(row, rec.get("text"), tokenizer=tokenizer, max_tokens=max_tokens)
-             for row, rec in enumerate(records)]
     images, pixels = [], 0
     for row, rec in enumerate(records):
         data, what, from_file = _row_image(row, rec, limits, limits.max_request_bytes - payload)
@@ -235,14 +283,33 @@ def predict_records(predictor, frame: pd.DataFrame, *, limits: ServingLimits | N
                                   f"({pixels} up to row {row}; limit {ENV['max_pixels']}); send fewer or "
                                   f"smaller images")
         images.append((what, data))
+    return CheckedRequest(texts, images)
+
+
+def predict_checked(predictor, request: CheckedRequest) -> list[dict[str, Any]]:
+    """The work that grows with the input, for a caller holding a prediction slot: token counts
+    (a text the model would truncate is still a 400, before any image is decoded), then images
+    decoded and run ``_CHUNK`` rows at a time, each chunk's full-size masks turned into RLE
+    before the next."""
+    tokenizer, max_tokens = predictor.transform.tokenizer, predictor.transform.max_tokens
+    for row, text in enumerate(request.texts):
+        check_text_tokens(row, text, tokenizer=tokenizer, max_tokens=max_tokens)
     out: list[dict[str, Any]] = []
-    with gate.slot() if gate is not None else nullcontext():
-        for start in range(0, len(images), _CHUNK):
-            pictures = [decode_image(what, data) for what, data in images[start:start + _CHUNK]]
-            predictions = predictor.predict_batch(pictures, texts[start:start + _CHUNK])
-            out.extend(prediction_to_record(p) for p in predictions)
-            del pictures, predictions
+    for start in range(0, len(request.images), _CHUNK):
+        pictures = [decode_image(what, data) for what, data in request.images[start:start + _CHUNK]]
+        predictions = predictor.predict_batch(pictures, request.texts[start:start + _CHUNK])
+        out.extend(prediction_to_record(p) for p in predictions)
+        del pictures, predictions
     return out
+
+
+def predict_records(predictor, frame: pd.DataFrame, *, limits: ServingLimits | None = None,
+                    gate: PredictionGate | None = None) -> list[dict[str, Any]]:
+    """Check the whole request (:func:`check_request`), then tokenize, decode and predict it
+    inside one of ``gate``'s slots (:func:`predict_checked`)."""
+    request = check_request(frame, limits or ServingLimits())
+    with gate.slot() if gate is not None else nullcontext():
+        return predict_checked(predictor, request)
 
 
 # --- logging and registration ----------------------------------------------------------------

@@ -16,12 +16,14 @@ Where each limit lives follows from what MLflow 3.17's scoring server
 * its request timeout (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60 s) answers 504 but
   leaves the thread running.
 
-So the model checks, before decoding a single pixel: rows per request, payload bytes (image
-bytes, file sizes and texts), and decoded pixels per request summed over rows (from the
-image headers) — each over-limit request is a 413. Then at most ``max_concurrent``
-predictions decode and run at once (a semaphore); a request that waits longer than
-``queue_timeout_s`` for a slot is a 503. Decoded images, the model's activations and the
-full-size masks — the memory that grows with pixels — exist only inside a slot.
+So the model checks, before decoding a single pixel or tokenizing a single text: rows per
+request, payload bytes (image bytes, file sizes and texts), and decoded pixels per request
+summed over rows (from the image headers) — each over-limit request is a 413 — and each
+row's text length in characters (a 400). Then at most ``max_concurrent`` predictions
+tokenize, decode and run at once (a semaphore); a request that waits longer than
+``queue_timeout_s`` for a slot is a 503. Token counts, decoded images, the model's
+activations and the full-size masks — the work that grows with the input — happen only
+inside a slot.
 
 What the model cannot bound: the HTTP body is in memory (raw, parsed and base64-decoded)
 before ``predict`` runs. Bound its size in front of the server (a reverse proxy's body limit)
@@ -60,6 +62,7 @@ MAX_PIXELS = 36_000_000
 #: Environment variable (read when the model loads) → :class:`ServingLimits` field.
 ENV = {
     "max_rows": "INSTALIGN_SERVING_MAX_ROWS",
+    "max_text_chars": "INSTALIGN_SERVING_MAX_TEXT_CHARS",
     "max_request_bytes": "INSTALIGN_SERVING_MAX_REQUEST_BYTES",
     "max_pixels": "INSTALIGN_SERVING_MAX_PIXELS",
     "max_concurrent": "INSTALIGN_SERVING_MAX_CONCURRENT",
@@ -112,6 +115,9 @@ class ServingLimits:
 
     Args:
         max_rows: rows per request.
+        max_text_chars: characters of one row's ``text``, checked before the tokenizer sees it
+            (its time and memory grow with the text: 4 MiB took 8 s and +0.5 GiB). Generous:
+            the model reads 20 tokens in the paper, a few dozen words.
         max_request_bytes: image bytes (sent or read from ``image_path``) plus text, per request.
         max_pixels: decoded pixels per request, summed over rows, read from image headers.
         max_concurrent: predictions decoding and running at once in this process.
@@ -120,6 +126,7 @@ class ServingLimits:
     """
 
     max_rows: int = 16
+    max_text_chars: int = 2000
     max_request_bytes: int = 32 * 2**20
     max_pixels: int = 16_000_000
     max_concurrent: int = 1
@@ -127,7 +134,7 @@ class ServingLimits:
     image_root: Optional[str] = None
 
     def __post_init__(self) -> None:
-        for name in ("max_rows", "max_request_bytes", "max_pixels", "max_concurrent"):
+        for name in ("max_rows", "max_text_chars", "max_request_bytes", "max_pixels", "max_concurrent"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ServingConfigError(f"serving limit {name} ({ENV[name]}) must be a positive integer, got {value!r}")

@@ -24,7 +24,7 @@ import pytest
 
 from mlflow_store import tracking_store
 from model_server import invoke, model_server
-from serve_fixtures import png
+from serve_fixtures import png, post
 
 pytestmark = pytest.mark.slow
 
@@ -108,6 +108,8 @@ BAD = {
     "empty-expression": ((["image", "text"], [[_b64(png(IMAGE_SIZE)), ""]]), "non-empty"),
     "expression-over-token-limit": ((["image", "text"], [[_b64(png(IMAGE_SIZE)), " ".join(["ball"] * 60)]]),
                                     "token"),
+    "expression-over-character-limit": ((["image", "text"], [[_b64(png(IMAGE_SIZE)), "ball " * 500]]),
+                                        "2500 characters, above the limit of 2000 characters"),
     "huge-image": ((["image", "text"], [[_b64(png((7000, 6000), mode="L")), "the ball"]]), "pixels"),
     "missing-text-column": ((["image"], [[_b64(png(IMAGE_SIZE))]]), "text"),
     "missing-image-column": ((["text"], [["the ball"]]), "image"),
@@ -168,3 +170,13 @@ def test_http_limits_are_413_with_the_limit_named(server):
     assert "the request has 17 rows, above the limit of 16 rows per request (INSTALIGN_SERVING_MAX_ROWS)" \
         in body["message"]
     assert "stack_trace" not in body
+
+
+def test_http_cross_site_simple_posts_are_refused(server):
+    """A page on another site may POST ``text/plain`` or a form to a server on the user's
+    loopback without a CORS preflight; MLflow's scoring server answers 415 to each (it reads
+    JSON, CSV and Parquet only), so the model never runs for one (docs/security.md)."""
+    body = json.dumps({"dataframe_split": {"columns": GOOD[0], "data": GOOD[1]}}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        status, answer = post(server + "/invocations", body, content_type=content_type)
+        assert status == 415, (content_type, status, answer)
