@@ -21,11 +21,15 @@ Built-in implementations:
 * ``"reference"`` — ``ms_deform_attn_reference``, the naive stack-then-sum path, kept as
   the readable reference for tests and debugging.
 
-Precision: sampling locations and attention weights are always fp32 (bf16 locations would be
-off by ~1/4 pixel on a 60×60 level; Mask2Former's CUDA op casts to fp32 for the same reason).
-``grid_sample`` needs its input and grid in one dtype, so a bf16/fp16 ``value`` is upcast —
-one level (and query chunk) at a time, inside the recomputed piece, never the whole tensor —
-and the weighted sum accumulates in fp32; the result is cast back to ``value``'s dtype.
+Precision: sampling locations and attention weights are always fp32 (bf16 locations move in
+steps of ~1/4 pixel on a 60×60 level: 8 significant bits; Mask2Former's CUDA op casts to fp32 too).
+``grid_sample`` needs its input and grid in one dtype, so sampling bf16 values in bf16 would
+mean a bf16 grid; instead a bf16/fp16 ``value`` is upcast one level (and query chunk) at a
+time inside the piece, never the whole tensor at once. Under recomputation that fp32 copy is
+transient and the graph keeps ``value`` in its own dtype (without it, ``grid_sample`` keeps
+each level's fp32 copy for the locations' gradient). Samples, weights and the sum over
+levels and points are fp32; the result is cast back to ``value``'s dtype, so bf16 output
+differs from the fp32 reference on the bf16-rounded values by the final rounding only.
 
 Letters: B batch, S flattened multi-scale tokens (Σ H_l·W_l), Q query tokens, M heads,
 D channels per head, L levels, P sampling points per head and level.
@@ -96,23 +100,25 @@ def ms_deform_attn_reference(
     return out.view(b, m * d, q).transpose(1, 2).contiguous().to(out_dtype)
 
 
-def _level_piece(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor,
-                 level: int, start: int, h: int, w: int, q0: int, q1: int) -> Tensor:
-    """Level ``level`` for queries [q0, q1): sampled and summed over its P points, (B·M, D, q1-q0) fp32.
+def _level_piece(value: Tensor, locations: Tensor, weights: Tensor, h: int, w: int) -> Tensor:
+    """One level for one query chunk, sampled and summed over its P points: (B·M, D, q) in fp32.
 
-    Takes the op's whole input tensors (plus ints) so that, under checkpointing, the graph
-    holds those inputs once and every slice, upcast and grid below is recomputed.
+    Args:
+        value: (B, H·W, M, D) this level's values.
+        locations: (B, q, M, P, 2) in [0, 1]; weights: (B, q, M, P).
+
+    Under checkpointing the graph holds these arguments — views of the op's inputs, so no
+    new bytes — and every reshape, upcast and grid below is recomputed in backward.
     """
     b, _, m, d = value.shape
-    p = sampling_locations.shape[4]
+    q, p = locations.shape[1], locations.shape[3]
     # (B, H·W, M, D) -> (B·M, D, H, W), upcast for grid_sample (same dtype as the fp32 grid)
-    v = value[:, start:start + h * w].permute(0, 2, 3, 1).reshape(b * m, d, h, w).float()
+    v = value.permute(0, 2, 3, 1).reshape(b * m, d, h, w).float()
     # (B, q, M, P, 2) -> (B·M, q, P, 2) in grid_sample's [-1, 1]; locations stay fp32
-    g = (2 * sampling_locations[:, q0:q1, :, level].float() - 1).transpose(1, 2).flatten(0, 1)
+    g = (2 * locations.float() - 1).transpose(1, 2).flatten(0, 1)
     # align_corners=False: pixel centres at (i + 0.5) / H, as in Deformable DETR
     sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B·M, D, q, P)
-    weights = attention_weights[:, q0:q1, :, level].float().transpose(1, 2).reshape(b * m, 1, q1 - q0, p)
-    return (sampled * weights).sum(-1)
+    return (sampled * weights.float().transpose(1, 2).reshape(b * m, 1, q, p)).sum(-1)
 
 
 def ms_deform_attn_pytorch(
@@ -133,7 +139,7 @@ def ms_deform_attn_pytorch(
             (B·M, D, chunk, P) sample tensor, in forward and in the backward recompute.
         checkpoint: recompute each piece's sampling in backward instead of keeping the
             samples (``torch.utils.checkpoint``, non-reentrant); only applies when a
-            gradient is needed. Saved bytes drop ~5× at the paper preset for one extra
+            gradient is needed. Saved bytes drop ~6.6× at the paper preset for one extra
             ``grid_sample`` forward per piece.
     """
     shapes = _as_shapes(spatial_shapes)
@@ -144,18 +150,19 @@ def ms_deform_attn_pytorch(
     chunk = query_chunk or max(q, 1)
     recompute = checkpoint and torch.is_grad_enabled() and any(
         t.requires_grad for t in (value, sampling_locations, attention_weights))
-    starts = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
+    # split/unbind (not slicing): their backward assembles each input's gradient once, where
+    # a slice's backward would zero-fill a full-size gradient for every piece
+    values = value.split([h * w for h, w in shapes], dim=1)
     chunks = []
-    for q0 in range(0, q, chunk):
-        q1 = min(q0 + chunk, q)
+    for locs, weights in zip(sampling_locations.split(chunk, dim=1), attention_weights.split(chunk, dim=1)):
         acc: Optional[Tensor] = None
-        for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
-            args = (value, sampling_locations, attention_weights, lvl, start, h, w, q0, q1)
+        for v, (h, w), loc, wt in zip(values, shapes, locs.unbind(3), weights.unbind(3)):
             if recompute:
                 # grid_sample draws no random numbers: no RNG state to stash and restore
-                piece = activation_checkpoint(_level_piece, *args, use_reentrant=False, preserve_rng_state=False)
+                piece = activation_checkpoint(_level_piece, v, loc, wt, h, w, use_reentrant=False,
+                                              preserve_rng_state=False)
             else:
-                piece = _level_piece(*args)
+                piece = _level_piece(v, loc, wt, h, w)
             acc = piece if acc is None else acc + piece
         chunks.append(acc)
     if not chunks:  # no queries
