@@ -119,12 +119,30 @@ def _model_tags(model: str) -> dict[str, str]:
     return tags
 
 
-def _prepare_out(out: str) -> Path:
-    path = Path(out)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise BatchPredictError(f"--out {out}: exists and is not an empty directory; choose a new one")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _owns(rel: str) -> bool:
+    """The job's layout under ``--out``: the marker, ``summary.json``, ``predictions/`` and ``rejects/`` Parquet."""
+    from pipelines.output_dirs import MARKER_NAME
+
+    top, slash, rest = rel.partition("/")
+    if not slash:
+        return rel in (MARKER_NAME, "summary.json")
+    return top in ("predictions", "rejects") and (rest == "" or ("/" not in rest and rest.endswith(".parquet")))
+
+
+def _prepare_out(out: str, data: str) -> Path:
+    """A new or empty ``--out``, marked first; never ``--data`` or above it (``pipelines.output_dirs``)."""
+    import os
+
+    import pyarrow.fs as pafs
+
+    from pipelines.output_dirs import claim_output, replaceable_output
+
+    fs, path = pafs.LocalFileSystem(), os.path.abspath(out)
+    if replaceable_output(fs, path, owns=_owns, inputs=[data], error=BatchPredictError):
+        raise BatchPredictError(f"--out {out}: exists and is not an empty directory (an earlier run's output); "
+                                f"choose a new one")
+    claim_output(fs, path)
+    return Path(out)
 
 
 def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
@@ -152,7 +170,7 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     tags = _model_tags(cfg.model)
     if not is_prepared(cfg.data) and not Path(cfg.data).exists():
         raise BatchPredictError(f"{cfg.data}: no such file or directory")
-    out = _prepare_out(cfg.out)
+    out = _prepare_out(cfg.out, cfg.data)
 
     init_ray(cfg.address, data_only=True)
     use_gpu = cfg.gpus_per_worker > 0

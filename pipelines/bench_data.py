@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -47,8 +48,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from pyarrow.fs import LocalFileSystem
 
 from pipelines import flags
+from pipelines.output_dirs import MARKER_NAME, check_report_path, claim_output, replaceable_output
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -90,9 +93,22 @@ def _picture(rng: np.random.Generator, w: int, h: int, polys: list[list[float]])
     return img
 
 
+#: What :func:`make_coco_like` writes under a release root (relative paths; directories end with ``/``).
+_RELEASE_FILE = re.compile(r"totals\.json|grefcoco/(instances\.json|grefs\(unc\)\.json)?|images/(train2014/"
+                           r"(COCO_train2014_\d{12}\.jpg)?)?")
+
+
+def release_owns(rel: str) -> bool:
+    """Whether ``rel`` is part of a release this benchmark generated (``pipelines.output_dirs``'s ``owns``)."""
+    return rel == MARKER_NAME or _RELEASE_FILE.fullmatch(rel) is not None
+
+
 def make_coco_like(root: str | Path, *, num_images: int, seed: int = 0, instances: int = 7) -> dict:
-    """Write ``num_images`` COCO-sized images + refs in the gRefCOCO layout; return totals."""
+    """Write ``num_images`` COCO-sized images + refs in the gRefCOCO layout; return totals.
+
+    The marker goes first (``output_dirs.claim_output``): a later run may replace this release."""
     root = Path(root)
+    claim_output(LocalFileSystem(), str(root.absolute()))
     image_dir, ann_dir = root / "images" / "train2014", root / "grefcoco"
     image_dir.mkdir(parents=True, exist_ok=True)
     ann_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +276,7 @@ def baseline_prepare(root: Path, out: Path) -> dict:
     with _Clock() as clock:
         tasks, *_ = plan_tasks(read_source("grefcoco", str(root)))
         rows = [process_task(t, dataset="grefcoco", image_max_side=0, jpeg_quality=90)[0] for t in tasks]
-        out.mkdir(parents=True, exist_ok=True)
+        claim_output(LocalFileSystem(), str(out.absolute()))
         pq.write_table(pa.Table.from_pylist([{k: r[k] for k in IMAGE_SCHEMA.names} for r in rows],
                                             schema=IMAGE_SCHEMA), out / "baseline.parquet")
     return clock.result(len(rows))
@@ -347,7 +363,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=480, help="loader output side S")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rows-per-shard", type=int, default=32)
-    parser.add_argument("--work-dir", default=None, help="where to write the data (default: a temporary dir)")
+    parser.add_argument("--work-dir", default=None,
+                        help="where to write the data (default: a temporary dir); its release/, prepared/ and "
+                             "baseline/ are replaced only if this benchmark wrote them")
     flags.add_address(parser)
     parser.add_argument("--stages", default="prepare,loader", help="comma-separated: prepare, loader")
     parser.add_argument("--skip-baseline", action="store_true")
@@ -359,14 +377,16 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.ray_utils import init_ray
     from pipelines.resources import cluster_cpus
 
+    check_report_path(args.json)  # before the measurement: never a file this project did not write
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="instalign-bench-data-"))
     root, out = work / "release", work / "prepared"
     kept = root / "totals.json"  # a --work-dir holding the same release is reused (10,000 images take minutes)
     if kept.is_file() and json.loads(kept.read_text()).get("images") == args.images:
         totals = json.loads(kept.read_text())
         print(f"reusing {totals} under {root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
+    else:  # replaced only if this benchmark wrote it (pipelines.output_dirs): never a --work-dir's other files
+        if replaceable_output(LocalFileSystem(), str(root.absolute()), owns=release_owns):
+            shutil.rmtree(root)
         t0 = time.perf_counter()
         totals = make_coco_like(root, num_images=args.images)
         kept.write_text(json.dumps(totals))
@@ -388,6 +408,8 @@ def run(args: argparse.Namespace) -> int:
     # user's `instalign prepare` does. The plain loop runs first on the same images (both read
     # them from the page cache: they were just written).
     if "prepare" in stages and not args.skip_baseline:
+        replaceable_output(LocalFileSystem(), str((work / "baseline").absolute()),
+                           owns=lambda rel: rel in (MARKER_NAME, "baseline.parquet"))
         rows.append(_row("prepare", "1 process, no Ray", baseline_prepare(root, work / "baseline"), 1, "images/s"))
     # Then prepare as a user's first run: `instalign prepare` with no --address starts a private
     # cluster (timed); this process stays connected to it. With --address, it joins that cluster.

@@ -225,6 +225,9 @@ def deform_memory(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.output_dirs import check_report_path
+
+    check_report_path(args.json)  # before minutes of measuring: never a file this project did not write
     if args.deform_memory is not None:
         return deform_memory(args)
     if args.device == "auto":

@@ -156,6 +156,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from pipelines.output_dirs import check_report_path
+
+    check_report_path(args.json)  # before the measurement: never a file this project did not write
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

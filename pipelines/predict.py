@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.registry import RegistryError, configure_tracking, is_model_uri, resolve_checkpoint
 
     try:
+        if args.out:  # an image this project wrote, or a new file: never the input image nor a user's file
+            from pipelines.output_dirs import looks_like_image, replaceable_file
+
+            replaceable_file(args.out, kind="an image", looks_ours=looks_like_image, inputs=[args.image])
         if is_model_uri(args.model):
             configure_tracking(args.tracking_uri)
         checkpoint = resolve_checkpoint(args.model)

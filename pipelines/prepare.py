@@ -22,8 +22,9 @@ the annotation file does not list) and, from ``readers.reference_problems``,
 ``missing_image_record`` (a ref on such an image id), ``missing_annotation`` (a ref naming
 an annotation id that does not exist), ``annotation_image_mismatch`` (a ref naming an
 annotation of another image); ``unsafe_split`` (a ref whose split name could not be a
-directory under ``--out``: ``../../escaped``) and ``path_escape`` (an image whose
-``file_name`` is absolute or climbs out of ``--root``). Worker-side, per row inside a
+directory under ``--out``: ``../../escaped``), ``path_escape`` (an image whose
+``file_name`` is absolute or climbs out of ``--root``) and ``invalid_file_name`` (one that
+cannot name a file: a NUL byte, a lone surrogate). Worker-side, per row inside a
 ``try``: ``missing_image``, ``not_regular_file`` (a FIFO, a device such as a link to
 ``/dev/zero``, a directory — refused unread), ``image_too_large`` (over the byte cap, or a
 header claiming more pixels than the pixel cap: decompression bombs), ``corrupt_image``
@@ -83,8 +84,11 @@ to 480×480 (ReLA) happens in the loader, so any stored size ≥ 480 loses nothi
 (``.<name>.prepare-<hex>`` beside ``--out``) and swapped in only once its manifest is written;
 a prepare that fails (``--strict`` with a bad source, a crash, Ctrl-C) removes the sibling
 and leaves the old dataset as it was. Locally the swap is two renames; object stores have no
-rename, so there the old prefix is deleted and the new one copied in, manifest last. The
-manifest records the command line and the source root redacted (``pipelines.redaction``).
+rename, so there the old prefix is deleted and the new one copied in, manifest last. Only a
+dataset is ever replaced (``pipelines.output_dirs``): not ``--root`` or a directory above it
+(symlinks resolved), not a home directory, only a directory holding a manifest or the marker
+each build writes first, with nothing else in it. The manifest records the command line and
+the source root redacted (``pipelines.redaction``).
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ from instalign.data.records import QUARANTINE_DIR, QUARANTINE_SCHEMA, SCHEMA_VER
 from instalign.data.safe_pickle import UnsafePickleError
 from instalign.data.source import GRESSource
 from pipelines.forked import ChildFailed, ForkedCall, fork_is_safe
+from pipelines.output_dirs import claim_output
 from pipelines.prepare_output import check_output, replace_output, resolve_output, sibling_path, write_manifest
 from pipelines.prepare_records import PrepareError, plan_tasks, quarantine_record, to_task_table
 from pipelines.prepare_shards import (DEFAULT_MAX_IMAGE_PIXELS, ShardWriter, group_shards, plan_shards,
@@ -245,7 +250,7 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
         raise PrepareError("max_image_bytes and max_image_pixels must be >= 1")
     t0 = time.time()
     fs, out_path = resolve_output(out)
-    replacing = check_output(fs, out_path, overwrite=overwrite)
+    replacing = check_output(fs, out_path, overwrite=overwrite, root=str(root))  # never --root, nor above it
 
     try:
         files = locate_release(dataset, str(root), split_by=split_by)  # a wrong --root: refused before Ray starts
@@ -295,8 +300,10 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
 def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, *, root: str, dataset: str,
            splits: list[str] | None, strict: bool, split_by: str | None, progress: bool, image_max_side: int,
            jpeg_quality: int, rows_per_shard: int, max_image_bytes: int, max_image_pixels: int) -> dict:
-    """The Ray Data pass, then the quarantine and the manifest (last) at ``out_path``."""
+    """The marker (first), the Ray Data pass, then the quarantine and the manifest (last) at ``out_path``."""
     from ray.data import DataContext
+
+    claim_output(fs, out_path)  # an interrupted build stays replaceable by --overwrite (pipelines.output_dirs)
 
     ctx = DataContext.get_current()
     bars = ctx.enable_progress_bars

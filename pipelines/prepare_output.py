@@ -4,18 +4,24 @@
 mixed with (:func:`check_output`) nor destroyed before its replacement is complete: the new
 one is built in a hidden sibling (:func:`sibling_path`) and swapped in
 (:func:`replace_output`). ``_manifest.json`` is written last and atomically
-(:func:`write_manifest`): no manifest ⇔ not a finished dataset.
+(:func:`write_manifest`): no manifest ⇔ not a finished dataset. Only a dataset may be
+replaced (:func:`check_output`, by ``pipelines.output_dirs``'s rule): never ``--root`` or a
+directory above it, only a directory holding a manifest or the marker every build writes first
+(``output_dirs.claim_output``), and nothing in it but a dataset's files (:func:`owns`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 
 import pyarrow.fs as pafs
 
-from instalign.data.records import MANIFEST_NAME
+from instalign.data.readers import is_safe_split_name
+from instalign.data.records import MANIFEST_NAME, QUARANTINE_DIR
+from pipelines.output_dirs import MARKER_NAME, replaceable_output
 from pipelines.prepare_records import PrepareError
 
 
@@ -26,21 +32,33 @@ def resolve_output(out: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(str(out))
 
 
-def check_output(fs: pafs.FileSystem, path: str, *, overwrite: bool) -> bool:
-    """Refuse to mix with an existing dataset unless ``overwrite``.
+#: ``.<manifest>.<hex>.tmp``: :func:`write_manifest`'s temporary name.
+_TMP_MANIFEST = re.compile(rf"\.{re.escape(MANIFEST_NAME)}\.[0-9a-f]+\.tmp")
+#: ``<split>/`` and ``<split>/<split>-NNNNN.parquet`` (``prepare_shards.shard_file_name``).
+_SHARD = re.compile(r"(?P<split>[^/]+)/(?:(?P=split)-\d{5}\.parquet)?")
+
+
+def owns(rel: str) -> bool:
+    """Whether ``rel`` (relative to ``--out``; a directory ends with ``/``) is part of a prepared dataset."""
+    if rel in (MANIFEST_NAME, MARKER_NAME, f"{QUARANTINE_DIR}/", f"{QUARANTINE_DIR}/quarantine.parquet"):
+        return True
+    shard = _SHARD.fullmatch(rel)
+    return bool(_TMP_MANIFEST.fullmatch(rel) or (shard and is_safe_split_name(shard["split"])))
+
+
+def check_output(fs: pafs.FileSystem, path: str, *, overwrite: bool, root: str | None = None) -> bool:
+    """Refuse to mix with an existing dataset unless ``overwrite``, and to replace anything but one.
 
     Returns whether ``path`` holds something that a finished prepare must *replace*; nothing
-    is deleted here (``overwrite`` builds beside it, see :func:`replace_output`).
+    is deleted here (``overwrite`` builds beside it, see :func:`replace_output`). What may be
+    replaced is ``pipelines.output_dirs``'s rule: never ``root`` nor a directory above it,
+    only a directory this project wrote (a manifest, or the marker
+    ``output_dirs.claim_output`` writes first) holding nothing but a dataset's files.
     """
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return False
-    if info.type != pafs.FileType.Directory:
-        raise PrepareError(f"output {path} exists and is not a directory")
-    present = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    if not present:
+    if not replaceable_output(fs, path, owns=owns, inputs=[root] if root else [], error=PrepareError):
         return False
     if not overwrite:
+        present = fs.get_file_info(pafs.FileSelector(path, recursive=True))
         what = "a finished dataset (_manifest.json)" if any(p.base_name == MANIFEST_NAME for p in present) \
             else f"{len(present)} file(s) from an earlier (possibly interrupted) run"
         raise PrepareError(f"output {path} already holds {what}; pass --overwrite (overwrite=True) to replace it")

@@ -96,3 +96,37 @@ def test_bench_predict_reports_latency_and_throughput(tmp_path, capsys):
     for r in report["results"]:
         assert r["iters"] == 2 and r["mean_ms"] > 0 and r["images_per_s"] > 0
     assert "images/s" in capsys.readouterr().out
+
+
+def test_out_replaces_only_an_image(checkpoint, image_path, tmp_path, capsys):
+    """``--out`` used to overwrite any file, the input image included; now only an image (an
+    earlier overlay) or a new file, and the refusal comes before the model is loaded."""
+    from pipelines.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    argv = ["predict", "--model", str(checkpoint), "--image", str(image_path), "--text", "the dog", "--device", "cpu"]
+    assert main(argv + ["--out", str(notes)]) == 1
+    err = capsys.readouterr().err
+    assert f"output {notes} exists and is not an image; refusing to replace" in err and "Traceback" not in err
+    assert main(argv + ["--out", str(image_path)]) == 1
+    assert "is the input" in capsys.readouterr().err
+    assert notes.read_text() == "my notes" and Image.open(image_path).size == (96, 72)
+    overlay = tmp_path / "overlay.png"
+    Image.new("RGB", (4, 4)).save(overlay)  # an earlier overlay: replaced
+    assert main(argv + ["--out", str(overlay)]) == 0
+    assert Image.open(overlay).size != (4, 4)
+
+
+def test_bench_json_replaces_only_a_json_report(tmp_path, capsys):
+    """Every benchmark's ``--json`` is checked before it measures: a user's file is never overwritten."""
+    from pipelines.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    for bench in ("predict", "model", "data"):
+        assert main(["bench", bench, "--json", str(notes)]) == 1
+        assert f"output {notes} exists and is not a JSON report; refusing to replace" in capsys.readouterr().err
+    assert main(["bench", "predict", "--json", str(tmp_path)]) == 1
+    assert "exists and is not a regular file" in capsys.readouterr().err
+    assert notes.read_text() == "my notes"
