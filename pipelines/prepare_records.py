@@ -4,7 +4,8 @@ A reader (``instalign.data.readers``) returns the refs, annotations and images o
 :func:`plan_tasks` checks them against each other and turns every bad record into a
 quarantine row (:func:`quarantine_record`, ``QUARANTINE_SCHEMA``) with a reason code —
 ``unknown_image``, ``missing_image_record``, ``missing_annotation``,
-``annotation_image_mismatch``, ``unsafe_split``, ``path_escape`` — and a message naming the
+``annotation_image_mismatch``, ``unsafe_split``, ``path_escape``, ``invalid_file_name`` (a NUL
+byte or an unencodable character: ``readers.file_name_problem``) — and a message naming the
 record. The rest is grouped by ``(image, split)``, one *task* per image however many
 expressions name it (``TASK_SCHEMA``), which ``pipelines.prepare_shards`` processes on Ray
 workers. Nothing here touches an image file or Ray.
@@ -21,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from instalign.data.masks import PLAIN_NUMBER_TYPES
-from instalign.data.readers import gc_paused, is_safe_split_name, reference_problems
+from instalign.data.readers import file_name_problem, gc_paused, is_safe_split_name, reference_problems
 from instalign.data.records import IMAGE_SCHEMA
 from instalign.data.source import Annotation, GRESSource
 from pipelines.redaction import redact
@@ -67,7 +68,8 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_roo
     Args:
         source: what a reader returned.
         splits: only these splits (default: every split of the release with a safe name).
-        image_root: image paths must stay inside it (``path_escape`` otherwise); ``prepare_dataset``
+        image_root: image paths must stay inside it (``path_escape`` otherwise; a path that cannot
+            name a file is ``invalid_file_name`` whatever the root); ``prepare_dataset``
             passes ``--root``. ``None`` skips that check (for sources built in code, not read).
 
     Returns:
@@ -137,6 +139,14 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_roo
     tasks = []
     for key in sorted(groups):
         g = groups[key]
+        problem = file_name_problem(g["path"])
+        if problem is not None:  # os.stat would raise ValueError, Arrow UnicodeEncodeError: one image, not the run
+            dropped += len(g["samples"])
+            records.append(quarantine_record(
+                dataset=ds, split=g["split"], image_id=g["image_id"], reason="invalid_file_name",
+                detail=f"image {g['image_id']}: its file {g['path']!r:.200} cannot name a file: {problem}; "
+                       f"drops {len({s['ref_id'] for s in g['samples']})} ref(s), {len(g['samples'])} sample(s)"))
+            continue
         if inside is not None and not os.path.abspath(g["path"]).startswith(inside):
             # Lexical (abspath normalises ``..``; symlinks are not resolved): an image folder
             # linked into the root is fine, a file_name of "/etc/passwd" or "../../x" is not.

@@ -21,6 +21,7 @@ import pytest
 from instalign.data.records import MANIFEST_NAME, QUARANTINE_DIR
 from instalign.data.synthetic import generate_grefcoco
 from pipelines import prepare as prep
+from pipelines.output_dirs import MARKER_NAME
 from pipelines.prepare import prepare_dataset
 from test_images_security import png_header_only
 
@@ -57,6 +58,8 @@ def _hostile_release(tmp: Path) -> dict:
     (idir / "sub").mkdir()
     (idir / "sub" / name[img[5]]).write_bytes((idir / name[img[5]]).read_bytes())
     info[img[5]]["file_name"] = f"sub/../sub/{name[img[5]]}"  # '..' that stays inside: fine
+    info[img[7]]["file_name"] = "COCO\0.jpg"  # → invalid_file_name (os.stat raised ValueError: run failed)
+    info[img[8]]["file_name"] = "COCO_\ud800.jpg"  # a lone surrogate: valid JSON, no UTF-8 → invalid_file_name
     victim = next(r for r in refs if r["image_id"] == img[6] and r["sentences"])
     victim["split"] = "../../escaped"  # → unsafe_split, and never a directory
     (gdir / "instances.json").write_text(json.dumps(inst))
@@ -74,14 +77,17 @@ def test_hostile_release_is_quarantined_and_writes_only_under_out(ray_local, tmp
     manifest = prepare_dataset(dataset="grefcoco", root=str(release["root"]), out=str(out), rows_per_shard=4,
                                progress=False)
 
-    assert manifest["quarantined"] == {"path_escape": 2, "not_regular_file": 2, "image_too_large": 1,
-                                       "unsafe_split": 1}
+    assert manifest["quarantined"] == {"invalid_file_name": 2, "path_escape": 2, "not_regular_file": 2,
+                                       "image_too_large": 1, "unsafe_split": 1}
     q = pq.read_table(out / QUARANTINE_DIR / "quarantine.parquet").to_pylist()
     by_image = {r["image_id"]: r for r in q}
     assert by_image[img[0]]["reason"] == by_image[img[1]]["reason"] == "path_escape"
     assert "outside --root" in by_image[img[0]]["detail"]
     assert "character device" in by_image[img[2]]["detail"] and "FIFO" in by_image[img[3]]["detail"]
     assert "too large" in by_image[img[4]]["detail"]
+    assert by_image[img[7]]["reason"] == by_image[img[8]]["reason"] == "invalid_file_name"
+    assert "cannot name a file: it holds a NUL byte" in by_image[img[7]]["detail"]  # (the path is redacted here)
+    assert "cannot be encoded" in by_image[img[8]]["detail"]
     unsafe = next(r for r in q if r["reason"] == "unsafe_split")
     assert unsafe["ref_id"] == release["victim"]["ref_id"] and "'../../escaped'" in unsafe["detail"]
 
@@ -89,10 +95,12 @@ def test_hostile_release_is_quarantined_and_writes_only_under_out(ray_local, tmp
     assert not (tmp_path / "deep" / "escaped").exists()  # where out/../../escaped would have gone
     assert all(out in p.parents for p in (tmp_path / "deep").rglob("*") if not p.is_dir())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["deep", "outside", release["root"].name])
-    assert {p.name for p in out.iterdir()} <= {"train", "val", "testA", "testB", QUARANTINE_DIR, MANIFEST_NAME}
+    assert {p.name for p in out.iterdir()} <= {"train", "val", "testA", "testB", QUARANTINE_DIR, MANIFEST_NAME,
+                                              MARKER_NAME}
     stored = {r["image_id"] for s in manifest["files"] for n in manifest["files"][s]
               for r in pq.read_table(out / s / n, columns=["image_id"]).to_pylist()}
-    assert stored.isdisjoint(img[:5]) and img[5] in stored  # the '..' that stays inside is read
+    assert stored.isdisjoint(img[:5] + img[7:9]) and img[5] in stored  # the '..' that stays inside is read
+    assert img[9] in stored  # the rest of the release is prepared
     assert release["victim"]["sentences"][0]["raw"] not in json.dumps(manifest)
 
     # Redacted: the command line's credentials and the token in the root's name.

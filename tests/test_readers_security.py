@@ -135,3 +135,36 @@ def test_release_file_that_is_a_fifo_or_device_is_refused_unread(tmp_path):
     refs.symlink_to("/dev/zero")
     with pytest.raises(SourceFormatError, match="not a regular file"):
         read_grefcoco(tmp_path)
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("COCO_1.jpg", None), ("sub/../sub/é.jpg", None),
+    ("COCO\0.jpg", "it holds a NUL byte"),
+    ("COCO_\ud800.jpg", "its character '\\ud800' cannot be encoded (utf-8: surrogates not allowed)"),
+])
+def test_file_names_that_cannot_name_a_file(name, problem):
+    from instalign.data.readers import file_name_problem
+
+    assert file_name_problem(name) == problem
+
+
+def test_a_nul_file_name_is_quarantined_while_planning(synthetic_root, tmp_path):
+    """Driver side (no Ray): the image whose ``file_name`` holds a NUL is ``invalid_file_name``, with
+    its samples counted; before, the worker's ``os.stat`` raised ``ValueError: embedded null byte``."""
+    import shutil
+
+    from instalign.data.readers import read_source
+    from pipelines.prepare_records import plan_tasks, to_task_table
+
+    root = tmp_path / "src"
+    shutil.copytree(synthetic_root, root)
+    inst_path = root / "grefcoco" / "instances.json"
+    refs = json.loads((root / "grefcoco" / "grefs(unc).json").read_text())
+    target = next(r["image_id"] for r in refs if r["sentences"])
+    _edit_json(inst_path, lambda d: next(i for i in d["images"] if i["id"] == target).update(file_name="a\0b.jpg"))
+    tasks, records, _, dropped = plan_tasks(read_source("grefcoco", str(root)), image_root=root)
+    assert [(r["reason"], r["image_id"]) for r in records] == [("invalid_file_name", target)]
+    assert "a\\x00b.jpg' cannot name a file: it holds a NUL byte" in records[0]["detail"]
+    assert dropped == sum(len(r["sentences"]) for r in refs if r["image_id"] == target)
+    assert target not in {t["image_id"] for t in tasks} and len(tasks) > 0
+    to_task_table(tasks, str(root))  # the rest goes on to the workers

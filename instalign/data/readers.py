@@ -52,8 +52,9 @@ record, never in a bare ``RecursionError`` or ``OverflowError``: JSON nested too
 parse, ints outside the range the Parquet schema stores (ids are int64, sizes and category
 ids int32 — checked here, before any worker starts), a segmentation nested deeper than a
 polygon list. What the readers keep but ``prepare`` must not trust is left for it to
-quarantine: split names that are not safe directory names (:func:`is_safe_split_name`) and
-image ``file_name``\\ s that are absolute or climb out of the image directory.
+quarantine: split names that are not safe directory names (:func:`is_safe_split_name`),
+image ``file_name``\\ s that are absolute or climb out of the image directory, and those that
+cannot name a file at all (a NUL byte, a lone surrogate: :func:`file_name_problem`).
 """
 
 from __future__ import annotations
@@ -120,6 +121,23 @@ def _brief(value: Any) -> str:
 def is_safe_split_name(name: object) -> bool:
     """Whether ``name`` can be a split directory: ``[A-Za-z0-9_][A-Za-z0-9_.-]*``, ≤ 64 chars."""
     return isinstance(name, str) and _SAFE_SPLIT.match(name) is not None
+
+
+def file_name_problem(path: str) -> str | None:
+    """Why ``path`` cannot name a file at all (``None`` when it can), for ``prepare`` to quarantine.
+
+    A NUL byte (``os.stat`` raises ``ValueError``), or a character that neither UTF-8 (the
+    Parquet string columns) nor the filesystem encoding can represent — a lone surrogate from
+    a JSON ``"\\ud800"`` escape — would otherwise fail the whole run instead of one image.
+    """
+    if "\0" in path:
+        return "it holds a NUL byte"
+    for encode in (lambda p: p.encode("utf-8"), os.fsencode):
+        try:
+            encode(path)
+        except UnicodeEncodeError as e:
+            return f"its character {path[e.start]!r} cannot be encoded ({e.encoding}: {e.reason})"
+    return None
 
 
 class SourceFormatError(ValueError):
