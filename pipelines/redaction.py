@@ -34,8 +34,10 @@ from typing import Any, TextIO
 
 MASK = "***"
 
-_SECRET_WORD = r"(?:token|secret|passw(?:or)?d|passphrase|pwd|api[_-]?key|access[_-]?key|private[_-]?key|" \
-               r"credential|auth|signature|sig|session[_-]?key|client[_-]?secret|sas)"
+#: ``token`` and ``auth`` as words, not as the start of ``max_tokens``, ``tokenizer`` or ``author``
+#: (counts and paths every verb prints).
+_SECRET_WORD = r"(?:token(?![a-z])|secret|passw(?:or)?d|passphrase|pwd|api[_-]?key|access[_-]?key|private[_-]?key|" \
+               r"credential|auth(?!or)|signature|sig|session[_-]?key|client[_-]?secret|sas)"
 _NAME = r"[A-Za-z0-9_.\-]"
 #: A name that looks like a secret: one holding a :data:`_SECRET_WORD`, or ``key`` alone or
 #: as its last part (``key``, ``ssh-key``, ``signing_key``; not ``keyboard`` nor ``monkey``).

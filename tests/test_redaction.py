@@ -68,6 +68,19 @@ def test_names_that_only_contain_key_are_kept(text):
     assert redact(text) == text
 
 
+@pytest.mark.parametrize("text", ["model.text_encoder.max_tokens=20", "max_tokens=77", "tokenizer=/models/roberta",
+                                  "num_tokens=12", "author=someone", "https://host/x?max_tokens=20"])
+def test_counts_and_names_that_only_start_with_a_secret_word_are_kept(text):
+    # everything a verb prints goes through redact(): a config override must read as typed
+    assert redact(text) == text
+
+
+@pytest.mark.parametrize("text", ["access_token=abc123", "HF_TOKEN=abc123", "auth=abc123", "--auth-token=abc123",
+                                  "https://host/x?token=abc123", "oauth_token=abc123"])
+def test_secret_words_still_hide_their_values(text):
+    assert "abc123" not in redact(text)
+
+
 @pytest.mark.parametrize("flag", ["--password", "--passphrase", "--key", "--token"])
 def test_argv_hides_the_value_of_each_secret_flag(flag):
     assert redact_argv(["instalign", "x", flag, "SECRET", "--name", "a"]) == ["instalign", "x", flag, MASK, "--name", "a"]
