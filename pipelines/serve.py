@@ -29,7 +29,13 @@ by ``max_batch_size`` requests of at most ``pyfunc._CHUNK`` rows each.
 
 Where it listens: ``serve.start(http_options={"host", "port"})`` — loopback unless
 ``--host`` says otherwise. The page and ``/invocations`` have no authentication: put a proxy
-that authenticates in front before binding a public interface. On Kubernetes,
+that authenticates in front before binding a public interface. Every request passes
+:class:`RequestGuard` first: a ``Host`` header that is not one of the names the server was
+bound to (loopback and ``--host``, with ``--port``, plus ``--allowed-host``) is a 403, so a
+web page reaching the loopback server through DNS rebinding gets nothing; a POST that is not
+``Content-Type: application/json`` is a 415, so no other site's page can send one without
+the CORS preflight this server never grants. Bodies are read with bounds
+(``pipelines.invocation.read_json``: rows counted while parsing) in a worker thread. On Kubernetes,
 ``cluster/kuberay/rayservice.yaml`` deploys :func:`app_builder` from a Serve config.
 """
 
@@ -52,8 +58,9 @@ from typing import Any, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
+from starlette.datastructures import Headers
 
-from pipelines.invocation import RequestError, b64decode_image, max_body_bytes, parse_invocation
+from pipelines.invocation import RequestError, b64decode_image, max_body_bytes, parse_invocation, read_json
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +69,91 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 APP_NAME = "instalign"
 
-api = FastAPI(title="InstAlign", docs_url=None, redoc_url=None, openapi_url=None)
+#: The names the application answers to, comma-separated (``--allowed-host``): ``NAME`` on any
+#: port or ``NAME:PORT``; ``*`` turns the check off (a proxy in front checks Host itself).
+ALLOWED_HOSTS_ENV = "INSTALIGN_SERVE_ALLOWED_HOSTS"
+#: Loopback, the default when nothing is set (any port).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+#: Routes answered whatever the Host (probes call them by address; they reveal nothing).
+HEALTH_ROUTES = ("/ping", "/health")
 
 
 def _error(status: int, message: str, error_code: str) -> JSONResponse:
     return JSONResponse({"error_code": error_code, "message": message}, status_code=status)
+
+
+def _split_host(value: str) -> tuple[str, Optional[str]]:
+    """``host[:port]`` (``[v6]:port`` too) → (lower-case host, port or None)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        host, _, rest = value.partition("]")
+        return host + "]", rest[1:] if rest.startswith(":") else None
+    if value.count(":") > 1:  # a bare IPv6 address, as --host takes it
+        return f"[{value}]", None
+    host, sep, port = value.partition(":")
+    return host, port if sep else None
+
+
+def allowed_hosts(environ: Optional[dict] = None) -> tuple[str, ...]:
+    """The Host names this process answers to: ``INSTALIGN_SERVE_ALLOWED_HOSTS``, else loopback."""
+    value = (os.environ if environ is None else environ).get(ALLOWED_HOSTS_ENV, "")
+    return tuple(h.strip() for h in value.split(",") if h.strip()) or LOOPBACK_HOSTS
+
+
+def host_allowed(header: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a request's ``Host`` header names this server. Checked so that DNS rebinding (a
+    page whose own name resolves to 127.0.0.1 calling this server) finds no answer."""
+    if "*" in allowed:
+        return True
+    host, port = _split_host(header)
+    port = port or "80"  # a browser leaves HTTP's default port out
+    for entry in allowed:
+        want_host, want_port = _split_host(entry)
+        if host == want_host and want_port in (None, port):
+            return True
+    return False
+
+
+def request_refusal(scope: dict) -> Optional[JSONResponse]:
+    """Why a request is refused before any route runs, or None.
+
+    * a ``Host`` this server does not answer to (:func:`host_allowed`) → 403, except the
+      health routes;
+    * a POST whose ``Content-Type`` is not ``application/json`` → 415: a page on another
+      site can send a "simple" cross-site POST (``text/plain``, forms) to a server on the
+      user's loopback without asking; ``application/json`` needs the browser's CORS
+      preflight, which this server never grants.
+    """
+    headers = Headers(scope=scope)
+    if not scope.get("path", "").rstrip("/").endswith(HEALTH_ROUTES):
+        host, allowed = headers.get("host", ""), allowed_hosts()
+        if not host_allowed(host, allowed):
+            return _error(403, f"this server does not answer to Host {host[:100]!r} (allowed: {', '.join(allowed)}); "
+                               f"add the name with instalign serve --allowed-host ({ALLOWED_HOSTS_ENV})", "FORBIDDEN")
+    if scope.get("method") == "POST":
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            return _error(415, f"Content-Type must be application/json, got {content_type[:100] or 'none'!r}",
+                          "UNSUPPORTED_MEDIA_TYPE")
+    return None
+
+
+class RequestGuard:
+    """ASGI middleware: :func:`request_refusal` before the application sees the request."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = request_refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+api = FastAPI(title="InstAlign", docs_url=None, redoc_url=None, openapi_url=None)
+api.add_middleware(RequestGuard)
 
 
 def _pyfunc_error(e) -> JSONResponse:
@@ -111,6 +198,31 @@ def _overlay_png(image: bytes, record: dict[str, Any], text: str) -> bytes:
     buf = io.BytesIO()
     overlay(picture, record_to_prediction(record), text, top_words=2).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def explain_record(predictor, body: bytes, *, limits, gate) -> tuple[dict[str, Any], bytes]:
+    """The work of ``POST /explain`` (``{"image": base64, "text": str}``), in a request thread:
+    the record and its overlay PNG.
+
+    The body is read with bounds and checked as the pyfunc checks a request, with no model
+    work; then, inside one of ``gate``'s slots, everything that grows with the image — the
+    prediction, the image decoded again and the overlay drawn at its full size — so the
+    gate bounds the page's memory as it bounds ``/invocations``'.
+    """
+    import pandas as pd
+
+    from pipelines.pyfunc import check_request, predict_checked
+
+    payload = read_json(body, max_rows=1)
+    if not isinstance(payload, dict):
+        raise RequestError(400, "the body must be a JSON object with 'image' and 'text'")
+    image = b64decode_image(0, payload.get("image"))
+    if not image:
+        raise RequestError(400, "choose an image first")
+    request = check_request(pd.DataFrame({"image": [image], "text": [payload.get("text")]}), limits)
+    with gate.slot():
+        (record,) = predict_checked(predictor, request)
+        return record, _overlay_png(image, record, request.texts[0])
 
 
 @serve.deployment(name="InstAlign", max_ongoing_requests=32)
@@ -198,11 +310,10 @@ class InstAlignService:
     async def invocations(self, request: Request) -> Response:
         from mlflow.exceptions import MlflowException
 
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        try:
-            if content_type != "application/json":
-                raise RequestError(415, f"Content-Type must be application/json, got {content_type or 'none'!r}")
-            frame = parse_invocation(await self._body(request))
+        try:  # Host and Content-Type were checked before this (RequestGuard)
+            body = await self._body(request)
+            # Read off the event loop (a big body takes a while), rows counted as they are read.
+            frame = await asyncio.to_thread(parse_invocation, body, max_rows=self.limits.max_rows)
             records = await self._records(frame)
         except RequestError as e:
             return _error(e.status, e.message, e.error_code)
@@ -235,23 +346,14 @@ class InstAlignService:
     @api.post("/explain")
     async def explain(self, request: Request) -> Response:
         """``{"image": base64, "text": str}`` → the record, the overlay PNG (base64) and the
-        instance colours the overlay used, for the page."""
-        import pandas as pd
+        instance colours the overlay used, for the page (:func:`explain_record`)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            payload = json.loads(await self._body(request))
-            if not isinstance(payload, dict):
-                raise RequestError(400, "the body must be a JSON object with 'image' and 'text'")
-            image = b64decode_image(0, payload.get("image"))
-            if not image:
-                raise RequestError(400, "choose an image first")
-            frame = pd.DataFrame({"image": [image], "text": [payload.get("text")]})
-            (record,) = await self._records(frame)
-            png = await asyncio.get_running_loop().run_in_executor(
-                self._requests, _overlay_png, image, record, frame["text"][0])
-        except json.JSONDecodeError as e:
-            return _error(400, f"the body is not valid JSON: {e}", "BAD_REQUEST")
+            body = await self._body(request)
+            loop = asyncio.get_running_loop()
+            run = functools.partial(explain_record, _QueuedModel(self, loop), body, limits=self.limits, gate=self.gate)
+            record, png = await loop.run_in_executor(self._requests, run)
         except RequestError as e:
             return _error(e.status, e.message, e.error_code)
         except MlflowException as e:
@@ -267,8 +369,12 @@ class InstAlignService:
 
 def build_app(model: str, *, tracking_uri: Optional[str] = None, replicas: int = 1, gpus_per_replica: float = 0.0,
               cpus_per_replica: float = 1.0, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
-              top_words: int = 3) -> serve.Application:
-    """The Serve application for ``model`` (a checkpoint directory or ``models:/`` URI)."""
+              top_words: int = 3, allowed_hosts: Optional[list[str]] = None) -> serve.Application:
+    """The Serve application for ``model`` (a checkpoint directory or ``models:/`` URI).
+
+    ``allowed_hosts``: the ``Host`` names the replicas answer to (:func:`host_allowed`);
+    ``None``: ``$INSTALIGN_SERVE_ALLOWED_HOSTS``, else loopback on any port.
+    """
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
     if max_batch_size < 1:
@@ -278,10 +384,13 @@ def build_app(model: str, *, tracking_uri: Optional[str] = None, replicas: int =
     options: dict[str, Any] = {"num_cpus": cpus_per_replica}
     if gpus_per_replica:
         options["num_gpus"] = gpus_per_replica
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "INSTALIGN_CACHE",
-                                      *(f"INSTALIGN_SERVING_{n}" for n in ("MAX_ROWS", "MAX_REQUEST_BYTES",
-                                        "MAX_PIXELS", "MAX_CONCURRENT", "QUEUE_TIMEOUT_S", "IMAGE_ROOT")))
+    from pipelines.serving import ENV
+
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "INSTALIGN_CACHE", ALLOWED_HOSTS_ENV,
+                                      *ENV.values())
            if k in os.environ}
+    if allowed_hosts is not None:
+        env[ALLOWED_HOSTS_ENV] = ",".join(allowed_hosts)
     if env:
         options["runtime_env"] = {"env_vars": env}
     deployment = InstAlignService.options(num_replicas=replicas, ray_actor_options=options,
@@ -302,15 +411,25 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
                                  int(args.get("top_words", 3)))
 
 
+def bound_hosts(host: str, port: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``Host`` names a server bound to ``host:port`` answers to: loopback and ``host``,
+    each with the port, then ``extra`` (``--allowed-host``) as given."""
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    names = [f"{name}:{port}" for name in dict.fromkeys((*LOOPBACK_HOSTS, shown.lower()))]
+    return names + [h.strip() for h in extra if h.strip()]
+
+
 def start(model: str, *, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
-          tracking_uri: Optional[str] = None, **options: Any) -> str:
+          tracking_uri: Optional[str] = None, allowed_hosts: tuple[str, ...] = (), **options: Any) -> str:
     """Connect to Ray (``ray_utils.init_ray``), start Serve's HTTP proxy on ``host:port`` and
-    deploy the application; returns its URL once every replica is ready."""
+    deploy the application, answering to :func:`bound_hosts`; returns its URL once every
+    replica is ready."""
     from pipelines.ray_utils import init_ray
 
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(model, tracking_uri=tracking_uri, **options), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(model, tracking_uri=tracking_uri, allowed_hosts=bound_hosts(host, port, allowed_hosts),
+                        **options), name=APP_NAME, route_prefix="/")
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
 
@@ -331,6 +450,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interface to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 exposes "
                              "an unauthenticated server)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME[:PORT]",
+                        help="a Host name the server also answers to, e.g. the name of a proxy in front (repeat for "
+                             "more; without a port, any port; '*' turns the check off). Default: 127.0.0.1, "
+                             "localhost, [::1] and --host, with --port; other names get 403 (DNS rebinding)")
     parser.add_argument("--top-words", type=int, default=3, help="words reported per instance")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI for models:/ URIs "
@@ -350,7 +473,8 @@ def run(args: argparse.Namespace) -> int:
         url = start(args.model, host=args.host, port=args.port, address=args.address, tracking_uri=tracking_uri,
                     replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                     cpus_per_replica=args.cpus_per_replica, max_batch_size=args.max_batch_size,
-                    batch_wait_timeout_s=args.batch_wait_ms / 1000.0, top_words=args.top_words)
+                    batch_wait_timeout_s=args.batch_wait_ms / 1000.0, top_words=args.top_words,
+                    allowed_hosts=tuple(args.allowed_host))
     except (RegistryError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"instalign serve: {e}", file=sys.stderr)
         return 1

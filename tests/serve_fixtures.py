@@ -74,10 +74,12 @@ def serving(model: dict[str, Any], **options: Any):
         serve.shutdown()
 
 
-def post(url: str, body: bytes | dict, *, content_type: str = "application/json",
+def post(url: str, body: bytes | dict, *, content_type: str = "application/json", host: str | None = None,
          timeout: float = 120) -> tuple[int, dict]:
+    """POST ``body`` (JSON-encoded unless bytes); ``host`` overrides the Host header."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    headers = {"Content-Type": content_type, **({"Host": host} if host else {})}
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -89,9 +91,11 @@ def post(url: str, body: bytes | dict, *, content_type: str = "application/json"
             return e.code, {"message": text}
 
 
-def get(url: str, timeout: float = 30) -> tuple[int, bytes]:
+def get(url: str, timeout: float = 30, host: str | None = None) -> tuple[int, bytes]:
+    """GET ``url``; ``host`` overrides the Host header."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Host": host} if host else {}),
+                                    timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()

@@ -8,6 +8,8 @@ proxy on loopback. Then, over HTTP:
   ``Predictor`` answers, in the pyfunc's record format;
 * every class of bad input is a clean 4xx (400 / 413 / 415) with a message naming the
   problem and no stack trace, and the server keeps answering;
+* the page's ``/explain`` answers; a POST that is not ``application/json`` is a 415 and a
+  Host that is not the server's (DNS rebinding) a 403; ``--allowed-host`` adds a name;
 * the health routes answer, and only the page's own files are reachable;
 * concurrent requests are batched (``@serve.batch``: the replica reports batches of more
   than one row) and answer the same as one-at-a-time requests; both throughputs are
@@ -140,12 +142,17 @@ BAD = {
     "not-base64": (_split([["@@@ not base64 @@@", "the ball"]]), None, 400, "base64"),
     "empty-expression": (_split([[GOOD_IMAGE, "  "]]), None, 400, "non-empty"),
     "expression-over-token-limit": (_split([[GOOD_IMAGE, " ".join(["ball"] * 60)]]), None, 400, "token"),
+    "expression-over-character-limit": (_split([[GOOD_IMAGE, "ball " * 500]]), None, 400,
+                                        "2500 characters, above the limit of 2000 characters"),
     "huge-image": (_split([[_b64(png((7000, 6000), mode="L")), "the ball"]]), None, 400, "pixels"),
     "missing-text-column": (_split([[GOOD_IMAGE]], columns=["image"]), None, 400, "text"),
     "missing-image-column": (_split([["the ball"]], columns=["text"]), None, 400, "image"),
     "image-path-not-allowed": (_split([["/etc/passwd", "the ball"]], columns=["image_path", "text"]), None, 400,
                                "image_path"),
     "too-many-rows": (_split([[GOOD_IMAGE, "the ball"]] * 5), None, 413, "rows"),
+    # 100,000 tiny records (1.3 MB, under the body limit): refused while they are read.
+    "many-tiny-records": (b'{"dataframe_records": [' + b",".join([b'{"text":"a"}'] * 100_000) + b"]}", None, 413,
+                          "the body holds more than 4 rows"),
     "payload-over-limit": (_split([[_b64(_noise_png(200)), "the ball"]] * 3), None, 413, "bytes"),
     "body-over-limit": (b'{"dataframe_split": {"columns": ["text"], "data": [["' + b"x" * 1_600_000 + b'"]]}}',
                         None, 413, "body"),
@@ -163,6 +170,32 @@ def test_bad_input_is_a_clean_4xx(server, case):
     assert status == want_status, f"{case}: HTTP {status}: {text[:500]}"
     assert needle in answer.get("message", ""), f"{case}: the message does not say {needle!r}: {text[:500]}"
     assert "Traceback" not in text and 'File "' not in text, f"{case}: the answer leaks a stack trace"
+
+
+def test_the_page_route_and_the_request_guard(server):
+    """``/explain`` answers the page's JSON with the record and its overlay; a POST that is not
+    ``application/json`` (a cross-site "simple" request) is a 415; a Host that is not a
+    loopback name (DNS rebinding) is a 403 on every route but the health checks."""
+    from PIL import Image
+
+    port = server.rsplit(":", 1)[1]
+    body = {"image": _b64(png(IMAGE_SIZE)), "text": "the red ball"}
+    status, answer = post(server + "/explain", body)
+    assert status == 200, answer
+    assert Image.open(io.BytesIO(base64.b64decode(answer["overlay_png"]))).width == IMAGE_SIZE[0]
+    assert set(answer["prediction"]) == {"mask", "no_target", "no_target_prob", "instances"}
+    status, answer = post(server + "/explain", json.dumps(body).encode(), content_type="text/plain")
+    assert status == 415 and "application/json" in answer["message"], answer
+    status, answer = post(server + "/explain", {**body, "text": "ball " * 500})
+    assert status == 400 and "2500 characters" in answer["message"], answer
+
+    rebound = f"rebound.example:{port}"
+    assert get(server + "/", host=rebound)[0] == 403
+    status, answer = post(server + "/invocations", {"dataframe_records": [{"text": "a"}]}, host=rebound)
+    assert status == 403 and "rebound.example" in answer["message"] and "--allowed-host" in answer["message"]
+    assert post(server + "/explain", body, host=rebound)[0] == 403
+    assert get(server + "/ping", host=rebound)[0] == 200  # probes call by address
+    assert get(server + "/", host=f"localhost:{port}")[0] == 200
 
 
 def test_still_serving_after_bad_inputs(server, predictor):
@@ -228,7 +261,8 @@ def test_the_serve_verb_serves_until_interrupted(model, tmp_path):
     env.pop("RAY_ADDRESS", None)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", code, "--model", model["model"], "--tracking-uri",
-                                 model["tracking_uri"], "--port", str(port), "--cpus-per-replica", "0.5"],
+                                 model["tracking_uri"], "--port", str(port), "--cpus-per-replica", "0.5",
+                                 "--allowed-host", "proxy.example"],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -244,6 +278,11 @@ def test_the_serve_verb_serves_until_interrupted(model, tmp_path):
         status, answer = post(base + "/invocations",
                               {"dataframe_records": [{"image": _b64(png(IMAGE_SIZE)), "text": "the ball"}]})
         assert status == 200 and len(answer["predictions"]) == 1, answer
+        # The names it answers to: its own, with its port, and --allowed-host (any port).
+        assert get(base + "/", host=f"localhost:{port}")[0] == 200
+        assert get(base + "/", host="proxy.example")[0] == 200
+        assert get(base + "/", host=f"127.0.0.1:{port + 1}")[0] == 403
+        assert get(base + "/", host=f"rebound.example:{port}")[0] == 403
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     finally:

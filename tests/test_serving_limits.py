@@ -258,11 +258,12 @@ def test_limits_from_environment_model_config_and_defaults(tmp_path):
     from pipelines.serving import ServingConfigError, ServingLimits
 
     assert ServingLimits.load(environ={}) == ServingLimits()
-    env = {"INSTALIGN_SERVING_MAX_ROWS": "4", "INSTALIGN_SERVING_MAX_REQUEST_BYTES": "1_000_000",
+    env = {"INSTALIGN_SERVING_MAX_ROWS": "4", "INSTALIGN_SERVING_MAX_TEXT_CHARS": "500",
+           "INSTALIGN_SERVING_MAX_REQUEST_BYTES": "1_000_000",
            "INSTALIGN_SERVING_MAX_PIXELS": "2000000", "INSTALIGN_SERVING_MAX_CONCURRENT": "2",
            "INSTALIGN_SERVING_QUEUE_TIMEOUT_S": "1.5", "INSTALIGN_SERVING_IMAGE_ROOT": str(tmp_path)}
     limits = ServingLimits.load(environ=env)
-    assert limits == ServingLimits(max_rows=4, max_request_bytes=1_000_000, max_pixels=2_000_000, max_concurrent=2,
+    assert limits == ServingLimits(max_rows=4, max_text_chars=500, max_request_bytes=1_000_000, max_pixels=2_000_000, max_concurrent=2,
                                    queue_timeout_s=1.5, image_root=os.path.realpath(tmp_path))
     # model_config wins over the environment; None keys (as logged) fall back to it.
     assert ServingLimits.load({"max_rows": 8, "max_pixels": None}, environ=env).max_rows == 8
@@ -282,3 +283,70 @@ def test_limits_reach_the_model_from_the_environment(local_model_dir, monkeypatc
     assert model.unwrap_python_model().limits.max_rows == 2
     err = refusal(model, pd.DataFrame({"image": [png(8, 8)] * 3, "text": ["a"] * 3}))
     assert err.get_http_status_code() == 413
+
+
+# --- texts: their length checked before the tokenizer sees them ---------------------------------
+
+def test_a_huge_text_is_a_400_before_it_is_tokenized_or_waits_for_a_slot(local_model_dir):
+    """4 MiB of text: refused at once, by its length in characters, naming the row and the limit
+    (tokenizing it took 8 s and +0.5 GiB); the refusal does not echo it. A text within the limit
+    but over the model's token limit is tokenized inside a prediction slot, so it waits for one."""
+    from pipelines.serving import PyfuncInputError, ServerBusy
+
+    model = load(local_model_dir, max_concurrent=1, queue_timeout_s=0.2)
+    huge = ("the red ball " * (4 * 2**20 // 13 + 1))[:4 * 2**20]
+    frame = pd.DataFrame({"image": [png(8, 8)] * 2, "text": ["the ball", huge]})
+    with model.unwrap_python_model().gate.slot():  # another request is predicting
+        started = time.monotonic()
+        err = refusal(model, frame)
+        assert time.monotonic() - started < 0.2  # did not wait for the slot
+        assert isinstance(err, PyfuncInputError) and err.get_http_status_code() == 400
+        assert re.fullmatch(r"row 1: 'text' 'the red ball the red ball .{20,40}… is 4194304 characters, above the "
+                            r"limit of 2000 characters \(INSTALIGN_SERVING_MAX_TEXT_CHARS\); shorten it",
+                            err.message), err.message
+        over_tokens = " ".join(["ball"] * 60)  # 299 characters, 63 tokens
+        assert isinstance(refusal(model, one_row(image=png(8, 8), text=over_tokens)), ServerBusy)
+    err = refusal(model, one_row(image=png(8, 8), text=over_tokens))  # the slot is free: tokenized, refused
+    assert err.get_http_status_code() == 400 and "63 tokens, longer than the model's limit" in err.message
+
+
+def test_the_text_limit_is_configurable_and_a_lone_surrogate_is_a_clean_400(local_model_dir):
+    from pipelines.serving import PyfuncInputError
+
+    err = refusal(load(local_model_dir, max_text_chars=10), one_row(image=png(8, 8), text="the red ball"))
+    assert "is 12 characters, above the limit of 10 characters" in err.message
+    # pandas' string columns cannot hold a lone surrogate; an object column can.
+    frame = pd.DataFrame({"image": [png(8, 8)], "text": ["the \ud800 ball"]}, dtype=object)
+    err = refusal(load(local_model_dir), frame)
+    assert isinstance(err, PyfuncInputError), err  # was a TypeError from the tokenizer
+    assert err.message == "row 0: 'text' is not valid Unicode (surrogates not allowed at character 4)"
+
+
+# --- the page's /explain: everything that grows with the image inside the slot ---------------------
+
+def test_explain_decodes_and_draws_its_overlay_inside_the_prediction_slot(default_model, monkeypatch):
+    import base64
+    import json
+
+    import instalign.visualize as visualize
+    from pipelines.serve import explain_record
+    from pipelines.serving import PredictionGate, ServerBusy, ServingLimits
+
+    gate = PredictionGate(1, 0.0)
+    slot_taken = []
+    real_overlay = visualize.overlay
+
+    def overlay(*args, **kwargs):  # records whether a request could take the (only) slot now
+        try:
+            with gate.slot():
+                slot_taken.append(False)
+        except ServerBusy:
+            slot_taken.append(True)
+        return real_overlay(*args, **kwargs)
+
+    monkeypatch.setattr(visualize, "overlay", overlay)
+    body = json.dumps({"image": base64.b64encode(png(40, 30)).decode(), "text": "the object"}).encode()
+    record, drawn = explain_record(default_model.unwrap_python_model().predictor, body, limits=ServingLimits(),
+                                   gate=gate)
+    assert slot_taken == [True]
+    assert Image.open(io.BytesIO(drawn)).width == 40 and record["mask"]["size"] == [30, 40]  # + a caption below
