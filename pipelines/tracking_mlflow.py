@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pipelines.redaction import command_line, redact
+from pipelines.redaction import command_line, redact, redact_data  # noqa: F401 - redact_data: part of this module's API
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +104,6 @@ def _param_value(value: Any) -> str:
 
 def _tag_value(value: Any) -> str:
     return redact(str(value))[:5000]
-
-
-def redact_data(data: Any) -> Any:
-    """``data`` (JSON-like: dicts, lists, scalars) with every string redacted, keys included."""
-    if isinstance(data, str):
-        return redact(data)
-    if isinstance(data, Mapping):
-        return {redact(k) if isinstance(k, str) else k: redact_data(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [redact_data(v) for v in data]
-    return data
 
 
 def _client(tracking_uri: str):
