@@ -103,12 +103,9 @@ class BatchPredictor:
             raise _Rejected("missing_image", f"{what}: no image bytes and no image_path")
         try:
             image_size(what, data)
-        except PyfuncInputError as e:
-            raise _Rejected("image_too_large" if "pixels" in str(e) else "unreadable_image", str(e)) from None
-        try:
             return decode_image(what, data), text
-        except PyfuncInputError as e:
-            raise _Rejected("unreadable_image", str(e)) from None
+        except PyfuncInputError as e:  # its reason: unsupported_image_format, image_too_large, unreadable_image
+            raise _Rejected(getattr(e, "reason", "unreadable_image"), str(e)) from None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from instalign.data.masks import rle_decode

@@ -8,8 +8,9 @@ truncated JPEG fails here, not at training time; a JPEG kept as its bytes is dec
 scale, ``VERIFY_DRAFT``; more than ``max_image_pixels`` is refused at the header), optionally
 shrinks it, and rasterises each target annotation to COCO RLE at
 the *stored* size (:func:`process_task`). A bad row is quarantined, never raised
-(``missing_image``, ``not_regular_file``, ``image_too_large``, ``corrupt_image``,
-``image_size_mismatch``, ``invalid_segmentation``, ``invalid_target``, ``unexpected_error``).
+(``missing_image``, ``not_regular_file``, ``image_too_large``, ``unsupported_image_format`` (not
+JPEG, PNG, WebP, BMP, GIF or TIFF), ``corrupt_image``, ``image_size_mismatch``,
+``invalid_segmentation``, ``invalid_target``, ``unexpected_error``).
 Each shard becomes exactly one Parquet file ``out/<split>/<split>-NNNNN.parquet`` and one
 ``STATS_SCHEMA`` row for the driver: image bytes never enter the object store.
 """
@@ -121,8 +122,9 @@ def process_task(task: dict, *, dataset: str, image_max_side: int, jpeg_quality:
     """One task row → (image row with the ``_EXTRA`` columns, quarantine records)."""
     from PIL import Image
 
-    from instalign.data.images import (CorruptImageError, ImageTooLargeError, NotARegularFileError, decode_image,
-                                       encode_jpeg, read_image_size, read_regular_file)
+    from instalign.data.images import (CorruptImageError, ImageTooLargeError, NotARegularFileError,
+                                       UnsupportedImageFormatError, decode_image, encode_jpeg, read_image_size,
+                                       read_regular_file)
 
     image_id, split, path = int(task["image_id"]), task["split"], task["path"]
     width, height = int(task["width"]), int(task["height"])
@@ -151,6 +153,9 @@ def process_task(task: dict, *, dataset: str, image_max_side: int, jpeg_quality:
                            draft_size=VERIFY_DRAFT if keep else (out_w, out_h) if (out_w, out_h) != size else None)
     except ImageTooLargeError as e:
         return row, [quarantine_record(**where, reason="image_too_large", detail=f"image {image_id}: {e}; {lost}")]
+    except UnsupportedImageFormatError as e:
+        return row, [quarantine_record(**where, reason="unsupported_image_format",
+                                       detail=f"image {image_id}: {e}; {lost}")]
     except CorruptImageError as e:
         return row, [quarantine_record(**where, reason="corrupt_image", detail=f"image {image_id}: {e}; {lost}")]
     if size != (width, height):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from instalign.data.images import (CorruptImageError, ImageTooLargeError, NotARegularFileError, decode_image,
                                    open_image, read_image_size, read_regular_file)
+from tests.hostile_images import OTHER_FORMATS, dds_header
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -129,27 +130,6 @@ def test_open_image_still_names_the_path(tmp_path: Path):
 
 # --- formats outside the allow-list ------------------------------------------------------------
 
-def dds_header() -> bytes:
-    """128 bytes: a DDS header (magic, 124-byte header, 16×16, a made-up FourCC). Pillow's DDS
-    parser raised ``NotImplementedError`` on it — no ``OSError``, so it escaped every caller."""
-    header = struct.pack("<4s7I", b"DDS ", 124, 0x1007, 16, 16, 0, 0, 0) + bytes(44)
-    pixel_format = struct.pack("<II4s5I", 32, 0x4, b"ZZZZ", 0, 0, 0, 0, 0)
-    return header + pixel_format + struct.pack("<5I", 0x1000, 0, 0, 0, 0)
-
-
-def psd_header() -> bytes:
-    """A PSD (Photoshop) header Pillow would parse: 16×16, 3 channels, 8 bits, RGB."""
-    return b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, 16, 16, 8, 3) + bytes(12)
-
-
-def ico_file() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (10, 20, 30)).save(buf, format="ICO")
-    return buf.getvalue()
-
-
-OTHER_FORMATS = {"DDS": dds_header(), "PSD": psd_header(), "ICO": ico_file()}
-
 
 @pytest.mark.parametrize("name", OTHER_FORMATS)
 def test_formats_outside_the_allow_list_are_refused_in_one_line(name):
@@ -188,3 +168,36 @@ def test_any_decoder_exception_is_a_corrupt_image(monkeypatch):
         for read in (read_image_size, decode_image):
             with pytest.raises(CorruptImageError, match=f"^x.png: corrupt or not an image \\({type(exc).__name__}"):
                 read(png.getvalue(), source="x.png")
+
+
+@pytest.mark.parametrize("name", OTHER_FORMATS)
+def test_serving_refuses_other_formats_as_a_bad_row(name, tmp_path):
+    """The pyfunc's checks (MLflow serving, Ray Serve, batch predict, ``instalign predict --image``)
+    answer the row's one-line 400 — with batch prediction's reason code — not a stack trace."""
+    from pipelines import pyfunc
+
+    data = OTHER_FORMATS[name]
+    path = tmp_path / f"photo.{name.lower()}"
+    path.write_bytes(data)
+    calls = {"image_size": lambda: pyfunc.image_size("row 3: 'image' bytes", data),
+             "decode_image": lambda: pyfunc.decode_image("row 3: 'image' bytes", data),
+             "load_local_image": lambda: pyfunc.load_local_image(path)}
+    for call in calls.values():
+        with pytest.raises(pyfunc.PyfuncInputError) as err:
+            call()
+        message = err.value.message
+        assert "is not a readable image: unsupported image format" in message and "\n" not in message
+        assert message.startswith("row 3: 'image' bytes" if call is not calls["load_local_image"] else f"image '{path}'")
+        assert err.value.get_http_status_code() == 400 and err.value.reason == "unsupported_image_format"
+
+
+def test_serving_reasons_for_corrupt_and_oversized_images():
+    from pipelines import pyfunc
+
+    for call in (pyfunc.image_size, pyfunc.decode_image):
+        with pytest.raises(pyfunc.PyfuncInputError, match=r"^row 0: image is not a readable image: corrupt") as err:
+            call("row 0: image", b"\x89PNG\r\n\x1a\n and nothing more")
+        assert err.value.reason == "unreadable_image"
+    with pytest.raises(pyfunc.PyfuncInputError, match="above the limit") as err:
+        pyfunc.image_size("row 0: image", png_header_only(7000, 7000))
+    assert err.value.reason == "image_too_large"

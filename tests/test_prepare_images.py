@@ -1,6 +1,7 @@
 """The driver's task rows and ``process_task``, no Ray: segmentations survive the task table
-whatever their form, and a JPEG stored as its own bytes is checked with a 1/8-scale decode
-(``VERIFY_DRAFT``), which must refuse exactly what a full decode refuses."""
+whatever their form, a JPEG stored as its own bytes is checked with a 1/8-scale decode
+(``VERIFY_DRAFT``), which must refuse exactly what a full decode refuses, and a file in a
+format outside the allow-list is quarantined (and, with Ray, a whole ``prepare`` run goes on)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from instalign.data.synthetic import generate_grefcoco
 from instalign.data.source import Annotation
 from pipelines.prepare_records import _task_instance, plan_tasks, task_segmentation, to_task_table
 from pipelines.prepare_shards import process_task
+from tests.hostile_images import OTHER_FORMATS, dds_header
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +95,28 @@ def test_a_malformed_polygon_is_quarantined_by_the_worker(task):
     _, records = process_task(row, dataset="grefcoco", image_max_side=0, jpeg_quality=90)
     assert "invalid_segmentation" in [r["reason"] for r in records]
     assert "not a flat list of numbers" in next(r["detail"] for r in records if r["reason"] == "invalid_segmentation")
+
+
+@pytest.mark.parametrize("name", OTHER_FORMATS)
+def test_an_image_in_another_format_is_quarantined_by_the_worker(name, task, tmp_path):
+    """A DDS header made Pillow raise ``NotImplementedError`` out of ``process_task``."""
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(OTHER_FORMATS[name])
+    row, records = process_task(dict(task, path=str(path)), dataset="grefcoco", image_max_side=0, jpeg_quality=90)
+    assert [r["reason"] for r in records] == ["unsupported_image_format"] and not row["_keep"]
+    detail = records[0]["detail"]
+    assert f"unsupported image format (its signature is {name}'s" in detail and str(path) in detail
+    assert "\n" not in detail
+
+
+@pytest.mark.ray
+def test_prepare_quarantines_a_dds_file_and_finishes(ray_local, tmp_path):
+    from pipelines.prepare import prepare_dataset
+
+    src = tmp_path / "src"
+    generate_grefcoco(src, num_images=3, seed=4)
+    victim = sorted((src / "images" / "train2014").iterdir())[0]
+    victim.write_bytes(dds_header())
+    manifest = prepare_dataset(dataset="grefcoco", root=src, out=str(tmp_path / "out"), progress=False)
+    assert manifest["quarantined"] == {"unsupported_image_format": 1}
+    assert sum(c["images"] for c in manifest["counts"].values()) == 2
