@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=None, help="image file (JPEG, PNG, ...)")
     parser.add_argument("--text", default=None, help="the referring expression")
     parser.add_argument("--out", default=None,
-                        help="write an overlay PNG here; with --data: the output directory (new or empty)")
+                        help="write an overlay PNG here (a new file, or an image to replace); with --data: the "
+                             "output directory (new or empty)")
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON (the pyfunc's format)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--top-words", type=int, default=3, help="words reported per instance")
