@@ -14,6 +14,7 @@ mask grid, S the square input side.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -61,17 +62,22 @@ def autocast(device: Union[torch.device, str], precision: str):
 
 
 def _to_fp32(outputs: InstAlignOutput) -> InstAlignOutput:
-    """Cast every floating tensor of the outputs to fp32 (autograd flows through the cast).
+    """Cast the floating tensors of the outputs to fp32 (autograd flows through the cast),
+    except the blocks' (B, N, H, W) mask logits.
 
-    Why: the criterion's BCE/dice and point sampling run in fp32 whatever the forward used
-    (Mask2Former computes its losses in fp32); under autocast the heads may return bf16.
+    Why: the criterion's BCE/dice run in fp32 whatever the forward used (Mask2Former
+    computes its losses in fp32); under autocast the heads may return bf16. The blocks'
+    mask logits are the exception: all K of them in fp32 would be ~1.6 GiB at the paper
+    preset, and the matcher and criterion only read them at sampled points, which they do
+    in the logits' own dtype, upcasting the (small) samples (``losses.point_sampling``).
     """
 
     def cast(x: Any) -> Any:
         if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float32:
             return x.float()
         if isinstance(x, BlockPrediction):
-            return dataclasses.replace(x, **{f.name: cast(getattr(x, f.name)) for f in dataclasses.fields(x)})
+            return dataclasses.replace(x, **{f.name: getattr(x, f.name) if f.name == "mask_logits"
+                                             else cast(getattr(x, f.name)) for f in dataclasses.fields(x)})
         if isinstance(x, list):
             return [cast(v) for v in x]
         return x
@@ -96,7 +102,7 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 def train_one_epoch(
     model: nn.Module,
-    criterion: Callable[[InstAlignOutput, Batch], dict[str, Tensor]],
+    criterion: Callable[..., dict[str, Tensor]],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     batches: Iterable[Batch],
@@ -108,13 +114,15 @@ def train_one_epoch(
     step: int = 0,
     max_steps: int = 0,
     log_every: int = 10,
+    grad_accum_steps: int = 1,
 ) -> int:
     """Run one pass over ``batches``: forward, eq. 13 loss, backward, clip, step, schedule.
 
     Args:
         criterion: returns a flat dict with ``loss`` (the weighted total of eq. 13) and
             named terms; every tensor term is averaged over the log window and reported
-            under its own name.
+            under its own name. With ``grad_accum_steps > 1`` it is called as
+            ``criterion(outputs, batch, num_masks=..., micro_batches=...)`` (``Criterion``).
         scheduler: stepped once per optimizer step (``None`` for a constant lr).
         precision: ``bf16`` (autocast) or ``fp32``; see :func:`resolve_precision`.
         grad_clip: max global gradient norm (0 = no clipping; the norm is still reported).
@@ -126,15 +134,24 @@ def train_one_epoch(
             ``samples_per_s``.
         step: the global optimizer step before this epoch.
         max_steps: stop once the global step reaches it (0 = no cap).
+        grad_accum_steps: micro-batches per optimizer step (``train.grad_accum_steps``):
+            their gradients are summed (under DDP synchronised on the last one only,
+            ``model.no_sync()``) and stepped once; ``step``, ``max_steps``, ``log_every``
+            and the scheduler count optimizer steps. The eq. 7 normaliser is the whole
+            accumulated batch's (:func:`_accumulated_num_masks`) and the per-sample means
+            are divided by the number of micro-batches, so the step's gradient and logged
+            losses equal one batch of all the micro-batches (docs/objective.md).
 
     Returns:
         The global step after this epoch.
 
-    Host-device syncs (``.item()``) happen at log points only: per-step terms are summed
-    as detached device tensors.
+    Host-device syncs happen at log points only (one per report: every window mean read
+    back at once): per-step terms are summed as detached device tensors.
     """
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
+    if grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
     device = torch.device(device)
     model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -144,7 +161,8 @@ def train_one_epoch(
 
     def flush() -> None:
         nonlocal window, window_steps, window_samples, t0
-        metrics = {k: float(v.item()) / window_steps for k, v in window.items()}
+        sums = torch.stack(list(window.values())).tolist() if window else []  # one device→host copy
+        metrics = {k: float(v) / window_steps for k, v in zip(window, sums)}
         bad = [k for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(metrics[k])]
         if bad:
             raise FloatingPointError(f"non-finite {bad} in the {window_steps} steps before step {step}: {metrics}")
@@ -154,16 +172,31 @@ def train_one_epoch(
         window, window_steps, window_samples = {}, 0, 0
         t0 = time.perf_counter()
 
-    for batch in batches:
-        if max_steps and step >= max_steps:
+    def add(name: str, value: Tensor) -> None:
+        window[name] = window[name] + value if name in window else value
+
+    batches = iter(batches)
+    while True:
+        first = next(batches, None)
+        if first is None or (max_steps and step >= max_steps):
             break
-        batch = batch.to(device, non_blocking=True)
-        outputs = forward_batch(model, batch, device=device, precision=precision)
-        losses = criterion(outputs, batch)
-        if "loss" not in losses:
-            raise KeyError(f"criterion returned {sorted(losses)}: the weighted total 'loss' is missing")
+        group = [first, *itertools.islice(batches, grad_accum_steps - 1)]
+        extra = {} if grad_accum_steps == 1 else {"num_masks": _accumulated_num_masks(group, device),
+                                                  "micro_batches": len(group)}
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        for i, batch in enumerate(group):
+            batch = batch.to(device, non_blocking=True)
+            last = i == len(group) - 1
+            with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                outputs = forward_batch(model, batch, device=device, precision=precision)
+                losses = criterion(outputs, batch, **extra)
+                if "loss" not in losses:
+                    raise KeyError(f"criterion returned {sorted(losses)}: the weighted total 'loss' is missing")
+                losses["loss"].backward()
+            for name, value in losses.items():
+                if isinstance(value, Tensor) and value.numel() == 1:
+                    add(name, value.detach().float().reshape(()))
+            window_samples += len(batch)
         # Both return the global norm before clipping as a device tensor: no sync here.
         if grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -174,19 +207,26 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step()
         step += 1
-        for name, value in losses.items():
-            if isinstance(value, Tensor) and value.numel() == 1:
-                value = value.detach().float()
-                window[name] = window[name] + value if name in window else value
-        for name, value in (("grad_norm", grad_norm.detach()), ("grad_clipped", clipped)):
-            window[name] = window[name] + value if name in window else value
+        add("grad_norm", grad_norm.detach().float())
+        add("grad_clipped", clipped)
         window_steps += 1
-        window_samples += len(batch)
         if step % log_every == 0:
             flush()
     if window_steps:
         flush()
     return step
+
+
+def _accumulated_num_masks(group: list[Batch], device: torch.device) -> Union[Tensor, float]:
+    """The eq. 7 normaliser of an accumulated step: instances of ALL its micro-batches,
+    averaged across workers (one ``all_reduce`` under DDP) and clamped to ≥ 1.
+
+    Counted from the masks' shapes (host metadata: no sync) before the first micro-batch's
+    loss, which needs it.
+    """
+    from instalign.losses.criterion import average_num_masks
+
+    return average_num_masks(sum(int(m.shape[0]) for b in group for m in b.instance_masks), device)
 
 
 def postprocess(outputs: InstAlignOutput, size: Union[int, tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -53,8 +53,10 @@ Table 3's ``instance_supervision``: ``phrase_aligned`` (all of the above), ``van
 instance keys at all: merged + no-target losses only).
 
 Everything is computed in fp32 with autocast disabled, whatever precision the model ran
-in. The only device→host transfer is the one the Hungarian solver needs (one per call,
-covering every supervised block).
+in; the blocks' mask logits are read at the points in their own dtype (bf16 under
+autocast) and only the samples are upcast. Host synchronisations: the one device→host
+copy the Hungarian solver needs (all supervised blocks' costs at once); the matched
+indices go back in one non-blocking copy (docs/performance.md, "Host synchronisations").
 
 Letters: B batch, N queries, M instances, R matched pairs, P points, S input side,
 H×W the stride-4 mask grid.
@@ -72,7 +74,7 @@ from torch import Tensor, nn
 
 from instalign.config import LossConfig
 from instalign.data.batch import Batch
-from instalign.losses.matcher import HungarianMatcher, Match
+from instalign.losses.matcher import HungarianMatcher
 from instalign.losses.point_sampling import point_sample, uncertain_points
 from instalign.modeling.outputs import BlockPrediction, InstAlignOutput
 
@@ -196,27 +198,23 @@ class Criterion(nn.Module):
     def instance_terms(
         self,
         block: BlockPrediction,
-        matches: Sequence[Match],
+        pairs: tuple[Tensor, Tensor, Tensor],
         instances: Tensor,
-        offsets: list[int],
         num_masks: Tensor | float,
     ) -> dict[str, Tensor]:
         """Unweighted eq. 7 terms of one block.
 
         Args:
-            block: the block's predictions.
-            matches: B ``(pred_idx, gt_idx)`` pairs from the matcher.
+            block: the block's predictions; its mask logits may be bf16 (only the matched
+                ones are upcast).
+            pairs: the matched ``(batch, query, instance)`` indices on the device
+                (:meth:`HungarianMatcher.pair_indices`).
             instances: (ΣM, S, S) every sample's GT instances, concatenated in batch order.
-            offsets: where each sample's instances start in ``instances``.
             num_masks: the cross-worker instance normaliser.
         """
         score_logits = block.score_logits.float()  # (B, N)
-        mask_logits = block.mask_logits.float()  # (B, N, H, W)
-        device = score_logits.device
-        # Flat pair indices, built on the host from the solver's output, one copy to the device.
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(matches)]).to(device)
-        pred_idx = torch.cat([src for src, _ in matches]).to(device)
-        gt_idx = torch.cat([tgt + offsets[i] for i, (_, tgt) in enumerate(matches)]).to(device)
+        mask_logits = block.mask_logits  # (B, N, H, W), fp32 or bf16: never upcast whole
+        batch_idx, pred_idx, gt_idx = pairs
 
         matched = torch.zeros_like(score_logits, dtype=torch.bool)  # (B, N)
         matched[batch_idx, pred_idx] = True
@@ -227,13 +225,15 @@ class Criterion(nn.Module):
         if pred_idx.numel() == 0:
             # Nothing matched (every sample is no-target): zero terms that keep the graph
             # connected, so every input still receives a (zero) gradient.
-            zero = mask_logits.sum() * 0.0
+            zero = mask_logits.sum().float() * 0.0
             terms.update(mask=zero, dice=zero)
             if self.instance_supervision == "phrase_aligned":
                 terms["phrase"] = block.phrase_loss.float().sum() * 0.0
             return terms
 
-        src = mask_logits[batch_idx, pred_idx].unsqueeze(1)  # (R, 1, H, W)
+        # Only the R matched masks are upcast (not all B·N): forward and gradient equal those of
+        # upcasting everything first, since each (sample, query) is picked at most once.
+        src = mask_logits[batch_idx, pred_idx].float().unsqueeze(1)  # (R, 1, H, W) fp32
         tgt = instances[gt_idx].float().unsqueeze(1)  # (R, 1, S, S)
         coords = uncertain_points(src.detach(), num_points=self.num_points, oversample_ratio=self.oversample_ratio,
                                   importance_sample_ratio=self.importance_sample_ratio)  # (R, P, 2)
@@ -255,8 +255,19 @@ class Criterion(nn.Module):
         return loss
 
     # --- eq. 13 -----------------------------------------------------------------------------
-    def forward(self, outputs: InstAlignOutput, batch: Batch) -> dict[str, Tensor]:
-        """All losses of one batch; ``"loss"`` is the eq. 13 total to back-propagate."""
+    def forward(self, outputs: InstAlignOutput, batch: Batch, *, num_masks: Tensor | float | None = None,
+                micro_batches: int = 1) -> dict[str, Tensor]:
+        """All losses of one batch; ``"loss"`` is the eq. 13 total to back-propagate.
+
+        Args:
+            num_masks: the eq. 7 normaliser to use instead of this batch's own (instances
+                averaged over workers, ≥ 1). Gradient accumulation passes the one of the
+                whole accumulated global batch (``engine.train_one_epoch``), so the summed
+                micro-batch losses equal the full batch's.
+            micro_batches: how many equal micro-batches make up the optimizer step's batch;
+                the per-sample means (``loss_merged``, ``loss_nt``) are divided by it, for
+                the same reason. 1: a plain batch.
+        """
         b = outputs.merged_logits.shape[0]
         if len(batch) != b or len(batch.instance_masks) != b:
             raise ValueError(f"Criterion: outputs are for {b} samples but the batch has {len(batch)} "
@@ -265,10 +276,12 @@ class Criterion(nn.Module):
         with torch.autocast(device_type=device.type, enabled=False):
             loss_merged = self.merged_loss(outputs.merged_logits, batch.union_masks.to(device))
             loss_nt = self.no_target_loss(outputs.no_target_logits, batch.no_target.to(device))
+            if micro_batches != 1:
+                loss_merged, loss_nt = loss_merged / micro_batches, loss_nt / micro_batches
             total = self.merged_weight * loss_merged + self.nt_weight * loss_nt
             logged = {"loss_merged": loss_merged, "loss_nt": loss_nt}
             if self.instance_supervision != "none":
-                loss_inst, per_block = self._instance_loss(outputs, batch, device)
+                loss_inst, per_block = self._instance_loss(outputs, batch, device, num_masks)
                 total = total + self.inst_weight * loss_inst
                 logged["loss_inst"] = loss_inst
                 logged.update(per_block)
@@ -276,21 +289,22 @@ class Criterion(nn.Module):
         out.update({k: v.detach() for k, v in logged.items()})
         return out
 
-    def _instance_loss(self, outputs: InstAlignOutput, batch: Batch,
-                       device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+    def _instance_loss(self, outputs: InstAlignOutput, batch: Batch, device: torch.device,
+                       num_masks: Tensor | float | None) -> tuple[Tensor, dict[str, Tensor]]:
         blocks = [*outputs.aux, outputs.final] if self.deep_supervision else [outputs.final]
         matches = self.matcher.match_blocks(blocks, batch.instance_masks)  # one host copy for all blocks
         counts = [int(m.shape[0]) for m in batch.instance_masks]
-        num_masks = average_num_masks(sum(counts), device)  # every worker must reach this all_reduce
-        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        if num_masks is None:
+            num_masks = average_num_masks(sum(counts), device)  # every worker must reach this all_reduce
+        pairs = self.matcher.pair_indices(matches, counts, device)  # one copy back for all blocks
         s = batch.union_masks.shape[-1]
         instances = (torch.cat(batch.instance_masks).to(device) if sum(counts)
                      else torch.zeros(0, s, s, dtype=torch.bool, device=device))  # (ΣM, S, S)
 
         logged: dict[str, Tensor] = {}
         loss_inst = None
-        for k, (block, block_matches) in enumerate(zip(blocks, matches)):
-            terms = self.instance_terms(block, block_matches, instances, offsets, num_masks)
+        for k, (block, block_pairs) in enumerate(zip(blocks, pairs)):
+            terms = self.instance_terms(block, block_pairs, instances, num_masks)
             block_loss = self.weighted_instance_loss(terms)
             loss_inst = block_loss if loss_inst is None else loss_inst + block_loss
             if len(blocks) > 1:

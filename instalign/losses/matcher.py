@@ -84,17 +84,30 @@ def sample_instance_points(instance_masks: Sequence[Tensor], coords: Tensor) -> 
     """
     counts = [int(m.shape[0]) for m in instance_masks]
     b, p = coords.shape[0], coords.shape[1]
-    out = coords.new_zeros(b, max(counts, default=0), p, dtype=torch.float32)
+    m_max = max(counts, default=0)
     if sum(counts) == 0:
-        return out
-    # Indices come from host-side shapes: building them costs no device synchronisation.
-    sample = torch.repeat_interleave(torch.arange(b), torch.tensor(counts)).to(coords.device)
-    slot = torch.cat([torch.arange(c) for c in counts]).to(coords.device)
-    stacked = torch.cat([m for m in instance_masks if m.shape[0]]).to(coords.device).float()
-    stacked = stacked.unsqueeze(1)  # (ΣM, S, S) → (ΣM, 1, S, S)
-    labels = point_sample(stacked, coords.float()[sample])[:, 0]  # (ΣM, P)
-    out[sample, slot] = labels
-    return out
+        return coords.new_zeros(b, m_max, p, dtype=torch.float32)
+    # Each image's instances padded to M_max (zero masks read as zero labels) and read as
+    # the channels of one grid_sample: no index tensor, so nothing crosses from the host.
+    padded = torch.stack([F.pad(m.to(coords.device).float(), (0, 0, 0, 0, 0, m_max - m.shape[0]))
+                          for m in instance_masks])  # (B, M_max, S, S)
+    return point_sample(padded, coords.float())  # (B, M_max, P)
+
+
+def sample_block_logits(blocks: Sequence[BlockPrediction], coords: Tensor) -> Tensor:
+    """Every block's mask logits at its image's points, in one ``grid_sample``, as fp32.
+
+    The K blocks' logits are stacked along the batch (in their own dtype: bf16 under
+    autocast) and read at the same (B, P, 2) points; only the small sampled tensor is
+    upcast, so the (K, B, N, H, W) logits are never copied to fp32.
+
+    Returns:
+        (K, B, N, P) fp32 logits at the points.
+    """
+    k, (b, n) = len(blocks), blocks[0].mask_logits.shape[:2]
+    logits = torch.cat([blk.mask_logits for blk in blocks]) if k > 1 else blocks[0].mask_logits  # (K·B, N, H, W)
+    sampled = point_sample(logits, coords.repeat(k, 1, 1)).float()  # (K·B, N, P)
+    return sampled.view(k, b, n, -1)
 
 
 class HungarianMatcher(nn.Module):
@@ -162,8 +175,7 @@ class HungarianMatcher(nn.Module):
             coords = coords.to(device=first.device, dtype=torch.float32)
             labels = sample_instance_points(instance_masks, coords)  # (B, M_max, P)
             costs = []
-            for block in blocks:
-                logits = point_sample(block.mask_logits.float(), coords)  # (B, N, P)
+            for block, logits in zip(blocks, sample_block_logits(blocks, coords)):  # logits (B, N, P)
                 cost = self.mask_weight * (pairwise_sigmoid_ce(logits, labels) + pairwise_dice(logits, labels))
                 per_query = self.score_weight * F.softplus(-block.score_logits.float())  # BCE(p̂, 1), (B, N)
                 if self.phrase_weight:
@@ -202,6 +214,35 @@ class HungarianMatcher(nn.Module):
                 per_sample.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
             out.append(per_sample)
         return out
+
+    @staticmethod
+    def pair_indices(matches: Sequence[Sequence[Match]], counts: Sequence[int],
+                     device: torch.device | str) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Every block's matched pairs as flat ``(batch, query, instance)`` indices on ``device``.
+
+        Built on the host from the solver's output and moved in ONE copy for all K blocks:
+        pinned and non-blocking on CUDA (the host does not wait for it), instead of three
+        blocking copies per block. ``instance`` indexes the batch's instances concatenated
+        in sample order (``counts[b]`` per sample).
+
+        Returns:
+            K triples of (R_k,) int64 tensors (views of one (3, ΣR) device tensor).
+        """
+        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        host, sizes = [], []
+        for block in matches:
+            empty = torch.empty(0, dtype=torch.int64)
+            batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(block)] or [empty])
+            pred_idx = torch.cat([src for src, _ in block] or [empty])
+            gt_idx = torch.cat([tgt + offsets[i] for i, (_, tgt) in enumerate(block)] or [empty])
+            host.append(torch.stack([batch_idx, pred_idx, gt_idx]))
+            sizes.append(int(pred_idx.shape[0]))
+        flat = torch.cat(host, dim=1)  # (3, ΣR)
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_available():
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=True)
+        return [tuple(part.unbind(0)) for part in flat.split(sizes, dim=1)]
 
     def forward(
         self,
