@@ -120,3 +120,12 @@ def test_unreadable_pickles_name_the_file(tmp_path):
     path.write_bytes(b"this is not a pickle")
     with pytest.raises(PickleReadError, match=r"refs\(unc\)\.p: not a readable pickle"):
         safe_load(path)
+
+
+@pytest.mark.parametrize("payload", [b"X\x01\x00\x00\x00\x80.",  # BINUNICODE: always UTF-8
+                                     b"\x80\x04\x8c\x01\x80.",  # SHORT_BINUNICODE
+                                     b"cos\xe3\nsystem\n."])  # a module name
+def test_text_that_no_encoding_reads_is_a_clean_refusal(payload):
+    # found by the fuzz tests: both passes raised UnicodeDecodeError and an AssertionError escaped
+    with pytest.raises(PickleReadError, match=r"refs\.p: not a readable pickle \(text that is not UTF-8"):
+        safe_loads(payload, source="refs.p")

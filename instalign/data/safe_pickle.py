@@ -115,15 +115,19 @@ def safe_loads(data: bytes, *, source: str = "<bytes>") -> Any:
             if str(exc).startswith(source):
                 raise
             raise UnsafePickleError(f"{source}: {exc}; nothing in the file was executed") from None
-        except UnicodeDecodeError:
-            # A Python 2 str that is not UTF-8: Latin-1 decodes any byte string.
-            logger.warning("%s: Python 2 strings are not valid UTF-8; decoding them as Latin-1", source)
-            continue
+        except UnicodeDecodeError as exc:
+            if encoding == "utf-8":
+                # A Python 2 str that is not UTF-8: Latin-1 decodes any byte string.
+                logger.warning("%s: Python 2 strings are not valid UTF-8; decoding them as Latin-1", source)
+                continue
+            # Still undecodable: text that pickle always reads as UTF-8 (a protocol-2+ unicode
+            # string, a module name), whatever the encoding asked for Python 2 strings.
+            raise PickleReadError(f"{source}: not a readable pickle (text that is not UTF-8: {exc})") from exc
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
                 AttributeError, MemoryError, OverflowError) as exc:
             raise PickleReadError(f"{source}: not a readable pickle ({type(exc).__name__}: {exc})") from exc
         return obj
-    raise AssertionError("unreachable: Latin-1 decodes every byte string")
+    raise AssertionError("unreachable: the Latin-1 pass returns or raises")
 
 
 def safe_load(path: str | os.PathLike[str]) -> Any:
