@@ -61,6 +61,7 @@ from ray import serve
 from starlette.datastructures import Headers
 
 from pipelines.invocation import RequestError, b64decode_image, max_body_bytes, parse_invocation, read_json
+from pipelines.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ HEALTH_ROUTES = ("/ping", "/health")
 
 
 def _error(status: int, message: str, error_code: str) -> JSONResponse:
-    return JSONResponse({"error_code": error_code, "message": message}, status_code=status)
+    # An exception's message may quote a tracking URI or an image URI with credentials in it.
+    return JSONResponse({"error_code": error_code, "message": redact(message)}, status_code=status)
 
 
 def _split_host(value: str) -> tuple[str, Optional[str]]:

@@ -121,3 +121,10 @@ def test_write_json_redacts_a_batch_summary(tmp_path):
     text = (tmp_path / "summary.json").read_text()
     assert "SECRET" not in text and "AKIAKEY" not in text
     assert json.loads(text) == {**summary, "data": "s3://***@bucket/pairs.parquet?token=***"}
+
+
+def test_ray_serve_error_bodies_are_redacted():
+    from pipelines.serve import _error
+
+    body = _error(400, "cannot read s3://AKIA:SECRET@bucket/img.jpg", "INVALID_PARAMETER_VALUE").body.decode()
+    assert "SECRET" not in body and "s3://***@bucket/img.jpg" in body
