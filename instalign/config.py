@@ -204,6 +204,11 @@ class TrainConfig:
     #: Stop after this many optimizer steps (0 = run all epochs); the schedule still spans ``epochs``.
     max_steps: int = 0
     batch_size: int = 32  # global, split across workers
+    #: Micro-batches accumulated per optimizer step. The global batch ``batch_size`` = per-worker
+    #: micro-batch × workers × ``grad_accum_steps`` (so it must divide evenly); gradients, the
+    #: eq. 7 instance normaliser and the logged losses are those of the whole global batch
+    #: (docs/objective.md). Steps, ``max_steps`` and the schedule count optimizer steps.
+    grad_accum_steps: int = 1
     lr: float = 1e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.05
@@ -225,9 +230,14 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0 = only at epoch end
     keep_checkpoints: int = 2  # top-k by val gIoU
     compile: bool = False
+    #: Recompute activations in the backward pass instead of storing them (less memory, ~30 %
+    #: more compute): timm's ``set_grad_checkpointing`` on the Swin backbone and
+    #: ``torch.utils.checkpoint`` around each pixel-decoder layer. Gradients are unchanged.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _check_literal(self, "precision")
+        _check(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
         _check(self.epochs >= 1, "train.epochs must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr must be > 0 and 0 <= train.min_lr <= train.lr")

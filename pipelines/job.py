@@ -134,14 +134,17 @@ def plan_data(cfg: Config, data_dir: str, manifest: Mapping[str, Any], num_worke
     """Check ``cfg`` against the dataset for ``num_workers`` workers; the samples and steps it gives.
 
     Raises:
-        ValueError: no such split, a global batch that does not split evenly over the workers,
+        ValueError: no such split, a global batch that does not split evenly over the workers
+            and the accumulated micro-batches (``steps_per_epoch`` counts optimizer steps),
             or fewer train samples than one global batch.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    batch = cfg.train.batch_size
-    if batch % num_workers:
-        raise ValueError(f"train.batch_size={batch} does not split evenly over {num_workers} workers")
+    batch, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
+    if batch % (num_workers * accum):
+        raise ValueError(f"train.batch_size={batch} does not split evenly over {num_workers} workers × "
+                         f"train.grad_accum_steps={accum} micro-batches (the global batch is per-worker "
+                         f"micro-batch × workers × grad_accum_steps)")
     d = cfg.data
     n_train = count_samples(manifest, d.train_split, d.max_train_samples, data_dir)
     n_val = count_samples(manifest, d.val_split, d.max_val_samples, data_dir)

@@ -7,7 +7,8 @@ themselves, pickled by Ray — builds model / criterion / AdamW / linear schedul
 model in DDP (gloo on CPU, NCCL on GPU) and calls ``engine.train_one_epoch`` / ``engine.evaluate``.
 
 Data and batch. Global batch ``train.batch_size`` (32 in the paper) is split evenly:
-every worker takes ``batch_size / num_workers`` samples per step; DDP averages gradients,
+every worker takes ``batch_size / num_workers / train.grad_accum_steps`` samples per
+micro-batch and accumulates ``grad_accum_steps`` of them per step; DDP averages gradients,
 and the criterion normalises its instance terms by instances averaged over workers, so the
 update equals a single-process step on the global batch. Two data orders:
 
@@ -143,6 +144,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             _seed_everything(t.seed)  # the same initial weights on every rank and for any world size
             model = build_model(cfg.model)
             tokenizer = load_tokenizer(cfg.model.text_encoder)
+        if t.activation_checkpointing:
+            model.set_activation_checkpointing(True)
         # DDP (+ device move); a no-op wrapper for 1 worker. Only configs that leave parameters
         # without a gradient pay for DDP's unused-parameter search (see ``leaves_parameters_unused``).
         model = ray.train.torch.prepare_model(
@@ -189,7 +192,8 @@ class _Worker:
         self.cfg, self.spec, self.rank, self.world, self.device = cfg, spec, rank, world, device
         self.model, self.optimizer, self.scheduler, self.criterion = model, optimizer, scheduler, criterion
         self.tokenizer, self.precision, self.max_steps = tokenizer, precision, max_steps
-        self.local_batch = cfg.train.batch_size // world
+        self.accum = cfg.train.grad_accum_steps
+        self.local_batch = cfg.train.batch_size // world // self.accum  # one micro-batch
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
         self.overlay_shard = ray.train.get_dataset_shard("overlays") if cfg.data.num_overlays else None
@@ -269,9 +273,11 @@ class _Worker:
         if self.spec.data_order == "streaming":
             return iter(self.train_shard.iter_torch_batches(batch_size=self.local_batch, drop_last=True,
                                                             collate_fn=RowsToBatch(self.device)))
-        b, r = self.local_batch, self.rank
-        mine = ({k: v[r * b:(r + 1) * b] for k, v in rows.items()} for rows in self._global_batches(epoch))
-        return (rows_to_batch(rows, self.device) for rows in itertools.islice(mine, skip, None))
+        b, r, micro = self.local_batch, self.rank, self.local_batch * self.world
+        # Each global batch is ``accum`` consecutive micro global batches; this rank's slice of each.
+        mine = ({k: v[j * micro + r * b:j * micro + (r + 1) * b] for k, v in rows.items()}
+                for rows in self._global_batches(epoch) for j in range(self.accum))
+        return (rows_to_batch(rows, self.device) for rows in itertools.islice(mine, skip * self.accum, None))
 
     def _global_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         """``ordered``: the split's global batches, permuted within windows by ``(seed, epoch)``.
@@ -293,9 +299,8 @@ class _Worker:
         if self.spec.hook is None:
             yield from batches
             return
-        for batch in batches:
-            step += 1
-            self._emit("step", epoch=self._epoch, step=step, sample_ids=list(batch.sample_ids))
+        for i, batch in enumerate(batches):  # micro-batches: ``accum`` per optimizer step
+            self._emit("step", epoch=self._epoch, step=step + 1 + i // self.accum, sample_ids=list(batch.sample_ids))
             yield batch
 
     # --- the loop --------------------------------------------------------------------------
@@ -316,9 +321,10 @@ class _Worker:
             while step < stop_at:
                 chunk_end = min(stop_at, (step // every + 1) * every) if every else stop_at
                 new = train_one_epoch(self.model, self.criterion, self.optimizer, self.scheduler,
-                                      itertools.islice(batches, chunk_end - step), device=self.device,
+                                      itertools.islice(batches, (chunk_end - step) * self.accum), device=self.device,
                                       precision=self.precision, grad_clip=t.grad_clip, report=self.report_train,
-                                      step=step, max_steps=self.max_steps, log_every=t.log_every_steps)
+                                      step=step, max_steps=self.max_steps, log_every=t.log_every_steps,
+                                      grad_accum_steps=self.accum)
                 if new == step:
                     log.warning("rank %d: the train shard ran dry at step %d of epoch %d (expected %d steps/epoch)",
                                 self.rank, step, epoch, spe)

@@ -82,6 +82,20 @@ class InstAlign(nn.Module):
     def num_blocks(self) -> int:
         return len(self.decoder.blocks)
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the backbone's and the pixel decoder's activations in the backward pass.
+
+        Why: they hold most of the activation memory at 480² (stride-4 maps); recomputing
+        them trades ~30 % more compute for it (``train.activation_checkpointing``). The
+        backbone uses timm's own ``set_grad_checkpointing`` (a timm model without it is left
+        as it is); the pixel decoder wraps each deformable layer in
+        ``torch.utils.checkpoint``. Only while training with gradients; results unchanged.
+        """
+        body = getattr(self.backbone, "body", None)
+        if hasattr(body, "set_grad_checkpointing"):
+            body.set_grad_checkpointing(enabled)
+        self.pixel_decoder.activation_checkpointing = bool(enabled)
+
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> InstAlignOutput:
         """Predict instances, the merged mask and no-target for a batch of (image, expression) pairs.
 

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from instalign.modeling.ms_deform_attn import MSDeformAttn, small_tensor
 from instalign.modeling.position_encoding import PositionEmbeddingSine
@@ -90,6 +91,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
+        self.activation_checkpointing = False  # set by InstAlign.set_activation_checkpointing
         self.pe_layer = PositionEmbeddingSine(num_pos_feats=hidden_dim // 2)
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(dim=hidden_dim, ffn_dim=ffn_dim, num_levels=self.num_levels, num_heads=num_heads,
@@ -150,8 +152,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
             starts = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
             level_start_index = small_tensor(starts, src.device, torch.long)
             ref = self.reference_points(shapes, src.device)
+            recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
             for layer in self.layers:
-                src = layer(src, pos, ref, shapes, level_start_index)
+                if recompute:  # activations recomputed in backward (``InstAlign.set_activation_checkpointing``)
+                    src = checkpoint(layer, src, pos, ref, shapes, level_start_index, use_reentrant=False)
+                else:
+                    src = layer(src, pos, ref, shapes, level_start_index)
         b, _, c = src.shape
         multi_scale = [
             z.transpose(1, 2).reshape(b, c, h, w)  # (B, H·W, C) -> (B, C, H, W)
