@@ -256,3 +256,15 @@ def test_tracking_protocol_and_report_adapter():
     assert finite_metrics({"a": 1, "b": True, "c": float("inf")}) == {"a": 1.0}
     with NullTracker() as t:
         t.log_metrics({"x": 1.0}, 0)
+
+
+def test_bf16_forward_keeps_the_blocks_mask_logits_in_bf16(parts):
+    """The K blocks' (B, N, H, W) mask logits are not copied to fp32 (~1.6 GiB at the paper
+    preset): the losses read them at points; every other output is fp32 for the losses."""
+    from instalign.engine import forward_batch
+
+    cfg, transform = parts
+    out = forward_batch(_model(cfg), scene_batch(transform, 6), device="cpu", precision="bf16")
+    assert all(b.mask_logits.dtype == torch.bfloat16 for b in [out.final, *out.aux])
+    assert out.final.score_logits.dtype == out.merged_logits.dtype == out.no_target_logits.dtype == torch.float32
+    assert out.final.phrase_loss.dtype == torch.float32

@@ -319,6 +319,49 @@ def test_num_masks_is_averaged_across_workers(tmp_path):
     assert average_num_masks(0, torch.device("cpu")) == 1.0  # no process group: local count, at least 1
 
 
+def test_point_sample_of_bf16_is_the_upcast_bilinear_read_in_fp32():
+    """A bf16 map is read as its fp32 copy at fp32 points (border mode included); the
+    result is fp32. A bf16 ``grid_sample`` would round the values and the points (~1e-2 off)."""
+    g = torch.Generator().manual_seed(0)
+    x = (4 * torch.randn(6, 5, 30, 20, generator=g)).bfloat16()
+    coords = torch.rand(6, 700, 2, generator=g)
+    coords[0, :4] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # border corners
+    got = point_sample(x, coords)
+    want = point_sample(x.float(), coords)
+    assert got.dtype == torch.float32 and got.shape == want.shape == (6, 5, 700)
+    assert torch.equal(got, want)
+    # Gradients reach the bf16 map at the same pixels with the same bilinear weights.
+    leaf_x = x.clone().requires_grad_(True)
+    point_sample(leaf_x, coords).sum().backward()
+    leaf_f = x.float().requires_grad_(True)
+    point_sample(leaf_f, coords).sum().backward()
+    assert torch.equal(leaf_x.grad, leaf_f.grad.bfloat16())
+
+
+def test_bf16_mask_logits_give_the_losses_and_gradients_of_upcasting_them_first():
+    """The criterion upcasts only the matched masks: same values and gradients as an fp32 copy."""
+    batch = make_batch(random_instances([2, 1]))
+    outs = []
+    for upcast in (False, True):
+        out = random_output(2, 4, 1)
+        for blk in [out.final, *out.aux]:
+            blk.mask_logits = leaf(blk.mask_logits.bfloat16())
+        if upcast:
+            for blk in [out.final, *out.aux]:
+                blk.mask_logits_bf16, blk.mask_logits = blk.mask_logits, blk.mask_logits.float()
+        torch.manual_seed(0)
+        losses = criterion()(out, batch)
+        losses["loss"].backward()
+        outs.append((out, losses))
+    (half, got), (full, want) = outs
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    for a, b in zip([half.final, *half.aux], [full.final, *full.aux]):
+        assert a.mask_logits.dtype == torch.bfloat16
+        torch.testing.assert_close(a.mask_logits.grad, b.mask_logits_bf16.grad, rtol=0, atol=0)
+
+
 # --- precision and input checks -----------------------------------------------------------
 
 def test_losses_are_fp32_under_bf16_autocast():

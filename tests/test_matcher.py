@@ -136,3 +136,33 @@ def test_non_finite_predictions_are_named():
         HungarianMatcher(**WEIGHTS, num_points=8)(block, instances)
     with pytest.raises(ValueError, match="3 instance-mask tensors for a batch of 2"):
         HungarianMatcher(**WEIGHTS, num_points=8)(block, instances + instances[:1])
+
+
+def test_bf16_blocks_cost_what_their_fp32_copies_cost():
+    """bf16 mask logits are upcast one block at a time (never all blocks in fp32): the same fp32 costs."""
+    g = torch.Generator().manual_seed(5)
+    blocks = [random_block(2, 4, g) for _ in range(2)]
+    for blk in blocks:
+        blk.mask_logits = blk.mask_logits.bfloat16()
+    instances = [torch.rand(m, S, S, generator=g) > 0.5 for m in (3, 1)]
+    coords = torch.rand(2, 64, 2, generator=g)
+    matcher = HungarianMatcher(**WEIGHTS, num_points=64)
+    half = matcher.cost_matrices(blocks, instances, point_coords=coords)
+    upcast = [BlockPrediction(mask_logits=b.mask_logits.float(), score_logits=b.score_logits,
+                              phrase_loss=b.phrase_loss, phrase_weights=b.phrase_weights) for b in blocks]
+    full = matcher.cost_matrices(upcast, instances, point_coords=coords)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, full)
+
+
+def test_pair_indices_flatten_every_block_in_one_tensor():
+    """The matched pairs of all blocks as (batch, query, instance) indices, instances offset per sample."""
+    blocks = [[(torch.tensor([2, 0]), torch.tensor([1, 0])), (torch.tensor([], dtype=torch.int64),) * 2,
+               (torch.tensor([3]), torch.tensor([0]))],
+              [(torch.tensor([1, 3]), torch.tensor([0, 1])), (torch.tensor([], dtype=torch.int64),) * 2,
+               (torch.tensor([0]), torch.tensor([0]))]]
+    pairs = HungarianMatcher.pair_indices(blocks, [2, 0, 1], "cpu")
+    assert [[t.tolist() for t in p] for p in pairs] == [[[0, 0, 2], [2, 0, 3], [1, 0, 2]],
+                                                        [[0, 0, 2], [1, 3, 0], [0, 1, 2]]]
+    empty = HungarianMatcher.pair_indices([[(torch.tensor([], dtype=torch.int64),) * 2]], [0], "cpu")
+    assert [t.numel() for t in empty[0]] == [0, 0, 0]

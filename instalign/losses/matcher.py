@@ -94,22 +94,6 @@ def sample_instance_points(instance_masks: Sequence[Tensor], coords: Tensor) -> 
     return point_sample(padded, coords.float())  # (B, M_max, P)
 
 
-def sample_block_logits(blocks: Sequence[BlockPrediction], coords: Tensor) -> Tensor:
-    """Every block's mask logits at its image's points, in one ``grid_sample``, as fp32.
-
-    The K blocks' logits are stacked along the batch (in their own dtype: bf16 under
-    autocast) and read at the same (B, P, 2) points; only the small sampled tensor is
-    upcast, so the (K, B, N, H, W) logits are never copied to fp32.
-
-    Returns:
-        (K, B, N, P) fp32 logits at the points.
-    """
-    k, (b, n) = len(blocks), blocks[0].mask_logits.shape[:2]
-    logits = torch.cat([blk.mask_logits for blk in blocks]) if k > 1 else blocks[0].mask_logits  # (K·B, N, H, W)
-    sampled = point_sample(logits, coords.repeat(k, 1, 1)).float()  # (K·B, N, P)
-    return sampled.view(k, b, n, -1)
-
-
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to instances minimising the eq. 5–6 cost.
 
@@ -175,7 +159,10 @@ class HungarianMatcher(nn.Module):
             coords = coords.to(device=first.device, dtype=torch.float32)
             labels = sample_instance_points(instance_masks, coords)  # (B, M_max, P)
             costs = []
-            for block, logits in zip(blocks, sample_block_logits(blocks, coords)):  # logits (B, N, P)
+            for block in blocks:
+                # One block at a time: a bf16 block is upcast inside point_sample and freed
+                # before the next, so the K blocks are never fp32 together.
+                logits = point_sample(block.mask_logits, coords)  # (B, N, P) fp32
                 cost = self.mask_weight * (pairwise_sigmoid_ce(logits, labels) + pairwise_dice(logits, labels))
                 per_query = self.score_weight * F.softplus(-block.score_logits.float())  # BCE(p̂, 1), (B, N)
                 if self.phrase_weight:

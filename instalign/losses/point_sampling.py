@@ -32,13 +32,13 @@ def point_sample(input: Tensor, coords: Tensor) -> Tensor:
     importance sampling then chases) and labels toward background. Replicating the edge
     pixel is what a mask means at its border.
 
-    An fp32/fp64 ``input`` goes through ``grid_sample`` (as it always did). A low-precision
-    one (bf16/fp16 mask logits under autocast) is *not* upcast whole: the four corner
-    values of every point are gathered in its own dtype and blended in fp32 with fp32
-    weights (:func:`_bilinear_fp32`), the same bilinear rule as ``grid_sample``'s border
-    mode, so the result equals sampling the upcast input (to fp32 rounding) while only
-    the (R, C, P) samples are ever fp32. ``grid_sample`` itself would need the points in
-    the input's dtype: bf16 coordinates are off by up to ~2 pixels at 480².
+    A low-precision ``input`` (bf16/fp16 mask logits under autocast) is upcast here, one
+    map at a time, and read in fp32: ``grid_sample`` needs the points in the input's dtype,
+    and bf16 points are off by up to ~2 pixels at 480². Callers pass one block's logits at
+    a time, so the K blocks' logits are never all fp32 at once (~1.6 GiB at the paper
+    preset); the copy lives only for this call. (Reading the four bilinear corners in
+    bf16 and blending in fp32 was measured: it holds more memory than this, since the
+    matcher's P = 112² points are as many as the H·W = 120² pixels.)
 
     Args:
         input: (R, C, H, W) maps to read.
@@ -51,34 +51,10 @@ def point_sample(input: Tensor, coords: Tensor) -> Tensor:
         raise ValueError(f"point_sample: expected input (R,C,H,W) and coords (R,P,2), got "
                          f"{tuple(input.shape)} and {tuple(coords.shape)}")
     if input.dtype not in (torch.float32, torch.float64):
-        return _bilinear_fp32(input, coords.float())
+        input = input.float()
     grid = 2.0 * coords.to(input.dtype) - 1.0  # [0, 1] → grid_sample's [-1, 1]
     out = F.grid_sample(input, grid.unsqueeze(2), mode="bilinear", padding_mode="border", align_corners=False)
     return out.squeeze(3)  # (R, C, P, 1) → (R, C, P)
-
-
-def _bilinear_fp32(input: Tensor, coords: Tensor) -> Tensor:
-    """``grid_sample(bilinear, border, align_corners=False)`` of a low-precision input, in fp32.
-
-    Pixel coordinates ``x = c·W − ½`` clamped to ``[0, W − 1]`` (border padding), the four
-    neighbours gathered one corner at a time from the flattened input (each gather is
-    (R, C, P) in the input's dtype) and accumulated in fp32.
-    """
-    r, c, h, w = input.shape
-    x = (coords[..., 0] * w - 0.5).clamp(0, w - 1)  # (R, P)
-    y = (coords[..., 1] * h - 0.5).clamp(0, h - 1)
-    x0, y0 = x.floor(), y.floor()
-    wx, wy = (x - x0).unsqueeze(1), (y - y0).unsqueeze(1)  # (R, 1, P)
-    x0, y0 = x0.long(), y0.long()
-    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
-    flat = input.reshape(r, c, h * w)
-    out = None
-    for yi, xi, weight in ((y0, x0, (1 - wx) * (1 - wy)), (y0, x1, wx * (1 - wy)),
-                           (y1, x0, (1 - wx) * wy), (y1, x1, wx * wy)):
-        index = (yi * w + xi).unsqueeze(1).expand(r, c, -1)  # (R, C, P)
-        term = torch.gather(flat, 2, index).float() * weight
-        out = term if out is None else out + term
-    return out
 
 
 def uniform_points(num_rows: int, num_points: int, *, device: torch.device | str | None = None,
