@@ -230,8 +230,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0 = only at epoch end
     keep_checkpoints: int = 2  # top-k by val gIoU
     compile: bool = False
-    #: Recompute activations in the backward pass instead of storing them (less memory, ~30 %
-    #: more compute): timm's ``set_grad_checkpointing`` on the Swin backbone and
+    #: Recompute activations in the backward pass instead of storing them (less memory, one more
+    #: forward of those parts per step): timm's ``set_grad_checkpointing`` on the Swin backbone and
     #: ``torch.utils.checkpoint`` around each pixel-decoder layer. Gradients are unchanged.
     activation_checkpointing: bool = False
 

@@ -26,6 +26,8 @@ MLflow metric names and tunable weights:
   (Mask2Former's normaliser). One divisor for every term keeps the ratio eq. 7 writes
   between them; averaging it across workers makes the gradient independent of how
   instances fall among workers (DDP then averages the workers' gradients).
+  With gradient accumulation the engine passes the normaliser of the whole accumulated
+  batch (``forward(..., num_masks=, micro_batches=)``; docs/objective.md).
   λ_score weighs only the matched score term; the unmatched term has weight 1, as eq. 7
   writes (no ``eos_coef``-style down-weighting: the paper gives none).
 

@@ -86,7 +86,7 @@ class InstAlign(nn.Module):
         """Recompute the backbone's and the pixel decoder's activations in the backward pass.
 
         Why: they hold most of the activation memory at 480² (stride-4 maps); recomputing
-        them trades ~30 % more compute for it (``train.activation_checkpointing``). The
+        them trades one more forward of those parts for it (``train.activation_checkpointing``). The
         backbone uses timm's own ``set_grad_checkpointing`` (a timm model without it is left
         as it is); the pixel decoder wraps each deformable layer in
         ``torch.utils.checkpoint``. Only while training with gradients; results unchanged.
