@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("pipelines.evaluate", "evaluate a checkpoint or registered model (Ray Data)"),
     "tune": ("pipelines.tune", "hyper-parameter search on Ray Tune"),
     "register": ("pipelines.registry", "register a run's model / set a registry alias"),
+    "promote": ("pipelines.promote", "move @champion to a version only if it beats the champion and the baselines"),
     "predict": ("pipelines.predict", "segment one image for one expression, or a dataset/table with --data (Ray Data)"),
     "serve": ("pipelines.serve", "serve a registered model on Ray Serve: /invocations (pyfunc JSON) and a page at /"),
     "synthetic": ("pipelines.synthetic", "write a synthetic dataset in the gRefCOCO on-disk format"),

@@ -123,8 +123,9 @@ class BatchEvaluator:
         return row
 
 
-def _text_cfg(checkpoint_dir: Path):
-    """The checkpoint's config, its text encoder pointed at the tokenizer saved inside it."""
+def checkpoint_config(checkpoint_dir: Path):
+    """The checkpoint's config, its text encoder pointed at the tokenizer saved inside it
+    (also what ``pipelines.promote`` measures the trivial baselines with)."""
     from instalign.checkpoint import CONFIG_FILE, TEXT_ENCODER_DIR, checkpoint_files
     from instalign.config import load_config
 
@@ -173,7 +174,7 @@ def evaluate_dataset(checkpoint: str, data_dir: str, *, split: str = "val", metr
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ckpt_dir = resolve_checkpoint(checkpoint)
-    cfg, text_cfg = _text_cfg(ckpt_dir)
+    cfg, text_cfg = checkpoint_config(ckpt_dir)
     manifest = read_manifest(str(data_dir))
     if metrics is None:
         metrics = DEFAULT_METRICS.get(str(manifest.get("dataset", "")), "gres")

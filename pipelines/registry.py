@@ -207,16 +207,27 @@ def _fmt(value: float | None) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.2f}"
 
 
+def _reported(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    """The metrics a version records: :data:`_VERSION_METRICS`, then each slice's gIoU and samples."""
+    from instalign.metrics import SLICES
+
+    keys = list(_VERSION_METRICS) + [f"{s}.{k}" for s in SLICES for k in ("gIoU", "samples")]
+    return {k: float(metrics[k]) for k in keys if k in (metrics or {})}
+
+
 def annotate_version(name: str, version: str | int, *, metrics: Mapping[str, float] | None = None,
                      baselines: Mapping[str, Mapping[str, float]] | None = None, decision: str | None = None,
-                     metrics_source: str | None = None):
+                     metrics_source: str | None = None, champion: Mapping[str, float] | None = None,
+                     champion_version: str | int | None = None):
     """Describe and tag registered version ``name``/``version`` from its training run.
 
     The description (Markdown, shown in the registry UI) says what the version was trained on
-    (the run's dataset input: name, digest, per-split counts), its metrics beside each
-    baseline in ``baselines``, and the promotion ``decision`` (or that none was taken). The
-    tags make versions searchable: ``instalign.dataset``, ``instalign.dataset_digest`` (the
-    manifest's SHA-256), ``instalign.run_id``, ``instalign.git_commit``, ``metric.<key>``.
+    (the run's dataset input: name, digest, per-split counts), its metrics — each slice's
+    gIoU and samples too, where measured — beside the ``champion`` it was compared with and
+    each baseline in ``baselines``, and the promotion ``decision`` (or that none was taken).
+    The tags make versions searchable: ``instalign.dataset``, ``instalign.dataset_digest`` (the
+    manifest's SHA-256), ``instalign.run_id``, ``instalign.git_commit``, ``metric.<key>``, and
+    with a champion ``instalign.promotion.champion_version`` and ``champion.metric.<key>``.
 
     Args:
         metrics: the metrics to report (e.g. an ``evaluate`` result); default: the run's last
@@ -225,6 +236,8 @@ def annotate_version(name: str, version: str | int, *, metrics: Mapping[str, flo
         decision: the promotion decision in words (the gate and its numbers).
         metrics_source: where ``metrics`` come from, for the description (e.g. ``val split,
             instalign evaluate``).
+        champion, champion_version: the ``@champion`` the decision compared this version with
+            (``pipelines.promote``): its metrics, measured the same way, and its version.
 
     Returns:
         The updated ``ModelVersion``.
@@ -247,7 +260,8 @@ def annotate_version(name: str, version: str | int, *, metrics: Mapping[str, flo
     if metrics is None and run is not None:
         metrics = {k.removeprefix("val_"): v for k, v in run.data.metrics.items() if k.startswith("val_")}
         metrics_source = metrics_source or "the training run's last validation"
-    metrics = {k: float(v) for k, v in (metrics or {}).items() if k in _VERSION_METRICS}
+    metrics = _reported(metrics)
+    champion = _reported(champion) if champion is not None else None
 
     lines = [f"InstAlign (generalized referring expression segmentation), version {mv.version} of `{name}`."]
     train = [d.dataset for d in (run.inputs.dataset_inputs if run is not None else [])
@@ -266,13 +280,15 @@ def annotate_version(name: str, version: str | int, *, metrics: Mapping[str, flo
         lines.append(f"**Run:** `{run.info.run_id}`, git `{tags.get(GIT_COMMIT_TAG, 'unknown')}`.")
     if metrics:
         base = dict(baselines or {})
+        if champion is not None:
+            base = {"champion" + (f" (version {champion_version})" if champion_version else ""): champion, **base}
         def row(cells: list[str]) -> str:
             return "| " + " | ".join(cells) + " |"
 
         lines += [f"**Metrics** ({metrics_source or 'as given'}; percentages):",
                   row(["metric", "this version", *base]), row(["---"] * (2 + len(base)))]
         lines += [row([key, _fmt(value), *(_fmt(b.get(key)) for b in base.values())]) for key, value in metrics.items()]
-        if not base:
+        if not baselines:
             lines.append("No baselines were measured for this version.")
     else:
         lines.append("**Metrics:** none recorded.")
@@ -287,6 +303,9 @@ def annotate_version(name: str, version: str | int, *, metrics: Mapping[str, flo
                     "instalign.dataset_digest": tags.get(MANIFEST_HASH_TAG, ""),
                     "instalign.git_commit": tags.get(GIT_COMMIT_TAG, "")}
     version_tags.update({f"metric.{metric_key(k)}": _fmt(v) for k, v in metrics.items()})
+    if champion is not None:
+        version_tags["instalign.promotion.champion_version"] = str(champion_version or "")
+        version_tags.update({f"champion.metric.{metric_key(k)}": _fmt(v) for k, v in champion.items()})
     if decision:
         version_tags["instalign.promotion"] = redact(decision)[:5000]
     try:
@@ -294,6 +313,10 @@ def annotate_version(name: str, version: str | int, *, metrics: Mapping[str, flo
         for key, value in version_tags.items():
             if value:
                 client.set_model_version_tag(name, str(mv.version), key, value)
+        if decision and champion is None:  # a new decision without a champion: no stale comparison left
+            for key in [k for k in mv.tags if k.startswith("champion.metric.")
+                        or k == "instalign.promotion.champion_version"]:
+                client.delete_model_version_tag(name, str(mv.version), key)
         return client.get_model_version(name, str(mv.version))
     except MlflowException as e:
         raise RegistryError(f"model {name!r} version {version}: {e.message}") from None
