@@ -13,10 +13,12 @@ On a fresh machine with nothing running it:
 4. evaluates that candidate from the registry with Ray Data (ReLA's gIoU/cIoU/N-acc/T-acc,
    DESIGN §4) next to the trivial baselines — *always empty* and *always no-target* — computed
    with the same metrics on the same val split;
-5. promotes the candidate to ``@champion`` only if it passes the gate (:func:`promotion_gate`:
-   val gIoU above both baselines *and* N-acc and T-acc each at least ``MIN_CLASS_ACC``, so
-   a model that never — or always — says "no target" is never champion), writes the rule
-   and the numbers into the model version's description, loads the model back with
+5. promotes the candidate to ``@champion`` only if it passes the rule of ``instalign promote``
+   (``pipelines.promote``, the same code: val gIoU above both baselines *and* N-acc and T-acc
+   each at least 50 (``MIN_CLASS_ACC``), so a model that never — or always — says "no target" is
+   never champion; and above any ``@champion`` an earlier run in the same workdir left, which
+   is evaluated on the same split), writes the rule and the numbers into the model version's
+   description, loads the model back with
    ``mlflow.pyfunc`` by alias, segments one val sample with it and draws the answer as an
    overlay PNG;
 6. prints where everything is and the ``mlflow ui`` command to browse it.
@@ -45,10 +47,6 @@ EXPERIMENT = "quickstart"
 #: T-acc swing around the promotion gate's floor.
 DEFAULT_NUM_IMAGES = 240
 DEFAULT_EPOCHS = 6
-#: The promotion gate's floor on N-acc and on T-acc (percent). Both trivial predictors score 0
-#: on one of the two; 50 asks the model to be right on at least half of each class's samples
-#: at the paper's threshold (p̂_nt > 0.5) — better than a coin flip on both.
-MIN_CLASS_ACC = 50.0
 
 
 def _print(msg: str) -> None:
@@ -61,31 +59,6 @@ def stage(number: int, total: int, title: str) -> Iterator[None]:
     _print(f"[{number}/{total}] {title} ...")
     yield
     _print(f"[{number}/{total}] {title}: done in {time.perf_counter() - t0:.1f} s")
-
-
-def baselines(data_dir: str, split: str, *, image_size: int, text_cfg: Any) -> dict[str, dict[str, float]]:
-    """gRefCOCO metrics of the two trivial predictors on ``split`` (the bar a model must clear).
-
-    * always empty: an empty mask and "there is a target" for every sample;
-    * always no-target: the no-target flag for every sample.
-    """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from instalign.data.parquet import ParquetGRES
-    from instalign.data.transforms import GRESTransform
-    from instalign.metrics import GRESMetrics
-    from instalign.modeling.text_encoder import load_tokenizer
-
-    transform = GRESTransform(image_size=image_size, max_tokens=text_cfg.max_tokens, tokenizer=load_tokenizer(text_cfg))
-    ds = ParquetGRES(data_dir, split, transform)
-    empty, no_target = GRESMetrics(), GRESMetrics()
-    for batch in DataLoader(ds, batch_size=32, collate_fn=ds.collate):
-        nothing = torch.zeros_like(batch.union_masks)  # (B, S, S)
-        flags = torch.zeros_like(batch.no_target)  # (B,)
-        empty.update(nothing, flags, batch.union_masks, batch.no_target)
-        no_target.update(nothing, ~flags, batch.union_masks, batch.no_target)
-    return {"always empty": empty.compute(), "always no-target": no_target.compute()}
 
 
 def pick_val_sample(data_dir: str, split: str) -> dict[str, Any]:
@@ -108,30 +81,6 @@ def pick_val_sample(data_dir: str, split: str) -> dict[str, Any]:
     if fallback is None:
         raise ValueError(f"{data_dir}: split {split!r} has no sample with a target")
     return fallback
-
-
-def promotion_gate(model: dict[str, float], base: dict[str, dict[str, float]]) -> tuple[bool, str]:
-    """Whether the candidate becomes ``@champion``, and the rule with the numbers, in words.
-
-    The rule: val gIoU strictly above every trivial baseline's, and N-acc ≥ ``MIN_CLASS_ACC``
-    and T-acc ≥ ``MIN_CLASS_ACC``. gIoU alone is not enough: a model that never says "no
-    target" (N-acc 0) can beat both baselines on gIoU by its masks alone, and one that always
-    says it (T-acc 0) scores the no-target share. NaN (a val split without one of the
-    classes) fails its check.
-    """
-    best_name, best = max(((n, m["gIoU"]) for n, m in base.items()), key=lambda kv: kv[1])
-    checks = [
-        (model["gIoU"] > best, f"val gIoU {model['gIoU']:.1f} > best trivial baseline ({best_name}) {best:.1f}"),
-        (model["N_acc"] >= MIN_CLASS_ACC, f"N-acc {model['N_acc']:.1f} >= {MIN_CLASS_ACC:.0f}"),
-        (model["T_acc"] >= MIN_CLASS_ACC, f"T-acc {model['T_acc']:.1f} >= {MIN_CLASS_ACC:.0f}"),
-    ]
-    passed = all(ok for ok, _ in checks)  # NaN compares False: a missing class fails
-    text = (f"Promotion gate (instalign quickstart): @champion only if val gIoU beats every trivial baseline "
-            f"(always empty, always no-target) and N-acc and T-acc are each >= {MIN_CLASS_ACC:.0f} at the paper's "
-            f"no-target threshold 0.5. This version: "
-            + "; ".join(f"{'PASS' if ok else 'FAIL'} {what}" for ok, what in checks)
-            + f" -> {'promoted to @champion' if passed else 'not promoted'}.")
-    return passed, text
 
 
 def _fmt(v: float) -> str:
@@ -161,8 +110,9 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
     from pipelines.evaluate import evaluate_dataset, log_evaluation
     from pipelines.job import resolve_data_options
     from pipelines.prepare import prepare_dataset
+    from pipelines.promote import baselines, promote
     from pipelines.ray_utils import init_ray
-    from pipelines.registry import annotate_version, configure_tracking, set_alias
+    from pipelines.registry import configure_tracking
     from pipelines.train import train
 
     t_start = time.perf_counter()
@@ -216,16 +166,18 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
                                   started=t_eval)
         _print(comparison_table(metrics, base))
 
-    promoted, gate = promotion_gate(metrics, base)
     with stage(6, total, "registry: promotion gate"):
-        annotate_version(MODEL_NAME, result.registered_version, metrics=metrics, baselines=base, decision=gate,
-                         metrics_source=f"{cfg.data.val_split} split, Ray Data evaluation of the registered model")
+        # instalign promote's code path; the candidate and the baselines are measured above.
+        outcome = promote(MODEL_NAME, result.registered_version, str(prepared), split=cfg.data.val_split,
+                          candidate_metrics=metrics, baseline_metrics=base, num_workers=1, batch_size=16,
+                          experiment=EXPERIMENT,
+                          metrics_source=f"{cfg.data.val_split} split, Ray Data evaluation of the registered model")
+        promoted, gate = outcome.promoted, outcome.text
         _print("      " + gate)
-        alias = "candidate"
+        alias = "champion" if promoted else "candidate"
         if promoted:
-            set_alias(MODEL_NAME, result.registered_version, "champion")
-            alias = "champion"
-            _print(f"      models:/{MODEL_NAME}@champion → version {result.registered_version}")
+            _print(f"      models:/{MODEL_NAME}@champion → version {result.registered_version}"
+                   + (f" (@previous → version {outcome.champion_version})" if outcome.champion_version else ""))
         else:
             _print("      NOT promoted (train longer: --epochs, --num-images)")
 

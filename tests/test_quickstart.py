@@ -50,10 +50,11 @@ def test_quickstart_trains_registers_promotes_and_serves(tmp_path):
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out
 
     summary = json.loads((workdir / "summary.json").read_text())
-    from pipelines.quickstart import promotion_gate
+    from pipelines.promote import decide
 
     val, base = summary["val"], summary["baselines"]
-    promoted, rule = promotion_gate(val, base)
+    decision = decide(val, None, base)  # a fresh workdir: no champion yet, the baselines alone decide
+    promoted, rule = decision.passed, decision.text
     assert summary["promoted"] is promoted and summary["promotion_gate"] == rule
     assert proc.returncode == (0 if promoted else 1)  # the exit status says whether it became champion
     assert base["always empty"]["gIoU"] == 0.0  # ReLA: an empty guess scores nothing
