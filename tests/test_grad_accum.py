@@ -115,3 +115,45 @@ def test_plan_data_needs_the_batch_to_split_over_workers_and_micro_batches():
     assert plan_data(cfg, "/d", manifest, num_workers=4).steps_per_epoch == 5  # micro-batches of 1
 
 
+
+
+@pytest.mark.ray
+def test_a_worker_accumulating_2_micro_batches_equals_one_taking_the_whole_batch(prepared_dataset, ray_local,
+                                                                                  tmp_path):
+    """The worker wiring: micro-batches of batch_size / grad_accum_steps, the same samples per
+    optimizer step as without accumulation (``ordered`` data), and the same per-step losses
+    (module docstring: deterministic terms, optimizer steps made negligible as in test_multinode)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipelines.train import train
+    from worker_hooks import SampleLog
+
+    base = ["data.max_train_samples=16", "data.max_val_samples=4", "data.num_overlays=0", "train.epochs=1",
+            "train.batch_size=8", "train.max_steps=2", "train.log_every_steps=1", "train.precision=fp32",
+            "loss.mask_weight=0", "loss.num_points=256", "model.backbone.kwargs.drop_path_rate=0.0",
+            "train.lr=1.0e-12", "train.min_lr=1.0e-12"]
+    common = dict(num_workers=1, cpus_per_worker=0.5, data_order="ordered", storage_path=str(tmp_path / "ray"),
+                  experiment="test-accum", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", max_failures=0)
+    runs = {}
+    for accum in (1, 2):
+        cfg = load_config("tiny", base + [f"train.grad_accum_steps={accum}"])
+        runs[accum] = train(cfg, str(prepared_dataset), name=f"accum{accum}",
+                            worker_hook=SampleLog(tmp_path / str(accum)), **common)
+
+    def steps(accum):
+        rows = [json.loads(line) for line in (tmp_path / str(accum) / "rank0.jsonl").read_text().splitlines()]
+        return [(r["step"], r["sample_ids"]) for r in rows if "step" in r]
+
+    plain, micro = steps(1), steps(2)
+    assert [s for s, _ in plain] == [1, 2] and [s for s, _ in micro] == [1, 1, 2, 2]
+    assert all(len(ids) == 4 for _, ids in micro)
+    for step, ids in plain:
+        assert sorted(i for s, m in micro if s == step for i in m) == sorted(ids)
+    client = MlflowClient(tracking_uri=common["tracking_uri"])
+    for key in ("loss", "loss_merged", "loss_inst", "loss_nt", "grad_norm"):
+        curves = [[m.value for m in sorted(client.get_metric_history(runs[a].mlflow_run_id, key),
+                                           key=lambda m: m.step)] for a in (1, 2)]
+        assert len(curves[0]) == len(curves[1]) == 2, key
+        assert curves[1] == pytest.approx(curves[0], rel=1e-5), key

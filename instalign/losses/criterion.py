@@ -67,7 +67,6 @@ H×W the stride-4 mask grid.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
