@@ -86,6 +86,38 @@ def test_two_micro_batches_of_4_equal_one_batch_of_8(setup):
     assert abs(mean_plain / full[1]["loss_inst"] - 1) > 1e-2
 
 
+def test_under_ddp_only_the_last_micro_batch_synchronises_gradients(setup, tmp_path):
+    """A real (gloo, one-process) DDP model: its gradient all-reduce runs for the last
+    micro-batch only (``no_sync`` on the others), and the step equals the plain one."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg, model, batch = setup
+    _, _, want = one_step(cfg, model, halves(batch), accum=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(copy.deepcopy(model))
+        reduced = []
+
+        def counting_hook(state, bucket):
+            reduced.append(bucket.index())
+            return allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, counting_hook)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.0)
+        train_one_epoch(ddp, build_criterion(cfg.loss), optimizer, None, halves(batch), device="cpu",
+                        precision="fp32", grad_clip=0.0, report=lambda m, s: None, log_every=1, grad_accum_steps=2)
+        buckets = len(set(reduced))
+        assert buckets >= 1 and len(reduced) == buckets  # one backward's worth of all-reduces, not two
+        got = {n.removeprefix("module."): p.grad for n, p in ddp.named_parameters() if p.grad is not None}
+    finally:
+        dist.destroy_process_group()
+    assert got.keys() == want.keys()
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6 * float(g.abs().max()), msg=name)
+
+
 def test_steps_count_optimizer_steps_and_a_short_last_group_still_steps(setup):
     cfg, model, batch = setup
     parts = halves(batch)
