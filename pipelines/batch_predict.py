@@ -19,8 +19,10 @@ What DATA can be:
   (a local path — relative paths are taken relative to the table's directory — or a URI
   that ``pyarrow.fs`` opens: ``s3://``, ``gs://``, ``file://``…) or, in Parquet, an
   ``image`` column of encoded bytes. An optional ``id`` column names the rows in the output;
-  otherwise the row number does. The table itself is read on the driver (it holds paths,
-  not pixels) so that every row keeps its number.
+  otherwise the row number does. A CSV is read on the driver (it holds paths, not pixels); a
+  Parquet table, which may hold the images, is planned from its footers on the driver and
+  streamed a row group at a time by Ray tasks (``batch_tables.plan_parquet``), each row
+  keeping its number in the table.
 
 How it runs: the checkpoint (a directory, or ``models:/NAME@ALIAS`` resolved once by
 ``pipelines.registry.resolve_checkpoint``) goes into the object store once; DATA is read as

@@ -5,6 +5,8 @@ DATA — a prepared dataset split (``instalign prepare``) or a ``.csv`` / ``.par
 prepared image rows are exploded into their sentences, with the target union as ground truth,
 eq. 8). The actors (``pipelines.batch_actor``) answer in :data:`ACTOR_SCHEMA`, which the job
 splits into :data:`PREDICTION_SCHEMA` and :data:`REJECT_SCHEMA` Parquet tables under OUT.
+A Parquet table is streamed a row group at a time (:func:`plan_parquet`, :func:`read_piece`):
+one that carries its images must not have to fit in the driver's memory.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -113,35 +115,38 @@ def _explode_prepared(batch: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
 
 
-def _read_table(data: str) -> pa.Table:
-    """A CSV/Parquet table of pairs as :data:`INPUT_SCHEMA` rows (read here, on the driver)."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
+#: The columns of a pairs table that batch prediction reads (any others are never read).
+TABLE_COLUMNS = ("id", "image_path", "image", "text")
+#: Rows per block a Parquet read task emits. The task itself holds about 3x one row group
+#: (Arrow's Parquet reader decodes a whole row group at once: 64 MiB in one group peaked at
+#: 194 MiB of Arrow memory, in 64 groups of 2 MiB at 8 MiB); the driver holds none of it.
+READ_ROWS = 32
 
-    path = Path(data)
-    try:
-        if path.suffix.lower() == ".csv":
-            # Every column as text: an id like 007 or a path like 1e5.png must stay what it is.
-            with open(path, newline="", encoding="utf-8") as f:
-                names = next(csv.reader(f), [])
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in names}, strings_can_be_null=True))
-        elif path.suffix.lower() == ".parquet" or path.is_dir():
-            table = pq.read_table(path)
-        else:
-            raise BatchPredictError(f"{data}: expected a prepared dataset directory, a .csv or a .parquet table")
-    except FileNotFoundError:
-        raise BatchPredictError(f"{data}: no such file or directory") from None
-    except (pa.ArrowInvalid, OSError) as e:
-        raise BatchPredictError(f"{data}: not a readable table: {e}") from None
-    columns = set(table.column_names)
+
+def _check_columns(data: str, columns: set[str]) -> None:
     if "text" not in columns:
         raise BatchPredictError(f"{data}: needs a 'text' column (columns: {sorted(columns)})")
     if not columns & {"image_path", "image"}:
         raise BatchPredictError(f"{data}: needs an 'image_path' column (or 'image' bytes in Parquet); "
                                 f"columns: {sorted(columns)}")
-    n = table.num_rows
-    base = path.parent if path.is_file() else path
+
+
+def _image_bytes(table: pa.Table, n: int) -> pa.ChunkedArray:
+    """The ``image`` column as ``binary``: its bytes when it holds bytes, else nulls (a CSV's
+    text, numbers…), as the Python round trip did. Kept in Arrow: that round trip copied every
+    image twice more (4 MiB of images: +4 MiB of ``bytes``, then a 16 MiB Arrow builder)."""
+    kind = table.schema.field("image").type if "image" in table.column_names else pa.null()
+    if any(test(kind) for test in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary,
+                                   pa.types.is_binary_view)):
+        return table.column("image").cast(pa.binary())
+    return pa.chunked_array([pa.nulls(n, pa.binary())])
+
+
+def _input_rows(table: pa.Table, base: Path, first: int) -> pa.Table:
+    """Rows ``first``, ``first + 1``, … of a pairs table as :data:`INPUT_SCHEMA` rows: a row
+    without an ``id`` is named by its number in the whole table, relative image paths are
+    taken relative to ``base`` (the table's directory)."""
+    columns, n = set(table.column_names), table.num_rows
 
     def column(name: str) -> list:
         return table.column(name).to_pylist() if name in columns else [None] * n
@@ -149,16 +154,120 @@ def _read_table(data: str) -> pa.Table:
     ids = column("id")
     paths = [None if p is None else (p if "://" in str(p) or os.path.isabs(str(p)) else str(base / str(p)))
              for p in column("image_path")]
-    images = column("image")
     texts = [None if t is None else str(t) for t in column("text")]
     return pa.Table.from_pydict({
-        "row_id": [str(i) if i is not None else str(k) for k, i in enumerate(ids)],
-        "image": [bytes(b) if isinstance(b, (bytes, bytearray)) else None for b in images],
+        "row_id": [str(i) if i is not None else str(first + k) for k, i in enumerate(ids)],
+        "image": _image_bytes(table, n),
         "image_path": paths,
         "text": texts,
         "gt_mask": [None] * n,
         "gt_no_target": [None] * n,
     }, schema=INPUT_SCHEMA)
+
+
+def _table_base(data: str) -> Path:
+    path = Path(data)
+    return path.parent if path.is_file() else path
+
+
+def _read_csv(data: str) -> pa.Table:
+    """A CSV table of pairs as :data:`INPUT_SCHEMA` rows, read on the driver (it holds paths,
+    not pixels)."""
+    import pyarrow.csv as pacsv
+
+    try:
+        # Every column as text: an id like 007 or a path like 1e5.png must stay what it is.
+        with open(data, newline="", encoding="utf-8") as f:
+            names = next(csv.reader(f), [])
+        table = pacsv.read_csv(data, convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names}, strings_can_be_null=True))
+    except FileNotFoundError:
+        raise BatchPredictError(f"{data}: no such file or directory") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BatchPredictError(f"{data}: not a readable table: {e}") from None
+    _check_columns(data, set(table.column_names))
+    return _input_rows(table, _table_base(data), 0)
+
+
+def plan_parquet(data: str, limit: int = 0) -> list[dict]:
+    """The row groups of a Parquet table (a file, or a directory of files in the order
+    ``pyarrow.parquet.read_table`` reads them) to read, up to ``limit`` rows (0: all): one
+    ``{"path", "row_group", "first", "rows"}`` per row group, ``first`` being the number of
+    its first row in the whole table. Only the files' footers are read, never a row."""
+    import pyarrow.parquet as pq
+
+    path = Path(data)
+    pieces, first = [], 0
+    try:
+        if path.is_dir():
+            dataset = pq.ParquetDataset(path, partitioning=None)
+            files, names = dataset.files, dataset.schema.names
+        else:
+            files = [str(path)]
+            with pq.ParquetFile(path) as f:
+                names = f.schema_arrow.names
+        _check_columns(data, set(names))
+        for file in files:
+            with pq.ParquetFile(file) as f:
+                groups = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
+            for group, rows in enumerate(groups):
+                rows = min(rows, limit - first) if limit else rows
+                if rows > 0:
+                    pieces.append({"path": str(file), "row_group": group, "first": first, "rows": rows})
+                first += rows
+                if limit and first >= limit:
+                    return pieces
+    except FileNotFoundError:
+        raise BatchPredictError(f"{data}: no such file or directory") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BatchPredictError(f"{data}: not a readable table: {e}") from None
+    return pieces
+
+
+def read_piece(piece: dict, base: str) -> Iterator[pa.Table]:
+    """One planned row group (:func:`plan_parquet`) as :data:`INPUT_SCHEMA` tables of at most
+    :data:`READ_ROWS` rows each, reading only :data:`TABLE_COLUMNS`."""
+    import pyarrow.parquet as pq
+
+    first, end = piece["first"], piece["first"] + piece["rows"]
+    with pq.ParquetFile(piece["path"]) as f:
+        columns = [c for c in TABLE_COLUMNS if c in f.schema_arrow.names]
+        for batch in f.iter_batches(batch_size=READ_ROWS, row_groups=[piece["row_group"]], columns=columns):
+            batch = batch.slice(0, end - first)
+            if not batch.num_rows:
+                break
+            yield _input_rows(pa.Table.from_batches([batch]), Path(base), first)
+            first += batch.num_rows
+
+
+def _read_pieces(pieces: pa.Table, base: str) -> Iterator[pa.Table]:
+    """Ray Data UDF: planned row groups in, their pairs out, a slice at a time."""
+    for piece in pieces.to_pylist():
+        yield from read_piece(piece, base)
+
+
+def _read_table(data: str, limit: int = 0):
+    """A CSV/Parquet table of pairs as a ``ray.data.Dataset`` of :data:`INPUT_SCHEMA` rows.
+
+    A CSV (paths, not pixels) is read on the driver. A Parquet table may carry the images
+    themselves: the driver plans its row groups from the footers and Ray tasks stream them
+    (:func:`read_piece`), on the driver's node — where the file is — so memory stays bounded
+    by a row group, whatever the table's size. Row numbers are the table's, as planned.
+    """
+    import ray
+
+    suffix = Path(data).suffix.lower()
+    if suffix == ".csv":
+        return ray.data.from_arrow(_read_csv(data))
+    if suffix != ".parquet" and not Path(data).is_dir():
+        raise BatchPredictError(f"{data}: expected a prepared dataset directory, a .csv or a .parquet table")
+    pieces = plan_parquet(data, limit)
+    if not pieces:
+        return ray.data.from_arrow(INPUT_SCHEMA.empty_table())
+    # Pinned as Ray Data pins its own local:// reads (the ray.io/node-id label).
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    return ray.data.from_items(pieces).map_batches(_read_pieces, batch_size=1, batch_format="pyarrow",
+                                                   fn_kwargs={"base": str(_table_base(data))}, label_selector=here)
 
 
 def read_pairs(cfg: BatchPredictConfig):
@@ -171,11 +280,12 @@ def read_pairs(cfg: BatchPredictConfig):
         fs, paths = split_files(cfg.data, cfg.split)
         if not paths:
             raise BatchPredictError(f"{cfg.data}: split {cfg.split!r} has no Parquet file")
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "width", "height", "image",
-                                                                  "instances", "samples"])
+        # select_columns, not read_parquet(columns=) (deprecated): Ray pushes it into the scan.
+        ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image_id", "width", "height", "image",
+                                                                         "instances", "samples"])
         ds = ds.map_batches(_explode_prepared, batch_format="pyarrow", batch_size=None)
         kind = "prepared"
     else:
-        ds = ray.data.from_arrow(_read_table(cfg.data))
+        ds = _read_table(cfg.data, cfg.limit)
         kind = "table"
     return (ds.limit(cfg.limit) if cfg.limit else ds), kind

@@ -1,4 +1,5 @@
-"""Hostile image files: irregular files are refused unread, bytes and pixels are capped (issue 11)."""
+"""Hostile image files: irregular files are refused unread, bytes and pixels are capped (issue 11);
+only JPEG, PNG, WEBP, BMP, GIF and TIFF are parsed, and any decoder failure is one clean refusal."""
 
 from __future__ import annotations
 
