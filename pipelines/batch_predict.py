@@ -310,6 +310,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    from pipelines.redaction import redacted_output
+
     _parser = argparse.ArgumentParser(prog="python -m pipelines.batch_predict", description=__doc__.split("\n")[0])
     add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))
+    with redacted_output():  # as every ``instalign`` verb's output (pipelines.cli.main)
+        _status = run(_parser.parse_args())
+    sys.exit(_status)
