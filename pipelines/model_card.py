@@ -9,15 +9,34 @@ dataset they were measured on; :func:`link_run_metrics`).
 
 from __future__ import annotations
 
+from instalign.metrics import SLICES
+
 #: The model card's file name inside the logged model (beside ``MLmodel``).
 MODEL_CARD = "MODEL_CARD.md"
 #: Metric keys of a training run linked to its logged model and shown on the card.
 _CARD_METRICS = ("val_gIoU", "val_cIoU", "val_N_acc", "val_T_acc", "val_Pr@0.7", "val_Pr@0.8", "val_Pr@0.9",
                  "val_nt_AUROC", "val_samples")
+#: The slices' metrics (``instalign.metrics.SLICES``): in the card's second table, linked to the model too.
+_SLICE_METRICS = tuple(f"val_{name}.{m}" for name in SLICES for m in ("gIoU", "cIoU", "samples"))
 
 
 def _fmt_metric(value: float) -> str:
     return "n/a" if value != value else (f"{value:.0f}" if float(value).is_integer() else f"{value:.2f}")
+
+
+def _slice_table(logged: dict[str, float]) -> list[str]:
+    """gIoU / cIoU per kind of sample (``instalign.metrics.SLICES``) from the run's ``val_*`` metrics."""
+    from pipelines.tracking_mlflow import metric_key
+
+    rows = [(name, [logged.get(metric_key(f"val_{name}.{m}")) for m in ("gIoU", "cIoU", "samples")])
+            for name in SLICES]
+    rows = [(name, values) for name, values in rows if values[2] is not None]
+    if not rows:
+        return []
+    return ["", "By kind of sample (single-, multi- and no-target expressions; docs/metrics.md):", "",
+            "| slice | gIoU | cIoU | samples |", "|---|---|---|---|"] + [
+        f"| {name} | {_fmt_metric(g) if g is not None else 'n/a'} | {_fmt_metric(c) if c is not None else 'n/a'} "
+        f"| {int(n)} |" for name, (g, c, n) in rows]
 
 
 def model_card(cfg, *, run=None, registered_model_name: str | None = None) -> str:
@@ -82,6 +101,7 @@ def model_card(cfg, *, run=None, registered_model_name: str | None = None) -> st
         lines += ["Validation at the training run's last evaluation (gRefCOCO semantics, percentages; the paper's "
                   "no-target threshold 0.5):", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k.removeprefix('val_')} | {_fmt_metric(v)} |" for k, v in metrics.items()]
+        lines += _slice_table(run.data.metrics)
     else:
         lines.append("None recorded with this model; `instalign evaluate --model models:/NAME/VERSION` logs an "
                      "evaluation run linked to it.")
@@ -117,7 +137,7 @@ def link_run_metrics(client, run, model_id: str) -> None:
 
     from pipelines.tracking_mlflow import metric_key
 
-    keys = {metric_key(k) for k in _CARD_METRICS}
+    keys = {metric_key(k) for k in _CARD_METRICS + _SLICE_METRICS}
     train = [d.dataset for d in run.inputs.dataset_inputs
              if any(t.key == "mlflow.data.context" and t.value == "train" for t in d.tags)]
     name, digest = (train[0].name, train[0].digest) if train else (None, None)

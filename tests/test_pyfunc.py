@@ -278,7 +278,8 @@ def test_logged_in_a_training_run_the_model_carries_a_card_metrics_and_a_describ
     run_id, _ = start_or_resume_run(tracking_uri=store, experiment="pyfunc-tests", run_name="card-run")
     tracker = MlflowTracker(run_id=run_id, tracking_uri=store)
     log_run_inputs(tracker, tiny(), manifest, str(tmp_path / "prepared"), {"num_workers": 1})
-    tracker.log_metrics({"val_gIoU": 41.25, "val_N_acc": 70.0, "val_T_acc": 55.5, "val_samples": 12}, step=7)
+    slices = {"val_single.gIoU": 38.5, "val_single.cIoU": 40.0, "val_single.samples": 8}  # one slice logged
+    tracker.log_metrics({"val_gIoU": 41.25, "val_N_acc": 70.0, "val_T_acc": 55.5, "val_samples": 12, **slices}, step=7)
     version = log_and_register(make_checkpoint(tmp_path / "ckpt"), registered_model_name=name, alias="candidate",
                                run_id=run_id)
 
@@ -290,12 +291,14 @@ def test_logged_in_a_training_run_the_model_carries_a_card_metrics_and_a_describ
     assert "train: 40 samples" in card and "| gIoU | 41.25 |" in card and "| N_acc | 70 |" in card
     assert f"mlflow.pyfunc.load_model('models:/{name}@champion')" in card and "## Limits" in card
     assert "swin_tiny_patch4_window7_224" in card and run_id in card
+    assert "| slice | gIoU | cIoU | samples |" in card and "| single | 38.50 | 40 | 8 |" in card
+    assert "| multi |" not in card  # a slice the run did not log is not made up
 
     from pipelines.registry import version_model_id
 
     model = client.get_logged_model(version_model_id(version))
     assert {m.key: m.value for m in model.metrics} == {"val_gIoU": 41.25, "val_N_acc": 70.0, "val_T_acc": 55.5,
-                                                        "val_samples": 12}
+                                                        "val_samples": 12, **slices}
     assert {m.dataset_name for m in model.metrics} == {"grefcoco"}
     assert [m.step for m in client.get_metric_history(run_id, "val_gIoU")] == [7]  # no duplicate point in the run
 
