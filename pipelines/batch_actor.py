@@ -139,7 +139,8 @@ class BatchPredictor:
                                             f"{prediction.mask.shape}")
                 metrics = GRESMetrics()
                 metrics.update(prediction.mask[None], np.asarray([prediction.no_target]), gt[None],
-                               np.asarray([bool(row["gt_no_target"])]))
+                               np.asarray([bool(row["gt_no_target"])]), [row.get("gt_num_targets")]
+                               if row.get("gt_num_targets") is not None else None)
                 state = metrics.state_dict()
                 result["iou"] = float(state["iou_sum"])  # this sample's IoU, ReLA's no-target convention
                 result["metric_state"] = json.dumps(state)

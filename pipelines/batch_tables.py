@@ -47,6 +47,7 @@ INPUT_SCHEMA = pa.schema([
     ("text", pa.string()),
     ("gt_mask", pa.string()),  # COCO RLE counts of the target union at the stored size; null: no ground truth
     ("gt_no_target", pa.bool_()),
+    ("gt_num_targets", pa.int64()),  # the referred instances (0: no target); the metrics' slices
 ])
 
 #: One row per predicted pair: the pyfunc record's fields, plus the pair and its IoU.
@@ -111,7 +112,7 @@ def _explode_prepared(batch: pa.Table) -> pa.Table:
             union = masks[pick].any(0) if pick else np.zeros((h, w), dtype=bool)
             rows.append({"row_id": f"{image['image_id']}:{smp['ref_id']}:{smp['sent_id']}", "image": image["image"],
                          "image_path": None, "text": smp["text"], "gt_mask": rle_encode(union),
-                         "gt_no_target": bool(smp["no_target"])})
+                         "gt_no_target": bool(smp["no_target"]), "gt_num_targets": len(pick)})
     return pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
 
 
@@ -162,6 +163,7 @@ def _input_rows(table: pa.Table, base: Path, first: int) -> pa.Table:
         "text": texts,
         "gt_mask": [None] * n,
         "gt_no_target": [None] * n,
+        "gt_num_targets": [None] * n,
     }, schema=INPUT_SCHEMA)
 
 

@@ -163,6 +163,10 @@ def test_prepared_split_logs_metrics_to_a_run_linked_to_the_version(registered, 
     # gIoU is the mean of the per-sample IoUs written out (ReLA), here recomputed from the file.
     g_iou = 100.0 * float(np.mean([r["iou"] for r in preds]))
     assert summary["metrics"]["gIoU"] == pytest.approx(g_iou, abs=1e-9)
+    # ... and every sample falls in its slice (single-, multi-, no-target), counted
+    counts = summary["metrics"]
+    assert counts["single.samples"] + counts["multi.samples"] + counts["no_target.samples"] == 12
+    assert counts["no_target.samples"] == sum(r["gt_no_target"] for r in preds)
 
     client = mlflow.MlflowClient(registered["tracking_uri"])
     run_ = client.get_run(summary["mlflow_run_id"])

@@ -63,7 +63,8 @@ def _whole_table_rows(data: Path, limit: int = 0) -> list[dict]:
         out.append({"row_id": str(row["id"]) if row.get("id") is not None else str(k),
                     "image": row.get("image"),
                     "image_path": None if path is None else (path if os.path.isabs(path) else str(base / path)),
-                    "text": None if row["text"] is None else str(row["text"]), "gt_mask": None, "gt_no_target": None})
+                    "text": None if row["text"] is None else str(row["text"]), "gt_mask": None, "gt_no_target": None,
+                    "gt_num_targets": None})
     return out
 
 
