@@ -141,21 +141,19 @@ def plan_tasks(source: GRESSource, splits: list[str] | None = None, *, image_roo
         g = groups[key]
         problem = file_name_problem(g["path"])
         if problem is not None:  # os.stat would raise ValueError, Arrow UnicodeEncodeError: one image, not the run
-            dropped += len(g["samples"])
-            records.append(quarantine_record(
-                dataset=ds, split=g["split"], image_id=g["image_id"], reason="invalid_file_name",
-                detail=f"image {g['image_id']}: its file {g['path']!r:.200} cannot name a file: {problem}; "
-                       f"drops {len({s['ref_id'] for s in g['samples']})} ref(s), {len(g['samples'])} sample(s)"))
-            continue
-        if inside is not None and not os.path.abspath(g["path"]).startswith(inside):
+            reason, why = "invalid_file_name", f"cannot name a file: {problem}"
+        elif inside is not None and not os.path.abspath(g["path"]).startswith(inside):
             # Lexical (abspath normalises ``..``; symlinks are not resolved): an image folder
             # linked into the root is fine, a file_name of "/etc/passwd" or "../../x" is not.
-            refs = {s["ref_id"] for s in g["samples"]}
+            reason, why = "path_escape", f"is outside --root {inside[:-1]!r:.200} (an absolute or '..' file_name)"
+        else:
+            reason = None
+        if reason is not None:
             dropped += len(g["samples"])
             records.append(quarantine_record(
-                dataset=ds, split=g["split"], image_id=g["image_id"], reason="path_escape",
-                detail=f"image {g['image_id']}: its file {g['path']!r:.200} is outside --root {inside[:-1]!r:.200} "
-                       f"(an absolute or '..' file_name); drops {len(refs)} ref(s), {len(g['samples'])} sample(s)"))
+                dataset=ds, split=g["split"], image_id=g["image_id"], reason=reason,
+                detail=f"image {g['image_id']}: its file {g['path']!r:.200} {why}; "
+                       f"drops {len({s['ref_id'] for s in g['samples']})} ref(s), {len(g['samples'])} sample(s)"))
             continue
         g["instances"] = [g["instances"][a] for a in sorted(g["instances"])]
         g["samples"].sort(key=lambda s: (s["ref_id"], s["sent_id"]))
