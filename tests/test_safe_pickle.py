@@ -129,3 +129,23 @@ def test_text_that_no_encoding_reads_is_a_clean_refusal(payload):
     # found by the fuzz tests: both passes raised UnicodeDecodeError and an AssertionError escaped
     with pytest.raises(PickleReadError, match=r"refs\.p: not a readable pickle \(text that is not UTF-8"):
         safe_loads(payload, source="refs.p")
+
+
+def test_a_memo_index_no_pickler_writes_is_refused_before_anything_is_allocated():
+    import resource
+    import struct
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for index in (2**28, 2**31):  # CPython would allocate and zero 4 GiB, 16 GiB of memo for 10 bytes
+        data = b"\x80\x02N" + b"r" + struct.pack("<I", index) + b"."  # None, LONG_BINPUT index
+        with pytest.raises(UnsafePickleError, match=rf"refs\.p: memo index {index} at byte 3"):
+            safe_loads(data, source="refs.p")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 * 1024  # KiB: not GiBs
+    assert safe_loads(pickle.dumps([["a"], ["a"]] * 3, protocol=0)) == [["a"], ["a"]] * 3  # real memo use
+
+
+def test_a_numpy_dtype_left_outside_a_scalar_is_refused():
+    # found by the fuzz tests: a mutated NumPy scalar whose dtype was built but never used
+    data = b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00i8\x89\x88\x87R."
+    with pytest.raises(UnsafePickleError, match=r"refs\.p: a numpy\.dtypes?\.\w+ came out of the pickle"):
+        safe_loads(data, source="refs.p")

@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import pickle
+import pickletools
 from typing import Any, Callable
 
 import numpy as np
@@ -106,8 +107,70 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"{self._source}: refused persistent id {pid!r}")
 
 
+#: Opcodes that store into the memo at an index the file chooses.
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+#: What may come out of a pickle (the NumPy helpers above return Python scalars).
+_PLAIN = (dict, list, tuple, set, frozenset, str, bytes, int, float, bool, type(None))
+
+
+def _check_opcodes(data: bytes, source: str) -> None:
+    """Walk the opcodes without running them (``pickletools.genops``) and refuse a memo index
+    that no pickler writes.
+
+    CPython's unpickler keeps its memo in an array sized to the largest index stored, zeroed:
+    a 10-byte file storing at index 2**31 (``LONG_BINPUT``) makes it allocate and touch 16 GiB
+    (measured: index 2**28 → 4 GiB resident). A pickler numbers its memo entries in order, so
+    an index is never larger than the opcodes before it; that bounds the memo by the file.
+    """
+    try:
+        for n, (opcode, arg, pos) in enumerate(pickletools.genops(data)):
+            if opcode.name in _MEMO_PUTS and isinstance(arg, int) and not 0 <= arg <= n:
+                raise UnsafePickleError(f"{source}: memo index {arg} at byte {pos} (opcode {opcode.name}) is beyond "
+                                        f"what the {n} opcodes before it could have stored; nothing in the file "
+                                        "was executed")
+    except UnsafePickleError:
+        raise
+    except UnicodeDecodeError as exc:  # a Python 2 str is read as Latin-1 here: this is text pickle reads as UTF-8
+        raise PickleReadError(f"{source}: not a readable pickle (text that is not UTF-8: {exc})") from exc
+    except (ValueError, IndexError, TypeError, OverflowError, MemoryError) as exc:
+        raise PickleReadError(f"{source}: not a readable pickle ({type(exc).__name__}: {exc})") from exc
+
+
+def _first_not_plain(value: Any) -> str | None:
+    """The first object in ``value`` that is not plain data (iterative: a pickle can nest deeply)."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if type(v) not in _PLAIN:
+            return f"{type(v).__module__}.{type(v).__name__}"
+        if isinstance(v, dict):
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack += v
+    return None
+
+
 def safe_loads(data: bytes, *, source: str = "<bytes>") -> Any:
-    """Unpickle ``data`` admitting only plain data; ``source`` names it in errors."""
+    """Unpickle ``data`` admitting only plain data; ``source`` names it in errors.
+
+    Three checks: the opcodes are walked first (:func:`_check_opcodes`: the memo a file may
+    ask for), globals outside the allow-list are refused as they are read, and what comes out
+    must be plain data (a ``numpy.dtype`` left outside a NumPy scalar is refused).
+    """
+    _check_opcodes(data, source)
+    obj = _load(data, source)
+    stray = _first_not_plain(obj)
+    if stray is not None:
+        raise UnsafePickleError(f"{source}: a {stray} came out of the pickle; only plain containers and scalars are "
+                                "admitted (nothing in the file was executed)")
+    return obj
+
+
+def _load(data: bytes, source: str) -> Any:
     for encoding in ("utf-8", "latin1"):
         try:
             obj = _RestrictedUnpickler(io.BytesIO(data), source=source, encoding=encoding).load()
