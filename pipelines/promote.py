@@ -42,6 +42,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from instalign.metrics import SLICES
+
 log = logging.getLogger(__name__)
 
 #: The floor on N-acc and on T-acc (percent). Both trivial predictors score 0 on one of the
@@ -53,7 +55,7 @@ DEFAULT_MARGIN = 0.0
 #: Default ``--slice-tolerance``: how many gIoU points any one slice may fall below the champion's.
 DEFAULT_SLICE_TOLERANCE = 2.0
 #: The slices of ``instalign.metrics.GRESMetrics`` (``<slice>.gIoU``, ``<slice>.samples``).
-SLICE_NAMES = ("single", "multi", "multi_2", "multi_3plus", "no_target")
+SLICE_NAMES = tuple(SLICES)
 CHAMPION, PREVIOUS = "champion", "previous"
 
 Metrics = Mapping[str, Any]
