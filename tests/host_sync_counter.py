@@ -27,6 +27,7 @@ not pass through the dispatcher (none known in CPU/CUDA training) are not seen.
 
 from __future__ import annotations
 
+import os
 import traceback
 import weakref
 from collections import Counter
@@ -54,13 +55,23 @@ def _tensors(obj):
             yield from _tensors(x)
 
 
+#: The checkout this file lies in (``tests/..``): sites are named relative to it, wherever it is cloned.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _relative(path: str) -> str:
+    """``instalign/losses/matcher.py`` for a file of this checkout, ``pkg/x.py`` for an installed one."""
+    path = os.path.abspath(path)
+    return path[len(_REPO):] if path.startswith(_REPO) else path.rsplit("/site-packages/", 1)[-1]
+
+
 def _where() -> str:
     """The innermost frame outside torch and this file: the line that asked for the sync."""
     for frame in reversed(traceback.extract_stack()[:-3]):
         f = frame.filename
         if "host_sync_counter" in f or "/torch/" in f:
             continue
-        return f"{f.rsplit('/site-packages/', 1)[-1].rsplit('/work/main/', 1)[-1]}:{frame.lineno}"
+        return f"{_relative(f)}:{frame.lineno}"
     return "?"
 
 
