@@ -22,12 +22,12 @@ install: $(STAMP)
 quickstart: install
 	$(BIN)/instalign quickstart
 
-# The page test (tests/test_web_page.py) drives the system Chromium through Playwright (no
+# The page test (tests/pipelines/serving/test_web_page.py) drives the system Chromium through Playwright (no
 # browser download); only the test suite needs it. With CI=true a missing browser fails that test.
 browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; } || \
-	    echo "warning: could not install the Debian package chromium: tests/test_web_page.py will skip (fail with CI=true)"
+	    echo "warning: could not install the Debian package chromium: tests/pipelines/serving/test_web_page.py will skip (fail with CI=true)"
 
 test: install browser
 	$(BIN)/python -m pytest -q

@@ -5,7 +5,7 @@ One root, ``$INSTALIGN_CACHE`` if set, else ``$XDG_CACHE_HOME/instalign``, else
 
 * ``tiny-roberta/`` — the tiny text encoder of the ``tiny`` preset (:mod:`instalign.modeling.tiny_text`);
 * ``models/<name>/<version>/`` — registry models downloaded by ``evaluate`` / ``predict``
-  (``pipelines.registry``), one copy per registered version.
+  (``pipelines.models.registry``), one copy per registered version.
 
 Every entry is a sealed directory (:mod:`instalign.integrity`): written whole by one
 process, checked on every use, rebuilt when damaged. Clearing the cache is always safe

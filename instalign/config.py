@@ -31,7 +31,10 @@ Aggregation = Literal["aia", "aia_no_prelu", "fixed_threshold"]
 NoTargetInput = Literal["concat", "q_global", "t_sen", "mean_queries"]
 Decoder = Literal["pot", "mask2former", "rela"]
 Precision = Literal["auto", "bf16", "fp32"]
-#: A config value worked out from the prepared dataset when a job is planned (``pipelines.job``).
+#: How a Ray training job reads its samples (``pipelines.data.loader``): ``streaming`` (any size,
+#: reshuffled per epoch) or ``ordered`` (reproducible for any worker count).
+DataOrder = Literal["streaming", "ordered"]
+#: A config value worked out from the prepared dataset when a job is planned (``pipelines.training.job``).
 Auto = Literal["auto"]
 
 #: Reserved text-encoder name: a 2-layer RoBERTa with a byte-level BPE tokenizer that

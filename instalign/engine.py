@@ -2,7 +2,7 @@
 
 One explicit loop in pure PyTorch, no Trainer class and no callback framework (torchtune's
 recipes, nanoGPT's ``train.py``): batches in, a ``report(metrics, step)`` callable out.
-Ray Train wraps these functions in ``pipelines/train.py``; the tests and the laptop
+Ray Train wraps these functions in ``pipelines/training/train.py``; the tests and the laptop
 quickstart call them with a list of batches.
 
 Post-processing follows the paper's inference rule (§3.6, eqs. 8 and 12): if the no-target

@@ -1,7 +1,7 @@
 """Experiment tracking behind a small Protocol (DESIGN §6.9).
 
 The training loop and the evaluation code talk to a ``Tracker``; they never import a
-tracking backend. The MLflow implementation lives in ``pipelines/tracking_mlflow.py``
+tracking backend. The MLflow implementation lives in ``pipelines/core/tracking.py``
 (``instalign/`` must not import mlflow, not even lazily) and is active on rank 0 only;
 every other rank — and every test, and the laptop quickstart without a store — gets the
 ``NullTracker``, so call sites carry no ``if tracking:`` branches (torchtune's

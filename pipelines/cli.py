@@ -10,7 +10,7 @@ them: the project's own error classes (:data:`USER_ERRORS`) and the built-in one
 file or a value (``FileNotFoundError``, ``PermissionError``, ``ValueError`` …). ``--debug``
 (before or after the verb) shows the traceback instead. Anything else is a bug and keeps its
 traceback. Everything a verb prints — these messages, its results, log lines, a ``--debug``
-traceback — passes through :func:`pipelines.redaction.redacted_output`: an error that quotes
+traceback — passes through :func:`pipelines.core.redaction.redacted_output`: an error that quotes
 a URI never prints its credentials.
 """
 
@@ -22,32 +22,32 @@ import sys
 
 VERBS: dict[str, tuple[str, str]] = {
     "quickstart": ("pipelines.quickstart", "synthetic data → prepare → train → evaluate → register → predict, locally"),
-    "prepare": ("pipelines.prepare", "turn an official release into sharded Parquet (Ray Data)"),
-    "train": ("pipelines.train", "train on Ray Train, tracked in MLflow"),
-    "evaluate": ("pipelines.evaluate", "evaluate a checkpoint or registered model (Ray Data)"),
-    "tune": ("pipelines.tune", "hyper-parameter search on Ray Tune"),
-    "register": ("pipelines.registry", "register a run's model / set a registry alias"),
-    "promote": ("pipelines.promote", "move @champion to a version only if it beats the champion and the baselines"),
-    "predict": ("pipelines.predict", "segment one image for one expression, or a dataset/table with --data (Ray Data)"),
-    "serve": ("pipelines.serve", "serve a registered model on Ray Serve: /invocations (pyfunc JSON) and a page at /"),
-    "synthetic": ("pipelines.synthetic", "write a synthetic dataset in the gRefCOCO on-disk format"),
-    "bench": ("pipelines.bench", "benchmarks: model, data, predict"),
+    "prepare": ("pipelines.data.prepare", "turn an official release into sharded Parquet (Ray Data)"),
+    "train": ("pipelines.training.train", "train on Ray Train, tracked in MLflow"),
+    "evaluate": ("pipelines.evaluation.evaluate", "evaluate a checkpoint or registered model (Ray Data)"),
+    "tune": ("pipelines.tuning.tune", "hyper-parameter search on Ray Tune"),
+    "register": ("pipelines.models.register", "register a run's model / set a registry alias"),
+    "promote": ("pipelines.evaluation.promote", "move @champion to a version only if it beats the champion and the baselines"),
+    "predict": ("pipelines.inference.predict", "segment one image for one expression, or a dataset/table with --data (Ray Data)"),
+    "serve": ("pipelines.serving.serve", "serve a registered model on Ray Serve: /invocations (pyfunc JSON) and a page at /"),
+    "synthetic": ("pipelines.data.synthetic", "write a synthetic dataset in the gRefCOCO on-disk format"),
+    "bench": ("pipelines.bench.command", "benchmarks: model, data, predict"),
 }
 
 #: The project's user-facing errors, as ``(module, class name)``. They are looked up in
 #: ``sys.modules`` only when an error is being reported, never imported: an exception of a
 #: class whose module was never imported cannot have been raised, and ``--help`` stays instant.
 USER_ERRORS: tuple[tuple[str, str], ...] = (
-    ("pipelines.prepare", "PrepareError"),
+    ("pipelines.data.prepare", "PrepareError"),
     ("instalign.checkpoint", "CheckpointError"),
     ("instalign.integrity", "IntegrityError"),  # a damaged cache entry or sealed directory
     ("instalign.config", "ConfigError"),
-    ("pipelines.registry", "RegistryError"),
+    ("pipelines.models.source", "RegistryError"),
     ("instalign.data.safe_pickle", "UnsafePickleError"),
     ("instalign.modeling.backbone", "BackboneLoadError"),
     ("instalign.modeling.text_encoder", "TextEncoderLoadError"),
     ("mlflow.exceptions", "MlflowException"),  # e.g. a registered model or alias that does not exist
-    ("pipelines.ray_utils", "RayVersionError"),  # a Ray too old to start an authenticated private cluster
+    ("pipelines.core.ray_cluster", "RayVersionError"),  # a Ray too old to start an authenticated private cluster
 )
 #: Built-in errors that, raised out of a verb, describe the input (a path, a value), not a bug.
 BUILTIN_USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,
@@ -64,8 +64,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == verb:  # only the chosen verb's module is imported
             importlib.import_module(module).add_arguments(p)
-            from pipelines import flags
-
+            from pipelines.core import flags
             flags.add_log_level(p)  # every verb: instalign's and Ray's logs (``main``)
         # SUPPRESS: when absent after the verb, the value given before it (or False) stands.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
@@ -95,12 +94,12 @@ def describe(exc: BaseException) -> str | None:
     exc = _cause(exc)
     if not isinstance(exc, user_error_types()):
         return None
-    return str(exc).strip() or type(exc).__name__  # printed through pipelines.redaction (main)
+    return str(exc).strip() or type(exc).__name__  # printed through pipelines.core.redaction (main)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``instalign VERB …``: the verb's exit status; all its output redacted (module docstring)."""
-    from pipelines.redaction import redacted_output
+    from pipelines.core.redaction import redacted_output
 
     with redacted_output():
         return _main(argv)
@@ -114,8 +113,7 @@ def _main(argv: list[str] | None) -> int:
         build_parser().print_help()
         return 2
     if getattr(args, "log_level", None):  # asked for: before the verb's first log line and Ray's start
-        from pipelines import flags
-
+        from pipelines.core import flags
         flags.setup_logging(args.log_level)
     try:
         module = importlib.import_module(VERBS[args.verb][0])

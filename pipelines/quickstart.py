@@ -5,7 +5,7 @@ On a fresh machine with nothing running it:
 1. writes a synthetic dataset in the exact gRefCOCO on-disk layout (coloured shapes with
    single-, multi- and no-target expressions; ``instalign.data.synthetic``);
 2. starts a private local Ray cluster and prepares the data into sharded Parquet with Ray
-   Data (``pipelines.prepare``);
+   Data (``pipelines.data.prepare``);
 3. trains the ``tiny`` preset — the paper's architecture (POT blocks with Phrase-Object
    Alignment, AIA, the no-target head; §3) at toy width — with Ray Train on ``--workers``
    CPU workers (DDP), tracked in an MLflow store that is just an sqlite file in the workdir,
@@ -14,7 +14,7 @@ On a fresh machine with nothing running it:
    DESIGN §4) next to the trivial baselines — *always empty* and *always no-target* — computed
    with the same metrics on the same val split;
 5. promotes the candidate to ``@champion`` only if it passes the rule of ``instalign promote``
-   (``pipelines.promote``, the same code: val gIoU above both baselines *and* N-acc and T-acc
+   (``pipelines.evaluation.promote``, the same code: val gIoU above both baselines *and* N-acc and T-acc
    each at least 50 (``MIN_CLASS_ACC``), so a model that never — or always — says "no target" is
    never champion; and above any ``@champion`` an earlier run in the same workdir left, which
    is evaluated on the same split), writes the rule and the numbers into the model version's
@@ -24,7 +24,7 @@ On a fresh machine with nothing running it:
 6. prints where everything is and the ``mlflow ui`` command to browse it.
 
 Progress is printed per stage; during training, rank 0 of the Train workers prints its
-progress lines (``pipelines.progress``: epoch, step, losses, lr, samples/s, ETA, memory, and
+progress lines (``pipelines.training.progress``: epoch, step, losses, lr, samples/s, ETA, memory, and
 each epoch's validation), the same lines ``instalign train`` shows.
 """
 
@@ -107,13 +107,13 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
 
     from instalign.config import load_config
     from instalign.data.synthetic import generate_grefcoco
-    from pipelines.evaluate import evaluate_dataset, log_evaluation
-    from pipelines.job import resolve_data_options
-    from pipelines.prepare import prepare_dataset
-    from pipelines.promote import baselines, promote
-    from pipelines.ray_utils import init_ray
-    from pipelines.registry import configure_tracking
-    from pipelines.train import train
+    from pipelines.evaluation.evaluate import evaluate_dataset, log_evaluation
+    from pipelines.training.job import resolve_data_options
+    from pipelines.data.prepare import prepare_dataset
+    from pipelines.evaluation.promote import baselines, promote
+    from pipelines.core.ray_cluster import init_ray
+    from pipelines.models.source import configure_tracking
+    from pipelines.training.train import train
 
     t_start = time.perf_counter()
     workdir = Path(workdir).resolve()
@@ -136,7 +136,7 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
         _print(f"      {json.dumps({s: c['samples'] for s, c in manifest['counts'].items()})} samples, "
                f"quarantined: {manifest['quarantined'] or 'nothing'}")
         # The tiny preset's data-derived options, as every training verb works them out
-        # (pipelines.job); resolved here too so that the summary shows the numbers.
+        # (pipelines.training.job); resolved here too so that the summary shows the numbers.
         cfg, derived = resolve_data_options(cfg, manifest)
         for key, how in derived.items():
             _print(f"      {key} {how} (class balance; the paper is silent on it)")
@@ -218,7 +218,7 @@ def serve_one(model_uri: str, sample: dict[str, Any], out: Path) -> Path:
     import pandas as pd
 
     from instalign.visualize import save_overlay
-    from pipelines.prediction_record import record_to_prediction
+    from pipelines.models.records import record_to_prediction
 
     model = mlflow.pyfunc.load_model(model_uri)
     record = model.predict(pd.DataFrame({"image": [sample["image"]], "text": [sample["text"]]})).iloc[0].to_dict()
@@ -263,8 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (CPU)")
     parser.add_argument("--seed", type=int, default=0, help="data and training seed")
-    from pipelines import flags
-
+    from pipelines.core import flags
     flags.add_address(parser)
     flags.add_data_order(parser)
     parser.set_defaults(data_order="ordered")

@@ -90,7 +90,7 @@ def prepared_dataset(synthetic_root, _ray_session_guard, tmp_path_factory):
     """``synthetic_root`` prepared into sharded Parquet with Ray Data."""
     import ray
 
-    from pipelines.prepare import prepare_dataset
+    from pipelines.data.prepare import prepare_dataset
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=True,
@@ -110,4 +110,4 @@ def _nothing_written_into_the_checkout():
     yield
     assert existed or not os.path.exists(mlruns), (
         f"{mlruns} was written by this test run: some MLflow run or logged model went to the Default "
-        "experiment (create experiments with pipelines.tracking_mlflow.ensure_experiment)")
+        "experiment (create experiments with pipelines.core.tracking.ensure_experiment)")

@@ -3,7 +3,7 @@
 A prepared dataset stores one row per *image* (``records.IMAGE_SCHEMA``); training wants
 one *sample* per sentence (ReLA / gRefCOCO: a sample is an expression with its target
 instances and their union, or none). :func:`row_to_samples` does that explosion for both
-readers of the format — the Ray loader (``pipelines/loader.py``, inside ``map_batches``)
+readers of the format — the Ray loader (``pipelines/data/loader.py``, inside ``map_batches``)
 and :class:`ParquetGRES` (a map-style ``torch`` dataset for evaluation and tests) — so the
 two cannot drift. Each image is decoded and resized once for all of its sentences, its
 instance masks are decoded once (one pycocotools call) and every sentence of the image is

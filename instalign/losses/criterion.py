@@ -339,7 +339,7 @@ def build_criterion(loss_cfg: LossConfig) -> Criterion:
     """Turn the loss config into the matcher and criterion keyword arguments."""
     if loss_cfg.nt_pos_weight == "auto":
         raise ValueError("loss.nt_pos_weight='auto' is worked out from a prepared train split "
-                         "(pipelines.job.resolve_data_options, instalign.losses.balanced_nt_pos_weight); "
+                         "(pipelines.training.job.resolve_data_options, instalign.losses.balanced_nt_pos_weight); "
                          "set a number to build the criterion without one")
     phrase_aligned = loss_cfg.instance_supervision == "phrase_aligned"
     matcher = HungarianMatcher(

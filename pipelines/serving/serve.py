@@ -1,0 +1,491 @@
+"""``instalign serve``: a registered model as a Ray Serve application, with a page for people.
+
+One deployment, :class:`InstAlignService`, whose replicas each hold a ``Predictor`` (GPU
+when one is assigned) behind a FastAPI ingress:
+
+* ``POST /invocations`` — the MLflow pyfunc's contract (``pipelines.models.pyfunc``), so a client
+  written against ``mlflow models serve`` works unchanged: ``{"dataframe_records": [...]}``
+  or ``{"dataframe_split": {"columns": [...], "data": [...]}}`` with ``text`` and ``image``
+  (base64 of the encoded bytes) or ``image_path``; the answer is ``{"predictions": [...]}``
+  in ``prediction_to_record``'s format. Refusals are the pyfunc's own, raised by the same
+  code (``pyfunc.predict_records``: rows, payload bytes and decoded pixels per request,
+  texts, image headers; ``pipelines.models.limits.ServingLimits`` from the ``INSTALIGN_SERVING_*``
+  environment) and answered as MLflow answers them — ``{"error_code", "message"}`` with 400,
+  413 or 503 — never with a stack trace. Unlike MLflow's scoring server, the raw body is
+  bounded too (``pipelines.serving.invocation.max_body_bytes``: the payload limit in base64 plus JSON
+  slack) and read no further once over it.
+* ``GET /ping`` and ``GET /health`` — 200 once the replica has loaded the model.
+* ``GET /`` — the page (``pipelines/serving/web``): pick a bundled sample or upload an image, type an
+  expression, see the overlay that ``instalign predict --out`` draws
+  (``instalign.visualize.overlay``), the verdict and the raw JSON; it posts to
+  ``POST /explain`` (one image, one expression → the record and the overlay PNG).
+
+Dynamic batching (``@serve.batch``): a request is checked and decoded in a worker thread by
+``predict_records``; its rows then join the replica's batch queue, where rows of concurrent
+requests are run through the model together (up to ``max_batch_size`` rows, waiting at most
+``batch_wait_timeout_s`` for a batch to fill). The serving gate (``PredictionGate``) lets as
+many requests decode at once as a batch has rows, so decoded images in memory stay bounded
+by ``max_batch_size`` requests of at most ``pyfunc._CHUNK`` rows each.
+
+Where it listens: ``serve.start(http_options={"host", "port"})`` — loopback unless
+``--host`` says otherwise. The page and ``/invocations`` have no authentication: put a proxy
+that authenticates in front before binding a public interface. Every request passes
+:class:`RequestGuard` first: a ``Host`` header that is not one of the names the server was
+bound to (loopback and ``--host``, with ``--port``, plus ``--allowed-host``) is a 403, so a
+web page reaching the loopback server through DNS rebinding gets nothing; a POST that is not
+``Content-Type: application/json`` is a 415, so no other site's page can send one without
+the CORS preflight this server never grants. Bodies are read with bounds
+(``pipelines.serving.invocation.read_json``: rows counted while parsing) in a worker thread. On Kubernetes,
+``cluster/kuberay/rayservice.yaml`` deploys :func:`app_builder` from a Serve config.
+"""
+
+
+import argparse
+import asyncio
+import base64
+import functools
+import io
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from ray import serve
+from starlette.datastructures import Headers
+
+from pipelines.serving.invocation import RequestError, b64decode_image, max_body_bytes, parse_invocation, read_json
+from pipelines.core.redaction import redact
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+#: Files of the page served under ``/static`` (a fixed list: nothing else under WEB_DIR is reachable).
+STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+APP_NAME = "instalign"
+
+#: The names the application answers to, comma-separated (``--allowed-host``): ``NAME`` on any
+#: port or ``NAME:PORT``; ``*`` turns the check off (a proxy in front checks Host itself).
+ALLOWED_HOSTS_ENV = "INSTALIGN_SERVE_ALLOWED_HOSTS"
+#: Loopback, the default when nothing is set (any port).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+#: Routes answered whatever the Host (probes call them by address; they reveal nothing).
+HEALTH_ROUTES = ("/ping", "/health")
+
+
+def _error(status: int, message: str, error_code: str) -> JSONResponse:
+    # An exception's message may quote a tracking URI or an image URI with credentials in it.
+    return JSONResponse({"error_code": error_code, "message": redact(message)}, status_code=status)
+
+
+def _split_host(value: str) -> tuple[str, Optional[str]]:
+    """``host[:port]`` (``[v6]:port`` too) → (lower-case host, port or None)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        host, _, rest = value.partition("]")
+        return host + "]", rest[1:] if rest.startswith(":") else None
+    if value.count(":") > 1:  # a bare IPv6 address, as --host takes it
+        return f"[{value}]", None
+    host, sep, port = value.partition(":")
+    return host, port if sep else None
+
+
+def allowed_hosts(environ: Optional[dict] = None) -> tuple[str, ...]:
+    """The Host names this process answers to: ``INSTALIGN_SERVE_ALLOWED_HOSTS``, else loopback."""
+    value = (os.environ if environ is None else environ).get(ALLOWED_HOSTS_ENV, "")
+    return tuple(h.strip() for h in value.split(",") if h.strip()) or LOOPBACK_HOSTS
+
+
+def host_allowed(header: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a request's ``Host`` header names this server. Checked so that DNS rebinding (a
+    page whose own name resolves to 127.0.0.1 calling this server) finds no answer."""
+    if "*" in allowed:
+        return True
+    host, port = _split_host(header)
+    port = port or "80"  # a browser leaves HTTP's default port out
+    for entry in allowed:
+        want_host, want_port = _split_host(entry)
+        if host == want_host and want_port in (None, port):
+            return True
+    return False
+
+
+def request_refusal(scope: dict) -> Optional[JSONResponse]:
+    """Why a request is refused before any route runs, or None.
+
+    * a ``Host`` this server does not answer to (:func:`host_allowed`) → 403, except the
+      health routes;
+    * a POST whose ``Content-Type`` is not ``application/json`` → 415: a page on another
+      site can send a "simple" cross-site POST (``text/plain``, forms) to a server on the
+      user's loopback without asking; ``application/json`` needs the browser's CORS
+      preflight, which this server never grants.
+    """
+    headers = Headers(scope=scope)
+    if not scope.get("path", "").rstrip("/").endswith(HEALTH_ROUTES):
+        host, allowed = headers.get("host", ""), allowed_hosts()
+        if not host_allowed(host, allowed):
+            return _error(403, f"this server does not answer to Host {host[:100]!r} (allowed: {', '.join(allowed)}); "
+                               f"add the name with instalign serve --allowed-host ({ALLOWED_HOSTS_ENV})", "FORBIDDEN")
+    if scope.get("method") == "POST":
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            return _error(415, f"Content-Type must be application/json, got {content_type[:100] or 'none'!r}",
+                          "UNSUPPORTED_MEDIA_TYPE")
+    return None
+
+
+class RequestGuard:
+    """ASGI middleware: :func:`request_refusal` before the application sees the request."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = request_refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+api = FastAPI(title="InstAlign", docs_url=None, redoc_url=None, openapi_url=None)
+api.add_middleware(RequestGuard)
+
+
+def _pyfunc_error(e) -> JSONResponse:
+    """A pyfunc refusal (an ``MlflowException``) answered as MLflow's scoring server does."""
+    return _error(e.get_http_status_code(), e.message, e.error_code)
+
+
+@dataclass
+class _Stats:
+    """What this replica's batch queue did (``GET /stats``): batches run and rows per batch."""
+
+    batches: int = 0
+    rows: int = 0
+    largest: int = 0
+
+    def add(self, n: int) -> None:
+        self.batches, self.rows, self.largest = self.batches + 1, self.rows + n, max(self.largest, n)
+
+
+class _QueuedModel:
+    """What ``pyfunc.predict_records`` sees as the predictor: the real transform (for the text
+    checks) and a ``predict_batch`` that queues each row on the replica's event loop, where
+    ``@serve.batch`` runs rows of concurrent requests through the model together."""
+
+    def __init__(self, service: "InstAlignService", loop: asyncio.AbstractEventLoop) -> None:
+        self.transform = service.predictor.transform
+        self._service, self._loop = service, loop
+
+    def predict_batch(self, pictures, texts, batch_size: int = 16):
+        futures = [asyncio.run_coroutine_threadsafe(self._service.predict_row((p, t)), self._loop)
+                   for p, t in zip(pictures, texts)]
+        return [f.result() for f in futures]
+
+
+def _overlay_png(image: bytes, record: dict[str, Any], text: str) -> bytes:
+    """``instalign.visualize.overlay`` of a served record, as PNG bytes."""
+    from instalign.visualize import overlay
+    from pipelines.models.records import record_to_prediction
+    from pipelines.models.pyfunc import decode_image
+
+    picture = decode_image("image", image)
+    buf = io.BytesIO()
+    overlay(picture, record_to_prediction(record), text, top_words=2).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def explain_record(predictor, body: bytes, *, limits, gate) -> tuple[dict[str, Any], bytes]:
+    """The work of ``POST /explain`` (``{"image": base64, "text": str}``), in a request thread:
+    the record and its overlay PNG.
+
+    The body is read with bounds and checked as the pyfunc checks a request, with no model
+    work; then, inside one of ``gate``'s slots, everything that grows with the image — the
+    prediction, the image decoded again and the overlay drawn at its full size — so the
+    gate bounds the page's memory as it bounds ``/invocations``'.
+    """
+    import pandas as pd
+
+    from pipelines.models.pyfunc import check_request, predict_checked
+
+    payload = read_json(body, max_rows=1)
+    if not isinstance(payload, dict):
+        raise RequestError(400, "the body must be a JSON object with 'image' and 'text'")
+    image = b64decode_image(0, payload.get("image"))
+    if not image:
+        raise RequestError(400, "choose an image first")
+    request = check_request(pd.DataFrame({"image": [image], "text": [payload.get("text")]}), limits)
+    with gate.slot():
+        (record,) = predict_checked(predictor, request)
+        return record, _overlay_png(image, record, request.texts[0])
+
+
+@serve.deployment(name="InstAlign", max_ongoing_requests=32)
+@serve.ingress(api)
+class InstAlignService:
+    """One replica: the model, the serving limits, the batch queue.
+
+    Args:
+        model: checkpoint directory or ``models:/NAME@ALIAS`` (resolved on the replica's node
+            through the registry cache: ``pipelines.models.registry.resolve_checkpoint``).
+        tracking_uri: MLflow tracking URI for a ``models:/`` model.
+        max_batch_size: rows per model call across concurrent requests.
+        batch_wait_timeout_s: how long a batch waits to fill.
+        top_words: words reported per instance.
+    """
+
+    def __init__(self, model: str, tracking_uri: Optional[str] = None, max_batch_size: int = 8,
+                 batch_wait_timeout_s: float = 0.01, top_words: int = 3) -> None:
+        import torch
+
+        from instalign.predictor import Predictor
+        from pipelines.models.source import configure_tracking, is_model_uri, resolve_checkpoint
+        from pipelines.models.limits import PredictionGate, ServingLimits
+
+        if is_model_uri(model):
+            configure_tracking(tracking_uri)
+        checkpoint = resolve_checkpoint(model)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.predictor = Predictor.from_checkpoint(checkpoint, device=device, top_words=top_words)
+        self.model = model
+        self.limits = ServingLimits.load()
+        slots = max(self.limits.max_concurrent, max_batch_size)
+        self.gate = PredictionGate(slots, self.limits.queue_timeout_s)
+        # Two pools, never asyncio's default one: request threads block until their rows come
+        # back from the batch queue, so the model must not need a thread from the same pool
+        # (with the default pool's min(32, CPUs + 4) threads that deadlocks under load).
+        self._requests = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="instalign-request")
+        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="instalign-model")
+        self.max_body = max_body_bytes(self.limits.max_request_bytes)
+        self.predict_row.set_max_batch_size(max_batch_size)
+        self.predict_row.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.stats = _Stats()
+        self.samples = json.loads((WEB_DIR / "samples" / "samples.json").read_text())["samples"]
+        log.info("InstAlign replica ready: %s on %s, batches of up to %d rows", model, device, max_batch_size)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def predict_row(self, items: list[tuple[Any, str]]) -> list[Any]:
+        """A batch of (decoded image, text) rows from any requests → their ``Prediction``\\ s."""
+        pictures, texts = [p for p, _ in items], [t for _, t in items]
+        self.stats.add(len(items))
+        run = functools.partial(self.predictor.predict_batch, pictures, texts, batch_size=len(items))
+        return await asyncio.get_running_loop().run_in_executor(self._model, run)
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it passes :attr:`max_body`."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise RequestError(413, f"the body is {declared} bytes, above the limit of {self.max_body} bytes",
+                               "RESOURCE_EXHAUSTED")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise RequestError(413, f"the body is over the limit of {self.max_body} bytes", "RESOURCE_EXHAUSTED")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _records(self, frame) -> list[dict[str, Any]]:
+        from pipelines.models.pyfunc import predict_records
+
+        loop = asyncio.get_running_loop()
+        run = functools.partial(predict_records, _QueuedModel(self, loop), frame, limits=self.limits, gate=self.gate)
+        return await loop.run_in_executor(self._requests, run)
+
+    @api.get("/ping")
+    @api.get("/health")
+    def ping(self) -> Response:
+        return Response("\n", media_type="text/plain")
+
+    @api.get("/stats")
+    def batch_stats(self) -> dict[str, int]:
+        return {"batches": self.stats.batches, "rows": self.stats.rows, "largest_batch": self.stats.largest}
+
+    @api.post("/invocations")
+    async def invocations(self, request: Request) -> Response:
+        from mlflow.exceptions import MlflowException
+
+        try:  # Host and Content-Type were checked before this (RequestGuard)
+            body = await self._body(request)
+            # Read off the event loop (a big body takes a while), rows counted as they are read.
+            frame = await asyncio.to_thread(parse_invocation, body, max_rows=self.limits.max_rows)
+            records = await self._records(frame)
+        except RequestError as e:
+            return _error(e.status, e.message, e.error_code)
+        except MlflowException as e:  # PyfuncInputError, RequestTooLarge, ServerBusy
+            return _pyfunc_error(e)
+        return JSONResponse({"predictions": records})
+
+    # --- the page ---------------------------------------------------------------------------
+
+    @api.get("/")
+    def page(self) -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+    @api.get("/static/{name}")
+    def static(self, name: str) -> Response:
+        if name not in STATIC_FILES:
+            return _error(404, f"no static file {name!r}", "NOT_FOUND")
+        return FileResponse(WEB_DIR / name, media_type=STATIC_FILES[name])
+
+    @api.get("/samples")
+    def sample_list(self) -> dict[str, Any]:
+        return {"model": self.model, "samples": self.samples}
+
+    @api.get("/samples/{name}")
+    def sample(self, name: str) -> Response:
+        if name not in {s["file"] for s in self.samples}:
+            return _error(404, f"no sample {name!r}", "NOT_FOUND")
+        return FileResponse(WEB_DIR / "samples" / name, media_type="image/jpeg")
+
+    @api.post("/explain")
+    async def explain(self, request: Request) -> Response:
+        """``{"image": base64, "text": str}`` → the record, the overlay PNG (base64) and the
+        instance colours the overlay used, for the page (:func:`explain_record`)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            body = await self._body(request)
+            loop = asyncio.get_running_loop()
+            run = functools.partial(explain_record, _QueuedModel(self, loop), body, limits=self.limits, gate=self.gate)
+            record, png = await loop.run_in_executor(self._requests, run)
+        except RequestError as e:
+            return _error(e.status, e.message, e.error_code)
+        except MlflowException as e:
+            return _pyfunc_error(e)
+        from instalign.visualize import PALETTE
+
+        colours = ["#%02x%02x%02x" % PALETTE[k % len(PALETTE)] for k in range(len(record["instances"]))]
+        return JSONResponse({"prediction": record, "overlay_png": base64.b64encode(png).decode(),
+                             "colours": colours})
+
+
+# --- building and running the application ----------------------------------------------------
+
+def build_app(model: str, *, tracking_uri: Optional[str] = None, replicas: int = 1, gpus_per_replica: float = 0.0,
+              cpus_per_replica: float = 1.0, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+              top_words: int = 3, allowed_hosts: Optional[list[str]] = None) -> serve.Application:
+    """The Serve application for ``model`` (a checkpoint directory or ``models:/`` URI).
+
+    ``allowed_hosts``: the ``Host`` names the replicas answer to (:func:`host_allowed`);
+    ``None``: ``$INSTALIGN_SERVE_ALLOWED_HOSTS``, else loopback on any port.
+    """
+    if replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    if max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if gpus_per_replica < 0 or cpus_per_replica < 0:
+        raise ValueError("--gpus-per-replica and --cpus-per-replica must be >= 0")
+    options: dict[str, Any] = {"num_cpus": cpus_per_replica}
+    if gpus_per_replica:
+        options["num_gpus"] = gpus_per_replica
+    from pipelines.models.limits import ENV
+
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "INSTALIGN_CACHE", ALLOWED_HOSTS_ENV,
+                                      *ENV.values())
+           if k in os.environ}
+    if allowed_hosts is not None:
+        env[ALLOWED_HOSTS_ENV] = ",".join(allowed_hosts)
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    deployment = InstAlignService.options(num_replicas=replicas, ray_actor_options=options,
+                                          max_ongoing_requests=max(8, 4 * max_batch_size))
+    return deployment.bind(model, tracking_uri, max_batch_size, batch_wait_timeout_s, top_words)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for a Serve config (``import_path: pipelines.serving.serve:app_builder``; KubeRay).
+
+    ``args``: ``model`` (required), ``tracking_uri``, ``max_batch_size``, ``batch_wait_timeout_s``,
+    ``top_words``. Replicas, resources and autoscaling come from the config's ``deployments``.
+    """
+    if "model" not in args:
+        raise ValueError("app_builder: args need 'model' (a models:/NAME@ALIAS URI or a checkpoint directory)")
+    return InstAlignService.bind(str(args["model"]), args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
+                                 int(args.get("max_batch_size", 8)), float(args.get("batch_wait_timeout_s", 0.01)),
+                                 int(args.get("top_words", 3)))
+
+
+def bound_hosts(host: str, port: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``Host`` names a server bound to ``host:port`` answers to: loopback and ``host``,
+    each with the port, then ``extra`` (``--allowed-host``) as given."""
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    names = [f"{name}:{port}" for name in dict.fromkeys((*LOOPBACK_HOSTS, shown.lower()))]
+    return names + [h.strip() for h in extra if h.strip()]
+
+
+def start(model: str, *, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
+          tracking_uri: Optional[str] = None, allowed_hosts: tuple[str, ...] = (), **options: Any) -> str:
+    """Connect to Ray (``ray_cluster.init_ray``), start Serve's HTTP proxy on ``host:port`` and
+    deploy the application, answering to :func:`bound_hosts`; returns its URL once every
+    replica is ready."""
+    from pipelines.core.ray_cluster import init_ray
+
+    init_ray(address)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(model, tracking_uri=tracking_uri, allowed_hosts=bound_hosts(host, port, allowed_hosts),
+                        **options), name=APP_NAME, route_prefix="/")
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR|models:/NAME@ALIAS|models:/NAME/VERSION",
+                        help="checkpoint directory or registered model")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to deploy on (auto, HOST:PORT); default: a private local cluster")
+    parser.add_argument("--replicas", type=int, default=1, help="model replicas (default: 1)")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (0: CPU)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (default: 1)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="rows run through the model together across concurrent requests (default: 8)")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="how long a batch waits to fill, in milliseconds (default: 10)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 exposes "
+                             "an unauthenticated server)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME[:PORT]",
+                        help="a Host name the server also answers to, e.g. the name of a proxy in front (repeat for "
+                             "more; without a port, any port; '*' turns the check off). Default: 127.0.0.1, "
+                             "localhost, [::1] and --host, with --port; other names get 403 (DNS rebinding)")
+    parser.add_argument("--top-words", type=int, default=3, help="words reported per instance")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI for models:/ URIs "
+                             "(default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from instalign.checkpoint import CheckpointError
+    from pipelines.models.source import RegistryError, configure_tracking, is_model_uri, resolve_checkpoint
+
+    tracking_uri = configure_tracking(args.tracking_uri) if is_model_uri(args.model) else None
+    try:
+        from instalign.checkpoint import checkpoint_files
+
+        # A wrong name, alias or directory fails here, in one line, before Ray starts.
+        checkpoint_files(resolve_checkpoint(args.model))
+        url = start(args.model, host=args.host, port=args.port, address=args.address, tracking_uri=tracking_uri,
+                    replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                    cpus_per_replica=args.cpus_per_replica, max_batch_size=args.max_batch_size,
+                    batch_wait_timeout_s=args.batch_wait_ms / 1000.0, top_words=args.top_words,
+                    allowed_hosts=tuple(args.allowed_host))
+    except (RegistryError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"instalign serve: {e}", file=sys.stderr)
+        return 1
+    print(f"serving {args.model} at {url}/ (page), {url}/invocations (JSON), {url}/ping; Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+        serve.delete(APP_NAME)
+    return 0

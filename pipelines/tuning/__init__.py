@@ -1,0 +1,7 @@
+"""Hyper-parameter search on Ray Tune: each trial is one training job (``pipelines.training.job``).
+
+Holds: ``tune`` (the verb), ``space`` (search spaces from ``tune_spaces/``), ``trial`` (one
+trial as an MLflow child run), ``report`` (the trial table, plot and the best model).
+
+May import: ``pipelines.core``, ``pipelines.data``, ``pipelines.models``, ``pipelines.training``.
+"""
