@@ -1,8 +1,8 @@
 """``instalign tune``: searcher, scheduler and CLI (fast), then real searches — Ray Tune over
 Ray Train on the tiny preset, MLflow in a temp store, ASHA, registry, resume.
 
-The planning arithmetic is in ``test_resources.py``, the reports in ``test_tune_report.py``,
-a trial's reports and config in ``test_tune_trial.py``."""
+The planning arithmetic is in ``test_resources.py``, the reports in ``test_report.py``,
+a trial's reports and config in ``test_trial.py``."""
 
 from __future__ import annotations
 

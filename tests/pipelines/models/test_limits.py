@@ -4,7 +4,7 @@ checked before decoding, bounded concurrent predictions, limits from the environ
 One real registered model (tiny random checkpoint, sqlite MLflow store) loaded through
 ``mlflow.pyfunc.load_model`` with limits set per test through ``model_config``; the HTTP side
 (status codes from a real ``mlflow models serve``, memory under concurrent load) is in
-``tests/pipelines/models/test_serving_memory.py``.
+``tests/pipelines/models/test_limits_memory.py``.
 """
 
 from __future__ import annotations
