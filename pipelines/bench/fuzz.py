@@ -1,6 +1,6 @@
 """``instalign bench fuzz``: the trust boundaries fuzzed at scale, as a table.
 
-Runs the property-based fuzz tests of a source checkout (``tests/test_fuzz_*.py``, built on
+Runs the property-based fuzz tests of a source checkout (``tests/**/test_fuzz_*.py``, built on
 Hypothesis) in a child pytest with ``--examples`` cases per test instead of CI's few dozen,
 in *tally* mode (``tests/support/fuzz_support.py``): no case fails the run; every case executed is
 counted per boundary by what actually happened — a result, the boundary's clean refusal, an
@@ -40,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def fuzz_tests() -> list[Path]:
     """The fuzz test modules of this checkout; a clean exit when there is none (an installed wheel)."""
-    files = sorted((REPO / "tests").glob("test_fuzz_*.py"))
+    files = sorted((REPO / "tests").rglob("test_fuzz_*.py"))
     if not files:
-        raise SystemExit(f"instalign bench fuzz: no tests/test_fuzz_*.py under {REPO}; it runs from a source checkout")
+        raise SystemExit(f"instalign bench fuzz: no tests/**/test_fuzz_*.py under {REPO}; it runs from a source checkout")
     return files
 
 
