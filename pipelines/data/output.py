@@ -19,7 +19,7 @@ import uuid
 
 import pyarrow.fs as pafs
 
-from instalign.data.readers import is_safe_split_name
+from instalign.data.release_checks import is_safe_split_name
 from instalign.data.records import MANIFEST_NAME, QUARANTINE_DIR
 from pipelines.core.output_dirs import MARKER_NAME, replaceable_output
 from pipelines.data.records import PrepareError

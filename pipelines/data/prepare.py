@@ -35,7 +35,7 @@ ref dropped because one of its annotations was invalid) and ``unexpected_error``
 Ray Data).
 
 Release files are not trusted to steer paths (issue 11): split names must pass
-``readers.is_safe_split_name`` before they become directories, image paths must stay inside
+``release_checks.is_safe_split_name`` before they become directories, image paths must stay inside
 ``--root`` (checked lexically: symlinked image folders keep working), and only regular
 files are read, up to ``max_image_bytes``; decoding is refused above ``max_image_pixels``.
 
@@ -61,7 +61,7 @@ table and Parquet encoding buffers (about as much again), plus one decoded image
 (~1 MB for COCO; at most ``max_image_pixels`` × 3 bytes, 150 MB at the default cap).
 
 Ray starts while the release is read (issue 16). Only the release's files are located on the
-driver first (:func:`instalign.data.readers.locate_release`: a wrong ``--root`` fails at once,
+driver first (:func:`instalign.data.release_files.locate_release`: a wrong ``--root`` fails at once,
 without Ray); then a forked child process parses and checks them, groups the records by image
 and builds the task table (:class:`_Plan`, sent back through a pipe) while ``init_ray`` runs in
 the main thread — Ray 2.60 started from another thread makes the process exit at its first
@@ -109,8 +109,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from instalign.data.images import DEFAULT_MAX_IMAGE_BYTES
-from instalign.data.readers import ReleaseFiles, gc_paused, is_safe_split_name, locate_release, read_release
+from instalign.data.readers import gc_paused, read_release
 from instalign.data.records import QUARANTINE_DIR, QUARANTINE_SCHEMA, SCHEMA_VERSION
+from instalign.data.release_checks import is_safe_split_name
+from instalign.data.release_files import DATASETS, ReleaseFiles, locate_release
 from instalign.data.safe_pickle import UnsafePickleError
 from instalign.data.source import GRESSource
 from pipelines.core.forked import ChildFailed, ForkedCall, fork_is_safe
@@ -127,8 +129,6 @@ __all__ = ["DATASETS", "PrepareError", "prepare_dataset", "add_arguments", "run"
            "replace_output", "write_manifest", "DEFAULT_MAX_IMAGE_PIXELS"]
 
 log = logging.getLogger("instalign.prepare")
-
-DATASETS = ("grefcoco", "refzom", "refcoco", "refcoco+", "refcocog")
 
 
 # --- the driver -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ A reader (``instalign.data.readers``) returns the refs, annotations and images o
 quarantine row (:func:`quarantine_record`, ``QUARANTINE_SCHEMA``) with a reason code —
 ``unknown_image``, ``missing_image_record``, ``missing_annotation``,
 ``annotation_image_mismatch``, ``unsafe_split``, ``path_escape``, ``invalid_file_name`` (a NUL
-byte or an unencodable character: ``readers.file_name_problem``) — and a message naming the
+byte or an unencodable character: ``release_checks.file_name_problem``) — and a message naming the
 record. The rest is grouped by ``(image, split)``, one *task* per image however many
 expressions name it (``TASK_SCHEMA``), which ``pipelines.data.shards`` processes on Ray
 workers. Nothing here touches an image file or Ray.
@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 from instalign.data.masks import PLAIN_NUMBER_TYPES
-from instalign.data.readers import file_name_problem, gc_paused, is_safe_split_name, reference_problems
+from instalign.data.readers import gc_paused, reference_problems
 from instalign.data.records import IMAGE_SCHEMA
+from instalign.data.release_checks import file_name_problem, is_safe_split_name
 from instalign.data.source import Annotation, GRESSource
 from pipelines.core.redaction import redact
 

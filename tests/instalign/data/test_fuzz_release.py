@@ -149,7 +149,8 @@ def _samples(tasks) -> int:
 
 def _prepare_without_ray(ds: str, refs_file: Path, instances_file: Path, image_dir: Path, root: Path):
     """What ``instalign prepare`` does to a release before writing shards, in this process."""
-    from instalign.data.readers import locate_release, read_release
+    from instalign.data.readers import read_release
+    from instalign.data.release_files import locate_release
     from pipelines.data.records import plan_tasks, to_task_table
     from pipelines.data.shards import process_task
 

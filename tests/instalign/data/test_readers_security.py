@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.fixtures_official import write_grefcoco, write_refzom
-from instalign.data.readers import SourceFormatError, is_safe_split_name, read_grefcoco, read_refzom
+from instalign.data.readers import SourceFormatError, read_grefcoco, read_refzom
+from instalign.data.release_checks import is_safe_split_name
 
 
 def _edit_json(path: Path, mutate) -> None:
@@ -143,7 +144,7 @@ def test_release_file_that_is_a_fifo_or_device_is_refused_unread(tmp_path):
     ("COCO_\ud800.jpg", "its character '\\ud800' cannot be encoded (utf-8: surrogates not allowed)"),
 ])
 def test_file_names_that_cannot_name_a_file(name, problem):
-    from instalign.data.readers import file_name_problem
+    from instalign.data.release_checks import file_name_problem
 
     assert file_name_problem(name) == problem
 

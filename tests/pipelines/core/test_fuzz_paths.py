@@ -1,6 +1,6 @@
 """Fuzz: names from outside that become paths (issue "nothing leaked").
 
-* **Split names** (``readers.is_safe_split_name``): a split becomes a directory under
+* **Split names** (``release_checks.is_safe_split_name``): a split becomes a directory under
   ``prepare --out`` and a shard file name (``prepare_shards.shard_file_name``). For any
   string (separators, dots, NUL, Unicode, 1,000 characters) or non-string, the check answers
   without raising, and every name it admits joins to exactly one level under ``--out``.
@@ -48,7 +48,7 @@ def _one_level_under(out: str, name: str) -> str | None:
 @fuzz_settings(default=200)
 @given(name=_SPLITS | st.integers() | st.none() | st.binary(max_size=8))
 def test_admitted_split_names_stay_one_level_under_out(name):
-    from instalign.data.readers import is_safe_split_name
+    from instalign.data.release_checks import is_safe_split_name
 
     out = "/data/prepared"
 
@@ -57,7 +57,7 @@ def test_admitted_split_names_stay_one_level_under_out(name):
         assert isinstance(ok, bool)
         return name if ok else None
 
-    run_case("split names: readers.is_safe_split_name", name, call, refusals=(),
+    run_case("split names: release_checks.is_safe_split_name", name, call, refusals=(),
              escaped=lambda admitted: admitted is not None and _one_level_under(out, admitted))
 
 
@@ -80,7 +80,7 @@ _FILE_NAMES = (st.sampled_from(["COCO_train2014_000000001001.jpg", "../../../etc
 @fuzz_settings()
 @given(splits=st.lists(_SPLITS, min_size=9, max_size=9), file_names=st.lists(_FILE_NAMES, min_size=3, max_size=3))
 def test_planned_tasks_keep_safe_splits_and_paths_inside_the_root(source, splits, file_names):
-    from instalign.data.readers import is_safe_split_name
+    from instalign.data.release_checks import is_safe_split_name
     from pipelines.data.records import PrepareError, plan_tasks
 
     root, pristine = source
