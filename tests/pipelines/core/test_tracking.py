@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -260,29 +259,3 @@ def test_concurrent_runs_of_one_experiment_log_the_same_dataset(store):
         client = MlflowClient(tracking_uri=store)
         assert all([d.dataset.name for d in client.get_run(r).inputs.dataset_inputs] == ["grefcoco"] for r in runs)
 
-
-def test_system_metrics_monitor_logs_into_the_run_per_node(store):
-    """The per-node monitor a training node runs: ``system/<node>/...`` metrics reach the run;
-    a second monitor (another node, or a restarted one) continues the run's steps."""
-    from mlflow import MlflowClient
-
-    from pipelines.training.system_metrics import system_metrics
-
-    run_id, _ = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="sysmetrics")
-    client = MlflowClient(tracking_uri=store)
-
-    def monitor_until_logged(node: str) -> list[int]:
-        key = f"system/{node}/cpu_utilization_percentage"
-        with system_metrics(run_id, store, node_id=node, sampling_interval=0.2, samples_before_logging=1) as monitor:
-            assert monitor is not None
-            deadline = time.monotonic() + 60  # a bound for a loaded machine, not a timing
-            while key not in client.get_run(run_id).data.metrics and time.monotonic() < deadline:
-                time.sleep(0.2)
-        return [m.step for m in client.get_metric_history(run_id, key)]
-
-    first = monitor_until_logged("node_0")
-    logged = set(client.get_run(run_id).data.metrics)
-    assert first and {"system/node_0/cpu_utilization_percentage", "system/node_0/system_memory_usage_megabytes",
-                      "system/node_0/system_memory_usage_percentage"} <= logged
-    second = monitor_until_logged("node_1")
-    assert second and min(second) > max(first)

@@ -67,16 +67,6 @@ def test_loop_config_carries_the_dataclasses_through_rays_pickler(tmp_path):
         RunSpec(run_name="x", data_dir="/d", steps_per_epoch=4, data_order="random")
 
 
-def test_checkpoint_names_sort_by_step_and_never_reuse_a_damaged_one():
-    from pipelines.training.resume import checkpoint_name
-
-    assert checkpoint_name(6) == "step_00000006" and checkpoint_name(6, {"step_00000004"}) == "step_00000006"
-    assert checkpoint_name(6, {"step_00000006"}) == "step_00000006.1"
-    assert checkpoint_name(6, {"step_00000006", "step_00000006.1"}) == "step_00000006.2"
-    names = ["step_00000008", "step_00000006.1", "step_00000004", "step_00000006", "step_00000010"]
-    assert sorted(names) == ["step_00000004", "step_00000006", "step_00000006.1", "step_00000008", "step_00000010"]
-
-
 @pytest.mark.ray
 def test_driver_rejects_bad_requests_before_starting_anything(prepared_dataset, tmp_path):
     from instalign.data.parquet import DatasetFormatError
