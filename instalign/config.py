@@ -13,18 +13,22 @@ Two presets:
   6-layer deformable pixel decoder and the loss weights of eq. 13 and eq. 5–7.
 * ``tiny`` — the same architecture at toy width for tests and the quickstart: a
   one-block-per-stage Swin at 128×128 and a 2-layer RoBERTa, random init, CPU-fast.
+
+How a mapping becomes this tree, and the error every bad value raises, are
+``instalign.config_checks``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from instalign.config_checks import ConfigError, build_dataclass, check, check_literal, to_plain
 
 InstanceSupervision = Literal["phrase_aligned", "vanilla", "none"]
 Aggregation = Literal["aia", "aia_no_prelu", "fixed_threshold"]
@@ -41,23 +45,6 @@ Auto = Literal["auto"]
 #: ``instalign.modeling.tiny_text`` writes to a local directory (Hugging Face layout) and
 #: that is then loaded through the ordinary ``from_pretrained`` path. Random init.
 TINY_TEXT_ENCODER = "instalign/tiny-roberta"
-
-
-class ConfigError(ValueError):
-    """A config value, key or file is invalid; the message names it."""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-def _check_literal(obj: Any, name: str) -> None:
-    """Validate a ``Literal`` field against its allowed values."""
-    hints = typing.get_type_hints(type(obj))
-    allowed = typing.get_args(hints[name])
-    value = getattr(obj, name)
-    _check(value in allowed, f"{type(obj).__name__}.{name}={value!r}: expected one of {list(allowed)}")
 
 
 @dataclass
@@ -79,7 +66,7 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         self.out_indices = tuple(self.out_indices)
-        _check(len(self.out_indices) == 4, "model.backbone.out_indices: need 4 levels (strides 4, 8, 16, 32)")
+        check(len(self.out_indices) == 4, "model.backbone.out_indices: need 4 levels (strides 4, 8, 16, 32)")
 
 
 @dataclass
@@ -95,7 +82,7 @@ class TextEncoderConfig:
     max_tokens: int = 20
 
     def __post_init__(self) -> None:
-        _check(self.max_tokens >= 3, "model.text_encoder.max_tokens must be >= 3")
+        check(self.max_tokens >= 3, "model.text_encoder.max_tokens must be >= 3")
 
 
 @dataclass
@@ -111,8 +98,8 @@ class PixelDecoderConfig:
     attention_impl: Literal["pytorch", "reference", "auto"] = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.num_layers >= 0, "model.pixel_decoder.num_layers must be >= 0")
-        _check_literal(self, "attention_impl")
+        check(self.num_layers >= 0, "model.pixel_decoder.num_layers must be >= 0")
+        check_literal(self, "attention_impl")
 
 
 @dataclass
@@ -142,12 +129,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("aggregation", "no_target_input", "decoder"):
-            _check_literal(self, name)
-        _check(self.image_size % 32 == 0, f"model.image_size={self.image_size}: must be a multiple of 32")
-        _check(self.hidden_dim % self.num_heads == 0, "model.hidden_dim must be divisible by model.num_heads")
-        _check(self.num_queries >= 1, "model.num_queries must be >= 1")
-        _check(self.num_blocks >= 1, "model.num_blocks must be >= 1")
-        _check(0.0 < self.score_threshold < 1.0, "model.score_threshold must be in (0, 1)")
+            check_literal(self, name)
+        check(self.image_size % 32 == 0, f"model.image_size={self.image_size}: must be a multiple of 32")
+        check(self.hidden_dim % self.num_heads == 0, "model.hidden_dim must be divisible by model.num_heads")
+        check(self.num_queries >= 1, "model.num_queries must be >= 1")
+        check(self.num_blocks >= 1, "model.num_blocks must be >= 1")
+        check(0.0 < self.score_threshold < 1.0, "model.score_threshold must be in (0, 1)")
 
 
 @dataclass
@@ -173,14 +160,14 @@ class LossConfig:
     importance_sample_ratio: float = 0.75
 
     def __post_init__(self) -> None:
-        _check_literal(self, "instance_supervision")
+        check_literal(self, "instance_supervision")
         for name in ("merged_weight", "inst_weight", "nt_weight", "score_weight", "mask_weight", "phrase_weight"):
-            _check(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
-        _check(self.nt_pos_weight == "auto" or (isinstance(self.nt_pos_weight, float) and self.nt_pos_weight > 0),
+            check(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
+        check(self.nt_pos_weight == "auto" or (isinstance(self.nt_pos_weight, float) and self.nt_pos_weight > 0),
                f"loss.nt_pos_weight={self.nt_pos_weight!r}: must be > 0 or 'auto'")
-        _check(self.num_points >= 1, "loss.num_points must be >= 1")
-        _check(self.oversample_ratio >= 1.0, "loss.oversample_ratio must be >= 1")
-        _check(0.0 <= self.importance_sample_ratio <= 1.0, "loss.importance_sample_ratio must be in [0, 1]")
+        check(self.num_points >= 1, "loss.num_points must be >= 1")
+        check(self.oversample_ratio >= 1.0, "loss.oversample_ratio must be >= 1")
+        check(0.0 <= self.importance_sample_ratio <= 1.0, "loss.importance_sample_ratio must be in [0, 1]")
 
 
 @dataclass
@@ -196,7 +183,7 @@ class DataConfig:
     num_overlays: int = 4
 
     def __post_init__(self) -> None:
-        _check(self.max_train_samples >= 0 and self.max_val_samples >= 0, "data.max_*_samples must be >= 0")
+        check(self.max_train_samples >= 0 and self.max_val_samples >= 0, "data.max_*_samples must be >= 0")
 
 
 @dataclass
@@ -239,15 +226,15 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        _check_literal(self, "precision")
-        _check(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
-        _check(self.epochs >= 1, "train.epochs must be >= 1")
-        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
-        _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr must be > 0 and 0 <= train.min_lr <= train.lr")
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
-        _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off)")
-        _check(self.log_every_steps >= 1, "train.log_every_steps must be >= 1")
-        _check(self.print_every_steps >= 0, "train.print_every_steps must be >= 0 (0 = validation lines only)")
+        check_literal(self, "precision")
+        check(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
+        check(self.epochs >= 1, "train.epochs must be >= 1")
+        check(self.batch_size >= 1, "train.batch_size must be >= 1")
+        check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr must be > 0 and 0 <= train.min_lr <= train.lr")
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off)")
+        check(self.log_every_steps >= 1, "train.log_every_steps must be >= 1")
+        check(self.print_every_steps >= 0, "train.print_every_steps must be >= 0 (0 = validation lines only)")
 
 
 @dataclass
@@ -261,11 +248,11 @@ class Config:
 
     # --- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "Config":
-        return _build(cls, data, source)
+        return build_dataclass(cls, data, source)
 
     def to_yaml(self, path: Union[str, Path, None] = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -287,69 +274,6 @@ class Config:
 
         walk("", self.to_dict())
         return out
-
-
-# --- helpers -----------------------------------------------------------------------------
-
-def _to_plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{where}.{key}")
-        else:
-            kwargs[key] = _coerce(value, hint, f"{where}.{key}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool):
-        ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-        if not ok:
-            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
-        return value
-    if origin is Literal:
-        return value  # validated in __post_init__ with the allowed values named
-    if origin is Union:
-        for arm in typing.get_args(hint):
-            try:
-                return _coerce(value, arm, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} does not match {hint}")
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (arm, *_) = typing.get_args(hint) or (Any,)
-        items = [_coerce(v, arm, where) for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    return value
 
 
 # --- presets -----------------------------------------------------------------------------
