@@ -169,11 +169,17 @@ def broken_links(path: Path, text: str | None = None) -> list[str]:
 
 # --- the shipped docs ---------------------------------------------------------------------------
 
+def unlinked_pages(readme: str, pages: list[Path]) -> list[str]:
+    """The docs pages README does not link to (a page no one can find is a page lost)."""
+    return [p.name for p in pages if f"(docs/{p.name})" not in readme]
+
+
 def test_docs_exist_and_readme_points_to_them():
     readme = (REPO / "README.md").read_text()
-    for name in ("model", "objective", "data", "metrics", "architecture"):
+    pages = sorted((REPO / "docs").glob("*.md"))
+    for name in ("model", "objective", "data", "metrics", "architecture", "security", "performance"):
         assert (REPO / "docs" / f"{name}.md").is_file(), name
-        assert f"(docs/{name}.md)" in readme, name
+    assert not unlinked_pages(readme, pages), f"docs pages README does not link: {unlinked_pages(readme, pages)}"
     assert "shared/DESIGN.md" not in readme  # users do not have the internal design file
     assert all_commands(), "no instalign command found in the docs: the extraction is broken"
 
@@ -226,12 +232,16 @@ def _gpu_of_instance(instance_type: str) -> str:
     return gpus[family]
 
 
+def cost_table_gpu(texts: list[str]) -> str | None:
+    """The GPU model of the search cost table (``| item | GPU-hours (H100) |``) in any of the texts."""
+    found = [m.group(1) for text in texts for m in [re.search(r"GPU-hours \((\w+)\)", text)] if m]
+    return found[0] if found else None
+
+
 def test_cluster_node_types_match_the_cost_tables():
-    """The GPU the README's cost table is computed for is the GPU every training config asks for."""
-    readme = (REPO / "README.md").read_text()
-    m = re.search(r"GPU-hours \((\w+)\)", readme)
-    assert m, "README's cost table (GPU-hours per GPU model) not found"
-    gpu = m.group(1)
+    """The GPU the docs' cost table is computed for is the GPU every training config asks for."""
+    gpu = cost_table_gpu([p.read_text() for p in DOCS])
+    assert gpu, "the cost table (GPU-hours per GPU model) not found in README.md or docs/"
     cluster_readme = (CLUSTER_DIR / "README.md").read_text()
     node_table = cluster_readme.split("## Node types and cost", 1)[-1].split("\n## ", 1)[0]
     assert gpu in node_table, f"cluster/README.md's node table does not name the {gpu} of the cost table"
@@ -291,3 +301,6 @@ def test_the_checks_catch_their_mistakes(tmp_path):
     assert keys - known_config_keys() == {"loss.no_such_weight"}
     assert broken_links(page, BROKEN_MD) == ["docs/nowhere.md"]
     assert _gpu_of_instance("g5.2xlarge") == "A10G" != _gpu_of_instance("p5.4xlarge")
+    assert unlinked_pages("see [the model](docs/model.md)", [Path("model.md"), Path("data.md")]) == ["data.md"]
+    assert cost_table_gpu(["no table", "| item | GPU-hours (A100) |"]) == "A100"
+    assert cost_table_gpu(["no table"]) is None
