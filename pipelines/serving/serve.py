@@ -18,7 +18,8 @@ when one is assigned) behind a FastAPI ingress:
 * ``GET /`` — the page (``pipelines/serving/web``): pick a bundled sample or upload an image, type an
   expression, see the overlay that ``instalign predict --out`` draws
   (``instalign.visualize.overlay``), the verdict and the raw JSON; it posts to
-  ``POST /explain`` (one image, one expression → the record and the overlay PNG).
+  ``POST /explain`` (one image, one expression → the record and the overlay PNG:
+  ``pipelines.serving.explain``).
 
 Dynamic batching (``@serve.batch``): a request is checked and decoded in a worker thread by
 ``predict_records``; its rows then join the replica's batch queue, where rows of concurrent
@@ -30,11 +31,9 @@ by ``max_batch_size`` requests of at most ``pyfunc._CHUNK`` rows each.
 Where it listens: ``serve.start(http_options={"host", "port"})`` — loopback unless
 ``--host`` says otherwise. The page and ``/invocations`` have no authentication: put a proxy
 that authenticates in front before binding a public interface. Every request passes
-:class:`RequestGuard` first: a ``Host`` header that is not one of the names the server was
-bound to (loopback and ``--host``, with ``--port``, plus ``--allowed-host``) is a 403, so a
-web page reaching the loopback server through DNS rebinding gets nothing; a POST that is not
-``Content-Type: application/json`` is a 415, so no other site's page can send one without
-the CORS preflight this server never grants. Bodies are read with bounds
+``pipelines.serving.guard.RequestGuard`` first: a ``Host`` the server was not bound to is a
+403 (DNS rebinding), a POST that is not ``application/json`` a 415 (no cross-site posts
+without a CORS preflight). Bodies are read with bounds
 (``pipelines.serving.invocation.read_json``: rows counted while parsing) in a worker thread. On Kubernetes,
 ``cluster/kuberay/rayservice.yaml`` deploys :func:`app_builder` from a Serve config.
 """
@@ -44,7 +43,6 @@ import argparse
 import asyncio
 import base64
 import functools
-import io
 import json
 import logging
 import os
@@ -55,13 +53,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from mlflow.exceptions import MlflowException
 from ray import serve
-from starlette.datastructures import Headers
 
-from pipelines.serving.invocation import RequestError, b64decode_image, max_body_bytes, parse_invocation, read_json
-from pipelines.core.redaction import redact
+from instalign.checkpoint import checkpoint_files
+from instalign.predictor import Predictor
+from pipelines.core.ray_cluster import init_ray
+from pipelines.models.limits import ENV, PredictionGate, ServingLimits
+from pipelines.models.pyfunc import predict_records
+from pipelines.models.source import configure_tracking, is_model_uri, resolve_checkpoint
+from pipelines.serving.explain import explain_record, overlay_colours
+from pipelines.serving.guard import ALLOWED_HOSTS_ENV, RequestGuard, bound_hosts, error_response
+from pipelines.serving.invocation import RequestError, max_body_bytes, parse_invocation
 
 log = logging.getLogger(__name__)
 
@@ -70,97 +76,13 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 APP_NAME = "instalign"
 
-#: The names the application answers to, comma-separated (``--allowed-host``): ``NAME`` on any
-#: port or ``NAME:PORT``; ``*`` turns the check off (a proxy in front checks Host itself).
-ALLOWED_HOSTS_ENV = "INSTALIGN_SERVE_ALLOWED_HOSTS"
-#: Loopback, the default when nothing is set (any port).
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-#: Routes answered whatever the Host (probes call them by address; they reveal nothing).
-HEALTH_ROUTES = ("/ping", "/health")
-
-
-def _error(status: int, message: str, error_code: str) -> JSONResponse:
-    # An exception's message may quote a tracking URI or an image URI with credentials in it.
-    return JSONResponse({"error_code": error_code, "message": redact(message)}, status_code=status)
-
-
-def _split_host(value: str) -> tuple[str, Optional[str]]:
-    """``host[:port]`` (``[v6]:port`` too) → (lower-case host, port or None)."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        host, _, rest = value.partition("]")
-        return host + "]", rest[1:] if rest.startswith(":") else None
-    if value.count(":") > 1:  # a bare IPv6 address, as --host takes it
-        return f"[{value}]", None
-    host, sep, port = value.partition(":")
-    return host, port if sep else None
-
-
-def allowed_hosts(environ: Optional[dict] = None) -> tuple[str, ...]:
-    """The Host names this process answers to: ``INSTALIGN_SERVE_ALLOWED_HOSTS``, else loopback."""
-    value = (os.environ if environ is None else environ).get(ALLOWED_HOSTS_ENV, "")
-    return tuple(h.strip() for h in value.split(",") if h.strip()) or LOOPBACK_HOSTS
-
-
-def host_allowed(header: str, allowed: tuple[str, ...]) -> bool:
-    """Whether a request's ``Host`` header names this server. Checked so that DNS rebinding (a
-    page whose own name resolves to 127.0.0.1 calling this server) finds no answer."""
-    if "*" in allowed:
-        return True
-    host, port = _split_host(header)
-    port = port or "80"  # a browser leaves HTTP's default port out
-    for entry in allowed:
-        want_host, want_port = _split_host(entry)
-        if host == want_host and want_port in (None, port):
-            return True
-    return False
-
-
-def request_refusal(scope: dict) -> Optional[JSONResponse]:
-    """Why a request is refused before any route runs, or None.
-
-    * a ``Host`` this server does not answer to (:func:`host_allowed`) → 403, except the
-      health routes;
-    * a POST whose ``Content-Type`` is not ``application/json`` → 415: a page on another
-      site can send a "simple" cross-site POST (``text/plain``, forms) to a server on the
-      user's loopback without asking; ``application/json`` needs the browser's CORS
-      preflight, which this server never grants.
-    """
-    headers = Headers(scope=scope)
-    if not scope.get("path", "").rstrip("/").endswith(HEALTH_ROUTES):
-        host, allowed = headers.get("host", ""), allowed_hosts()
-        if not host_allowed(host, allowed):
-            return _error(403, f"this server does not answer to Host {host[:100]!r} (allowed: {', '.join(allowed)}); "
-                               f"add the name with instalign serve --allowed-host ({ALLOWED_HOSTS_ENV})", "FORBIDDEN")
-    if scope.get("method") == "POST":
-        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            return _error(415, f"Content-Type must be application/json, got {content_type[:100] or 'none'!r}",
-                          "UNSUPPORTED_MEDIA_TYPE")
-    return None
-
-
-class RequestGuard:
-    """ASGI middleware: :func:`request_refusal` before the application sees the request."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        refusal = request_refusal(scope) if scope["type"] == "http" else None
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
 api = FastAPI(title="InstAlign", docs_url=None, redoc_url=None, openapi_url=None)
 api.add_middleware(RequestGuard)
 
 
 def _pyfunc_error(e) -> JSONResponse:
     """A pyfunc refusal (an ``MlflowException``) answered as MLflow's scoring server does."""
-    return _error(e.get_http_status_code(), e.message, e.error_code)
+    return error_response(e.get_http_status_code(), e.message, e.error_code)
 
 
 @dataclass
@@ -190,43 +112,6 @@ class _QueuedModel:
         return [f.result() for f in futures]
 
 
-def _overlay_png(image: bytes, record: dict[str, Any], text: str) -> bytes:
-    """``instalign.visualize.overlay`` of a served record, as PNG bytes."""
-    from instalign.visualize import overlay
-    from pipelines.models.records import record_to_prediction
-    from pipelines.models.pyfunc import decode_image
-
-    picture = decode_image("image", image)
-    buf = io.BytesIO()
-    overlay(picture, record_to_prediction(record), text, top_words=2).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def explain_record(predictor, body: bytes, *, limits, gate) -> tuple[dict[str, Any], bytes]:
-    """The work of ``POST /explain`` (``{"image": base64, "text": str}``), in a request thread:
-    the record and its overlay PNG.
-
-    The body is read with bounds and checked as the pyfunc checks a request, with no model
-    work; then, inside one of ``gate``'s slots, everything that grows with the image — the
-    prediction, the image decoded again and the overlay drawn at its full size — so the
-    gate bounds the page's memory as it bounds ``/invocations``'.
-    """
-    import pandas as pd
-
-    from pipelines.models.pyfunc import check_request, predict_checked
-
-    payload = read_json(body, max_rows=1)
-    if not isinstance(payload, dict):
-        raise RequestError(400, "the body must be a JSON object with 'image' and 'text'")
-    image = b64decode_image(0, payload.get("image"))
-    if not image:
-        raise RequestError(400, "choose an image first")
-    request = check_request(pd.DataFrame({"image": [image], "text": [payload.get("text")]}), limits)
-    with gate.slot():
-        (record,) = predict_checked(predictor, request)
-        return record, _overlay_png(image, record, request.texts[0])
-
-
 @serve.deployment(name="InstAlign", max_ongoing_requests=32)
 @serve.ingress(api)
 class InstAlignService:
@@ -243,12 +128,6 @@ class InstAlignService:
 
     def __init__(self, model: str, tracking_uri: Optional[str] = None, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, top_words: int = 3) -> None:
-        import torch
-
-        from instalign.predictor import Predictor
-        from pipelines.models.source import configure_tracking, is_model_uri, resolve_checkpoint
-        from pipelines.models.limits import PredictionGate, ServingLimits
-
         if is_model_uri(model):
             configure_tracking(tracking_uri)
         checkpoint = resolve_checkpoint(model)
@@ -293,8 +172,6 @@ class InstAlignService:
         return b"".join(chunks)
 
     async def _records(self, frame) -> list[dict[str, Any]]:
-        from pipelines.models.pyfunc import predict_records
-
         loop = asyncio.get_running_loop()
         run = functools.partial(predict_records, _QueuedModel(self, loop), frame, limits=self.limits, gate=self.gate)
         return await loop.run_in_executor(self._requests, run)
@@ -310,15 +187,13 @@ class InstAlignService:
 
     @api.post("/invocations")
     async def invocations(self, request: Request) -> Response:
-        from mlflow.exceptions import MlflowException
-
         try:  # Host and Content-Type were checked before this (RequestGuard)
             body = await self._body(request)
             # Read off the event loop (a big body takes a while), rows counted as they are read.
             frame = await asyncio.to_thread(parse_invocation, body, max_rows=self.limits.max_rows)
             records = await self._records(frame)
         except RequestError as e:
-            return _error(e.status, e.message, e.error_code)
+            return error_response(e.status, e.message, e.error_code)
         except MlflowException as e:  # PyfuncInputError, RequestTooLarge, ServerBusy
             return _pyfunc_error(e)
         return JSONResponse({"predictions": records})
@@ -332,7 +207,7 @@ class InstAlignService:
     @api.get("/static/{name}")
     def static(self, name: str) -> Response:
         if name not in STATIC_FILES:
-            return _error(404, f"no static file {name!r}", "NOT_FOUND")
+            return error_response(404, f"no static file {name!r}", "NOT_FOUND")
         return FileResponse(WEB_DIR / name, media_type=STATIC_FILES[name])
 
     @api.get("/samples")
@@ -342,29 +217,24 @@ class InstAlignService:
     @api.get("/samples/{name}")
     def sample(self, name: str) -> Response:
         if name not in {s["file"] for s in self.samples}:
-            return _error(404, f"no sample {name!r}", "NOT_FOUND")
+            return error_response(404, f"no sample {name!r}", "NOT_FOUND")
         return FileResponse(WEB_DIR / "samples" / name, media_type="image/jpeg")
 
     @api.post("/explain")
     async def explain(self, request: Request) -> Response:
         """``{"image": base64, "text": str}`` → the record, the overlay PNG (base64) and the
         instance colours the overlay used, for the page (:func:`explain_record`)."""
-        from mlflow.exceptions import MlflowException
-
         try:
             body = await self._body(request)
             loop = asyncio.get_running_loop()
             run = functools.partial(explain_record, _QueuedModel(self, loop), body, limits=self.limits, gate=self.gate)
             record, png = await loop.run_in_executor(self._requests, run)
         except RequestError as e:
-            return _error(e.status, e.message, e.error_code)
+            return error_response(e.status, e.message, e.error_code)
         except MlflowException as e:
             return _pyfunc_error(e)
-        from instalign.visualize import PALETTE
-
-        colours = ["#%02x%02x%02x" % PALETTE[k % len(PALETTE)] for k in range(len(record["instances"]))]
         return JSONResponse({"prediction": record, "overlay_png": base64.b64encode(png).decode(),
-                             "colours": colours})
+                             "colours": overlay_colours(len(record["instances"]))})
 
 
 # --- building and running the application ----------------------------------------------------
@@ -374,7 +244,7 @@ def build_app(model: str, *, tracking_uri: Optional[str] = None, replicas: int =
               top_words: int = 3, allowed_hosts: Optional[list[str]] = None) -> serve.Application:
     """The Serve application for ``model`` (a checkpoint directory or ``models:/`` URI).
 
-    ``allowed_hosts``: the ``Host`` names the replicas answer to (:func:`host_allowed`);
+    ``allowed_hosts``: the ``Host`` names the replicas answer to (``guard.host_allowed``);
     ``None``: ``$INSTALIGN_SERVE_ALLOWED_HOSTS``, else loopback on any port.
     """
     if replicas < 1:
@@ -386,8 +256,6 @@ def build_app(model: str, *, tracking_uri: Optional[str] = None, replicas: int =
     options: dict[str, Any] = {"num_cpus": cpus_per_replica}
     if gpus_per_replica:
         options["num_gpus"] = gpus_per_replica
-    from pipelines.models.limits import ENV
-
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "INSTALIGN_CACHE", ALLOWED_HOSTS_ENV,
                                       *ENV.values())
            if k in os.environ}
@@ -413,21 +281,11 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
                                  int(args.get("top_words", 3)))
 
 
-def bound_hosts(host: str, port: int, extra: tuple[str, ...] = ()) -> list[str]:
-    """The ``Host`` names a server bound to ``host:port`` answers to: loopback and ``host``,
-    each with the port, then ``extra`` (``--allowed-host``) as given."""
-    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    names = [f"{name}:{port}" for name in dict.fromkeys((*LOOPBACK_HOSTS, shown.lower()))]
-    return names + [h.strip() for h in extra if h.strip()]
-
-
 def start(model: str, *, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
           tracking_uri: Optional[str] = None, allowed_hosts: tuple[str, ...] = (), **options: Any) -> str:
     """Connect to Ray (``ray_cluster.init_ray``), start Serve's HTTP proxy on ``host:port`` and
     deploy the application, answering to :func:`bound_hosts`; returns its URL once every
     replica is ready."""
-    from pipelines.core.ray_cluster import init_ray
-
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(model, tracking_uri=tracking_uri, allowed_hosts=bound_hosts(host, port, allowed_hosts),
@@ -463,23 +321,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from instalign.checkpoint import CheckpointError
-    from pipelines.models.source import RegistryError, configure_tracking, is_model_uri, resolve_checkpoint
-
     tracking_uri = configure_tracking(args.tracking_uri) if is_model_uri(args.model) else None
-    try:
-        from instalign.checkpoint import checkpoint_files
-
-        # A wrong name, alias or directory fails here, in one line, before Ray starts.
-        checkpoint_files(resolve_checkpoint(args.model))
-        url = start(args.model, host=args.host, port=args.port, address=args.address, tracking_uri=tracking_uri,
-                    replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
-                    cpus_per_replica=args.cpus_per_replica, max_batch_size=args.max_batch_size,
-                    batch_wait_timeout_s=args.batch_wait_ms / 1000.0, top_words=args.top_words,
-                    allowed_hosts=tuple(args.allowed_host))
-    except (RegistryError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"instalign serve: {e}", file=sys.stderr)
-        return 1
+    # A wrong name, alias or directory fails here, in one line (pipelines.cli), before Ray starts.
+    checkpoint_files(resolve_checkpoint(args.model))
+    url = start(args.model, host=args.host, port=args.port, address=args.address, tracking_uri=tracking_uri,
+                replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                cpus_per_replica=args.cpus_per_replica, max_batch_size=args.max_batch_size,
+                batch_wait_timeout_s=args.batch_wait_ms / 1000.0, top_words=args.top_words,
+                allowed_hosts=tuple(args.allowed_host))
     print(f"serving {args.model} at {url}/ (page), {url}/invocations (JSON), {url}/ping; Ctrl-C stops",
           flush=True)
     try:

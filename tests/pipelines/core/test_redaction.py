@@ -124,7 +124,7 @@ def test_write_json_redacts_a_batch_summary(tmp_path):
 
 
 def test_ray_serve_error_bodies_are_redacted():
-    from pipelines.serving.serve import _error
+    from pipelines.serving.guard import error_response
 
-    body = _error(400, "cannot read s3://AKIA:SECRET@bucket/img.jpg", "INVALID_PARAMETER_VALUE").body.decode()
+    body = error_response(400, "cannot read s3://AKIA:SECRET@bucket/img.jpg", "INVALID_PARAMETER_VALUE").body.decode()
     assert "SECRET" not in body and "s3://***@bucket/img.jpg" in body

@@ -328,13 +328,13 @@ def test_explain_decodes_and_draws_its_overlay_inside_the_prediction_slot(defaul
     import base64
     import json
 
-    import instalign.visualize as visualize
-    from pipelines.serving.serve import explain_record
     from pipelines.models.limits import PredictionGate, ServerBusy, ServingLimits
+    from pipelines.serving import explain
+    from pipelines.serving.explain import explain_record
 
     gate = PredictionGate(1, 0.0)
     slot_taken = []
-    real_overlay = visualize.overlay
+    real_overlay = explain.overlay
 
     def overlay(*args, **kwargs):  # records whether a request could take the (only) slot now
         try:
@@ -344,7 +344,7 @@ def test_explain_decodes_and_draws_its_overlay_inside_the_prediction_slot(defaul
             slot_taken.append(True)
         return real_overlay(*args, **kwargs)
 
-    monkeypatch.setattr(visualize, "overlay", overlay)
+    monkeypatch.setattr(explain, "overlay", overlay)
     body = json.dumps({"image": base64.b64encode(png(40, 30)).decode(), "text": "the object"}).encode()
     record, drawn = explain_record(default_model.unwrap_python_model().predictor, body, limits=ServingLimits(),
                                    gate=gate)

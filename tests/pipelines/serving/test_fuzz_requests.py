@@ -211,19 +211,17 @@ def explain_bodies(draw) -> bytes:
 @fuzz_settings()
 @given(body=explain_bodies())
 def test_ray_serve_page_body_is_explained_or_refused_with_a_4xx(predictor, limits, body):
-    """``POST /explain`` (the page): the work of the handler is ``serve.explain_record``."""
+    """``POST /explain`` (the page): the work of the handler is ``explain.explain_record``."""
     from mlflow.exceptions import MlflowException
 
-    from pipelines.serving import serve
-    from pipelines.serving.invocation import RequestError
     from pipelines.models.limits import PredictionGate
+    from pipelines.serving.explain import explain_record
+    from pipelines.serving.invocation import RequestError
 
-    if not hasattr(serve, "explain_record"):
-        pytest.skip("this pipelines.serving.serve explains inside its handler only (no explain_record to call without Ray)")
     gate = PredictionGate(1, 5.0)
 
     def call():
-        record, png = serve.explain_record(predictor, body, limits=limits, gate=gate)
+        record, png = explain_record(predictor, body, limits=limits, gate=gate)
         json.dumps(record)
         assert png.startswith(b"\x89PNG")
         return record
