@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.bench.data import RUNNING_CLUSTER, TreeCPU, _row, speed_ratios
+from pipelines.bench.clock import TreeCPU
+from pipelines.bench.data import RUNNING_CLUSTER, speed_ratios, table_row
 
 
 def test_ratios_compare_the_ray_and_plain_rows_of_one_run():
     rows = [
-        _row("prepare", "1 process, no Ray", dict(seconds=20.0, cpu_seconds=20.0, items=3000), 1, "images/s"),
-        _row("prepare", "Ray Data (incl. Ray start)", dict(seconds=12.5, cpu_seconds=24.0, items=3000), 2,
+        table_row("prepare", "1 process, no Ray", dict(seconds=20.0, cpu_seconds=20.0, items=3000), 1, "images/s"),
+        table_row("prepare", "Ray Data (incl. Ray start)", dict(seconds=12.5, cpu_seconds=24.0, items=3000), 2,
              "images/s"),
-        _row("loader 480²", "Ray Data → Batch on CPU, 2nd epoch", dict(seconds=10.0, cpu_seconds=19.0, items=1500),
+        table_row("loader 480²", "Ray Data → Batch on CPU, 2nd epoch", dict(seconds=10.0, cpu_seconds=19.0, items=1500),
              2, "samples/s"),
-        _row("loader 480²", "1 process, no Ray: → Batch on CPU", dict(seconds=12.0, cpu_seconds=12.0, items=1500),
+        table_row("loader 480²", "1 process, no Ray: → Batch on CPU", dict(seconds=12.0, cpu_seconds=12.0, items=1500),
              1, "samples/s"),
     ]
     prepare, loader = speed_ratios(rows)
@@ -25,17 +26,17 @@ def test_ratios_compare_the_ray_and_plain_rows_of_one_run():
 
 
 def test_no_ratio_without_both_paths():
-    rows = [_row("prepare", "Ray Data (incl. Ray start)", dict(seconds=1.0, cpu_seconds=1.0, items=10), 2,
+    rows = [table_row("prepare", "Ray Data (incl. Ray start)", dict(seconds=1.0, cpu_seconds=1.0, items=10), 2,
                  "images/s")]
     assert speed_ratios(rows) == []
 
 
 def test_the_running_cluster_row_gets_its_own_ratio():
     rows = [
-        _row("prepare", "1 process, no Ray", dict(seconds=20.0, cpu_seconds=20.0, items=3000), 1, "images/s"),
-        _row("prepare", "Ray Data (incl. Ray start)", dict(seconds=25.0, cpu_seconds=30.0, items=3000), 2,
+        table_row("prepare", "1 process, no Ray", dict(seconds=20.0, cpu_seconds=20.0, items=3000), 1, "images/s"),
+        table_row("prepare", "Ray Data (incl. Ray start)", dict(seconds=25.0, cpu_seconds=30.0, items=3000), 2,
              "images/s"),
-        _row("prepare", RUNNING_CLUSTER, dict(seconds=16.0, cpu_seconds=float("nan"), items=3000), 2, "images/s"),
+        table_row("prepare", RUNNING_CLUSTER, dict(seconds=16.0, cpu_seconds=float("nan"), items=3000), 2, "images/s"),
     ]
     cold, job = speed_ratios(rows)
     assert cold["ratio"] == pytest.approx(0.8) and job["what"].startswith("prepare on a running cluster")

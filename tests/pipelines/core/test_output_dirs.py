@@ -176,7 +176,8 @@ def test_bench_data_replaces_only_the_release_it_generated(tmp_path):
     to ``rmtree`` whatever was there."""
     import argparse
 
-    from pipelines.bench import data as bench_data
+    from pipelines.bench import coco_like, data as bench_data
+
     parser = argparse.ArgumentParser()
     bench_data.add_arguments(parser)
     (tmp_path / "release" / "raw").mkdir(parents=True)
@@ -186,6 +187,6 @@ def test_bench_data_replaces_only_the_release_it_generated(tmp_path):
     assert (tmp_path / "release" / "raw" / "scan.jpg").is_file()
 
     generated = tmp_path / "generated"
-    bench_data.make_coco_like(generated, num_images=2, instances=4)
+    coco_like.make_coco_like(generated, num_images=2, instances=4)
     (generated / "totals.json").write_text("{}")
-    assert replaceable_output(LocalFileSystem(), str(generated), owns=bench_data.release_owns) is True
+    assert replaceable_output(LocalFileSystem(), str(generated), owns=coco_like.release_owns) is True

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from instalign.data.records import MANIFEST_NAME
-from pipelines.bench.data import make_coco_like
+from pipelines.bench.coco_like import make_coco_like
 from pipelines.data.prepare import prepare_dataset
 
 pytestmark = pytest.mark.ray
