@@ -5,9 +5,12 @@ this file only routes, and imports a verb's module (and so Ray, MLflow, torch) w
 verb runs, so ``instalign --help`` stays instant.
 
 Errors the user can act on — a bad file, a bad record, a wrong option — end as one message
-``instalign <verb>: <what is wrong>`` on stderr and exit status 1, whichever verb raised
-them: the project's own error classes (:data:`USER_ERRORS`) and the built-in ones that name a
-file or a value (``FileNotFoundError``, ``PermissionError``, ``ValueError`` …). ``--debug``
+``instalign <verb>: <what is wrong>`` on stderr, whichever verb raised them, and this is the one
+place that prints them: a verb raises, it never prints its own error and returns a status. They
+are every :class:`instalign.errors.InstAlignError` (the base of all the project's error classes;
+its ``exit_code``, 1 or 2 for a usage error, is the exit status, and its ``hint`` a second line
+``hint: …``), MLflow's ``MlflowException`` and the built-in errors that name a file or a value
+(``FileNotFoundError``, ``PermissionError``, ``ValueError`` …; exit status 1). ``--debug``
 (before or after the verb) shows the traceback instead. Anything else is a bug and keeps its
 traceback. Everything a verb prints — these messages, its results, log lines, a ``--debug``
 traceback — passes through :func:`pipelines.core.redaction.redacted_output`: an error that quotes
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from instalign.errors import InstAlignError  # imports nothing: --help stays instant
 
 VERBS: dict[str, tuple[str, str]] = {
     "quickstart": ("pipelines.quickstart", "synthetic data → prepare → train → evaluate → register → predict, locally"),
@@ -34,21 +39,6 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("pipelines.bench.command", "benchmarks: model, data, predict"),
 }
 
-#: The project's user-facing errors, as ``(module, class name)``. They are looked up in
-#: ``sys.modules`` only when an error is being reported, never imported: an exception of a
-#: class whose module was never imported cannot have been raised, and ``--help`` stays instant.
-USER_ERRORS: tuple[tuple[str, str], ...] = (
-    ("pipelines.data.prepare", "PrepareError"),
-    ("instalign.checkpoint", "CheckpointError"),
-    ("instalign.integrity", "IntegrityError"),  # a damaged cache entry or sealed directory
-    ("instalign.config", "ConfigError"),
-    ("pipelines.models.source", "RegistryError"),
-    ("instalign.data.safe_pickle", "UnsafePickleError"),
-    ("instalign.modeling.backbone", "BackboneLoadError"),
-    ("instalign.modeling.text_encoder", "TextEncoderLoadError"),
-    ("mlflow.exceptions", "MlflowException"),  # e.g. a registered model or alias that does not exist
-    ("pipelines.core.ray_cluster", "RayVersionError"),  # a Ray too old to start an authenticated private cluster
-)
 #: Built-in errors that, raised out of a verb, describe the input (a path, a value), not a bug.
 BUILTIN_USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,
                                                         NotADirectoryError, ValueError)
@@ -80,21 +70,26 @@ def _cause(exc: BaseException) -> BaseException:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """:data:`BUILTIN_USER_ERRORS` plus the :data:`USER_ERRORS` whose modules are loaded."""
-    found = []
-    for module, name in USER_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            found.append(cls)
-    return BUILTIN_USER_ERRORS + tuple(found)
+    """:class:`InstAlignError`, :data:`BUILTIN_USER_ERRORS` and, once MLflow is loaded, its
+    ``MlflowException`` (e.g. a registered model or alias that does not exist).
+
+    MLflow's class is looked up in ``sys.modules``, never imported: an exception of a class
+    whose module was never imported cannot have been raised, and ``--help`` stays instant.
+    """
+    mlflow_error = getattr(sys.modules.get("mlflow.exceptions"), "MlflowException", None)
+    return (InstAlignError, *BUILTIN_USER_ERRORS) + ((mlflow_error,) if isinstance(mlflow_error, type) else ())
 
 
-def describe(exc: BaseException) -> str | None:
-    """The message to print for ``exc`` if it is a user-facing error, else ``None`` (a bug)."""
+def describe(exc: BaseException) -> tuple[str, int] | None:
+    """What to print for ``exc`` (its message, and ``hint: …`` under it) and the exit status,
+    if it is a user-facing error; else ``None`` (a bug)."""
     exc = _cause(exc)
     if not isinstance(exc, user_error_types()):
         return None
-    return str(exc).strip() or type(exc).__name__  # printed through pipelines.core.redaction (main)
+    text = str(exc).strip() or type(exc).__name__  # printed through pipelines.core.redaction (main)
+    if not isinstance(exc, InstAlignError):
+        return text, 1
+    return (f"{text}\nhint: {exc.hint}" if exc.hint else text), exc.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from pipelines.core.ray_logs import skip_known_worker_lines
+
+    skip_known_worker_lines()  # before the verb's module imports Ray, which reads it then
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = argv[0] if argv and argv[0] in VERBS else next((a for a in argv if a in VERBS), None)
     args = build_parser(verb).parse_args(argv)
@@ -124,11 +122,12 @@ def _main(argv: list[str] | None) -> int:
         print(f"instalign {args.verb}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - re-raised below unless it is a user-facing error
-        message = None if args.debug else describe(exc)
-        if message is None:
+        described = None if args.debug else describe(exc)
+        if described is None:
             raise
-        print(f"instalign {args.verb}: {message}", file=sys.stderr)
-        return 1
+        text, status = described
+        print(f"instalign {args.verb}: {text}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

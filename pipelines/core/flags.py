@@ -11,8 +11,8 @@ import argparse
 import logging
 from typing import Optional, get_args
 
-from pipelines.core import ray_cluster  # noqa: F401  (first: it sets Ray's log filters before Ray is imported)
 from instalign.config import DataOrder
+from pipelines.core import ray_logs
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -22,10 +22,10 @@ def setup_logging(level: Optional[str] = None) -> None:
     """The verbs' log format on stderr at ``level`` (default INFO), and Ray's level with it.
 
     Ray's own loggers stay at WARNING unless ``level`` asks for more (``--log-level INFO`` or
-    ``DEBUG``): :func:`pipelines.core.ray_cluster.set_ray_log_level`, applied by ``init_ray``.
+    ``DEBUG``): :func:`pipelines.core.ray_logs.set_ray_log_level`, applied by ``init_ray``.
     """
     logging.basicConfig(level=level or logging.INFO, format=LOG_FORMAT)
-    ray_cluster.set_ray_log_level(level)
+    ray_logs.set_ray_log_level(level)
 
 
 def add_log_level(parser: argparse.ArgumentParser) -> None:

@@ -24,17 +24,8 @@ token authentication (before :data:`TOKEN_AUTH_MIN_RAY`) is refused rather than 
 open: its cluster would accept any process on the network, and a line saying so is easy
 to miss in a run's log.
 
-What the user sees. Rank 0's progress lines (``pipelines.training.progress``) are printed by a Train
-worker, so worker output is forwarded to the driver (``log_to_driver``): to the terminal, and
-to ``ray job logs`` on a cluster. Ray's own logs are held at WARNING unless ``--log-level``
-asks for more (:func:`set_ray_log_level`): the driver's ``ray`` loggers, Ray Train's
-(``ray.train.LoggingConfig``, set by ``pipelines.training.job``) and Ray Data's (``RAY_DATA_LOG_LEVEL``,
-which also sets the level of Ray Data's log file in the session directory: pass
-``--log-level DEBUG`` to debug Ray Data). Output that is not a terminal gets no colour codes
-(``RAY_COLOR_PREFIX=0``) and no progress bars (:func:`show_progress_bars`); a terminal keeps
-Ray Data's progress bars. Lines Ray prints on every normal run that a user cannot act on
-are dropped (:data:`SKIP_WORKER_LINES`, :data:`DROPPED_RECORDS`), and one
-deprecation warning inside Ray Train (:data:`IGNORED_WARNINGS`).
+What the user sees of Ray's own output (log levels, dropped lines, progress bars) is
+``pipelines.core.ray_logs``, set up by :func:`init_ray`.
 
 Also :class:`ResourceWaitReporter`, which says what a run waits for when it waits. The CPU
 arithmetic that keeps Ray Train from starving Ray Data is ``pipelines.core.resources``.
@@ -44,13 +35,18 @@ from __future__ import annotations
 
 import logging
 import os
-import re
+import socket
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
+
+from packaging.version import InvalidVersion, Version
+
+from pipelines.core import ray_logs
+from instalign.errors import InstAlignError
+from pipelines.core.ray_logs import IGNORED_WARNINGS, LOG_LEVEL_ENV, ray_log_level
 
 
 log = logging.getLogger(__name__)
@@ -70,159 +66,9 @@ FORWARDED_ENV = (
     "TOKENIZERS_PARALLELISM",
     "MLFLOW_TRACKING_URI",
     "GIT_PYTHON_REFRESH",
-    "INSTALIGN_RAY_LOG_LEVEL",  # LOG_LEVEL_ENV: Ray's log level (--log-level)
+    LOG_LEVEL_ENV,  # Ray's log level (--log-level)
     "RAY_DATA_LOG_LEVEL",
 )
-
-
-#: Ray's loggers held at :func:`ray_log_level` (``ray.init`` sets the ``ray`` logger itself), and
-#: tensorboardX's, which Tune's default TensorBoard callback drives (three INFO lines per trial
-#: result: "Summary name ray/tune/val_Pr@0.7 is illegal", for every ``@`` in a metric name).
-RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "tensorboardX")
-#: Where the level lives: the environment, so a private cluster's processes inherit it.
-LOG_LEVEL_ENV = "INSTALIGN_RAY_LOG_LEVEL"
-#: Worker output the driver never prints (Ray's documented ``RAY_DEDUP_LOGS_SKIP_REGEX``), ERROR
-#: lines of Ray's own on normal runs that nobody can act on: Ray Train V2's ``PreemptionWatcher``
-#: actor keeps its constructor arguments in the object store while it may restart
-#: (ray-project/ray#53727), logged in every run; and the GCS failing to kill an actor whose
-#: process had already exited ("Socket closed"), a race when Train and Data tear down their
-#: actors. Read by Ray when ``ray`` is first imported, so set here, on import of this module,
-#: which ``pipelines.core.flags`` imports before anything imports Ray.
-SKIP_WORKER_LINES = (r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
-                     r"|Failed to kill actor \w+, return status: Invalid: KillActor RPC failed .*Socket closed")
-os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", SKIP_WORKER_LINES)
-#: A deprecation warning Ray Train's own ``DataConfig.default_ingest_options`` triggers in every
-#: run (it passes ``exclude_resources`` on): in Train's controller, and in the driver when the
-#: ``ordered`` data order builds ingest options (the quickstart). Ignored in the driver and in
-#: the job's workers (:func:`ignore_known_warnings`), and through ``PYTHONWARNINGS`` in every
-#: process of a private cluster.
-IGNORED_WARNING_MESSAGE = "`ExecutionOptions.exclude_resources` is deprecated"
-IGNORED_WARNINGS = f"ignore:{IGNORED_WARNING_MESSAGE}"
-
-
-def ignore_known_warnings() -> None:
-    """This process ignores :data:`IGNORED_WARNING_MESSAGE` (and only that warning)."""
-    warnings.filterwarnings("ignore", message=re.escape(IGNORED_WARNING_MESSAGE))
-
-
-def set_ray_log_level(level: Optional[str | int] = None) -> None:
-    """``--log-level`` for Ray: its loggers at ``level`` (default WARNING) from now on.
-
-    Kept in the environment (:data:`LOG_LEVEL_ENV`, and Ray Data's ``RAY_DATA_LOG_LEVEL``) so
-    the processes of a private cluster started afterwards, and Tune trials, follow it.
-    """
-    name = "WARNING" if level is None else logging.getLevelName(level) if isinstance(level, int) else level.upper()
-    if not isinstance(logging.getLevelName(name), int):
-        raise ValueError(f"log level {level!r}: expected one of DEBUG, INFO, WARNING, ERROR")
-    os.environ[LOG_LEVEL_ENV] = name
-    os.environ["RAY_DATA_LOG_LEVEL"] = name
-    if "ray" in sys.modules:
-        apply_ray_log_level()
-
-
-def ray_log_level() -> str:
-    """The level of Ray's own logs (:func:`set_ray_log_level`; WARNING unless asked)."""
-    return os.environ.get(LOG_LEVEL_ENV, "WARNING")
-
-
-def apply_ray_log_level() -> None:
-    """Hold Ray's loggers of this process at :func:`ray_log_level`, and drop :data:`DROPPED_RECORDS`."""
-    level = ray_log_level()
-    for name in RAY_LOGGERS:
-        logging.getLogger(name).setLevel(level)
-    for name, marker in DROPPED_RECORDS.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, DropRecords) and f.marker == marker for f in logger.filters):
-            logger.addFilter(DropRecords(marker))
-
-
-#: Records of Ray's driver-side loggers dropped on every run (logger → text of the message):
-#:
-#: * Ray Data (``Dataset._execute``) warns once that "the Ray cluster currently does not have
-#:   any available CPUs … will hang" when ``ray.available_resources()`` lists no free CPU as a
-#:   dataset starts. The datasets of this project's jobs run on a cluster whose CPUs were
-#:   planned for them (``pipelines.core.resources`` keeps a whole CPU, and each worker's fractional
-#:   remainder, for Ray Data, and refuses plans that do not), so a momentarily full cluster
-#:   means its own decode tasks are running, not a hang; a run that really waits is reported by
-#:   :class:`ResourceWaitReporter`.
-#: * Ray's notice, as a private cluster starts, that token authentication is on and how to
-#:   switch it off: :func:`init_ray` says the cluster is private and authenticated itself,
-#:   and switching authentication off is unsafe (module docstring).
-#: * Ray Data's note, in each process that executes a dataset, that progress bars are off —
-#:   they are off on purpose when the output is not a terminal (:func:`show_progress_bars`).
-DROPPED_RECORDS = {
-    "ray.data.dataset": "does not have any available CPUs",
-    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
-    "ray.data._internal.progress": "Progress bars disabled",
-}
-#: Ray Train V2 logs every ``ray.train.report`` call at INFO ("Reporting training result …")
-#: through a logger named after its source file, which ``ray.train.LoggingConfig`` misses.
-TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
-
-
-def train_report_logger_name() -> str:
-    """The name of that logger — its file's path — found without importing ``ray.train``
-    (``importlib.util.find_spec`` would import the package: ~0.8 CPU-s in every worker)."""
-    import ray
-
-    return os.path.join(os.path.dirname(ray.__file__), *TRAIN_REPORT_LOGGER_MODULE.split(".")[1:]) + ".py"
-
-
-def setup_worker_logging() -> None:
-    """``worker_process_setup_hook`` of the job's Ray processes: Ray's lines there as in the driver.
-
-    Runs in every worker process of the job (``init_ray`` sets it) before any task or actor.
-    """
-    apply_ray_log_level()
-    ignore_known_warnings()
-    logging.getLogger(train_report_logger_name()).setLevel(ray_log_level())
-    # MLflow's system-metrics monitor says at INFO, in every Train worker, that it starts,
-    # skips GPU metrics and stops: library bookkeeping, not the run's progress.
-    logging.getLogger("mlflow.system_metrics").setLevel(ray_log_level())
-
-
-class DropRecords(logging.Filter):
-    """A logger filter that drops the records whose message contains ``marker``."""
-
-    def __init__(self, marker: str) -> None:
-        super().__init__()
-        self.marker = marker
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.marker not in record.getMessage()
-
-
-def show_progress_bars(interactive: bool) -> None:
-    """Ray Data's progress bars in an interactive terminal only; a log file gets no bars.
-
-    Ray reads ``RAY_DATA_DISABLE_PROGRESS_BARS`` once, when ``ray.data`` is imported — often
-    before a verb knows where its output goes — so the current ``DataContext`` (which travels
-    with every dataset to the processes that execute it) is set as well.
-    """
-    if interactive:
-        return
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if "ray.data" in sys.modules:
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
-
-
-def plain_repeat_notes() -> None:
-    """Ray's "[repeated 4x across cluster]" notes without colour codes when ``RAY_COLOR_PREFIX=0``.
-
-    Ray's log deduplication appends that note to a worker line it saw several times, always in
-    green (``ray._private.ray_logging._color``), whatever ``RAY_COLOR_PREFIX`` says: a log file
-    got escape codes whenever the raylet repeated a warning (seen in CI: test_run_output). Ray
-    has no setting for it, so with ``RAY_COLOR_PREFIX=0`` the note's colour function becomes
-    the identity; where Ray has no such function, nothing is changed.
-    """
-    if os.environ.get("RAY_COLOR_PREFIX") != "0":
-        return
-    from ray._private import ray_logging
-
-    if callable(getattr(ray_logging, "_color", None)):
-        ray_logging._color = str
 
 
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
@@ -240,33 +86,35 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         data_only: the job runs Ray Data and nothing else (``prepare``, ``evaluate``, batch
             ``predict``): a private cluster then starts lean — without the dashboard's modules,
             which only Ray Train's State API needs, and without a job runtime environment
-            (:func:`setup_worker_logging` configures Train's loggers; the cluster's workers
+            (``ray_logs.setup_worker_logging`` configures Train's loggers; the cluster's workers
             inherit this process's environment, log levels included). On 2 cores the two
             together cost a 3,000-image ``prepare`` ~3.5 s of 15 (the dashboard's nine
             processes ~1.5 CPU-s; README, Performance). Ignored when joining a cluster.
 
-    Ray's loggers follow :func:`set_ray_log_level` (module docstring: what the user sees).
+    Ray's loggers follow ``pipelines.core.ray_logs.set_ray_log_level``; the lines Ray prints on
+    every run that nobody can act on are dropped there too.
     """
     import ray
 
-    ignore_known_warnings()
+    ray_logs.skip_known_worker_lines()
+    ray_logs.ignore_known_warnings()
     if ray.is_initialized():
         log.info("Ray already initialised; reusing the current connection")
         return
     if not sys.stdout.isatty():  # a log file: no colour codes around the workers' line prefixes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    plain_repeat_notes()
-    show_progress_bars(sys.stderr.isatty())
+    ray_logs.plain_repeat_notes()
+    ray_logs.show_progress_bars(sys.stderr.isatty())
     os.environ.setdefault(LOG_LEVEL_ENV, ray_log_level())
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", ray_log_level())
-    job_env = {"worker_process_setup_hook": f"{__name__}.setup_worker_logging", **dict(runtime_env or {})}
+    job_env = {"worker_process_setup_hook": f"{ray_logs.__name__}.setup_worker_logging", **dict(runtime_env or {})}
     common: dict[str, Any] = dict(runtime_env=job_env, logging_level=ray_log_level(), log_to_driver=True)
-    apply_ray_log_level()
+    ray_logs.apply_ray_log_level()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, **common)
-        apply_ray_log_level()
+        ray_logs.apply_ray_log_level()
         return
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
@@ -289,7 +137,7 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         common["runtime_env"] = {**job_env, "env_vars": env_vars}
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=not data_only, dashboard_host="127.0.0.1",
              dashboard_port=port, **common)
-    apply_ray_log_level()
+    ray_logs.apply_ray_log_level()
 
 
 #: The first Ray with token authentication (``RAY_AUTH_MODE=token``; Ray's docs, "Ray token
@@ -299,14 +147,12 @@ TOKEN_AUTH_MIN_RAY = "2.52.0"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
-class RayVersionError(RuntimeError):
+class RayVersionError(InstAlignError, RuntimeError):
     """The installed Ray cannot give a private cluster what it needs (token authentication)."""
 
 
 def ray_supports_token_auth(version: str) -> bool:
     """Whether Ray ``version`` (``ray.__version__``) has token authentication."""
-    from packaging.version import InvalidVersion, Version
-
     try:
         return Version(version) >= Version(TOKEN_AUTH_MIN_RAY)
     except InvalidVersion:
@@ -369,8 +215,6 @@ def private_cluster_auth() -> str:
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -46,7 +46,7 @@ def test_ray_lines_are_told_from_ours():
 def test_only_the_known_false_alarms_are_dropped():
     import logging
 
-    from pipelines.core.ray_cluster import DROPPED_RECORDS, apply_ray_log_level
+    from pipelines.core.ray_logs import DROPPED_RECORDS, apply_ray_log_level
 
     apply_ray_log_level()
     data = logging.getLogger("ray.data.dataset")
@@ -74,7 +74,7 @@ def test_the_worker_setup_hook_quiets_train_without_importing_it():
     """The hook runs in every worker of a job, Ray Data's too: importing ``ray.train`` there
     cost ~0.8 CPU-s per process. It must name Train's report logger without that import."""
     code = ("import logging, sys\n"
-            "from pipelines.core.ray_cluster import setup_worker_logging, train_report_logger_name\n"
+            "from pipelines.core.ray_logs import setup_worker_logging, train_report_logger_name\n"
             "setup_worker_logging()\n"
             "assert 'ray.train' not in sys.modules, 'the hook imported ray.train'\n"
             "assert logging.getLogger(train_report_logger_name()).level == logging.WARNING\n"
@@ -116,7 +116,7 @@ def test_repeat_notes_carry_no_colour_when_colour_is_off(monkeypatch):
     whatever RAY_COLOR_PREFIX says; with RAY_COLOR_PREFIX=0 (output not a terminal) it is plain."""
     from ray._private import ray_logging
 
-    from pipelines.core.ray_cluster import plain_repeat_notes
+    from pipelines.core.ray_logs import plain_repeat_notes
 
     monkeypatch.setattr(ray_logging, "_color", ray_logging._color)  # restored afterwards
 
@@ -150,13 +150,13 @@ def test_ray_trains_exclude_resources_warning_is_ignored_in_the_driver_and_the_w
         import warnings
         warnings.simplefilter("always")  # every warning shown, each time
         import ray
-        from pipelines.core import ray_cluster
+        from pipelines.core import ray_cluster, ray_logs
         from pipelines.training.job import GRESDataConfig
         if {setup!r} == "driver":
             ray.is_initialized = lambda: True  # init_ray then connects nothing: only its set-up runs
             ray_cluster.init_ray()
         elif {setup!r} == "worker":
-            ray_cluster.setup_worker_logging()
+            ray_logs.setup_worker_logging()
         GRESDataConfig(data_order="ordered")
         warnings.warn("another deprecation", DeprecationWarning)  # other warnings still show
     """)

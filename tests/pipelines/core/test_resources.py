@@ -125,7 +125,7 @@ def test_every_verb_takes_log_level_and_sets_rays_before_it_starts(tmp_path, mon
     import argparse
 
     from pipelines.cli import VERBS, build_parser, main
-    from pipelines.core.ray_cluster import LOG_LEVEL_ENV
+    from pipelines.core.ray_logs import LOG_LEVEL_ENV
 
     for verb in VERBS:
         sub = next(a for a in build_parser(verb)._actions if isinstance(a, argparse._SubParsersAction))
