@@ -24,16 +24,29 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 from ray.train import DataConfig
 
-from instalign.config import Config, apply_overrides
+from instalign.config import Config, DataOrder, apply_overrides
 from instalign.losses import balanced_nt_pos_weight
 from pipelines.core.resources import WorkerResources
-from pipelines.training.worker import DATA_ORDERS, SCORE_METRIC, RunSpec, WorkerHook, loop_config, train_fn_per_worker
+from pipelines.training.worker import SCORE_METRIC, RunSpec, WorkerHook, loop_config, train_fn_per_worker
 
 log = logging.getLogger(__name__)
+
+DATA_ORDERS: tuple[str, ...] = get_args(DataOrder)
+
+
+def check_data_order(value: str) -> DataOrder:
+    """``value`` as a :data:`instalign.config.DataOrder`, or a one-line error.
+
+    The one check, made where the value enters (``train``, ``tune``: the Python API; the CLI's
+    ``--data-order`` has the same choices): everything after it holds a ``DataOrder``.
+    """
+    if value not in DATA_ORDERS:
+        raise ValueError(f"data_order={value!r}: expected one of {DATA_ORDERS}")
+    return value  # type: ignore[return-value]  # checked just above
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,7 @@ class TrainJob:
     storage_path: str  # ``pipelines.core.resources.storage_root``: absolute, or a URI
     tracking_uri: str
     mlflow_run_id: str
-    data_order: str = "streaming"
+    data_order: DataOrder = "streaming"
     max_failures: int = 2
     hook: Optional[WorkerHook] = None
 
@@ -66,8 +79,6 @@ class TrainJob:
     derived: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.data_order not in DATA_ORDERS:
-            raise ValueError(f"data_order={self.data_order!r}: expected one of {DATA_ORDERS}")
         self.config, derived = resolve_data_options(self.config, self.data.manifest)
         self.derived = {**derived, **self.derived}
 
@@ -165,9 +176,7 @@ class GRESDataConfig(DataConfig):
     * ``overlays`` — not split: rank 0 alone reads it.
     """
 
-    def __init__(self, *, data_order: str = "streaming") -> None:
-        if data_order not in DATA_ORDERS:
-            raise ValueError(f"data_order={data_order!r}: expected one of {DATA_ORDERS}")
+    def __init__(self, *, data_order: DataOrder = "streaming") -> None:
         options = None
         if data_order == "ordered":
             options = {"train": DataConfig.default_ingest_options()}
@@ -191,7 +200,7 @@ class GRESDataConfig(DataConfig):
         return output
 
 
-def build_datasets(cfg: Config, data_dir: str, *, data_order: str, num_cpus: float) -> dict[str, Any]:
+def build_datasets(cfg: Config, data_dir: str, *, data_order: DataOrder, num_cpus: float) -> dict[str, Any]:
     """The Ray Datasets of a run (``pipelines.data.loader``): train, val and the overlay samples."""
     import ray.data
 

@@ -29,9 +29,9 @@ from typing import Any, Optional
 
 from instalign.config import Config, load_config
 from pipelines.core import flags
-from pipelines.training.job import TrainJob, best_checkpoint, plan_data, run_job
+from pipelines.training.job import TrainJob, best_checkpoint, check_data_order, plan_data, run_job
 from pipelines.core.resources import absolute_data_dir, cluster_totals, describe_workers, plan_workers, storage_root
-from pipelines.training.worker import DATA_ORDERS, WorkerHook
+from pipelines.training.worker import WorkerHook
 
 __all__ = ["train", "TrainResult", "add_arguments", "run"]
 
@@ -89,8 +89,7 @@ def train(cfg: Config, data_dir: str, *, num_workers: int = 1, gpus_per_worker: 
     from pipelines.core import ray_cluster
     from pipelines.core.tracking import MlflowTracker, log_checkpoint, resolve_tracking_uri, start_or_resume_run
 
-    if data_order not in DATA_ORDERS:
-        raise ValueError(f"data_order={data_order!r}: expected one of {DATA_ORDERS}")
+    data_order = check_data_order(data_order)
     data_dir = absolute_data_dir(data_dir)
     data = plan_data(cfg, data_dir, read_manifest(data_dir), num_workers)
 

@@ -52,7 +52,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Optional, get_args
+from typing import Any, Optional
 
 import numpy as np
 
@@ -62,7 +62,6 @@ from pipelines.training.resume import checkpoint_name, usable_checkpoint
 log = logging.getLogger(__name__)
 
 SCORE_METRIC = "val_gIoU"
-DATA_ORDERS = get_args(DataOrder)
 #: ``ordered`` mode: global batches shuffled together per epoch.
 ORDERED_WINDOW_BATCHES = 8
 
@@ -79,12 +78,10 @@ class RunSpec:
     steps_per_epoch: int
     tracking_uri: str = ""
     mlflow_run_id: str = ""
-    data_order: str = "streaming"
+    data_order: DataOrder = "streaming"  # checked where it entered (``pipelines.training.job.check_data_order``)
     hook: Optional[WorkerHook] = None
 
     def __post_init__(self) -> None:
-        if self.data_order not in DATA_ORDERS:
-            raise ValueError(f"data_order={self.data_order!r}: expected one of {DATA_ORDERS}")
         if self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
 

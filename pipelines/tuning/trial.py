@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from instalign.config import Config
+from instalign.config import Config, DataOrder
 from pipelines.training.job import TrainJob, plan_data, run_job
 from pipelines.core.resources import WorkerResources
 from pipelines.tuning.space import trial_config
@@ -73,7 +73,7 @@ class TrialSettings:
     resources: WorkerResources
     storage_path: str
     max_failures: int
-    data_order: str
+    data_order: DataOrder
     metric: str
 
 

@@ -36,14 +36,13 @@ from typing import Any, Optional
 
 from instalign.config import Config, load_config
 from pipelines.core import flags
-from pipelines.training.job import count_samples, plan_data
+from pipelines.training.job import check_data_order, count_samples, plan_data
 from pipelines.core.resources import (TRIAL_CPU, WorkerResources, absolute_data_dir, cluster_totals, default_cpus_per_worker,
                                  describe_workers, join_storage, plan_concurrency, resolve_gpus_per_worker,
                                  storage_root)
 from pipelines.tuning.report import CHILD_STATUS, BestSoFar, TuneResult, finish_search
 from pipelines.tuning.space import SearchSpace, load_space, trial_config
 from pipelines.tuning.trial import TrialSettings, trial_driver
-from pipelines.training.worker import DATA_ORDERS
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +195,7 @@ def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple
         raise ValueError(f"metric={metric!r}: Tune sees the validation metrics only; expected one of {METRICS}")
     if mode not in ("max", "min"):
         raise ValueError(f"mode={mode!r}: expected max or min")
-    if data_order not in DATA_ORDERS:
-        raise ValueError(f"data_order={data_order!r}: expected one of {DATA_ORDERS}")
+    data_order = check_data_order(data_order)
     if workers_per_trial < 1:
         raise ValueError(f"workers_per_trial must be >= 1, got {workers_per_trial}")
     if config is None:

@@ -30,7 +30,7 @@ def test_plan_data_checks_the_config_against_the_dataset():
 
 
 def test_a_job_is_assembled_once_with_its_settings():
-    from pipelines.training.job import GRESDataConfig, TrainJob, plan_data
+    from pipelines.training.job import TrainJob, plan_data
     from pipelines.core.resources import plan_workers
 
     cfg = load_config("tiny", ["train.batch_size=8"])
@@ -47,11 +47,24 @@ def test_a_job_is_assembled_once_with_its_settings():
                    storage_path="/runs", tracking_uri="", mlflow_run_id="")
     assert (gpu.params()["device"], gpu.params()["gpus_per_worker"], gpu.params()["cpus_per_worker"]) == \
         ("gpu", 1.0, 1.0)
-    with pytest.raises(ValueError, match="data_order='shuffled'"):
-        TrainJob(config=cfg, data=job.data, run_name="r", resources=job.resources, storage_path="/runs",
-                 tracking_uri="", mlflow_run_id="", data_order="shuffled")
-    with pytest.raises(ValueError, match="data_order='shuffled'"):
-        GRESDataConfig(data_order="shuffled")
+
+
+def test_a_data_order_is_checked_once_where_it_enters_before_anything_starts(monkeypatch, tmp_path):
+    """``check_data_order`` is the one check; ``train`` and ``tune`` make it first, before reading
+    the data or starting Ray, and the error is one line naming the value and the choices."""
+    from pipelines.training.job import check_data_order
+    from pipelines.training.train import train
+    from pipelines.tuning.tune import tune
+
+    assert check_data_order("ordered") == "ordered" and check_data_order("streaming") == "streaming"
+    message = r"^data_order='shuffled': expected one of \('streaming', 'ordered'\)$"
+    with pytest.raises(ValueError, match=message):
+        check_data_order("shuffled")
+    monkeypatch.setattr("pipelines.core.ray_cluster.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(ValueError, match=message):
+        train(load_config("tiny"), str(tmp_path / "no-such-data"), data_order="shuffled")
+    with pytest.raises(ValueError, match=message):
+        tune(str(tmp_path / "no-such-space.yaml"), str(tmp_path / "no-such-data"), data_order="shuffled")
 
 
 def test_best_checkpoint_is_the_best_scored_one_that_verifies(tmp_path):
