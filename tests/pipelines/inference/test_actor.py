@@ -1,0 +1,62 @@
+"""Batch prediction's model actor (``pipelines.inference.actor.BatchPredictor``), called directly on
+Arrow batches: a real tiny checkpoint, real image bytes and files, no Ray cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from instalign.data.masks import rle_encode
+from pipelines.inference.actor import BatchPredictor
+from pipelines.inference.tables import ACTOR_SCHEMA, INPUT_SCHEMA
+from tests.support.tiny_checkpoint import make_checkpoint
+
+
+def png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def actor(tmp_path_factory, one_thread):
+    return BatchPredictor(checkpoint=str(make_checkpoint(tmp_path_factory.mktemp("actor") / "ckpt")), device="cpu")
+
+
+def row(row_id: str, **fields) -> dict:
+    return {"row_id": row_id, "image": None, "image_path": None, "text": "the red square", "gt_mask": None,
+            "gt_no_target": None, "gt_num_targets": None, **fields}
+
+
+def test_good_rows_are_predicted_together_and_bad_ones_rejected_with_a_reason(actor, tmp_path):
+    (tmp_path / "a.png").write_bytes(png(40, 30))
+    (tmp_path / "fake.png").write_bytes(b"not an image")
+    gt = np.zeros((30, 40), bool)
+    gt[5:20, 10:30] = True
+    batch = pa.Table.from_pylist([
+        row("bytes", image=png(40, 30), gt_mask=rle_encode(gt), gt_no_target=False, gt_num_targets=1),
+        row("file", image_path=str(tmp_path / "a.png")),
+        row("empty", image=png(40, 30), text="  "),
+        row("nothing"),
+        row("missing", image_path=str(tmp_path / "gone.png")),
+        row("garbage", image_path=str(tmp_path / "fake.png")),
+    ], schema=INPUT_SCHEMA)
+    out = actor(batch)
+    assert out.schema == ACTOR_SCHEMA
+    rows = {r["row_id"]: r for r in out.to_pylist()}
+    assert list(rows) == ["bytes", "file", "empty", "nothing", "missing", "garbage"]  # order kept
+    assert {k: (r["status"], r["reason"]) for k, r in rows.items()} == {
+        "bytes": ("ok", None), "file": ("ok", None), "empty": ("rejected", "empty_text"),
+        "nothing": ("rejected", "missing_image"), "missing": ("rejected", "missing_image"),
+        "garbage": ("rejected", "unreadable_image")}
+    assert rows["nothing"]["detail"] == "row nothing: no image bytes and no image_path"
+    assert rows["missing"]["detail"].startswith("row missing: image_path ") and "does not exist" in rows["missing"]["detail"]
+    assert (rows["bytes"]["width"], rows["bytes"]["height"]) == (40, 30) and rows["bytes"]["mask"]["size"] == [30, 40]
+    assert 0.0 <= rows["bytes"]["iou"] <= 1.0 and json.loads(rows["bytes"]["metric_state"])["samples"] == 1
+    assert rows["file"]["iou"] is None and rows["file"]["metric_state"] is None
+
