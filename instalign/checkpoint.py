@@ -50,6 +50,7 @@ from safetensors.torch import load_file, load_model as _st_load_model, save_file
 from torch import nn
 
 from instalign.config import Config, ConfigError, load_config
+from instalign.errors import InstAlignError
 from instalign.integrity import IntegrityError, seal, unseal, verify
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_model", "load_training_state", "checkpoint_files",
@@ -70,7 +71,7 @@ REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, f"{TEXT_ENCODER_DIR}/config.json",
                   f"{TEXT_ENCODER_DIR}/tokenizer_config.json")
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(InstAlignError, FileNotFoundError):
     """A checkpoint directory is missing, incomplete or does not match the model."""
 
 

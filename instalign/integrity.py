@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from instalign.errors import InstAlignError
+
 log = logging.getLogger(__name__)
 
 SEAL_FILE = "_SEALED.json"
@@ -41,7 +43,7 @@ _CHUNK = 1 << 20
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class IntegrityError(OSError):
+class IntegrityError(InstAlignError, OSError):
     """A sealed directory is incomplete or damaged; ``file`` names the first bad file."""
 
     def __init__(self, directory: PathLike, file: str, problem: str) -> None:

@@ -44,6 +44,8 @@ import stat
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from instalign.errors import InstAlignError
+
 __all__ = [
     "ALLOWED_FORMATS",
     "CorruptImageError",
@@ -70,7 +72,7 @@ DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(InstAlignError, ValueError):
     """Bytes that are not a decodable image (truncated, corrupt, unknown format, too large).
 
     ``detail`` is the message without the leading ``"<source>: "``, for callers that name
@@ -101,7 +103,7 @@ def _too_large(message: str, size: int, limit: int) -> ImageTooLargeError:
     return error
 
 
-class NotARegularFileError(OSError):
+class NotARegularFileError(InstAlignError, OSError):
     """A path that is not a regular file (a directory, FIFO, device, socket), refused unread."""
 
 

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from instalign.data.batch import Batch
 from instalign.data.records import IMAGE_SCHEMA, MANIFEST_NAME, SCHEMA_VERSION
+from instalign.errors import InstAlignError
 
 __all__ = [
     "DatasetFormatError",
@@ -50,7 +51,7 @@ __all__ = [
 SAMPLE_FIELDS = ("image", "input_ids", "attention_mask", "instance_masks", "num_instances", "no_target", "sample_id")
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(InstAlignError, ValueError):
     """A directory is not a (finished, compatible) prepared dataset; the message says why."""
 
 

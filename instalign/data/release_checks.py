@@ -20,6 +20,8 @@ import reprlib
 from pathlib import Path
 from typing import Any, Callable
 
+from instalign.errors import InstAlignError
+
 __all__ = ["SourceFormatError", "Record", "brief", "is_int", "is_text_or_none", "is_int_or_int_list", "as_list",
            "nesting_depth", "INT_RANGE", "is_safe_split_name", "file_name_problem"]
 
@@ -37,7 +39,7 @@ _SCALARS = frozenset((int, float, str, bool, bytes, type(None)))
 _INT_ONLY = frozenset((int,))
 
 
-class SourceFormatError(ValueError):
+class SourceFormatError(InstAlignError, ValueError):
     """A release file is malformed; the message names the file, the record and the problem."""
 
 

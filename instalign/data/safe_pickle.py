@@ -35,16 +35,18 @@ from typing import Any, Callable
 
 import numpy as np
 
+from instalign.errors import InstAlignError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["UnsafePickleError", "PickleReadError", "safe_load", "safe_loads"]
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(InstAlignError, pickle.UnpicklingError):
     """The pickle names a global outside the allow-list (it was *not* executed)."""
 
 
-class PickleReadError(ValueError):
+class PickleReadError(InstAlignError, ValueError):
     """The file is not a readable pickle (truncated, corrupt, not a pickle)."""
 
 

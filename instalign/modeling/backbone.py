@@ -19,8 +19,10 @@ from typing import Any, Sequence, Union
 
 from torch import Tensor, nn
 
+from instalign.errors import InstAlignError
 
-class BackboneLoadError(RuntimeError):
+
+class BackboneLoadError(InstAlignError, RuntimeError):
     """The backbone could not be created or its weights could not be loaded."""
 
 

@@ -23,9 +23,10 @@ from typing import Any, Union
 from torch import Tensor, nn
 
 from instalign.config import TINY_TEXT_ENCODER, TextEncoderConfig
+from instalign.errors import InstAlignError
 
 
-class TextEncoderLoadError(RuntimeError):
+class TextEncoderLoadError(InstAlignError, RuntimeError):
     """The text encoder or its tokenizer could not be loaded; the message says how to fix it."""
 
 

@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 import pyarrow.fs as pafs
 
 from instalign.data.records import MANIFEST_NAME
+from instalign.errors import InstAlignError
 
 #: Written first into every output directory a verb creates; its presence (or a manifest's)
 #: is what makes a directory replaceable.
@@ -36,7 +37,7 @@ MARKER_NAME = ".instalign-output"
 _MARKER_TEXT = b"Written by instalign; a later run with --overwrite may replace this directory.\n"
 
 
-class OutputRefused(ValueError):
+class OutputRefused(InstAlignError, ValueError):
     """The output location may not be (re)placed; the message says what was found there."""
 
 

@@ -26,6 +26,7 @@ from instalign.data.readers import gc_paused, reference_problems
 from instalign.data.records import IMAGE_SCHEMA
 from instalign.data.release_checks import file_name_problem, is_safe_split_name
 from instalign.data.source import Annotation, GRESSource
+from instalign.errors import InstAlignError
 from pipelines.core.redaction import redact
 
 #: One task per ``(image, split)``: where the image is, its annotated size, the target instances
@@ -47,7 +48,7 @@ TASK_SCHEMA = pa.schema([
 ])
 
 
-class PrepareError(RuntimeError):
+class PrepareError(InstAlignError, RuntimeError):
     """The inputs or the output location do not allow a (complete) prepare; the message says why.
 
     The one error of every ``pipelines.data.prepare*`` module (``pipelines.data.prepare`` re-exports it).

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from instalign.data.synthetic import generate_grefcoco
 from instalign.data.synthetic_objects import generate_objects
+from instalign.errors import USAGE, InstAlignError
 
 #: style → (generator, default smallest side, default largest side)
 STYLES = {"shapes": (generate_grefcoco, 96, 320), "objects": (generate_objects, 160, 448)}
@@ -39,9 +39,8 @@ def run(args: argparse.Namespace) -> int:
         generate, min_size, max_size = STYLES[args.style]
         counts = generate(args.out, num_images=args.num_images, seed=args.seed,
                           min_size=args.min_size or min_size, max_size=args.max_size or max_size)
-    except ValueError as exc:
-        print(f"instalign synthetic: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # a bad option value (--num-images 0 …): a usage error, as before
+        raise InstAlignError(str(exc), exit_code=USAGE) from exc
     totals = {k: sum(v.values()) for k, v in counts.items()}
     print(json.dumps({"out": str(args.out), "style": args.style, "seconds": round(time.perf_counter() - start, 2),
                       "totals": totals, "per_split": counts}, indent=2))

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -343,19 +342,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
+    from instalign.errors import InstAlignError
     from pipelines.models.source import RegistryError, configure_tracking, is_model_uri
 
     tracking_uri = configure_tracking(args.tracking_uri) if is_model_uri(args.model) or not args.no_track else None
     started = time.time()
-    try:
-        result = evaluate_dataset(args.model, args.data, split=args.split, metrics=args.metrics,
-                                  num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
-                                  cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
-                                  max_samples=args.max_samples, precision=args.precision, address=args.address,
-                                  threshold_from=args.threshold_from)
-    except (RegistryError, FileNotFoundError, ValueError) as e:
-        print(f"instalign evaluate: {e}", file=sys.stderr)
-        return 1
+    result = evaluate_dataset(args.model, args.data, split=args.split, metrics=args.metrics,
+                              num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+                              cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
+                              max_samples=args.max_samples, precision=args.precision, address=args.address,
+                              threshold_from=args.threshold_from)
     tuned = {k: result.pop(k) for k in list(result) if "@" in k and "threshold" in k}
     print(format_table(result, title=f"{args.model} on {args.data} [{args.split}]"))
     if tuned:
@@ -375,9 +371,7 @@ def run(args: argparse.Namespace) -> int:
                                 tracking_uri=tracking_uri, experiment=args.experiment,
                                 params={**settings, "data": args.data, "model": args.model}, started=started)
     except (RegistryError, MlflowException) as e:
-        print(f"instalign evaluate: the metrics above were not recorded in MLflow ({tracking_uri}): {e}",
-              file=sys.stderr)
-        return 1
+        raise InstAlignError(f"the metrics above were not recorded in MLflow ({tracking_uri}): {e}") from e
     from pipelines.core.redaction import redact
 
     print(f"\nrecorded as MLflow run {run_id} in experiment {args.experiment!r} ({redact(tracking_uri)})")

@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import logging
 import math
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -421,8 +420,9 @@ def run(args: argparse.Namespace) -> int:
     print(comparison_table({**columns, **out.baselines}))
     print(out.text)
     if not out.promoted:
-        print(f"instalign promote: models:/{out.name}/{out.version} not promoted: {out.reason}", file=sys.stderr)
-        return 1
+        from instalign.errors import InstAlignError
+
+        raise InstAlignError(f"models:/{out.name}/{out.version} not promoted: {out.reason}")
     print(f"models:/{out.name}@champion -> version {out.version}"
           + (f" (@previous -> version {out.champion_version})" if out.champion_version else ""))
     return 0

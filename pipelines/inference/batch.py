@@ -281,24 +281,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from instalign.checkpoint import CheckpointError
-    from instalign.data.parquet import DatasetFormatError
-    from pipelines.models.source import RegistryError, configure_tracking
+    from instalign.errors import USAGE, InstAlignError
+    from pipelines.models.source import configure_tracking
 
     if not args.out:
-        print("instalign predict: --data needs --out DIR (the output directory)", file=sys.stderr)
-        return 2
+        raise InstAlignError("--data needs --out DIR (the output directory)", exit_code=USAGE)
     configure_tracking(args.tracking_uri)
-    try:
-        cfg = BatchPredictConfig(model=args.model, data=args.data, out=args.out, split=args.split,
-                                 num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
-                                 cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
-                                 top_words=args.top_words, limit=args.limit, address=args.address,
-                                 experiment=args.experiment)
-        summary = batch_predict(cfg)
-    except (BatchPredictError, DatasetFormatError, RegistryError, CheckpointError, FileNotFoundError) as e:
-        print(f"instalign predict: {e}", file=sys.stderr)
-        return 1
+    cfg = BatchPredictConfig(model=args.model, data=args.data, out=args.out, split=args.split,
+                             num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+                             cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
+                             top_words=args.top_words, limit=args.limit, address=args.address,
+                             experiment=args.experiment)
+    summary = batch_predict(cfg)
     metrics = "  ".join(f"{k} {v:.2f}" for k, v in summary["metrics"].items() if np.isfinite(v))
     print(f"{summary['rows']} rows: {summary['predicted']} predicted, {summary['rejected']} rejected "
           f"{summary['reasons'] or ''} in {summary['seconds']:.1f} s ({summary['rows_per_s']} rows/s)")

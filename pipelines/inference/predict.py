@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,32 +62,31 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "data", None):
         from pipelines.inference import batch
         return batch.run(args)
+    from instalign.errors import USAGE, InstAlignError
+
     if not args.image or args.text is None:
-        print("instalign predict: give --image and --text (one image), or --data and --out (a dataset or table)",
-              file=sys.stderr)
-        return 2
-    from instalign.checkpoint import CheckpointError
+        raise InstAlignError("give --image and --text (one image), or --data and --out (a dataset or table)",
+                             exit_code=USAGE)
     from pipelines.models.records import prediction_to_record
     from pipelines.models.pyfunc import PyfuncInputError, check_text, load_local_image
-    from pipelines.models.source import RegistryError, configure_tracking, is_model_uri, resolve_checkpoint
+    from pipelines.models.source import configure_tracking, is_model_uri, resolve_checkpoint
 
+    if args.out:  # an image this project wrote, or a new file: never the input image nor a user's file
+        from pipelines.core.output_dirs import looks_like_image, replaceable_file
+
+        replaceable_file(args.out, kind="an image", looks_ours=looks_like_image, inputs=[args.image])
+    if is_model_uri(args.model):
+        configure_tracking(args.tracking_uri)
+    checkpoint = resolve_checkpoint(args.model)
+    from instalign.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint, device=args.device, top_words=args.top_words)
+    image = load_local_image(args.image)
     try:
-        if args.out:  # an image this project wrote, or a new file: never the input image nor a user's file
-            from pipelines.core.output_dirs import looks_like_image, replaceable_file
-
-            replaceable_file(args.out, kind="an image", looks_ours=looks_like_image, inputs=[args.image])
-        if is_model_uri(args.model):
-            configure_tracking(args.tracking_uri)
-        checkpoint = resolve_checkpoint(args.model)
-        from instalign.predictor import Predictor
-
-        predictor = Predictor.from_checkpoint(checkpoint, device=args.device, top_words=args.top_words)
-        image = load_local_image(args.image)
         text = check_text(0, args.text, tokenizer=predictor.tokenizer, max_tokens=predictor.transform.max_tokens)
-        prediction = predictor.predict(image, text)
-    except (PyfuncInputError, RegistryError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"instalign predict: {e}".replace("row 0: ", ""), file=sys.stderr)
-        return 1
+    except PyfuncInputError as e:  # the pyfunc's checks name a row; one --text has none
+        raise InstAlignError(str(e).replace("row 0: ", "")) from e
+    prediction = predictor.predict(image, text)
 
     record = prediction_to_record(prediction)
     width, height = image.size

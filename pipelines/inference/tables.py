@@ -19,7 +19,10 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-class BatchPredictError(ValueError):
+from instalign.errors import InstAlignError
+
+
+class BatchPredictError(InstAlignError, ValueError):
     """DATA or OUT cannot be used; the message names it and what is wrong."""
 
 

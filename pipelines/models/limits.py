@@ -53,6 +53,8 @@ from typing import Any, Optional
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_EXHAUSTED, TEMPORARILY_UNAVAILABLE
 
+from instalign.errors import InstAlignError
+
 log = logging.getLogger(__name__)
 
 #: Refuse any single image above this many pixels (≈ 6000×6000): decoding one takes gigabytes
@@ -73,7 +75,7 @@ ENV = {
 
 # --- errors (all MlflowExceptions: the scoring server answers their status and message) ------
 
-class PyfuncInputError(MlflowException, ValueError):
+class PyfuncInputError(InstAlignError, MlflowException, ValueError):
     """A request row is invalid; the message names the row and the problem (HTTP 400)."""
 
     def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE) -> None:
@@ -90,14 +92,14 @@ class RequestTooLarge(PyfuncInputError):
         return 413
 
 
-class ServerBusy(MlflowException):
+class ServerBusy(InstAlignError, MlflowException):
     """No prediction slot freed up within the queue timeout (HTTP 503: retry later)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, error_code=TEMPORARILY_UNAVAILABLE)
 
 
-class ServingConfigError(ValueError):
+class ServingConfigError(InstAlignError, ValueError):
     """A serving limit set to something unusable; raised when the model loads."""
 
 

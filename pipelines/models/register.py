@@ -11,14 +11,14 @@ This alias moves with no evaluation: ``instalign promote`` is the gated way to `
 from __future__ import annotations
 
 import argparse
-import sys
 
 import mlflow
 
+from instalign.errors import USAGE, InstAlignError
 from pipelines.core import flags
 from pipelines.core.tracking import ensure_experiment
 from pipelines.models.registry import log_and_register, promote_run
-from pipelines.models.source import RegistryError, configure_tracking
+from pipelines.models.source import configure_tracking
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,19 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     uri = configure_tracking(args.tracking_uri)
-    try:
-        if args.run:
-            version = promote_run(args.run, alias=args.alias, name=args.name)
-        else:
-            if not args.name:
-                print("instalign register: --checkpoint needs --name", file=sys.stderr)
-                return 2
-            # Not MLflow's Default experiment: a sqlite store created by this command would
-            # give it ./mlruns of the current directory, and the model's files would land there.
-            mlflow.set_experiment(experiment_id=ensure_experiment(uri, args.experiment))
-            version = log_and_register(args.checkpoint, registered_model_name=args.name, alias=args.alias)
-    except (RegistryError, FileNotFoundError, ValueError) as e:
-        print(f"instalign register: {e}", file=sys.stderr)
-        return 1
+    if args.run:
+        version = promote_run(args.run, alias=args.alias, name=args.name)
+    else:
+        if not args.name:
+            raise InstAlignError("--checkpoint needs --name", exit_code=USAGE)
+        # Not MLflow's Default experiment: a sqlite store created by this command would
+        # give it ./mlruns of the current directory, and the model's files would land there.
+        mlflow.set_experiment(experiment_id=ensure_experiment(uri, args.experiment))
+        version = log_and_register(args.checkpoint, registered_model_name=args.name, alias=args.alias)
     print(f"models:/{version.name}@{args.alias} -> version {version.version} (run {version.run_id}; {uri})")
     return 0

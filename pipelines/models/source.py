@@ -27,6 +27,8 @@ from urllib.parse import quote
 
 import yaml
 
+from instalign.errors import InstAlignError
+
 #: Artifact key of the checkpoint directory inside the pyfunc model (see ``pipelines.models.pyfunc``).
 CHECKPOINT_ARTIFACT = "checkpoint"
 
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 
-class RegistryError(RuntimeError):
+class RegistryError(InstAlignError, RuntimeError):
     """A registry lookup failed; the message names the model, version, alias or run."""
 
 

@@ -16,8 +16,10 @@ import json
 import math
 from typing import Any
 
+from instalign.errors import InstAlignError
 
-class RequestError(Exception):
+
+class RequestError(InstAlignError):
     """A request refused at the HTTP layer (before the pyfunc's checks): status and message."""
 
     def __init__(self, status: int, message: str, error_code: str = "BAD_REQUEST") -> None:
