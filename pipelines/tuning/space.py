@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from instalign.config import PRESETS, Config, ConfigError
+from instalign.errors import InstAlignError
 
 DISTRIBUTIONS = {"uniform", "loguniform", "randint", "choice", "grid"}
 SEARCHES = {"random", "grid", "optuna", "rows"}
@@ -49,7 +50,7 @@ ROW_KEY = "row"
 _ROW_NAME_SEP, _ROW_ITEM_SEP = " | ", ", "
 
 
-class SpaceError(ValueError):
+class SpaceError(InstAlignError, ValueError):
     """A search-space file is invalid; the message names the file and the key."""
 
 
