@@ -1,5 +1,6 @@
-"""The ``instalign`` command turns user-facing errors into one line and exit 1, for every verb;
-``--debug`` shows the traceback (issue 11, point 6). No Ray: ``prepare`` reads the release in a
+"""The ``instalign`` command turns user-facing errors into one line (and a ``hint:`` line) and the
+error's exit status, for every verb; ``--debug`` shows the traceback (issue 11, point 6; issue 27:
+one base class, :class:`instalign.errors.InstAlignError`, for every error class of the project). No Ray: ``prepare`` reads the release in a
 child process while Ray starts, so a bad release is reported once that start is done; here the
 start is stubbed (:func:`stub_ray`), and the error line is what is checked. A real process,
 with Ray's real start, is the last test."""
@@ -112,6 +113,7 @@ def test_debug_shows_the_traceback(tmp_path, stub_ray):
         main(["--debug"] + argv)
 
 
+@pytest.mark.ray  # the real prepare starts its private Ray cluster (twice)
 def test_real_process_exits_1_with_one_line(tmp_path):
     _hostile_refzom(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -241,3 +243,106 @@ def test_too_old_a_ray_is_one_line(fake_verb, capsys):
     fake_verb["error"] = RayVersionError("Ray 2.40.0 has no token authentication (Ray >= 2.52.0 has): ...")
     assert main(["boom"]) == 1
     assert _one_line(capsys.readouterr().err).startswith("instalign boom: Ray 2.40.0 has no token authentication")
+
+
+# --- one base class: InstAlignError (issue 27) ---------------------------------------------------
+
+#: Exception classes of the project that never reach a user as they are, each with where it is
+#: turned into a user-facing error. Any other exception class must derive from InstAlignError.
+INTERNAL_ERRORS = {
+    "pipelines.core.forked.ChildFailed": "pipelines.data.prepare reports it as a PrepareError",
+    "pipelines.core.forked.RemoteTraceback": "the __cause__ carrying a child's traceback text, never raised alone",
+    "pipelines.inference.actor._Rejected": "a row for the rejects table, caught in the actor",
+    "pipelines.models.limits.FileTooLarge": "becomes a PyfuncInputError or a rejected row",
+    "pipelines.serving.bounded_json.LimitExceeded": "becomes a 413 RequestError",
+}
+
+
+def _project_exception_classes() -> dict[str, type[BaseException]]:
+    """Every exception class defined in a module of ``instalign`` or ``pipelines`` (all imported)."""
+    import importlib
+    import pkgutil
+
+    import instalign
+    import pipelines
+
+    found = {}
+    for package in (instalign, pipelines):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            module = importlib.import_module(info.name)
+            for name, obj in vars(module).items():
+                if isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == module.__name__:
+                    found[f"{module.__name__}.{name}"] = obj
+    return found
+
+
+def test_every_error_class_of_the_project_derives_from_instalign_error():
+    from instalign.errors import InstAlignError
+
+    classes = _project_exception_classes()
+    assert "pipelines.data.records.PrepareError" in classes and "instalign.config_checks.ConfigError" in classes
+    assert set(INTERNAL_ERRORS) <= set(classes), "stale INTERNAL_ERRORS entries"
+    missing = sorted(n for n, cls in classes.items() if n not in INTERNAL_ERRORS and not issubclass(cls, InstAlignError))
+    assert not missing, f"user-facing error classes without the InstAlignError base: {missing}"
+
+
+def test_exit_code_and_hint(fake_verb, capsys):
+    from instalign.errors import USAGE, InstAlignError
+
+    fake_verb["error"] = InstAlignError("--checkpoint needs --name", exit_code=USAGE, hint="add --name NAME")
+    assert main(["boom"]) == 2
+    assert capsys.readouterr().err == "instalign boom: --checkpoint needs --name\nhint: add --name NAME\n"
+    fake_verb["error"] = InstAlignError("no such run")
+    assert main(["boom"]) == 1
+    assert capsys.readouterr().err == "instalign boom: no such run\n"
+    with pytest.raises(InstAlignError):
+        main(["boom", "--debug"])
+
+
+def test_a_hint_is_redacted_too(fake_verb, capsys):
+    from instalign.errors import InstAlignError
+
+    fake_verb["error"] = InstAlignError("cannot reach the server", hint="check http://user:SECRET@host:5000")
+    assert main(["boom"]) == 1
+    err = capsys.readouterr().err
+    assert "SECRET" not in err and err.endswith("hint: check http://***@host:5000\n")
+
+
+def test_a_ray_task_error_exits_with_its_causes_code(fake_verb, capsys):
+    from ray.exceptions import RayTaskError
+
+    from instalign.errors import InstAlignError
+
+    cause = InstAlignError("row 7: bad option", exit_code=2)
+    fake_verb["error"] = RayTaskError("fn", "Traceback ...", cause).as_instanceof_cause()
+    assert main(["boom"]) == 2
+    assert capsys.readouterr().err == "instalign boom: row 7: bad option\n"
+
+
+@pytest.mark.parametrize("argv, status, line", [
+    (["predict", "--model", "m"], 2,
+     "instalign predict: give --image and --text (one image), or --data and --out (a dataset or table)"),
+    (["predict", "--model", "m", "--data", "/nonexistent/d"], 2,
+     "instalign predict: --data needs --out DIR (the output directory)"),
+    (["register", "--checkpoint", "/nonexistent/ck"], 2, "instalign register: --checkpoint needs --name"),
+    (["synthetic", "--out", "syn", "--num-images", "0"], 2, "instalign synthetic: num_images must be >= 1, got 0"),
+    (["evaluate", "--model", "/nonexistent/ck", "--data", "/nonexistent/d", "--no-track"], 1,
+     "instalign evaluate: checkpoint '/nonexistent/ck': not a directory (nor a models:/ URI)"),
+    (["predict", "--model", "/nonexistent/ck", "--image", "x.png", "--text", "hi"], 1,
+     "instalign predict: checkpoint '/nonexistent/ck': not a directory (nor a models:/ URI)"),
+    (["serve", "--model", "/nonexistent/ck"], 1,
+     "instalign serve: checkpoint '/nonexistent/ck': not a directory (nor a models:/ URI)"),
+], ids=["predict-usage", "predict-data-no-out", "register-no-name", "synthetic-bad-count", "evaluate", "predict",
+        "serve"])
+def test_verbs_that_printed_their_own_error_now_raise_it(argv, status, line, tmp_path, capsys, monkeypatch):
+    """Same line and status as when each verb printed it itself (measured on the old code); now
+    raised, so ``--debug`` shows where (the old verbs printed the line even under ``--debug``)."""
+    import re
+
+    monkeypatch.chdir(tmp_path)  # the default MLflow store of a verb lands here, not in the checkout
+    monkeypatch.setattr("pipelines.core.ray_cluster.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    assert main(argv) == status
+    assert capsys.readouterr().err == line + "\n"
+    with pytest.raises(Exception, match="^" + re.escape(line.split(": ", 1)[1])):
+        main(argv + ["--debug"])
+    assert not (tmp_path / "syn").exists()
