@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from instalign.tracking import NullTracker, Tracker, finite_metrics
-from pipelines.training.run_inputs import git_commit
 from pipelines.core.tracking import (
     RUN_NAME_TAG,
     MlflowTracker,
@@ -97,12 +96,6 @@ def test_one_run_per_name_and_tracker_logs_everything(store, tmp_path):
 
 def test_null_tracker_is_a_tracker():
     assert isinstance(NullTracker(), Tracker)
-
-
-def test_driver_metadata_helpers(tmp_path):
-    commit = git_commit()
-    assert commit is None or len(commit.split("-")[0]) == 40
-    assert git_commit(tmp_path) is None  # not a checkout
 
 
 def test_pipelines_tracking_does_not_leak_mlflow_into_instalign():
@@ -195,67 +188,4 @@ def test_every_run_records_source_user_and_the_redacted_command(store, monkeypat
     tags = client.get_run(again).data.tags
     assert resumed and tags[COMMAND_TAG].startswith("/venv/bin/instalign train --data")
     assert tags[RESUME_COMMAND_TAG] == "instalign train --name ctx"
-
-
-def test_the_prepared_dataset_is_the_runs_input(store, tiny_cfg):
-    """Lineage: the run's ``inputs.dataset_inputs`` holds the dataset (name, the manifest's
-    digest, the redacted source, the counts as profile), once however often it is logged."""
-    import json
-
-    from mlflow import MlflowClient
-
-    from pipelines.training.run_inputs import DATASET_CONTEXT_TAG, log_run_inputs
-    from pipelines.core.tracking import MANIFEST_HASH_TAG
-
-    manifest = {"format": "instalign-gres-parquet", "dataset": "grefcoco", "schema_version": 1,
-                "counts": {"train": {"samples": 12, "images": 3}, "val": {"samples": 5, "images": 1}},
-                "quarantined": {"bad_mask": 1}, "created": "2026-11-30T00:00:00+00:00"}
-    run_id, _ = start_or_resume_run(tracking_uri=store, experiment="exp", run_name="with-data")
-    tracker = MlflowTracker(run_id=run_id, tracking_uri=store)
-    log_run_inputs(tracker, tiny_cfg, manifest, f"{S3_WITH_KEYS}/prepared", {"num_workers": 1})
-    log_run_inputs(tracker, tiny_cfg, manifest, f"{S3_WITH_KEYS}/prepared", {"num_workers": 1})  # a resume
-
-    run = MlflowClient(tracking_uri=store).get_run(run_id)
-    (inp,) = run.inputs.dataset_inputs
-    ds = inp.dataset
-    assert ds.name == "grefcoco"
-    assert ds.digest == run.data.tags[MANIFEST_HASH_TAG][:32]
-    assert (ds.source_type, json.loads(ds.source)) == ("s3", {"uri": "s3://***@bucket/x/prepared"})
-    profile = json.loads(ds.profile)
-    assert profile["counts"] == manifest["counts"] and profile["quarantined"] == {"bad_mask": 1}
-    assert {t.key: t.value for t in inp.tags} == {DATASET_CONTEXT_TAG: "train"}
-
-
-def test_concurrent_runs_of_one_experiment_log_the_same_dataset(store):
-    """Tune's trials start together and each logs the same prepared dataset into one
-    experiment: the store's look-up-then-insert races, and the loser's insert breaks the
-    (experiment, name, digest) unique constraint. Every run must still get its input."""
-    import threading
-
-    from mlflow import MlflowClient
-
-    from pipelines.training.run_inputs import log_dataset_input
-
-    manifest = {"dataset": "grefcoco", "counts": {"train": {"samples": 12}}, "created": "2026-11-30"}
-    for round_ in range(3):  # fresh dataset rows each round: a new digest
-        manifest["created"] = f"2026-11-30 round {round_}"
-        runs = [start_or_resume_run(tracking_uri=store, experiment="race", run_name=f"r{round_}-{i}")[0]
-                for i in range(6)]
-        barrier, errors = threading.Barrier(len(runs)), []
-
-        def log(run_id: str) -> None:
-            barrier.wait()
-            try:
-                log_dataset_input(store, run_id, manifest, "/data/prepared")
-            except Exception as e:  # noqa: BLE001 - collected and asserted below
-                errors.append(e)
-
-        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert errors == []
-        client = MlflowClient(tracking_uri=store)
-        assert all([d.dataset.name for d in client.get_run(r).inputs.dataset_inputs] == ["grefcoco"] for r in runs)
 
