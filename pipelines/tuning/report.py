@@ -13,6 +13,8 @@ matching status (:data:`CHILD_STATUS`), and writes into the search's parent run:
 * ``trials.csv`` / ``trials.json`` — one row per trial, one column per hyper-parameter;
 * ``<metric>_vs_params.png`` — each trial's best metric against each hyper-parameter;
 * ``best_config.yaml`` — the best trial's complete config, for ``instalign train --config``;
+* for a ``search: rows`` space, the Table 3 report (``pipelines.tuning.table3``: ``table3.md``,
+  ``table3.csv``, ``table3_trials.csv``, ``table3_gIoU.png``), read back from the child runs;
 
 and, for a complete search with ``--register-best``, registers the best trial's best
 checkpoint (``pipelines.models.pyfunc.log_and_register``, alias ``candidate``).
@@ -260,6 +262,10 @@ def finish_search(grid: Any, *, parent: Any, space: SearchSpace, base: Config, m
     artifacts = write_table(rows, metric, report_dir)
     plot = report_dir / f"{metric.replace('@', '_')}_vs_params.png"
     artifacts.append(plot_metric_vs_params(rows, space, metric, plot))
+    if space.search == "rows":  # after the status tags above: the report counts completed trials only
+        from pipelines.tuning.table3 import write_table3
+
+        artifacts += write_table3(client, parent.run_id, space, report_dir)
     best = pick_best(rows, mode)
     best_config_path = None
     if best is not None:

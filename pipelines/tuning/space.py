@@ -26,6 +26,19 @@ It becomes one grid parameter, ``row``, whose values are self-describing labels
 (``"a_vanilla | loss.instance_supervision=vanilla"``): :func:`trial_config` expands a label
 back into its values (:func:`row_values`), so a trial needs nothing but the label Tune hands it.
 
+For the Table 3 report (``pipelines.tuning.table3``) a row may name its factor with the
+reserved key ``group`` (config keys are dotted, so it cannot clash): once one row does, every
+row but the reference must. The reference row — the one every Δ is measured from — is the
+top-level ``reference: NAME``, else the row with no overrides (the base itself)::
+
+    reference: full
+    rows:
+      full: {}
+      a_vanilla: {group: instance supervision, loss.instance_supervision: vanilla}
+
+:meth:`SearchSpace.with_seeds` runs every row ``K`` times with ``train.seed`` = base, base+1, …
+(``instalign tune --seeds K``): a second grid parameter beside ``row``.
+
 Sampled values stay values: :func:`trial_config` sets Tune's typed samples (a float loss
 weight, an int query count, a switch's string) into the base config's tree and validates
 the result once — no detour through override text.
@@ -34,9 +47,9 @@ the result once — no detour through override text.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -48,6 +61,10 @@ SEARCHES = {"random", "grid", "optuna", "rows"}
 #: The one parameter of a ``search: rows`` space, and how its labels are written.
 ROW_KEY = "row"
 _ROW_NAME_SEP, _ROW_ITEM_SEP = " | ", ", "
+#: A row's factor (Table 3's groups); not a config key.
+GROUP_KEY = "group"
+#: What ``--seeds`` varies across a row's trials (``instalign.config.TrainConfig.seed``).
+SEED_KEY = "train.seed"
 
 
 class SpaceError(InstAlignError, ValueError):
@@ -71,12 +88,40 @@ class Param:
         return [self.low, self.high]
 
 
+@dataclass(frozen=True)
+class RowSpec:
+    """One row of a ``search: rows`` space: its trial's overrides and its Table 3 factor."""
+
+    name: str
+    label: str  # the value of the ``row`` parameter (module docstring)
+    values: dict[str, Any]
+    group: Optional[str] = None
+
+
 @dataclass
 class SearchSpace:
     path: str
     base: str
     search: str
     params: list[Param]
+    rows: list[RowSpec] = field(default_factory=list)  # search=rows only, in file order
+    reference: Optional[str] = None  # the row Table 3's Δ is measured from
+
+    def with_seeds(self, seeds: int, first: int) -> "SearchSpace":
+        """This rows space with every row run ``seeds`` times, ``train.seed`` = first, first+1, …
+
+        Only for ``search: rows``: a grid already repeats with ``--num-samples`` and a random
+        search draws new values; a seed replicate is what a table of rows needs for its ±.
+        """
+        if self.search != "rows":
+            raise SpaceError(f"{self.path}: --seeds replicates the rows of a search=rows space (Table 3); "
+                             f"this space is search={self.search}")
+        if seeds < 1:
+            raise SpaceError(f"{self.path}: --seeds must be >= 1, got {seeds}")
+        for row in self.rows:
+            if SEED_KEY in row.values:
+                raise SpaceError(f"{self.path}: rows.{row.name} sets {SEED_KEY}, which --seeds sets per trial")
+        return replace(self, params=[*self.params, Param(SEED_KEY, "grid", values=list(range(first, first + seeds)))])
 
     @property
     def is_grid(self) -> bool:
@@ -120,9 +165,10 @@ def load_space(path: str | Path, base_config: Config | None = None) -> SearchSpa
         raise SpaceError(f"{where}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise SpaceError(f"{where}: expected a mapping with 'params'")
-    unknown = sorted(set(data) - {"base", "search", "params", "rows"})
+    unknown = sorted(set(data) - {"base", "search", "params", "rows", "reference"})
     if unknown:
-        raise SpaceError(f"{where}: unknown top-level key(s) {unknown}; expected base, search, params (or rows)")
+        raise SpaceError(f"{where}: unknown top-level key(s) {unknown}; expected base, search, params "
+                         "(or rows and reference)")
     base = str(data.get("base", "paper"))
     search = str(data.get("search", "random"))
     if search not in SEARCHES:
@@ -131,6 +177,8 @@ def load_space(path: str | Path, base_config: Config | None = None) -> SearchSpa
         if base not in PRESETS:
             raise SpaceError(f"{where}: base={base!r} is not a preset ({sorted(PRESETS)}); pass --config")
         base_config = PRESETS[base]()
+    if "reference" in data and search != "rows":
+        raise SpaceError(f"{where}: 'reference' names a row of a search=rows space; this one is search={search}")
     if search == "rows" or "rows" in data:
         return _load_rows(where, base, search, data, base_config)
     raw = data.get("params")
@@ -159,7 +207,7 @@ def _load_rows(where: str, base: str, search: str, data: dict, base_config: Conf
     if not isinstance(rows, dict) or not rows:
         raise SpaceError(f"{where}: 'rows' must be a non-empty mapping of row name -> overrides")
     valid_keys = set(base_config.flat())
-    labels, seen = [], {}
+    specs, seen = [], {}
     for name, values in rows.items():
         at = f"{where}: rows.{name}"
         if not isinstance(name, str) or not name or "|" in name or "," in name:
@@ -167,6 +215,10 @@ def _load_rows(where: str, base: str, search: str, data: dict, base_config: Conf
         values = {} if values is None else values
         if not isinstance(values, dict):
             raise SpaceError(f"{at}: expected a mapping of dotted config keys to values ({{}} for the base itself)")
+        values = dict(values)
+        group = values.pop(GROUP_KEY, None)
+        if group is not None and (not isinstance(group, str) or not group.strip()):
+            raise SpaceError(f"{at}.{GROUP_KEY}: a row's factor must be a non-empty string, got {group!r}")
         for key, value in values.items():
             if key not in valid_keys:
                 raise SpaceError(f"{at}.{key}: unknown config key (see `instalign.config.Config().flat()`)")
@@ -180,8 +232,29 @@ def _load_rows(where: str, base: str, search: str, data: dict, base_config: Conf
         if items in seen:
             raise SpaceError(f"{at}: the same trial as row {seen[items]!r}")
         seen[items] = name
-        labels.append(name + _ROW_NAME_SEP + _ROW_ITEM_SEP.join(items))
-    return SearchSpace(path=where, base=base, search=search, params=[Param(ROW_KEY, "grid", values=labels)])
+        specs.append(RowSpec(name, name + _ROW_NAME_SEP + _ROW_ITEM_SEP.join(items), values, group))
+    reference = _reference_row(where, data, specs, seen.get(()))
+    return SearchSpace(path=where, base=base, search=search, params=[Param(ROW_KEY, "grid", values=[
+        s.label for s in specs])], rows=specs, reference=reference)
+
+
+def _reference_row(where: str, data: dict, specs: list[RowSpec], base_row: Optional[str]) -> Optional[str]:
+    """The row Table 3's Δ is measured from (module docstring); checks that groups are all or none."""
+    names = [s.name for s in specs]
+    reference = data.get("reference", base_row)
+    if "reference" in data and reference not in names:
+        raise SpaceError(f"{where}: reference={reference!r} is not a row; the rows are {names}")
+    if any(s.group for s in specs):
+        for s in specs:
+            if s.group is None and s.name != reference:
+                raise SpaceError(f"{where}: rows.{s.name}: no '{GROUP_KEY}' (its Table 3 factor); once one row "
+                                 "names a group, every row but the reference must")
+    return reference
+
+
+def row_name(label: str) -> str:
+    """The row name a ``search: rows`` label starts with."""
+    return label.partition(_ROW_NAME_SEP)[0]
 
 
 def row_values(label: str) -> dict[str, Any]:

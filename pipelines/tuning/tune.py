@@ -151,6 +151,20 @@ def plan_trials(*, workers_per_trial: int, gpus_per_worker: Optional[float], cpu
     return resources, concurrency
 
 
+def seeded_space(space: SearchSpace, seeds: int, base: Config, *, scheduler: str,
+                 num_samples: Optional[int]) -> SearchSpace:
+    """``--seeds``: every row of a rows space ``seeds`` times (``SearchSpace.with_seeds``), from the
+    base config's ``train.seed``. Refused with ASHA — a row stopped early is not the row, and a
+    seed stopped early is no replicate — and beside ``--num-samples``, which would repeat seeds."""
+    seeded = space.with_seeds(seeds, base.train.seed)  # first: a space that is not rows says so
+    if scheduler != "none":
+        raise ValueError(f"--seeds {seeds}: Table 3's replicates must each train to the end; "
+                         "add --scheduler none")
+    if num_samples not in (None, 1):
+        raise ValueError(f"--seeds {seeds}: the seeds are the repeats; drop --num-samples {num_samples}")
+    return seeded
+
+
 # --- the driver -----------------------------------------------------------------------------
 
 def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple[str, ...] = (),
@@ -161,7 +175,7 @@ def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple
          experiment: str = "instalign-tune", tracking_uri: Optional[str] = None, register_best: Optional[str] = None,
          scheduler: str = "asha", max_iterations: Optional[int] = None, grace_period: int = 1,
          reduction_factor: float = 3.0, seed: int = 0, max_failures: int = 1, data_order: str = "streaming",
-         resume_errored: bool = False) -> TuneResult:
+         resume_errored: bool = False, seeds: Optional[int] = None) -> TuneResult:
     """Search ``space_path`` over trainings on ``data_dir``; resume if ``name`` ran before.
 
     Args:
@@ -183,6 +197,9 @@ def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple
         max_failures: worker-group restarts within a trial's Train run.
         data_order: ``streaming`` or ``ordered`` (``pipelines.training.worker``).
         resume_errored: on resume, also re-run trials that errored.
+        seeds: a ``search: rows`` space only (Table 3, ``pipelines.tuning.table3``): every row runs
+            ``seeds`` trials with ``train.seed`` = the base's, +1, …; needs ``scheduler="none"``
+            and no ``num_samples`` (the seeds are the repeats).
     """
     from ray import tune as ray_tune
 
@@ -205,6 +222,8 @@ def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple
         config = str(raw.get("base", "paper")) if isinstance(raw, dict) else "paper"
     base = load_config(config, list(overrides))
     space = load_space(space_path, base)
+    if seeds is not None:
+        space = seeded_space(space, seeds, base, scheduler=scheduler, num_samples=num_samples)
     data_dir = absolute_data_dir(data_dir)
     manifest = read_manifest(data_dir)
     n_train = check_trials(space, base, data_dir, manifest, workers_per_trial)
@@ -235,6 +254,8 @@ def tune(space_path: str, data_dir: str, *, config: Any = None, overrides: tuple
                     grace_period=grace_period, reduction_factor=reduction_factor, seed=seed,
                     workers_per_trial=workers_per_trial, gpus_per_worker=gpus_per_worker,
                     cpus_per_worker=cpus_per_worker, data_dir=data_dir, data_order=data_order)
+    if seeds is not None:  # only then: an unseeded search keeps the fingerprint it resumes by
+        settings["seeds"] = seeds
     fingerprint = _fingerprint(space_path, base, settings)
     previous = find_run(tracking_uri, ensure_experiment(tracking_uri, experiment), name)
     known = previous.data.tags.get(SEARCH_FINGERPRINT_TAG) if previous is not None else None
@@ -313,6 +334,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flags.add_max_failures(parser, default=1)
     flags.add_data_order(parser)
     a("--resume-errored", action="store_true", help="on resume, re-run errored trials too")
+    a("--seeds", type=int, default=None, metavar="K",
+      help="search: rows spaces only (Table 3): K trials a row, train.seed = base, base+1, …; "
+           "writes table3.md/.csv/_gIoU.png (mean ± std, Δ to the reference row); needs --scheduler none")
     flags.add_overrides(parser, help="dotted overrides of the base config, e.g. train.epochs=4")
 
 
@@ -326,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
                   tracking_uri=args.tracking_uri, register_best=args.register_best, scheduler=args.scheduler,
                   max_iterations=args.max_iterations, grace_period=args.grace_period,
                   reduction_factor=args.reduction_factor, seed=args.seed, max_failures=args.max_failures,
-                  data_order=args.data_order, resume_errored=args.resume_errored)
+                  data_order=args.data_order, resume_errored=args.resume_errored, seeds=args.seeds)
     best = result.best
     print(json.dumps({
         "name": result.name, "path": result.path, "restored": result.restored, "parent_run_id": result.parent_run_id,
