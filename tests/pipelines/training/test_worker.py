@@ -1,4 +1,9 @@
-"""DDP must be told exactly when a Table 3 combination leaves parameters without a gradient."""
+"""One Ray Train worker's settings (``pipelines.training.worker``), without Ray.
+
+DDP must be told exactly when a Table 3 combination leaves parameters without a gradient
+(:func:`leaves_parameters_unused`, checked against real gradients of every combination). The
+step loop itself runs on Ray in ``test_train.py``, ``test_fault_tolerance.py`` and ``test_multinode.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from instalign.config import load_config
 from instalign.data.batch import Batch
 from instalign.losses import build_criterion
 from instalign.modeling.builders import build_model
-from pipelines.training.worker import leaves_parameters_unused
+from pipelines.training.worker import RunSpec, leaves_parameters_unused
 
 S = 128
 
@@ -42,3 +47,9 @@ def test_predicate_matches_the_gradients(supervision, no_target_input, decoder):
     build_criterion(cfg.loss)(out, batch)["loss"].backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert leaves_parameters_unused(cfg) == bool(unused), unused
+
+
+def test_a_run_spec_refuses_an_epoch_without_steps():
+    assert RunSpec(run_name="r", data_dir="/d", steps_per_epoch=1).data_order == "streaming"
+    with pytest.raises(ValueError, match="steps_per_epoch must be >= 1, got 0"):
+        RunSpec(run_name="r", data_dir="/d", steps_per_epoch=0)
