@@ -124,9 +124,18 @@ class GRESTransform:
             raise ValueError(f"normalize expects 3 channels first or last, got shape {tuple(images.shape)}")
         if images.dtype != torch.uint8:
             raise ValueError(f"normalize expects uint8 pixels (0..255), got {images.dtype}")
-        scale = torch.as_tensor(self._scale, device=images.device).view(1, 3, 1, 1)
-        bias = torch.as_tensor(self._bias, device=images.device).view(1, 3, 1, 1)
-        return (images.float() * scale + bias).contiguous()
+        # The same float32 steps as ``image`` (x·scale, then +bias, each rounded once): equal to
+        # it bit for bit on CPU. CHW uint8 first (a 1-byte copy), then the float pass in place.
+        out = images.contiguous().float()
+        out.mul_(self._per_channel(self._scale, images.device)).add_(self._per_channel(self._bias, images.device))
+        return out
+
+    @staticmethod
+    def _per_channel(values: np.ndarray, device: torch.device) -> Tensor:
+        """(1, 3, 1, 1) float32 made on ``device`` by fills: no host→device copy, which on a GPU
+        would block the host twice per batch."""
+        fills = [torch.full((), float(v), dtype=torch.float32, device=device) for v in values]
+        return torch.stack(fills).view(1, 3, 1, 1)
 
     # ------------------------------------------------------------------ masks
     def masks(self, masks: np.ndarray) -> Tensor:
