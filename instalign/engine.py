@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any, Optional, Union
 
@@ -29,7 +29,8 @@ from instalign.data.transforms import GRESTransform
 from instalign.metrics import GRESMetrics, NoTargetScores
 from instalign.modeling.outputs import BlockPrediction, InstAlignOutput
 
-__all__ = ["resolve_precision", "autocast", "train_one_epoch", "postprocess", "evaluate", "forward_batch"]
+__all__ = ["resolve_precision", "autocast", "train_one_epoch", "postprocess", "postprocess_sizes", "masks_at_sizes",
+           "size_chunks", "evaluate", "forward_batch"]
 
 Report = Callable[[dict, int], None]
 
@@ -253,6 +254,72 @@ def postprocess(outputs: InstAlignOutput, size: Union[int, tuple[int, int]]) -> 
     no_target = no_target_prob > 0.5
     masks = (merged_prob > 0.5) & ~no_target[:, None, None]
     return masks, no_target, merged_prob, no_target_prob
+
+
+#: Output pixels one bilinear upsampling step may hold (2**25 fp32 values: 128 MiB). Batches of
+#: large photos are cut into steps below it, so batching keeps the old one-map-at-a-time peak
+#: within a constant instead of multiplying it by the batch size.
+UPSAMPLE_BUDGET = 1 << 25
+
+
+def size_chunks(sizes: Sequence[tuple[int, int]],
+                budget: int = UPSAMPLE_BUDGET) -> list[tuple[tuple[int, int], list[int]]]:
+    """Positions of ``sizes`` grouped by equal ``(h, w)`` (first-seen order), each group cut into
+    chunks of at most ``budget`` output pixels (at least one position per chunk).
+
+    Why groups and not pad+crop: bilinear upsampling samples the source grid at steps set by
+    the *output* size, so upsampling to a padded size and cropping would change the answer.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for pos, (h, w) in enumerate(sizes):
+        groups.setdefault((int(h), int(w)), []).append(pos)
+    chunks = []
+    for (h, w), positions in groups.items():
+        step = max(1, budget // max(1, h * w))
+        chunks.extend(((h, w), positions[i:i + step]) for i in range(0, len(positions), step))
+    return chunks
+
+
+def postprocess_sizes(outputs: InstAlignOutput, sizes: Sequence[tuple[int, int]], *,
+                      budget: int = UPSAMPLE_BUDGET) -> tuple[list[Tensor], Tensor, list[Tensor], Tensor]:
+    """:func:`postprocess` for a batch whose samples have different sizes (the predictor's
+    original image sizes), all on the device and without a host sync.
+
+    Samples of one size go through ``postprocess`` together (:func:`size_chunks`), so every
+    answer is the one ``postprocess`` gives that sample alone. Samples are picked by Python
+    integer indexing (views, then a stack): a host index tensor would be a blocking copy.
+
+    Returns:
+        masks (one (h, w) bool per sample), no_target (B,) bool, merged_prob (one (h, w)
+        float32 per sample), no_target_prob (B,) float32.
+    """
+    if len(sizes) != outputs.merged_logits.shape[0]:
+        raise ValueError(f"postprocess_sizes: {len(sizes)} sizes for a batch of {outputs.merged_logits.shape[0]}")
+    masks: list[Any] = [None] * len(sizes)
+    probs: list[Any] = [None] * len(sizes)
+    no_target: list[Any] = [None] * len(sizes)
+    no_target_prob: list[Any] = [None] * len(sizes)
+    for size, positions in size_chunks(sizes, budget):
+        part = dataclasses.replace(outputs, merged_logits=torch.stack([outputs.merged_logits[b] for b in positions]),
+                                   no_target_logits=torch.stack([outputs.no_target_logits[b] for b in positions]))
+        m, nt, p, ntp = postprocess(part, size)
+        for j, b in enumerate(positions):
+            masks[b], no_target[b], probs[b], no_target_prob[b] = m[j], nt[j], p[j], ntp[j]
+    return masks, torch.stack(no_target), probs, torch.stack(no_target_prob)
+
+
+def masks_at_sizes(logits: Sequence[Tensor], sizes: Sequence[tuple[int, int]], *, budget: int = UPSAMPLE_BUDGET
+                   ) -> list[Tensor]:
+    """``σ(logits) > 0.5`` of each (H, W) logit map at its own ``(h, w)``: upsampled bilinearly
+    (``GRESTransform.resize_mask_to``) in per-size chunks, on the logits' device, no host sync.
+    """
+    out: list[Any] = [None] * len(logits)
+    for size, positions in size_chunks(sizes, budget):
+        stacked = torch.stack([logits[k] for k in positions]).float()  # (k, H, W)
+        masks = GRESTransform.resize_mask_to(stacked, size) > 0  # (k, h, w): σ > 0.5
+        for j, k in enumerate(positions):
+            out[k] = masks[j]
+    return out
 
 
 @torch.inference_mode()
