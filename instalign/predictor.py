@@ -6,7 +6,7 @@ use, so serving cannot drift from training (DESIGN §6.10). Inference follows th
 
 * no-target (eq. 12): ``p̂_nt > 0.5`` → the mask is empty and no instance is reported;
 * otherwise the merged mask (eq. 8) ``σ(M_merged) > 0.5``, its logits upsampled from the
-  stride-4 grid straight to the ORIGINAL image size (``engine.postprocess``);
+  stride-4 grid straight to the ORIGINAL image size (``engine.postprocess_sizes``);
 * the per-instance explanation: the instances Adaptive Instance Aggregation relies on
   (relevance ``p̂_i > 0.5``, or ``p̂_i > τ`` with ``aggregation=fixed_threshold``), each with
   its own mask ``σ(ŝ_i) > 0.5`` at the original size and the words its Phrase-Object
@@ -20,7 +20,6 @@ Letters: B batch, N queries, L tokens, H×W the stride-4 grid, h×w the original
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 from instalign.config import Config
 from instalign.data.images import decode_image, open_image, to_rgb
 from instalign.data.transforms import GRESTransform
-from instalign.engine import autocast, postprocess, resolve_precision
+from instalign.engine import autocast, masks_at_sizes, postprocess_sizes, resolve_precision
 
 __all__ = ["Predictor", "Prediction", "InstancePrediction", "load_image", "ImageInput"]
 
@@ -60,7 +59,8 @@ class Prediction:
     no_target: bool
     no_target_prob: float  # p̂_nt
     instances: list[InstancePrediction] = field(default_factory=list)  # by score, highest first
-    mask_prob: Optional[np.ndarray] = None  # (h, w) float32 σ(M_merged), before the no-target rule
+    mask_prob: Optional[np.ndarray] = None  # (h, w) float32 σ(M_merged), before the no-target rule;
+    # only with Predictor(mask_prob=True)
     words: list[str] = field(default_factory=list)  # the expression's words as the model saw them
 
 
@@ -169,12 +169,18 @@ class Predictor:
         model: an InstAlign model (moved to ``device``, put in eval mode).
         cfg: the config the model was built from (image size, token budget, aggregation).
         tokenizer: the text encoder's tokenizer.
-        device: where to run; bf16 autocast on CUDA (``precision="auto"``).
+        device: where to run.
+        precision: ``auto`` (bf16 autocast on a CUDA device that has it, else fp32), ``bf16``
+            or ``fp32``; the weights stay as given (fp32) and autocast runs the matmuls and
+            convolutions in bf16 (``engine.resolve_precision``). CPU default: fp32.
         top_words: how many words to report per instance.
+        mask_prob: also return ``Prediction.mask_prob``, σ(M_merged) as float32 at the original
+            size (4 bytes a pixel copied back from the device; no output of this project reads
+            it, so it is off unless asked for).
     """
 
     def __init__(self, model: nn.Module, cfg: Config, tokenizer: Any, device: Union[str, torch.device, None] = None,
-                 *, precision: str = "auto", top_words: int = 3) -> None:
+                 *, precision: str = "auto", top_words: int = 3, mask_prob: bool = False) -> None:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.cfg = cfg
@@ -183,6 +189,7 @@ class Predictor:
                                        tokenizer=tokenizer)
         self.precision = resolve_precision(precision, self.device)
         self.top_words = top_words
+        self.mask_prob = bool(mask_prob)
         # The aggregation's own selection rule (eq. 8 weights by p̂; fixed_threshold unions p̂ > τ).
         self.instance_threshold = cfg.model.score_threshold if cfg.model.aggregation == "fixed_threshold" else 0.5
 
@@ -217,37 +224,73 @@ class Predictor:
             out.extend(self._run(pictures, texts[start:start + batch_size]))
         return out
 
+    def _upload(self, host: Tensor) -> Tensor:
+        """Host → device without blocking the host: pinned and asynchronous on CUDA."""
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def _run(self, pictures: list[Image.Image], texts: list[str]) -> list[Prediction]:
-        images = torch.stack([self.transform.image(p) for p in pictures]).to(self.device)  # (B, 3, S, S)
-        input_ids, attention_mask = self.transform.tokenize(texts)  # (B, L) each
+        """One batch: uint8 pixels up, everything after the forward on the device, and host
+        copies per batch, not per sample: one for the decisions, merged masks and word weights,
+        one more for the kept instances' masks when any is kept (which instances, and so how
+        many maps to upsample, is only known from the first copy)."""
+        sizes = [(p.height, p.width) for p in pictures]
+        pixels = torch.from_numpy(np.stack([self.transform.image_uint8(p) for p in pictures]))  # (B, S, S, 3) uint8
+        images = self.transform.normalize(self._upload(pixels))  # (B, 3, S, S) float32, on the device
+        input_ids, attention_mask = self.transform.tokenize(texts)  # (B, L) each, host
         with autocast(self.device, self.precision):
-            outputs = self.model(images, input_ids.to(self.device), attention_mask.to(self.device))
+            outputs = self.model(images, self._upload(input_ids), self._upload(attention_mask))
+        masks, no_target, merged_prob, nt_prob = postprocess_sizes(outputs, sizes)
         scores = outputs.final.score_logits.float().sigmoid()  # (B, N)
+        keep = (scores > self.instance_threshold) & ~no_target[:, None]  # (B, N): the instances reported
+        probs = merged_prob if self.mask_prob else []  # full-size fp32 maps: copied only when asked for
+        # Floats first: every array then starts at a multiple of its item size in the one buffer.
+        host = to_host([nt_prob, scores, outputs.final.phrase_weights.float(), *probs, no_target, keep, *masks])
+        nt_prob_h, scores_h, weights_h = host[:3]
+        probs_h = host[3:3 + len(probs)]
+        no_target_h, keep_h, *masks_h = host[3 + len(probs):]
+        # Kept queries of each sample, highest score first (ties by query index, as a stable sort).
+        kept = [sorted(np.flatnonzero(keep_h[b]).tolist(), key=lambda i, b=b: -float(scores_h[b, i]))
+                for b in range(len(sizes))]
+        pairs = [(b, i) for b in range(len(sizes)) for i in kept[b]]
+        logits = outputs.final.mask_logits
+        instance_masks = to_host(masks_at_sizes([logits[b, i] for b, i in pairs], [sizes[b] for b, _ in pairs]))
+        mask_of = dict(zip(pairs, instance_masks))
         results = []
-        for b, (picture, text) in enumerate(zip(pictures, texts)):
-            w, h = picture.size
-            one = dataclasses.replace(outputs, merged_logits=outputs.merged_logits[b:b + 1],
-                                      no_target_logits=outputs.no_target_logits[b:b + 1])
-            mask, no_target, merged_prob, nt_prob = postprocess(one, (h, w))
+        for b, text in enumerate(texts):
             real = attention_mask[b].bool()  # (L,): padding is never a word
-            ids = input_ids[b][real].tolist()
-            word_of, words = _token_words(self.tokenizer, text, ids)
-            instances = []
-            if not bool(no_target[0]):
-                keep = (scores[b] > self.instance_threshold).nonzero().flatten().tolist()
-                if keep:
-                    weights = outputs.final.phrase_weights[b, keep].float().cpu()[:, real.cpu()]  # (k, L_real)
-                    for j, i in enumerate(keep):
-                        # One instance at a time: k float (h, w) maps at once would cost k·h·w·4 bytes
-                        # (GBs for a photo with many kept queries); this keeps the peak at one map.
-                        logits = outputs.final.mask_logits[b, i:i + 1].float()  # (1, H, W)
-                        mask_i = self.transform.resize_mask_to(logits, (h, w))[0] > 0  # (h, w): σ(ŝ_i) > 0.5
-                        instances.append(InstancePrediction(
-                            index=i, score=float(scores[b, i]), mask=mask_i.cpu().numpy(),
-                            words=_top_words(weights[j], word_of, words, self.top_words)))
-                instances.sort(key=lambda inst: -inst.score)
-            results.append(Prediction(
-                mask=mask[0].cpu().numpy(), no_target=bool(no_target[0]), no_target_prob=float(nt_prob[0]),
-                instances=instances, mask_prob=merged_prob[0].cpu().numpy().astype(np.float32), words=words))
+            word_of, words = _token_words(self.tokenizer, text, input_ids[b][real].tolist())
+            real_weights = weights_h[b][:, real.numpy()]  # (N, L_real)
+            instances = [InstancePrediction(index=i, score=float(scores_h[b, i]), mask=mask_of[b, i],
+                                            words=_top_words(real_weights[i], word_of, words, self.top_words))
+                         for i in kept[b]]
+            results.append(Prediction(mask=masks_h[b], no_target=bool(no_target_h[b]),
+                                      no_target_prob=float(nt_prob_h[b]), instances=instances,
+                                      mask_prob=probs_h[b] if probs_h else None, words=words))
         return results
+
+
+def to_host(tensors: Sequence[Tensor]) -> list[np.ndarray]:
+    """Device tensors → NumPy arrays (same shapes and dtypes) in ONE device→host copy.
+
+    Why: on a GPU each copy back blocks the host until the device has caught up; copying a
+    batch's many small results one by one made the host wait once per value. The tensors'
+    bytes are laid end to end on the device (``view(torch.uint8)``: no conversion), copied
+    once, and cut apart on the host. The arrays are views of that one buffer. No copy at all
+    for an empty list.
+    """
+    if not tensors:
+        return []
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    buffer = torch.cat(flat).cpu().numpy()
+    out, offset = [], 0
+    for t, f in zip(tensors, flat):
+        n = f.numel()
+        out.append(buffer[offset:offset + n].view(_NUMPY_DTYPES[t.dtype]).reshape(tuple(t.shape)))
+        offset += n
+    return out
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.bool: np.bool_, torch.uint8: np.uint8, torch.int64: np.int64}

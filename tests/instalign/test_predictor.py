@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 
@@ -12,9 +13,12 @@ from PIL import Image
 
 from instalign.checkpoint import save_checkpoint
 from instalign.config import load_config, tiny
+from instalign.data.transforms import GRESTransform
+from instalign.engine import masks_at_sizes, size_chunks
 from instalign.modeling.builders import build_model
 from instalign.modeling.text_encoder import load_tokenizer
 from instalign.predictor import Prediction, Predictor, _token_words, load_image
+from tests.support.host_sync_counter import HostSyncCounter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +51,7 @@ def setup():
     model = build_model(cfg.model)
     _set_bias(_last_linear(model.no_target_head), -6.0)  # "there is a target" for every input
     tokenizer = load_tokenizer(cfg.model.text_encoder)
-    return cfg, model, tokenizer, Predictor(model, cfg, tokenizer, "cpu")
+    return cfg, model, tokenizer, Predictor(model, cfg, tokenizer, "cpu", mask_prob=True)
 
 
 def _same(a: Prediction, b: Prediction, atol: float = 0.0) -> None:
@@ -183,7 +187,7 @@ def test_no_target_empties_mask_and_instances(setup):
 def test_from_checkpoint_matches_the_live_model(setup, tmp_path):
     cfg, model, tokenizer, predictor = setup
     directory = save_checkpoint(tmp_path / "ckpt", model, cfg, tokenizer=tokenizer)
-    loaded = Predictor.from_checkpoint(directory, device="cpu")
+    loaded = Predictor.from_checkpoint(directory, device="cpu", mask_prob=True)
     image, expression = _picture(9), "the left ring"
     a, b = predictor.predict(image, expression), loaded.predict(image, expression)
     assert np.array_equal(a.mask_prob, b.mask_prob) and np.array_equal(a.mask, b.mask)
@@ -223,3 +227,151 @@ def test_bad_batch_arguments(setup, tmp_path):
     truncated.write_bytes(buf.getvalue()[:200])
     with pytest.raises(ValueError, match="cut.jpg"):
         predictor.predict(truncated, "the dog")
+
+
+# ------------------------------------------------------------- the batched device path
+def _per_sample_reference(predictor: Predictor, pictures, texts) -> list[Prediction]:
+    """The predictor as it was before the batched device path (commit 0be1696's ``_run``): fp32
+    normalisation on the host per image, ``postprocess`` per sample, one instance map at a time.
+    The oracle the new path must reproduce."""
+    from instalign.engine import postprocess
+    from instalign.predictor import InstancePrediction, _top_words
+
+    images = torch.stack([predictor.transform.image(p) for p in pictures])
+    input_ids, attention_mask = predictor.transform.tokenize(texts)
+    with torch.inference_mode():
+        outputs = predictor.model(images, input_ids, attention_mask)
+    scores = outputs.final.score_logits.float().sigmoid()
+    results = []
+    for b, (picture, text) in enumerate(zip(pictures, texts)):
+        w, h = picture.size
+        one = dataclasses.replace(outputs, merged_logits=outputs.merged_logits[b:b + 1],
+                                  no_target_logits=outputs.no_target_logits[b:b + 1])
+        mask, no_target, merged_prob, nt_prob = postprocess(one, (h, w))
+        real = attention_mask[b].bool()
+        word_of, words = _token_words(predictor.tokenizer, text, input_ids[b][real].tolist())
+        instances = []
+        if not bool(no_target[0]):
+            keep = (scores[b] > predictor.instance_threshold).nonzero().flatten().tolist()
+            weights = outputs.final.phrase_weights[b, keep].float()[:, real]
+            for j, i in enumerate(keep):
+                logits = outputs.final.mask_logits[b, i:i + 1].float()
+                instances.append(InstancePrediction(
+                    index=i, score=float(scores[b, i]),
+                    mask=(predictor.transform.resize_mask_to(logits, (h, w))[0] > 0).numpy(),
+                    words=_top_words(weights[j], word_of, words, predictor.top_words)))
+            instances.sort(key=lambda inst: -inst.score)
+        results.append(Prediction(mask=mask[0].numpy(), no_target=bool(no_target[0]),
+                                  no_target_prob=float(nt_prob[0]), instances=instances,
+                                  mask_prob=merged_prob[0].numpy(), words=words))
+    return results
+
+
+def _identical(new: Prediction, old: Prediction) -> None:
+    """Masks equal, probabilities within 1e-6, the same instances, words and weights."""
+    assert new.mask.shape == old.mask.shape and new.mask.dtype == bool
+    assert np.array_equal(new.mask, old.mask)
+    assert new.no_target == old.no_target
+    assert abs(new.no_target_prob - old.no_target_prob) <= 1e-6
+    assert new.mask_prob.dtype == np.float32 and np.abs(new.mask_prob - old.mask_prob).max() <= 1e-6
+    assert new.words == old.words
+    assert [i.index for i in new.instances] == [i.index for i in old.instances]
+    for a, b in zip(new.instances, old.instances):
+        assert abs(a.score - b.score) <= 1e-6 and np.array_equal(a.mask, b.mask)
+        assert [w for w, _ in a.words] == [w for w, _ in b.words]
+        assert np.allclose([x for _, x in a.words], [x for _, x in b.words], atol=1e-6, rtol=0)
+
+
+#: Mixed original sizes, two of them twice (one upsampling group each), one already at S×S.
+MIXED = [(_picture(10), "the red square on the left"), (_picture(11, 40, 33), "all blue boxes"),
+         (_picture(12), "the green ball"), (_picture(13, 128, 128), "the box under the ring"),
+         (_picture(14, 40, 33), "two squares")]
+
+
+@pytest.fixture
+def some_kept(setup):
+    """The score head's bias set so that about half the queries are kept (random init keeps none)."""
+    cfg, model, tokenizer, predictor = setup
+    x = torch.stack([predictor.transform.image(p) for p, _ in MIXED])
+    ids, attn = predictor.transform.tokenize([t for _, t in MIXED])
+    with torch.no_grad():
+        logits = model(x, ids, attn).final.score_logits
+    _set_bias(model.decoder.heads.score, -float(logits.median()))
+    yield predictor
+    _set_bias(model.decoder.heads.score, 0.0)
+
+
+def test_batched_device_path_equals_the_per_sample_one(some_kept):
+    predictor = some_kept
+    pictures, texts = [p for p, _ in MIXED], [t for _, t in MIXED]
+    batched = predictor.predict_batch(pictures, texts, batch_size=len(MIXED))
+    kept = [len(p.instances) for p in batched]
+    assert sum(kept) > 0 and len(set(kept)) > 1  # instances exercised, in different numbers per pair
+    for got, want in zip(batched, _per_sample_reference(predictor, pictures, texts)):
+        _identical(got, want)
+    for picture, text in MIXED[:2]:  # a single request: a batch of one
+        _identical(predictor.predict(picture, text), _per_sample_reference(predictor, [picture], [text])[0])
+
+
+def test_batched_path_with_no_target_and_every_query_kept(setup):
+    cfg, model, tokenizer, _ = setup
+    predictor = Predictor(model, cfg, tokenizer, "cpu", mask_prob=True)
+    pictures, texts = [p for p, _ in MIXED], [t for _, t in MIXED]
+    for head, bias in ((model.decoder.heads.score, 4.0), (_last_linear(model.no_target_head), 6.0)):
+        _set_bias(head, bias)
+        try:
+            batched = predictor.predict_batch(pictures, texts, batch_size=len(MIXED))
+            reference = _per_sample_reference(predictor, pictures, texts)
+        finally:
+            _set_bias(head, 0.0 if head is model.decoder.heads.score else -6.0)
+        for got, want in zip(batched, reference):
+            _identical(got, want)
+
+
+def test_mask_prob_is_copied_back_only_when_asked_for(setup):
+    cfg, model, tokenizer, with_prob = setup
+    plain = Predictor(model, cfg, tokenizer, "cpu")
+    a, b = plain.predict(_picture(15), "the red square"), with_prob.predict(_picture(15), "the red square")
+    assert a.mask_prob is None and b.mask_prob.shape == (H, W)
+    assert np.array_equal(a.mask, b.mask)
+
+
+def test_large_images_are_upsampled_in_chunks_with_the_same_answer():
+    """The upsampling budget cuts a group into steps; the answer does not depend on it."""
+    torch.manual_seed(0)
+    logits = [torch.randn(32, 32) for _ in range(5)]
+    sizes = [(61, 97), (40, 33), (61, 97), (61, 97), (128, 128)]
+    assert size_chunks(sizes, budget=2 * 61 * 97) == [((61, 97), [0, 2]), ((61, 97), [3]), ((40, 33), [1]),
+                                                       ((128, 128), [4])]
+    whole, chunked = masks_at_sizes(logits, sizes), masks_at_sizes(logits, sizes, budget=1)
+    for x, y, (h, w), lg in zip(whole, chunked, sizes, logits):
+        one = GRESTransform.resize_mask_to(lg[None], (h, w))[0] > 0
+        assert x.shape == (h, w) and torch.equal(x, one) and torch.equal(y, one)
+
+
+#: Host syncs of one ``predict_batch`` on a GPU, whatever the batch size (counted on CPU by
+#: tests/support/host_sync_counter.py): transformers' RoBERTa padding check in the forward, the
+#: one copy of decisions, merged masks and word weights, and the one copy of the kept
+#: instances' masks (none when no instance is kept: 2). Before the batched path (commit
+#: 0be1696), 3 + 7 per pair + 2 per kept instance + 1 per pair keeping any: 10 for one pair
+#: keeping none, 38 for five, 123 for five keeping 8 each.
+PREDICT_BATCH_SYNCS = 3
+
+
+def _syncs(predictor: Predictor, n: int) -> HostSyncCounter:
+    pictures, texts = [p for p, _ in MIXED][:n], [t for _, t in MIXED][:n]
+    predictor.predict_batch(pictures, texts, batch_size=n)  # warm: lazy state exists before counting
+    with HostSyncCounter() as counter:
+        predictor.predict_batch(pictures, texts, batch_size=n)
+    return counter
+
+
+def test_host_syncs_per_batch_not_per_sample(setup, some_kept):
+    cfg, model, tokenizer, _ = setup
+    predictor = Predictor(model, cfg, tokenizer, "cpu")
+    one, five = _syncs(predictor, 1), _syncs(predictor, 5)
+    where = f"one pair: {sorted(one.summary().items())}; five: {sorted(five.summary().items())}"
+    assert one.syncs == five.syncs == PREDICT_BATCH_SYNCS, where
+    assert [k for k, _, _ in five.events if k in ("h2d_blocking", "implicit_h2d", "data_dependent")] == [], where
+    sites = [site.split(":")[0] for kind, _, site in five.events if kind == "d2h"]
+    assert sites.count("instalign/predictor.py") == 2, where
