@@ -171,8 +171,7 @@ def write_csv(table: list[Table3Row], path: Path) -> Path:
         for r in table:
             w.writerow([r.group, r.name, r.setting, r.is_reference, len(r.seeds), r.trials,
                         " ".join(map(str, r.seeds)),
-                        *(v for _, c in COLUMNS for v in (_num(r.cells[c].mean), _num(r.cells[c].std),
-                                                          "0.0" if r.is_reference else _num(r.cells[c].delta)))])
+                        *(_num(v) for _, c in COLUMNS for v in (r.cells[c].mean, r.cells[c].std, r.cells[c].delta))])
     return path
 
 
