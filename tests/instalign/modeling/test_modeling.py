@@ -342,21 +342,3 @@ def test_paper_backbone_runs_at_480():
         feats = bb(torch.randn(1, 3, 480, 480))
     assert [tuple(f.shape[-2:]) for f in feats] == [(120, 120), (60, 60), (30, 30), (15, 15)]
 
-
-def test_bench_model_runs_on_cpu(tmp_path, capsys):
-    """``instalign bench model`` end to end on the tiny preset (real criterion and optimizer)."""
-    import argparse
-    import json
-
-    from pipelines.bench import model as bench_model
-    parser = argparse.ArgumentParser()
-    bench_model.add_arguments(parser)
-    out = tmp_path / "rows.json"
-    args = parser.parse_args(["--config", "tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-                              "--latency-iters", "1", "--device", "cpu", "--json", str(out),
-                              "model.image_size=64", "model.backbone.kwargs.img_size=64"])
-    assert bench_model.run(args) == 0
-    (row,) = json.loads(out.read_text())
-    assert row["mode"] == "eager" and row["precision"] == "fp32" and row["image_size"] == 64
-    assert row["step_s"] > 0 and row["images_per_s"] > 0 and row["latency_ms_b1"] > 0 and row["params_M"] > 0
-    assert "| tiny |" in capsys.readouterr().out

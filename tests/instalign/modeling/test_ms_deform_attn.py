@@ -278,23 +278,3 @@ def nn_init_random(attn):
         for p in attn.parameters():
             p.normal_(0, 0.3)
 
-
-def test_bench_model_deform_memory_rows(tmp_path, capsys):
-    """``instalign bench model --deform-memory`` counts reference vs lean at the config's sizes."""
-    import argparse
-    import json
-
-    from pipelines.bench import model as bench_model
-    parser = argparse.ArgumentParser()
-    bench_model.add_arguments(parser)
-    out = tmp_path / "rows.json"
-    assert bench_model.run(parser.parse_args(["--config", "tiny", "--deform-memory", "--json", str(out)])) == 0
-    rows = json.loads(out.read_text())
-    op = {r["variant"]: r for r in rows if r["scope"] == "attention op"}
-    module = {r["variant"]: r for r in rows if r["scope"] == "MSDeformAttn module"}
-    assert rows[0]["batch"] == 1 and rows[0]["image_size"] == 128
-    assert op["pytorch (default: recompute)"]["saved_bytes"] < op["reference (naive stack)"]["saved_bytes"]
-    assert module["pytorch"]["saved_bytes"] < module["reference"]["saved_bytes"]
-    assert "| attention op | reference (naive stack) |" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="BATCH must be >= 1"):
-        bench_model.run(parser.parse_args(["--config", "tiny", "--deform-memory", "0"]))
