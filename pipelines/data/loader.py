@@ -140,8 +140,10 @@ def load_samples(
     fs, paths = split_files(data_dir, split)
     if not paths:
         raise ValueError(f"{data_dir}: split {split!r} has no Parquet file (every record was quarantined?)")
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=_COLUMNS,
-                               shuffle=FileShuffleConfig(seed=seed) if shuffle else None)
+    # select_columns, not read_parquet(columns=...) (deprecated since Ray 2.5x): Ray pushes the
+    # projection down into the Parquet read, so other columns are still never read.
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=FileShuffleConfig(seed=seed) if shuffle else None)
+    ds = ds.select_columns(_COLUMNS)
     ds = ds.map_batches(_explode, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
                         fn_kwargs=dict(transform=transform, spec=spec, shuffle=shuffle, seed=seed))
     return ds.limit(limit) if limit else ds

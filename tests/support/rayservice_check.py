@@ -52,8 +52,8 @@ def check_rayservice(doc: dict[str, Any], where: str, *, runtime_env: Optional[d
         _fail(where, "spec.serveService must stay ClusterIP (the page and /invocations have no authentication)")
     config = embedded_yaml_mapping(spec, "serveConfigV2", where)
     try:
-        ServeDeploySchema.parse_obj(config)
-    except Exception as e:  # pydantic's ValidationError (v1 or v2, as Ray ships it)
+        ServeDeploySchema.model_validate(config)  # pydantic v2 (Ray >= 2.52); parse_obj is deprecated
+    except Exception as e:  # pydantic's ValidationError
         _fail(where, f"spec.serveConfigV2: Ray Serve's schema rejects it: {str(e).splitlines()[0]} "
                      f"{' '.join(str(e).splitlines()[1:3])}")
     apps = _get(config, "applications", f"{where} spec.serveConfigV2", kind=list)

@@ -10,9 +10,6 @@ from PIL import Image
 from instalign.data.masks import (counts_to_runs, resize_mask_nearest, resize_rle, rle_area, rle_decode,
                                   rle_decode_many, rle_encode, segmentation_to_rle)
 
-# pycocotools (called directly below as the reference) trips a NumPy 2 deprecation inside its Cython.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
 
 def _runs_bruteforce(mask: np.ndarray) -> list[int]:
     """COCO's run lengths by definition: column-major, starting with a run of zeros."""
