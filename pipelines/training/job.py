@@ -9,7 +9,7 @@ the quickstart (through ``pipelines.training.train.train``) all come here:
    config (a ``Config`` dataclass, validated when it was built, its ``auto`` values worked
    out from the dataset's manifest by :func:`resolve_data_options`), the data plan, the
    resources (``pipelines.core.resources``), where Ray stores the run, the MLflow run it is
-   tracked in, the data order and an optional worker hook (tests only);
+   tracked in and the data order;
 3. :func:`run_job` logs the job's inputs into its MLflow run, builds the Ray Datasets
    (``pipelines.data.loader``) and the ``TorchTrainer`` around ``pipelines.training.worker``, and fits it.
 
@@ -23,15 +23,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional, get_args
 
-from ray.train import DataConfig
+import ray.data
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
+from instalign.checkpoint import CheckpointError, checkpoint_files
 from instalign.config import Config, DataOrder, apply_overrides
 from instalign.losses import balanced_nt_pos_weight
+from pipelines.core.ray_cluster import ResourceWaitReporter, forwarded_env
+from pipelines.core.ray_logs import ray_log_level
 from pipelines.core.resources import WorkerResources
-from pipelines.training.worker import SCORE_METRIC, RunSpec, WorkerHook, loop_config, train_fn_per_worker
+from pipelines.data.loader import load_samples
+from pipelines.training.observers import OBSERVER_ENV, SCORE_METRIC
+from pipelines.training.run_inputs import log_run_inputs
+from pipelines.training.worker import RunSpec, loop_config, train_fn_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +81,6 @@ class TrainJob:
     mlflow_run_id: str
     data_order: DataOrder = "streaming"
     max_failures: int = 2
-    hook: Optional[WorkerHook] = None
 
     #: What :func:`resolve_data_options` worked out, ``{config key: how}``; logged as tags.
     derived: dict[str, str] = field(default_factory=dict)
@@ -85,8 +92,7 @@ class TrainJob:
     def run_spec(self) -> RunSpec:
         """What the workers get beside the config."""
         return RunSpec(run_name=self.run_name, data_dir=self.data.data_dir, steps_per_epoch=self.data.steps_per_epoch,
-                       tracking_uri=self.tracking_uri, mlflow_run_id=self.mlflow_run_id, data_order=self.data_order,
-                       hook=self.hook)
+                       tracking_uri=self.tracking_uri, mlflow_run_id=self.mlflow_run_id, data_order=self.data_order)
 
     def params(self) -> dict[str, Any]:
         """The run settings logged as ``run.*`` MLflow params."""
@@ -202,10 +208,6 @@ class GRESDataConfig(DataConfig):
 
 def build_datasets(cfg: Config, data_dir: str, *, data_order: DataOrder, num_cpus: float) -> dict[str, Any]:
     """The Ray Datasets of a run (``pipelines.data.loader``): train, val and the overlay samples."""
-    import ray.data
-
-    from pipelines.data.loader import load_samples
-
     common = dict(text_cfg=cfg.model.text_encoder, image_size=cfg.model.image_size,
                   max_tokens=cfg.model.text_encoder.max_tokens, num_cpus=num_cpus)
     d = cfg.data
@@ -232,10 +234,7 @@ def build_datasets(cfg: Config, data_dir: str, *, data_order: DataOrder, num_cpu
 
 def build_trainer(job: TrainJob, datasets: Mapping[str, Any], *, callbacks: Sequence[Any] = ()):
     """The ``TorchTrainer`` of ``job``; the config and run spec travel to the workers as dataclasses."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.core.ray_cluster import forwarded_env, ray_log_level
+    from ray.train.torch import TorchTrainer  # 3.4-4 s: paid when a job runs, not by ``train --help``
 
     r = job.resources
     return TorchTrainer(
@@ -251,7 +250,8 @@ def build_trainer(job: TrainJob, datasets: Mapping[str, Any], *, callbacks: Sequ
                                                checkpoint_score_attribute=SCORE_METRIC, checkpoint_score_order="max"),
             # Rank 0's progress lines are print()-ed: Train's print patch would print each twice
             # (to the worker's stdout and again through its logger); they reach the driver either way.
-            worker_runtime_env={"env_vars": {**forwarded_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # An observer named in OBSERVER_ENV (an audit, a fault-injection test) reaches the workers.
+            worker_runtime_env={"env_vars": {**forwarded_env([OBSERVER_ENV]), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             callbacks=list(callbacks),
             logging_config=LoggingConfig(log_level=ray_log_level()),  # Ray Train's own lines: WARNING unless asked
         ),
@@ -271,11 +271,6 @@ def run_job(job: TrainJob, tracker: Any, *, extra_params: Optional[Mapping[str, 
         report_waits: log what the run waits for when it cannot be placed
             (``pipelines.core.ray_cluster.ResourceWaitReporter``); a Tune trial's driver does that itself.
     """
-    from contextlib import nullcontext
-
-    from pipelines.core.ray_cluster import ResourceWaitReporter
-    from pipelines.training.run_inputs import log_run_inputs
-
     d = job.data
     log_run_inputs(tracker, job.config, d.manifest, d.data_dir, {**job.params(), **dict(extra_params or {})})
     if job.derived:
@@ -294,8 +289,6 @@ def best_checkpoint(result: Any):
     Verified because a resumed run can keep a damaged checkpoint that its workers passed over
     (``pipelines.training.worker.usable_checkpoint``): Ray still holds it, with its old score.
     """
-    from instalign.checkpoint import CheckpointError, checkpoint_files
-
     scored = [(m.get(SCORE_METRIC), m.get("step", 0), c) for c, m in (result.best_checkpoints or [])]
     scored = [s for s in scored if isinstance(s[0], (int, float)) and math.isfinite(s[0])]
     for _, _, checkpoint in sorted(scored, key=lambda s: (s[0], s[1]), reverse=True):

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from instalign.config import Config, load_config
-from pipelines.core import flags
-from pipelines.training.job import TrainJob, best_checkpoint, check_data_order, plan_data, run_job
+from instalign.data.parquet import read_manifest
+from pipelines.core import flags, ray_cluster
 from pipelines.core.resources import absolute_data_dir, cluster_totals, describe_workers, plan_workers, storage_root
-from pipelines.training.worker import WorkerHook
+from pipelines.core.tracking import MlflowTracker, log_checkpoint, resolve_tracking_uri, start_or_resume_run
+from pipelines.training.job import TrainJob, best_checkpoint, check_data_order, plan_data, run_job
 
 __all__ = ["train", "TrainResult", "add_arguments", "run"]
 
@@ -57,8 +58,7 @@ def train(cfg: Config, data_dir: str, *, num_workers: int = 1, gpus_per_worker: 
           cpus_per_worker: Optional[float] = None, name: Optional[str] = None, storage_path: Optional[str] = None,
           experiment: str = "instalign", register_as: Optional[str] = None, max_failures: int = 2,
           tracking_uri: Optional[str] = None, address: Optional[str] = None, placement_strategy: str = "PACK",
-          data_order: str = "streaming", worker_hook: Optional[WorkerHook] = None,
-          callbacks: Optional[list] = None) -> TrainResult:
+          data_order: str = "streaming", callbacks: Optional[list] = None) -> TrainResult:
     """Train InstAlign on Ray Train, tracked in one MLflow run; resume if ``name`` ran before.
 
     Args:
@@ -81,14 +81,8 @@ def train(cfg: Config, data_dir: str, *, num_workers: int = 1, gpus_per_worker: 
         address: a Ray cluster to join; default: a new private local one (``pipelines.core.ray_cluster``).
         placement_strategy: ``PACK`` (default) or ``SPREAD`` workers over nodes.
         data_order: ``streaming`` or ``ordered`` (``pipelines.training.worker``).
-        worker_hook: ``hook(event, info)`` called on every rank (``pipelines.training.worker``); for tests
-            and audits — it is pickled to the workers, so it must be importable there.
         callbacks: Ray Train ``UserCallback``-s.
     """
-    from instalign.data.parquet import read_manifest
-    from pipelines.core import ray_cluster
-    from pipelines.core.tracking import MlflowTracker, log_checkpoint, resolve_tracking_uri, start_or_resume_run
-
     data_order = check_data_order(data_order)
     data_dir = absolute_data_dir(data_dir)
     data = plan_data(cfg, data_dir, read_manifest(data_dir), num_workers)
@@ -105,7 +99,7 @@ def train(cfg: Config, data_dir: str, *, num_workers: int = 1, gpus_per_worker: 
     try:
         job = TrainJob(config=cfg, data=data, run_name=name, resources=resources,
                        storage_path=storage_root(storage_path), tracking_uri=tracking_uri, mlflow_run_id=run_id,
-                       data_order=data_order, max_failures=max_failures, hook=worker_hook)
+                       data_order=data_order, max_failures=max_failures)
         result = run_job(job, tracker, callbacks=callbacks or ())
         best, last = best_checkpoint(result), result.checkpoint
         if best is not None:
@@ -126,6 +120,7 @@ def _register(best: Any, register_as: Optional[str], *, tracking_uri: str, run_i
     """Register ``best`` under ``register_as`` (alias ``candidate``); the version, or None."""
     if not register_as or best is None:
         return None
+    # MLflow (~2 s to import, with the registry module): only a run that registers pays for it.
     import mlflow
 
     from pipelines.models.registry import log_and_register

@@ -34,39 +34,45 @@ step, the epoch and the batches done in it, so the step count and the LR schedul
 exactly. Mid-epoch, ``ordered`` skips exactly the batches already used; ``streaming``
 trains the remaining number of batches of the epoch on fresh ones.
 
-Observers. ``RunSpec.hook``, when set, is called on every rank with ``(event, info)`` — ``start``
-(rank, world, node id), ``resume`` (the checkpoint, the damaged ones skipped) and ``step``
-(before each batch is trained: epoch, step, sample ids). Tests install one to audit which
-samples each rank trained on and to crash a worker at a chosen step; production runs none.
+What watches the loop — progress lines, MLflow tracking, overlays, checkpoints — is
+``pipelines.training.observers``; the loop tells them what happened (started, resumed, each
+batch, each log window, each validation) and takes part in every collective itself.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import math
 import os
 import random
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
 
+from instalign.checkpoint import load_model, load_training_state, unwrap_model
 from instalign.config import Config, DataOrder
-from pipelines.training.resume import checkpoint_name, usable_checkpoint
+from instalign.engine import evaluate, resolve_precision, train_one_epoch
+from instalign.metrics import GRESMetrics, NoTargetScores
+from instalign.tracking import NullTracker, finite_metrics
+from pipelines.core.tracking import MlflowTracker
+from pipelines.data.loader import RowsToBatch, rows_to_batch
+from pipelines.training.observers import (Checkpoints, Observer, Observers, Overlays, Place, ProgressLines, Tracking,
+                                          observer_from_env)
+from pipelines.training.progress import peak_memory_bytes
+from pipelines.training.resume import usable_checkpoint
+from pipelines.training.system_metrics import system_metrics
 
 log = logging.getLogger(__name__)
 
-SCORE_METRIC = "val_gIoU"
 #: ``ordered`` mode: global batches shuffled together per epoch.
 ORDERED_WINDOW_BATCHES = 8
-
-#: ``hook(event, info)``: an observer of a worker's progress (module docstring).
-WorkerHook = Callable[[str, dict], None]
 
 
 @dataclass
@@ -79,7 +85,6 @@ class RunSpec:
     tracking_uri: str = ""
     mlflow_run_id: str = ""
     data_order: DataOrder = "streaming"  # checked where it entered (``pipelines.training.job.check_data_order``)
-    hook: Optional[WorkerHook] = None
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1:
@@ -103,8 +108,6 @@ def leaves_parameters_unused(cfg: Config) -> bool:
 
 
 def _seed_everything(seed: int) -> None:
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -112,12 +115,10 @@ def _seed_everything(seed: int) -> None:
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build, maybe resume, train, validate, checkpoint, report."""
-    import ray.train
+    # In the worker only: ray.train.torch (3.4-4 s) and the model stack (timm, ~5 s) would
+    # otherwise be paid by every driver that imports this module, ``instalign train --help`` too.
     import ray.train.torch
-    import torch
 
-    from instalign.checkpoint import load_model, load_training_state
-    from instalign.engine import resolve_precision
     from instalign.losses import build_criterion
     from instalign.modeling.builders import build_model
     from instalign.modeling.text_encoder import load_tokenizer
@@ -158,99 +159,82 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     # Per-rank randomness (point sampling), distinct after every resume point too.
     _seed_everything(t.seed + rank + world * int(state["step"]))
 
-    worker = _Worker(cfg=cfg, spec=spec, rank=rank, world=world, device=device, model=model, optimizer=optimizer,
-                     scheduler=scheduler, criterion=build_criterion(cfg.loss).to(device), tokenizer=tokenizer,
-                     precision=resolve_precision(t.precision, device), max_steps=max_steps)
-    if checkpoint is not None:
-        worker.record_resume(checkpoint.path, skipped)
-    # One system-metrics monitor per node (its local rank 0): CPU, memory, disk, network and
-    # NVIDIA GPU use as system/node_<n>/... metrics of the job's run (pipelines.training.system_metrics).
-    monitor = nullcontext()
-    if ctx.get_local_rank() == 0 and spec.mlflow_run_id:
-        from pipelines.training.system_metrics import system_metrics
-
-        monitor = system_metrics(spec.mlflow_run_id, spec.tracking_uri, node_id=f"node_{ctx.get_node_rank()}")
-    with monitor:
-        try:
+    checkpoints = Checkpoints(cfg=cfg, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler,
+                              tokenizer=tokenizer)
+    observers = Observers(worker_observers(cfg, spec, rank=rank, max_steps=max_steps, device=device,
+                                           tokenizer=tokenizer, checkpoints=checkpoints))
+    try:
+        worker = _Worker(cfg=cfg, spec=spec, rank=rank, world=world, device=device, model=model, optimizer=optimizer,
+                         scheduler=scheduler, criterion=build_criterion(cfg.loss).to(device),
+                         precision=resolve_precision(t.precision, device), max_steps=max_steps, observers=observers,
+                         checkpoints=checkpoints)
+        if checkpoint is not None:
+            worker.record_resume(checkpoint.path, skipped)
+        # One system-metrics monitor per node (its local rank 0): CPU, memory, disk, network and
+        # NVIDIA GPU use as system/node_<n>/... metrics of the job's run (pipelines.training.system_metrics).
+        monitor = nullcontext()
+        if ctx.get_local_rank() == 0 and spec.mlflow_run_id:
+            monitor = system_metrics(spec.mlflow_run_id, spec.tracking_uri, node_id=f"node_{ctx.get_node_rank()}")
+        with monitor:
             worker.run(step=int(state["step"]), epoch=int(state["epoch"]), epoch_step=int(state["epoch_step"]))
-        finally:
-            worker.tracker.close()
+    finally:
+        observers.close()
+
+
+def worker_observers(cfg: Config, spec: RunSpec, *, rank: int, max_steps: int, device: Any, tokenizer: Any,
+                     checkpoints: Checkpoints) -> list[Observer]:
+    """This rank's observers: rank 0 tracks, prints and draws; every rank checkpoints; plus the
+    one :data:`pipelines.training.observers.OBSERVER_ENV` names, if any."""
+    observers: list[Observer] = []
+    if rank == 0:
+        tracker = MlflowTracker(run_id=spec.mlflow_run_id, tracking_uri=spec.tracking_uri) if spec.mlflow_run_id \
+            else None
+        if tracker is not None:
+            observers.append(Tracking(tracker))
+        observers.append(ProgressLines(cfg, steps_per_epoch=spec.steps_per_epoch, max_steps=max_steps))
+        if cfg.data.num_overlays:
+            observers.append(Overlays(cfg, shard=ray.train.get_dataset_shard("overlays"), tokenizer=tokenizer,
+                                      device=device, tracker=tracker or NullTracker()))
+    observers.append(checkpoints)
+    extra = observer_from_env()
+    return observers + ([extra] if extra is not None else [])
 
 
 class _Worker:
-    """The per-worker loop state; methods are the steps of :func:`train_fn_per_worker`."""
+    """The per-worker step loop: data, steps, validation and the collectives; ``observers`` watch it."""
 
     def __init__(self, *, cfg: Config, spec: RunSpec, rank: int, world: int, device: Any, model: Any,
-                 optimizer: Any, scheduler: Any, criterion: Any, tokenizer: Any, precision: str, max_steps: int):
-        import ray.train
-
-        from instalign.tracking import NullTracker, Tracker
-
+                 optimizer: Any, scheduler: Any, criterion: Any, precision: str, max_steps: int,
+                 observers: Observers, checkpoints: Checkpoints):
         self.cfg, self.spec, self.rank, self.world, self.device = cfg, spec, rank, world, device
         self.model, self.optimizer, self.scheduler, self.criterion = model, optimizer, scheduler, criterion
-        self.tokenizer, self.precision, self.max_steps = tokenizer, precision, max_steps
+        self.precision, self.max_steps = precision, max_steps
+        self.observers, self.checkpoints = observers, checkpoints
         self.accum = cfg.train.grad_accum_steps
         self.local_batch = cfg.train.batch_size // world // self.accum  # one micro-batch
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
-        self.overlay_shard = ray.train.get_dataset_shard("overlays") if cfg.data.num_overlays else None
-        self.mlflow = None  # rank 0's MLflow run, for tags beyond the Tracker protocol
-        if rank == 0 and spec.mlflow_run_id:
-            from pipelines.core.tracking import MlflowTracker
-
-            self.mlflow = MlflowTracker(run_id=spec.mlflow_run_id, tracking_uri=spec.tracking_uri)
-        self.tracker: Tracker = self.mlflow or NullTracker()
         self._epoch = 0
-        self._damaged: set[str] = set()  # checkpoints passed over on resume (``checkpoint_name``)
-        self._resumed_from: Optional[str] = None
-        self.progress = None  # rank 0's progress lines (``pipelines.training.progress``)
-        if rank == 0:
-            from pipelines.training.progress import ProgressPrinter
-
-            self.progress = ProgressPrinter(epochs=cfg.train.epochs, steps_per_epoch=spec.steps_per_epoch,
-                                            max_steps=max_steps, every=cfg.train.print_every_steps)
-        self._last_report: tuple[int, dict] = (-1, {})  # rank 0: the latest merged window and its step
-        self._record_placement()
-
-    def _emit(self, event: str, **info: Any) -> None:
-        if self.spec.hook is not None:
-            self.spec.hook(event, {"rank": self.rank, "world": self.world, **info})
+        nodes = self._gather(ray.get_runtime_context().get_node_id())
+        observers.started(Place(rank=rank, world=world, node_ids=nodes, device=str(device), precision=precision))
 
     # --- collectives ----------------------------------------------------------------------
     def _gather(self, obj: Any) -> list[Any]:
         if self.world == 1:
             return [obj]
-        import torch.distributed as dist
-
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
 
-    def _record_placement(self) -> None:
-        import ray
-
-        nodes = self._gather(ray.get_runtime_context().get_node_id())
-        if self.mlflow is not None:
-            self.mlflow.set_tags({"instalign.worker_nodes": json.dumps(nodes), "instalign.num_workers": self.world})
-        self._emit("start", node_id=nodes[self.rank])
-
     def record_resume(self, path: str, skipped: list[tuple[str, str]]) -> None:
         """Say where this run resumed from (and which damaged checkpoints it passed over)."""
         name = os.path.basename(path.rstrip("/"))
-        self._damaged = {n for n, _ in skipped}
-        self._resumed_from = name
         if self.rank == 0 and skipped:
             log.warning("resumed from %s, skipping damaged %s", name, [n for n, _ in skipped])
-        if self.mlflow is not None:
-            self.mlflow.set_tags({"instalign.resumed_from": name,
-                                  "instalign.skipped_checkpoints": json.dumps(dict(skipped))[:4000]})
-        self._emit("resume", checkpoint=name, skipped=[n for n, _ in skipped])
+        self.observers.resumed(name, skipped)
 
     def report_train(self, metrics: dict, step: int) -> None:
         """The engine's ``report``: window means averaged over ranks (throughput summed)."""
-        from instalign.tracking import finite_metrics
-        from pipelines.training.progress import peak_memory_bytes
-
         gathered = self._gather({**finite_metrics(metrics), "peak_mem_bytes": peak_memory_bytes(self.device)})
         if self.rank != 0:
             return
@@ -258,15 +242,11 @@ class _Worker:
         merged = {k: sum(m[k] for m in gathered) / (1 if k == "samples_per_s" else len(gathered)) for k in keys}
         merged["peak_mem_bytes"] = max(m["peak_mem_bytes"] for m in gathered)  # the largest rank's
         merged["epoch"] = self._epoch
-        self.tracker.log_metrics(merged, step)
-        self._last_report = (step, merged)
-        self.progress.train(merged, step, epoch=self._epoch)
+        self.observers.trained(merged, step, self._epoch)
 
     # --- data ------------------------------------------------------------------------------
     def _train_batches(self, epoch: int, skip: int) -> Iterator[Any]:
         """This worker's ``Batch``-es of ``epoch`` (module docstring: the two data orders)."""
-        from pipelines.data.loader import RowsToBatch, rows_to_batch
-
         if self.spec.data_order == "streaming":
             return iter(self.train_shard.iter_torch_batches(batch_size=self.local_batch, drop_last=True,
                                                             collate_fn=RowsToBatch(self.device)))
@@ -292,23 +272,19 @@ class _Worker:
                 yield {name: col[perm[start:start + size]] for name, col in rows.items()}
 
     def _observed(self, batches: Iterator[Any], step: int) -> Iterator[Any]:
-        """Pass batches on, telling the hook (if any) which step each is for."""
-        if self.spec.hook is None:
+        """Pass batches on, telling the observers (when one watches batches) which step each is for."""
+        if not self.observers.wants_batches:
             yield from batches
             return
         for i, batch in enumerate(batches):  # micro-batches: ``accum`` per optimizer step
-            self._emit("step", epoch=self._epoch, step=step + 1 + i // self.accum, sample_ids=list(batch.sample_ids))
+            self.observers.batch(self._epoch, step + 1 + i // self.accum, batch.sample_ids)
             yield batch
 
     # --- the loop --------------------------------------------------------------------------
     def run(self, *, step: int, epoch: int, epoch_step: int) -> None:
-        from instalign.engine import train_one_epoch
-
         t, spe = self.cfg.train, self.spec.steps_per_epoch
         every = t.checkpoint_every_steps
-        if self.progress is not None:
-            self.progress.start(step=step, world=self.world, global_batch=t.batch_size, device=str(self.device),
-                                precision=self.precision, resumed_from=self._resumed_from)
+        self.observers.loop_starts(step)
         while epoch < t.epochs and step < self.max_steps:
             self._epoch = epoch
             epoch_start = step - epoch_step
@@ -328,23 +304,15 @@ class _Worker:
                     break
                 step = new
                 if every and step % every == 0 and step < stop_at:
-                    self._checkpoint(step=step, epoch=epoch, epoch_step=step - epoch_start, val=None)
+                    self.checkpoints.save(step=step, epoch=epoch, epoch_step=step - epoch_start, val=None)
             finished_epoch = step >= epoch_start + spe or step < stop_at  # full, or the data ran out
-            last_step, last = self._last_report
-            if self.progress is not None and last_step == step and self.progress.every:
-                self.progress.train(last, step, epoch=epoch, force=True)  # the epoch's last window, once
+            self.observers.epoch_ends(step, epoch)
             val = self._validate(step)
             epoch, epoch_step = (epoch + 1, 0) if finished_epoch else (epoch, step - epoch_start)
-            self._checkpoint(step=step, epoch=epoch, epoch_step=epoch_step, val=val)
-        if self.progress is not None:
-            self.progress.finish(step)
+            self.checkpoints.save(step=step, epoch=epoch, epoch_step=epoch_step, val=val)
+        self.observers.finished(step)
 
     def _validate(self, step: int) -> dict[str, float]:
-        from instalign.checkpoint import unwrap_model
-        from instalign.engine import evaluate
-        from instalign.metrics import GRESMetrics, NoTargetScores
-        from pipelines.data.loader import RowsToBatch
-
         model = unwrap_model(self.model)  # no DDP hooks in eval: shards may differ in length
         batches = self.val_shard.iter_torch_batches(batch_size=self.local_batch, collate_fn=RowsToBatch(self.device))
         scores = NoTargetScores()  # the no-target head's AUROC and score quartiles per class
@@ -356,45 +324,5 @@ class _Worker:
         val = {f"val_{k}": v for k, v in {**merged.compute(), **merged_scores.compute()}.items()}
         val["val_samples"] = merged.state_dict()["samples"]
         if self.rank == 0:
-            self.tracker.log_metrics({**val, "epoch": self._epoch}, step)
-            self.progress.validation(val, step, epoch=self._epoch)
-            self._log_overlays(model, step)
+            self.observers.validated(val, step, self._epoch, model)
         return val
-
-    def _log_overlays(self, model: Any, step: int) -> None:
-        """The first ``data.num_overlays`` val samples as the predictor and ``visualize`` draw them."""
-        if self.overlay_shard is None:
-            return
-        from PIL import Image
-
-        from instalign.predictor import Predictor
-        from instalign.visualize import overlay
-
-        predictor = Predictor(model, self.cfg, self.tokenizer, self.device, precision=self.cfg.train.precision)
-        try:
-            for rows in self.overlay_shard.iter_batches(batch_size=self.cfg.data.num_overlays, batch_format="numpy"):
-                images = [Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in rows["image"]]
-                texts = [self.tokenizer.decode(ids[mask.astype(bool)], skip_special_tokens=True).strip()
-                         for ids, mask in zip(rows["input_ids"], rows["attention_mask"])]
-                for i, (image, text, pred) in enumerate(zip(images, texts, predictor.predict_batch(images, texts))):
-                    name = str(rows["sample_id"][i]).replace(":", "_")
-                    self.tracker.log_image(overlay(image, pred, text), f"overlays/step_{step:08d}/{i:02d}_{name}.png")
-        finally:
-            model.train()  # the predictor put the shared module in eval mode
-
-    def _checkpoint(self, *, step: int, epoch: int, epoch_step: int, val: Optional[dict]) -> None:
-        """Rank 0 writes, every rank reports (``ray.train.report`` is a barrier)."""
-        import ray.train
-
-        from instalign.checkpoint import save_checkpoint
-
-        metrics = {"step": step, "epoch": epoch, "epoch_step": epoch_step, **(val or {SCORE_METRIC: math.nan})}
-        name = checkpoint_name(step, self._damaged)
-        if self.rank != 0:
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-            return
-        with tempfile.TemporaryDirectory(prefix="instalign-ckpt-") as tmp:
-            save_checkpoint(tmp, self.model, self.cfg, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                            scheduler=self.scheduler, step=step, epoch=epoch, epoch_step=epoch_step,
-                            val_metrics={k: v for k, v in (val or {}).items() if math.isfinite(v)})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)

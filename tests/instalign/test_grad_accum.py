@@ -160,7 +160,7 @@ def test_a_worker_accumulating_2_micro_batches_equals_one_taking_the_whole_batch
     from mlflow import MlflowClient
 
     from pipelines.training.train import train
-    from tests.support.worker_hooks import SampleLog
+    from tests.support.worker_hooks import SampleLog, observing
 
     base = ["data.max_train_samples=16", "data.max_val_samples=4", "data.num_overlays=0", "train.epochs=1",
             "train.batch_size=8", "train.max_steps=2", "train.log_every_steps=1", "train.precision=fp32",
@@ -171,8 +171,8 @@ def test_a_worker_accumulating_2_micro_batches_equals_one_taking_the_whole_batch
     runs = {}
     for accum in (1, 2):
         cfg = load_config("tiny", base + [f"train.grad_accum_steps={accum}"])
-        runs[accum] = train(cfg, str(prepared_dataset), name=f"accum{accum}",
-                            worker_hook=SampleLog(tmp_path / str(accum)), **common)
+        with observing(SampleLog(tmp_path / str(accum))):
+            runs[accum] = train(cfg, str(prepared_dataset), name=f"accum{accum}", **common)
 
     def steps(accum):
         rows = [json.loads(line) for line in (tmp_path / str(accum) / "rank0.jsonl").read_text().splitlines()]

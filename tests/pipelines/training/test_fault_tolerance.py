@@ -1,6 +1,6 @@
 """A Train worker dies mid-run (``os._exit``): Ray restarts the group from the last checkpoint.
 
-The test installs the crash as a worker hook (``worker_hooks.CrashOnce``: a marker file
+The test installs the crash as a worker observer (``worker_hooks.CrashOnce``: a marker file
 makes it fire once); production code has no fault switch. The killed rank's sample log
 (``worker_hooks.SampleLog``) shows exactly where training picked up again.
 """
@@ -24,17 +24,17 @@ def test_worker_crash_resumes_from_checkpoint_into_the_same_mlflow_run(prepared_
     from mlflow import MlflowClient
 
     from pipelines.training.train import train
-    from tests.support.worker_hooks import CrashOnce, SampleLog
+    from tests.support.worker_hooks import CrashOnce, SampleLog, observing
 
     marker = tmp_path / "fired"
     cfg = load_config("tiny", ["data.max_train_samples=32", "data.max_val_samples=4", "data.num_overlays=0",
                                "train.epochs=2", "train.batch_size=8", "train.max_steps=7", "train.log_every_steps=1",
                                "train.checkpoint_every_steps=2", "loss.num_points=256"])
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = train(cfg, str(prepared_dataset), num_workers=2, cpus_per_worker=0.5, name="crash",
-                   storage_path=str(tmp_path / "ray"), experiment="test-ft", tracking_uri=store, max_failures=1,
-                   # after step 5; checkpoints at steps 2 and 4
-                   worker_hook=CrashOnce(5, marker, then=SampleLog(tmp_path / "samples")))
+    # after step 5; checkpoints at steps 2 and 4
+    with observing(CrashOnce(5, marker, then=SampleLog(tmp_path / "samples"))):
+        result = train(cfg, str(prepared_dataset), num_workers=2, cpus_per_worker=0.5, name="crash",
+                       storage_path=str(tmp_path / "ray"), experiment="test-ft", tracking_uri=store, max_failures=1)
 
     assert marker.read_text().startswith("killed rank 1 before step 6")
     # It ends at the planned step, with the planned epoch bookkeeping (4 steps per epoch).

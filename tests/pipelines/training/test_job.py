@@ -38,8 +38,7 @@ def test_a_job_is_assembled_once_with_its_settings():
                    resources=plan_workers(2, cluster={"CPU": 2}), storage_path="/runs", tracking_uri="sqlite:///m.db",
                    mlflow_run_id="abc", data_order="ordered", max_failures=1)
     spec = job.run_spec()
-    assert (spec.run_name, spec.steps_per_epoch, spec.mlflow_run_id, spec.data_order, spec.hook) == \
-        ("r", 5, "abc", "ordered", None)
+    assert (spec.run_name, spec.steps_per_epoch, spec.mlflow_run_id, spec.data_order) == ("r", 5, "abc", "ordered")
     params = job.params()
     assert params["per_worker_batch"] == 4 and params["cpus_per_worker"] == 0.5 and params["storage_path"] == "/runs"
     assert (params["device"], params["use_gpu"], params["gpus_per_worker"]) == ("cpu", False, 0.0)

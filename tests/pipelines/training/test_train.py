@@ -8,6 +8,7 @@ re-running the same name resumes where the first run stopped.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,24 +46,58 @@ def test_cli_parses_and_routes_overrides():
         load_config("tiny", ["train.no_such_key=1"])
 
 
-def test_loop_config_carries_the_dataclasses_through_rays_pickler(tmp_path):
+def test_loop_config_carries_the_dataclasses_through_rays_pickler():
     """``train_loop_config`` holds the ``Config`` and ``RunSpec`` themselves (no dict round trip);
-    Ray sends it with its cloudpickle, hook included — the workers get equal objects."""
+    Ray sends it with its cloudpickle — the workers get equal objects."""
     import ray.cloudpickle
 
     from pipelines.training.worker import RunSpec, loop_config
-    from tests.support.worker_hooks import SampleLog
 
     cfg = small_cfg()
-    spec = RunSpec(run_name="x", data_dir="/d", steps_per_epoch=4, data_order="ordered",
-                   hook=SampleLog(tmp_path / "log"))
+    spec = RunSpec(run_name="x", data_dir="/d", steps_per_epoch=4, data_order="ordered")
     sent = loop_config(cfg, spec)
     assert sent["config"] is cfg and sent["run"] is spec
     back = ray.cloudpickle.loads(ray.cloudpickle.dumps(sent))
     assert back["config"] == cfg and type(back["config"].train.lr) is float
-    assert (back["run"].run_name, back["run"].data_order, back["run"].steps_per_epoch) == ("x", "ordered", 4)
-    back["run"].hook("step", {"rank": 1, "world": 2, "epoch": 0, "step": 3, "sample_ids": ["a", "b"]})
-    assert read_jsonl(tmp_path / "log" / "rank1.jsonl") == [{"epoch": 0, "step": 3, "sample_ids": ["a", "b"]}]
+    assert back["run"] == spec
+
+
+def test_production_settings_carry_no_test_hook():
+    """A test's observer reaches the workers through ``INSTALIGN_WORKER_OBSERVER`` only: no field
+    of the job's dataclasses and no argument of ``train`` exists for it."""
+    import inspect
+    from dataclasses import fields
+
+    from pipelines.training.job import TrainJob
+    from pipelines.training.train import train
+    from pipelines.training.worker import RunSpec
+
+    names = {f.name for f in fields(RunSpec)} | {f.name for f in fields(TrainJob)}
+    assert not {n for n in names | set(inspect.signature(train).parameters) if "hook" in n}
+
+
+def test_an_observer_named_in_the_environment_is_loaded_from_its_file(tmp_path):
+    """What a worker does with ``INSTALIGN_WORKER_OBSERVER``: the test helper loaded by its path
+    (workers cannot import ``tests``), built from its settings, watching like any observer."""
+    from pipelines.training.observers import OBSERVER_ENV, Place, observer_from_env
+    from tests.support.worker_hooks import CrashOnce, SampleLog, observing
+
+    with observing(CrashOnce(5, tmp_path / "fired", then=SampleLog(tmp_path / "log"))) as value:
+        assert os.environ[OBSERVER_ENV] == value
+        observer = observer_from_env()
+    assert OBSERVER_ENV not in os.environ and observer_from_env() is None
+    assert type(observer).__module__ != "tests.support.worker_hooks"  # a fresh load of the file, as in a worker
+    observer.started(Place(rank=1, world=2, node_ids=["n0", "n1"], device="cpu", precision="fp32"))
+    observer.resumed("step_00000004", [("step_00000006", "truncated")])
+    observer.batch(1, 5, ["a", "b"])
+    assert read_jsonl(tmp_path / "log" / "rank1.jsonl") == [
+        {"event": "start", "rank": 1, "world": 2, "node_id": "n1"},
+        {"event": "resume", "rank": 1, "from": "step_00000004", "skipped": ["step_00000006"]},
+        {"epoch": 1, "step": 5, "sample_ids": ["a", "b"]}]
+    with pytest.raises(ValueError, match="expected WHERE:FACTORY"):
+        observer_from_env("no-factory")
+    with pytest.raises(ValueError, match="has no callable 'nothing'"):
+        observer_from_env("json:nothing")
 
 
 @pytest.mark.ray
@@ -84,14 +119,15 @@ def test_two_worker_training_tracks_checkpoints_and_resumes(prepared_dataset, ra
 
     from instalign.checkpoint import checkpoint_files
     from pipelines.training.train import train
-    from tests.support.worker_hooks import SampleLog
+    from tests.support.worker_hooks import SampleLog, observing
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     kwargs = dict(num_workers=2, cpus_per_worker=0.5, name="job", storage_path=str(tmp_path / "ray"),
                   experiment="test-train", tracking_uri=store, max_failures=0)
 
     # --- first run: stops mid-epoch 1 at step 6 -------------------------------------------
-    first = train(small_cfg(max_steps=6), str(prepared_dataset), worker_hook=SampleLog(tmp_path / "s1"), **kwargs)
+    with observing(SampleLog(tmp_path / "s1")):
+        first = train(small_cfg(max_steps=6), str(prepared_dataset), **kwargs)
     assert not first.resumed
     assert first.metrics["step"] == 6 and first.metrics["epoch"] == 1 and first.metrics["epoch_step"] == 2
     run_dir = Path(first.path)
@@ -143,8 +179,8 @@ def test_two_worker_training_tracks_checkpoints_and_resumes(prepared_dataset, ra
     state_file.write_bytes(state_file.read_bytes()[:100])
 
     # --- the same name again, with a higher step budget: resumes at step 4, the last good one
-    second = train(small_cfg(max_steps=8), str(prepared_dataset), worker_hook=SampleLog(tmp_path / "s2"),
-                   register_as="instalign-train-test", **kwargs)
+    with observing(SampleLog(tmp_path / "s2")):
+        second = train(small_cfg(max_steps=8), str(prepared_dataset), register_as="instalign-train-test", **kwargs)
     assert second.resumed and second.mlflow_run_id == first.mlflow_run_id and second.path == first.path
     assert second.metrics["step"] == 8 and second.metrics["epoch"] == 2 and second.metrics["epoch_step"] == 0
     resumes = [r for r in read_jsonl(tmp_path / "s2" / "rank0.jsonl") if r.get("event") == "resume"]
