@@ -108,6 +108,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from instalign import __version__ as version
 from instalign.data.images import DEFAULT_MAX_IMAGE_BYTES
 from instalign.data.readers import gc_paused, read_release
 from instalign.data.records import QUARANTINE_DIR, QUARANTINE_SCHEMA, SCHEMA_VERSION
@@ -117,6 +118,7 @@ from instalign.data.safe_pickle import UnsafePickleError
 from instalign.data.source import GRESSource
 from pipelines.core.forked import ChildFailed, ForkedCall, fork_is_safe
 from pipelines.core.output_dirs import claim_output
+from pipelines.core.ray_cluster import init_ray
 from pipelines.data.output import check_output, replace_output, resolve_output, sibling_path, write_manifest
 from pipelines.data.records import PrepareError, plan_tasks, quarantine_record, to_task_table
 from pipelines.data.shards import (DEFAULT_MAX_IMAGE_PIXELS, ShardWriter, group_shards, plan_shards,
@@ -194,7 +196,7 @@ def _plan(source: GRESSource, *, splits: list[str] | None, root: str, strict: bo
 def _run_pass(plan: _Plan, *, fs: pafs.FileSystem, out_path: str, dataset: str, **options: Any) -> list[dict]:
     """The one Ray Data pass: every shard processed and written once; returns the statistics rows,
     in shard order."""
-    import ray
+    import ray  # lazy: Ray's import overlaps the release's reading (prepare_dataset)
     import ray.data
 
     for split in sorted({s[0] for s in plan.shards}):
@@ -256,8 +258,6 @@ def prepare_dataset(*, dataset: str, root: str, out: str, image_max_side: int = 
         files = locate_release(dataset, str(root), split_by=split_by)  # a wrong --root: refused before Ray starts
     except (OSError, ValueError) as e:  # SourceFormatError names the file
         raise _unreadable(dataset, root, e) from e
-    from pipelines.core.ray_cluster import init_ray
-
     planning = dict(splits=splits, root=str(root), strict=strict, rows_per_shard=rows_per_shard)
     if fork_is_safe():  # Ray starts while a child process reads and plans (module docstring)
         with ForkedCall(functools.partial(_read_and_plan, files, **planning), name="release reader") as reading:
@@ -301,7 +301,7 @@ def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, *, root: str, datase
            splits: list[str] | None, strict: bool, split_by: str | None, progress: bool, image_max_side: int,
            jpeg_quality: int, rows_per_shard: int, max_image_bytes: int, max_image_pixels: int) -> dict:
     """The marker (first), the Ray Data pass, then the quarantine and the manifest (last) at ``out_path``."""
-    from ray.data import DataContext
+    from ray.data import DataContext  # lazy, as in _run_pass
 
     claim_output(fs, out_path)  # an interrupted build stays replaceable by --overwrite (pipelines.core.output_dirs)
 
@@ -337,8 +337,6 @@ def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, *, root: str, datase
     written = [dict(r, detail=redact(r["detail"])) for r in records]  # details quote paths: nothing secret kept
     with fs.open_output_stream(f"{out_path}/{QUARANTINE_DIR}/quarantine.parquet") as f:
         pq.write_table(pa.Table.from_pylist(written, schema=QUARANTINE_SCHEMA), f)
-
-    from instalign import __version__ as version
 
     # Every shard's size: the manifest is written last, but a copy (rsync, an upload) can move
     # it before the shards; readers check these sizes (instalign.data.parquet.read_manifest).

@@ -24,8 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import Image
 
-from instalign.data.images import DEFAULT_MAX_IMAGE_BYTES
+from instalign.data.images import (DEFAULT_MAX_IMAGE_BYTES, CorruptImageError, ImageTooLargeError,
+                                   NotARegularFileError, UnsupportedImageFormatError, decode_image, encode_jpeg,
+                                   read_image_size, read_regular_file)
+from instalign.data.masks import resize_rle, segmentation_to_rle
 from instalign.data.readers import gc_paused
 from instalign.data.records import IMAGE_SCHEMA
 from pipelines.data.records import quarantine_record, task_segmentation
@@ -105,8 +109,6 @@ def _rasterise(segmentation: Any, *, height: int, width: int, out_h: int, out_w:
     Polygons are scaled and rasterised at the stored size (exact); an RLE is decoded and
     resized with nearest neighbour (its pixels are all there is).
     """
-    from instalign.data.masks import resize_rle, segmentation_to_rle
-
     if (out_h, out_w) != (height, width) and isinstance(segmentation, list):
         sx, sy = out_w / width, out_h / height
         segmentation = [[v * (sx if i % 2 == 0 else sy) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
@@ -120,12 +122,6 @@ def process_task(task: dict, *, dataset: str, image_max_side: int, jpeg_quality:
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict, list[dict]]:
     """One task row → (image row with the ``_EXTRA`` columns, quarantine records)."""
-    from PIL import Image
-
-    from instalign.data.images import (CorruptImageError, ImageTooLargeError, NotARegularFileError,
-                                       UnsupportedImageFormatError, decode_image, encode_jpeg, read_image_size,
-                                       read_regular_file)
-
     image_id, split, path = int(task["image_id"]), task["split"], task["path"]
     width, height = int(task["width"]), int(task["height"])
     samples = list(task["samples"])
@@ -267,7 +263,7 @@ def write_shards(batch: dict[str, np.ndarray], *, tasks: Any, shards: list[tuple
     if isinstance(tasks, pa.Table):
         table = tasks
     else:
-        import ray
+        import ray  # lazy: prepare imports this module on the driver before Ray (its import overlaps the reading)
 
         table = ray.get(tasks)
     out = []
