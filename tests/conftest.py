@@ -31,6 +31,42 @@ import pytest  # noqa: E402
 import ray.data  # noqa: E402,F401
 
 
+#: Fixtures that start (or need) a Ray cluster in this process: a test using one is a ``ray`` test.
+RAY_FIXTURES = frozenset({"ray_local", "prepared_dataset", "small_store_ray"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the marker must already be there
+def pytest_collection_modifyitems(config, items):
+    """Marks ``ray`` every test that uses a Ray fixture (directly or through another fixture), so
+    ``-m "not ray"`` (``make test-fast``) never starts a cluster, whatever a test file forgot."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("ray") is None:
+            item.add_marker(pytest.mark.ray)
+    # Tests that shut the session's cluster down to run their own go last: run in file order, each
+    # made the next ``ray_local`` user start the shared cluster again (~10-20 s a start here).
+    items.sort(key=_owns_the_cluster)  # stable: file order otherwise
+
+
+def _owns_the_cluster(item) -> bool:
+    return item.get_closest_marker("own_cluster") is not None or "small_store_ray" in getattr(item, "fixturenames", ())
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_ray_tests(request):
+    """A test not marked ``ray`` that leaves Ray running in this process fails: it started a cluster
+    (``ray.data`` starts one on first use) that ``make test-fast`` promises not to start."""
+    if request.node.get_closest_marker("ray") is not None:
+        yield
+        return
+    import ray
+
+    before = ray.is_initialized()
+    yield
+    if not before and ray.is_initialized():
+        pytest.fail(f"{request.node.nodeid} started Ray but is not marked ray: add @pytest.mark.ray, "
+                    "or check what it needs before Ray starts", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def _ray_session_guard():
     """Shuts Ray down once at the end of the session (if any test left it running)."""
@@ -46,7 +82,8 @@ def ray_local(_ray_session_guard):
     """A local Ray cluster (2 CPUs, dashboard on: Train/Tune need the State API).
 
     Started on first use and kept for the session; a test that needs its own cluster
-    (multi-node) may ``ray.shutdown()`` it, and the next user of this fixture starts it again.
+    (multi-node) may ``ray.shutdown()`` it, marked ``own_cluster`` so that it runs after every
+    user of this one (the next user would otherwise start it again).
     """
     import ray
 

@@ -35,7 +35,7 @@ def test_ray_loader_equals_parquet_reader(ray_local, prepared_dataset, tiny_cfg,
         for i, sid in enumerate(batch.sample_ids):
             want = by_id[sid]
             seen.append(sid)
-            torch.testing.assert_close(batch.images[i], transform.normalize(torch.from_numpy(want["image"])[None])[0])
+            torch.testing.assert_close(batch.images[i], transform.normalize(torch.from_numpy(want["image"].copy())[None])[0])
             np.testing.assert_array_equal(batch.input_ids[i].numpy(), want["input_ids"])
             np.testing.assert_array_equal(batch.attention_mask[i].numpy(), want["attention_mask"])
             masks = batch.instance_masks[i]
@@ -62,10 +62,11 @@ def test_ray_loader_with_a_transform_and_limit(ray_local, prepared_dataset, tran
     assert len(batch) == 10 and batch.images.shape == (10, 3, S, S)
 
 
-def test_load_samples_argument_errors(prepared_dataset, tiny_cfg, transform):
+def test_load_samples_argument_errors(tmp_path, tiny_cfg, transform):
+    """Refused before any file is read or Ray is used: no prepared dataset (nor cluster) needed."""
     with pytest.raises(ValueError, match="exactly one of"):
-        load_samples(str(prepared_dataset), "train")
+        load_samples(str(tmp_path), "train")
     with pytest.raises(ValueError, match="exactly one of"):
-        load_samples(str(prepared_dataset), "train", transform, text_cfg=tiny_cfg.model.text_encoder)
+        load_samples(str(tmp_path), "train", transform, text_cfg=tiny_cfg.model.text_encoder)
     with pytest.raises(ValueError, match="image_size"):
-        load_samples(str(prepared_dataset), "train", text_cfg=tiny_cfg.model.text_encoder)
+        load_samples(str(tmp_path), "train", text_cfg=tiny_cfg.model.text_encoder)
