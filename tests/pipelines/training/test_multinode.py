@@ -68,7 +68,7 @@ def test_two_nodes_two_workers_equal_one_worker(prepared_dataset, tmp_path):
 
     from instalign.modeling.builders import build_model
     from pipelines.training.train import train
-    from tests.support.worker_hooks import SampleLog
+    from tests.support.worker_hooks import SampleLog, observing
 
     cfg = load_config("tiny", ["data.max_train_samples=32", "data.max_val_samples=6", "data.num_overlays=0",
                                "train.epochs=2", "train.batch_size=8", "train.max_steps=6", "train.log_every_steps=1",
@@ -85,10 +85,10 @@ def test_two_nodes_two_workers_equal_one_worker(prepared_dataset, tmp_path):
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         common = dict(cpus_per_worker=0.5, data_order="ordered", storage_path=str(tmp_path / "ray"),
                       experiment="test-multinode", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", max_failures=0)
-        two = train(cfg, str(prepared_dataset), num_workers=2, placement_strategy="SPREAD", name="two",
-                    worker_hook=SampleLog(tmp_path / "two"), **common)
-        one = train(cfg, str(prepared_dataset), num_workers=1, name="one", worker_hook=SampleLog(tmp_path / "one"),
-                    **common)
+        with observing(SampleLog(tmp_path / "two")):
+            two = train(cfg, str(prepared_dataset), num_workers=2, placement_strategy="SPREAD", name="two", **common)
+        with observing(SampleLog(tmp_path / "one")):
+            one = train(cfg, str(prepared_dataset), num_workers=1, name="one", **common)
     finally:
         ray.shutdown()
         cluster.shutdown()
