@@ -129,7 +129,7 @@ def _wait_ready(head: subprocess.Popen, address: str, temp_dir: Path, timeout_s:
                 raise
         if time.monotonic() > deadline:
             raise HeadStartError(f"ray head on {address} took no job in {timeout_s} s\n{diagnostics(temp_dir)}")
-        time.sleep(1)
+        time.sleep(0.5)
 
 
 @contextmanager
@@ -190,7 +190,7 @@ def wait_for_job(client, job_id: str, timeout_s: float = JOB_TIMEOUT_S):
             client.stop_job(job_id)
             logs = client.get_job_logs(job_id)
             pytest.fail(f"job {job_id} still {status} after {timeout_s} s; logs:\n{logs[-4000:]}")
-        time.sleep(2)
+        time.sleep(0.5)  # a status query is one small HTTP call: poll often, see the end sooner
 
 
 def _last_json(text: str) -> dict:

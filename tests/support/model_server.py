@@ -46,7 +46,7 @@ def model_server(model_uri: str, tracking_uri: str, log_path: Path,
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"model server not ready on {url} after 240 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+            time.sleep(0.25)  # a refused connection costs nothing: poll often, start sooner
         yield url, proc
     finally:
         for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):

@@ -269,7 +269,7 @@ def test_the_serve_verb_serves_until_interrupted(model, tmp_path):
         while "serving models:/" not in log.read_text():
             assert proc.poll() is None, f"instalign serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"not serving after 240 s:\n{log.read_text()[-3000:]}"
-            time.sleep(1)
+            time.sleep(0.25)
         base = f"http://127.0.0.1:{port}"
         assert f"at {base}/" in log.read_text()
         assert get(base + "/ping")[0] == 200
