@@ -1,4 +1,4 @@
-"""Point sampling and the criterion (eqs. 7, 9, 13) on hand-built model outputs."""
+"""The criterion (eqs. 7, 9, 13) on hand-built model outputs (point sampling: ``test_point_sampling.py``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from instalign.config import LossConfig
 from instalign.data.batch import Batch
-from instalign.losses import Criterion, HungarianMatcher, build_criterion, point_sample, uncertain_points
+from instalign.losses import Criterion, HungarianMatcher, build_criterion
 from instalign.losses.criterion import average_num_masks
 from instalign.modeling.outputs import BlockPrediction, InstAlignOutput
 
@@ -59,30 +59,6 @@ def criterion(**overrides) -> Criterion:
     cfg = dict(num_points=256)
     cfg.update(overrides)
     return build_criterion(LossConfig(**cfg))
-
-
-# --- point sampling -----------------------------------------------------------------------
-
-def test_point_sample_reads_pixel_centres_exactly_and_replicates_the_border():
-    x = torch.arange(16.0).view(1, 1, 4, 4)
-    coords = torch.tensor([[[0.125, 0.125], [0.875, 0.375], [0.0, 0.0], [1.0, 1.0]]])  # (x, y)
-    out = point_sample(x, coords)
-    assert out.shape == (1, 1, 4)
-    assert out[0, 0].tolist() == [0.0, 7.0, 0.0, 15.0]  # corners take the edge pixel, not zero padding
-
-
-def test_importance_sampling_concentrates_on_the_boundary():
-    # A logit ramp across x: uncertainty -|logit| grows toward the boundary at x = 0.5.
-    logits = (torch.linspace(-8, 8, 16).view(1, 1, 1, 16)).expand(2, 1, 16, 16).contiguous()
-    g = torch.Generator().manual_seed(0)
-    pts = uncertain_points(logits, num_points=100, oversample_ratio=3.0, importance_sample_ratio=0.75, generator=g)
-    assert pts.shape == (2, 100, 2) and pts.min() >= 0 and pts.max() <= 1
-    near = (pts[..., 0] - 0.5).abs()
-    # The 75 most uncertain of 300 uniform candidates: about the central quarter of the width.
-    assert near[:, :75].max() < 0.2
-    assert near[:, 75:].mean() > 0.15  # the other 25 are fresh uniform points (mean 0.25)
-    uniform = uncertain_points(logits, num_points=100, oversample_ratio=3.0, importance_sample_ratio=0.0, generator=g)
-    assert (uniform[..., 0] - 0.5).abs().mean() > 0.15
 
 
 # --- criterion: zero / non-zero where it must be ------------------------------------------
@@ -317,25 +293,6 @@ def test_num_masks_is_averaged_across_workers(tmp_path):
     assert results[0]["loss_mask"] == pytest.approx(1 * per_pair / 2, rel=1e-5)
     assert results[1]["loss_mask"] == pytest.approx(3 * per_pair / 2, rel=1e-5)
     assert average_num_masks(0, torch.device("cpu")) == 1.0  # no process group: local count, at least 1
-
-
-def test_point_sample_of_bf16_is_the_upcast_bilinear_read_in_fp32():
-    """A bf16 map is read as its fp32 copy at fp32 points (border mode included); the
-    result is fp32. A bf16 ``grid_sample`` would round the values and the points (~1e-2 off)."""
-    g = torch.Generator().manual_seed(0)
-    x = (4 * torch.randn(6, 5, 30, 20, generator=g)).bfloat16()
-    coords = torch.rand(6, 700, 2, generator=g)
-    coords[0, :4] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # border corners
-    got = point_sample(x, coords)
-    want = point_sample(x.float(), coords)
-    assert got.dtype == torch.float32 and got.shape == want.shape == (6, 5, 700)
-    assert torch.equal(got, want)
-    # Gradients reach the bf16 map at the same pixels with the same bilinear weights.
-    leaf_x = x.clone().requires_grad_(True)
-    point_sample(leaf_x, coords).sum().backward()
-    leaf_f = x.float().requires_grad_(True)
-    point_sample(leaf_f, coords).sum().backward()
-    assert torch.equal(leaf_x.grad, leaf_f.grad.bfloat16())
 
 
 def test_bf16_mask_logits_give_the_losses_and_gradients_of_upcasting_them_first():
