@@ -42,11 +42,15 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
+import ray
 from packaging.version import InvalidVersion, Version
 
 from pipelines.core import ray_logs
 from instalign.errors import InstAlignError
 from pipelines.core.ray_logs import IGNORED_WARNINGS, LOG_LEVEL_ENV, ray_log_level
+
+# Ray's private (``ray._raylet``) and optional (``ray.util.state``, from ray[default]) modules are
+# imported where used: a Ray without them still starts, and the code there says what it does then.
 
 
 log = logging.getLogger(__name__)
@@ -94,8 +98,6 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     Ray's loggers follow ``pipelines.core.ray_logs.set_ray_log_level``; the lines Ray prints on
     every run that nobody can act on are dropped there too.
     """
-    import ray
-
     ray_logs.skip_known_worker_lines()
     ray_logs.ignore_known_warnings()
     if ray.is_initialized():
@@ -190,8 +192,6 @@ def private_cluster_auth() -> str:
     imported — and read back from Ray: a Ray that does not report token mode is refused
     (:class:`RayVersionError`).
     """
-    import ray
-
     chosen = os.environ.get(AUTH_MODE_ENV)
     wants_token = chosen is None or chosen.strip().lower() == "token"
     if wants_token:
@@ -268,8 +268,6 @@ class ResourceWaitReporter:
 
     def check_once(self, now: Optional[float] = None) -> Optional[str]:
         """One poll; returns (and logs) the report when something has waited too long."""
-        import ray
-
         now = time.monotonic() if now is None else now
         pending = self._pending()
         self._first_seen = {k: self._first_seen.get(k, now) for k in pending}

@@ -25,6 +25,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Optional, TextIO
 
+import torch
+
 #: Loss terms in print order, with their short names (``losses.criterion``'s keys).
 LOSS_TERMS = (("loss", "loss"), ("loss_mask", "mask"), ("loss_dice", "dice"), ("loss_score", "score"),
               ("loss_nt", "nt"), ("loss_pa", "pa"))
@@ -35,8 +37,6 @@ VAL_TERMS = (("val_gIoU", "gIoU"), ("val_cIoU", "cIoU"), ("val_N_acc", "N-acc"),
 def peak_memory_bytes(device: Any = None) -> int:
     """This process's peak memory: CUDA's max allocated on a GPU device, else peak RSS."""
     if device is not None and getattr(device, "type", str(device)) == "cuda":
-        import torch
-
         return int(torch.cuda.max_memory_allocated(device))
     # Linux reports ru_maxrss in KiB (macOS in bytes; Ray's workers here run on Linux).
     scale = 1 if sys.platform == "darwin" else 1024

@@ -9,8 +9,15 @@ directory of a damaged one Ray still holds. Used by every rank of ``pipelines.tr
 from __future__ import annotations
 
 import logging
+import posixpath
+import re
 from collections.abc import Collection
 from typing import Any
+
+import pyarrow.fs as pafs
+import ray.train
+
+from instalign.checkpoint import CheckpointError, checkpoint_files
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +32,6 @@ def usable_checkpoint(latest: Any) -> tuple[Any, list[tuple[str, str]]]:
     (``instalign.checkpoint.checkpoint_files``). Every rank sees the same storage, so every
     rank picks the same one. None verifying is an error naming each and its problem.
     """
-    import posixpath
-    import re
-
-    import pyarrow.fs as pafs
-    import ray.train
-
-    from instalign.checkpoint import CheckpointError, checkpoint_files
-
     if latest is None:
         return None, []
     fs, parent = latest.filesystem, posixpath.dirname(latest.path.rstrip("/"))

@@ -21,8 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
+
 from pipelines.core.redaction import redact
 from pipelines.core.tracking import GIT_COMMIT_TAG, MANIFEST_HASH_TAG, MlflowTracker, redact_data
+
+# MLflow (~2 s to import) is imported in the functions that log: a verb's module stays cheap to import.
 
 #: MLflow's input tag naming what a dataset was used for (``train``, ``evaluation``).
 DATASET_CONTEXT_TAG = "mlflow.data.context"
@@ -46,8 +50,6 @@ def git_commit(path: Union[str, Path, None] = None) -> Optional[str]:
 
 def system_info() -> dict[str, Any]:
     """Versions and hardware of the driver machine (the workers' are logged by rank 0)."""
-    import torch
-
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
