@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def stub_ray(monkeypatch):
     """Ray's start as a no-op: the release is refused before anything runs on Ray."""
-    monkeypatch.setattr("pipelines.core.ray_cluster.init_ray", lambda *args, **kwargs: None)
+    monkeypatch.setattr("pipelines.data.prepare.init_ray", lambda *args, **kwargs: None)  # prepare's own name for it
 
 
 def _hostile_refzom(root: Path) -> Path:
@@ -79,7 +79,7 @@ def test_id_beyond_int64_is_one_line(tmp_path, capsys, stub_ray):
 
 
 def test_a_missing_release_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("pipelines.core.ray_cluster.init_ray", lambda *a, **k: pytest.fail("Ray started for nothing"))
+    monkeypatch.setattr("pipelines.data.prepare.init_ray", lambda *a, **k: pytest.fail("Ray started for nothing"))
     (tmp_path / "grefcoco").mkdir()
     (tmp_path / "grefcoco" / "instances.json").mkdir()  # a directory where the file should be
     rc = main(["prepare", "--dataset", "grefcoco", "--root", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "o")])

@@ -132,7 +132,7 @@ def test_every_verb_takes_log_level_and_sets_rays_before_it_starts(tmp_path, mon
         assert "--log-level" in sub.choices[verb]._option_string_actions, verb
     monkeypatch.setenv(LOG_LEVEL_ENV, "WARNING")
     monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "WARNING")
-    monkeypatch.setattr("pipelines.core.ray_cluster.init_ray", lambda *a, **k: pytest.fail("the release is refused first"))
+    monkeypatch.setattr("pipelines.data.prepare.init_ray", lambda *a, **k: pytest.fail("the release is refused first"))
     argv = ["prepare", "--dataset", "grefcoco", "--root", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]
     prepare_log = logging.getLogger("instalign.prepare")
     monkeypatch.setattr(prepare_log, "level", prepare_log.level)  # restored afterwards

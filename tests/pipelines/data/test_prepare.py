@@ -26,7 +26,6 @@ from instalign.data.synthetic import generate_grefcoco
 from pipelines.data import prepare as prep
 from pipelines.data.prepare import PrepareError, prepare_dataset
 
-pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -274,6 +273,7 @@ def test_write_manifest_is_atomic(tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither a manifest nor the temporary file
 
 
+@pytest.mark.ray  # prepare starts Ray while its child reads the release
 def test_cli_reports_bad_arguments(synthetic_root, tmp_path, capsys):
     from pipelines.cli import main
 

@@ -24,8 +24,6 @@ from pipelines.core.output_dirs import MARKER_NAME
 from pipelines.data.prepare import prepare_dataset
 from tests.support.hostile_images import png_header_only
 
-pytestmark = pytest.mark.ray
-
 
 def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
@@ -205,7 +203,7 @@ def test_strict_with_an_unsafe_split_fails_on_the_driver(synthetic_root, tmp_pat
     def no_pass(*args, **kwargs):
         raise AssertionError("no Ray Data task may run for a release refused on the driver")
 
-    monkeypatch.setattr("pipelines.core.ray_cluster.init_ray", lambda address=None, **options: None)  # no cluster needed here
+    monkeypatch.setattr(prep, "init_ray", lambda address=None, **options: None)  # no cluster needed here
     monkeypatch.setattr(prep, "_run_pass", no_pass)
     with pytest.raises(prep.PrepareError, match=r"\[unsafe_split\] ref 0: split '/tmp/abs' is not a safe"):
         prepare_dataset(dataset="grefcoco", root=root, out=str(tmp_path / "out"), strict=True)
