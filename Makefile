@@ -29,11 +29,13 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; } || \
 	    echo "warning: could not install the Debian package chromium: tests/pipelines/serving/test_web_page.py will skip (fail with CI=true)"
 
+# --durations: every run ends with its slowest tests, so a test that starts to wait shows up.
+# test-fast starts no Ray cluster (tests/conftest.py keeps the ray marker true).
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not ray and not slow"
+	$(BIN)/python -m pytest -q -m "not ray and not slow" --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache instalign-quickstart
