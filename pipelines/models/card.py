@@ -9,7 +9,13 @@ dataset they were measured on; :func:`link_run_metrics`).
 
 from __future__ import annotations
 
+import json
+
+from mlflow.entities import Metric
+
 from instalign.metrics import SLICES
+from pipelines.core.redaction import redact
+from pipelines.core.tracking import COMMAND_TAG, GIT_COMMIT_TAG, MANIFEST_HASH_TAG, metric_key
 
 #: The model card's file name inside the logged model (beside ``MLmodel``).
 MODEL_CARD = "MODEL_CARD.md"
@@ -26,8 +32,6 @@ def _fmt_metric(value: float) -> str:
 
 def _slice_table(logged: dict[str, float]) -> list[str]:
     """gIoU / cIoU per kind of sample (``instalign.metrics.SLICES``) from the run's ``val_*`` metrics."""
-    from pipelines.core.tracking import metric_key
-
     rows = [(name, [logged.get(metric_key(f"val_{name}.{m}")) for m in ("gIoU", "cIoU", "samples")])
             for name in SLICES]
     rows = [(name, values) for name, values in rows if values[2] is not None]
@@ -49,11 +53,6 @@ def model_card(cfg, *, run=None, registered_model_name: str | None = None) -> st
             ``val_*`` metrics. Without one, the card says the data and metrics are unknown.
         registered_model_name: for the "how to call it" lines.
     """
-    import json
-
-    from pipelines.core.tracking import COMMAND_TAG, GIT_COMMIT_TAG, MANIFEST_HASH_TAG, metric_key
-    from pipelines.core.redaction import redact
-
     m = cfg.model
     uri = f"models:/{registered_model_name}@champion" if registered_model_name else "models:/<NAME>@<ALIAS>"
     lines = [
@@ -133,10 +132,6 @@ def link_run_metrics(client, run, model_id: str) -> None:
     """Re-log the run's latest ``val_*`` metrics with ``model_id`` (and the training dataset),
     so they show on the logged model (MLflow 3). Each is the same point (key, value, step,
     timestamp) as in the run's history, which therefore gains no new points."""
-    from mlflow.entities import Metric
-
-    from pipelines.core.tracking import metric_key
-
     keys = {metric_key(k) for k in _CARD_METRICS + _SLICE_METRICS}
     train = [d.dataset for d in run.inputs.dataset_inputs
              if any(t.key == "mlflow.data.context" and t.value == "train" for t in d.tags)]

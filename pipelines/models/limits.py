@@ -53,6 +53,8 @@ from typing import Any, Optional
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_EXHAUSTED, TEMPORARILY_UNAVAILABLE
 
+from instalign.data.images import ImageTooLargeError, NotARegularFileError
+from instalign.data.images import read_regular_file as read_capped
 from instalign.errors import InstAlignError
 
 log = logging.getLogger(__name__)
@@ -195,9 +197,6 @@ def read_regular_file(path: str, max_bytes: int) -> bytes:
         OSError: missing (``FileNotFoundError``), unreadable, or not a regular file.
         FileTooLarge: more than ``max_bytes``.
     """
-    from instalign.data.images import ImageTooLargeError, NotARegularFileError
-    from instalign.data.images import read_regular_file as read_capped
-
     try:
         return read_capped(path, max_bytes=max_bytes)
     except ImageTooLargeError as e:

@@ -49,6 +49,21 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
+from mlflow.models import Model, ModelSignature
+from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
+from PIL import Image
+
+# MLflow validates a logged model's input example by loading the just-saved model, which puts
+# the model's temporary code/ directory first on sys.path: ``instalign`` (the predictor's
+# modules included) is bound to this installation before, so a process never half-imports a
+# copy from a directory that is deleted once logging returns.
+from instalign.checkpoint import CONFIG_FILE, export_inference_checkpoint
+from instalign.config import load_config
+from instalign.data.images import CorruptImageError, ImageTooLargeError, UnsupportedImageFormatError, read_image_size
+from instalign.predictor import Predictor, load_image
+from pipelines.core.tracking import redacted_context_tags
+from pipelines.models.card import MODEL_CARD, link_run_metrics, model_card
 
 # The error classes are re-exported: callers catch them from here.
 from pipelines.models.limits import (  # noqa: F401
@@ -99,8 +114,6 @@ def _unreadable(what: str, error) -> PyfuncInputError:
     """A ``CorruptImageError`` as the row's 400, in one line; ``reason`` is the code batch
     prediction files the row under (``unsupported_image_format``, ``image_too_large``,
     ``unreadable_image``)."""
-    from instalign.data.images import ImageTooLargeError, UnsupportedImageFormatError
-
     refusal = PyfuncInputError(f"{what} is not a readable image: {getattr(error, 'detail', error)}")
     refusal.reason = ("unsupported_image_format" if isinstance(error, UnsupportedImageFormatError)
                       else "image_too_large" if isinstance(error, ImageTooLargeError) else "unreadable_image")
@@ -111,8 +124,6 @@ def image_size(what: str, data: bytes) -> tuple[int, int]:
     """``(width, height)`` of encoded image ``data`` from its header alone (nothing decoded);
     refuses what is not an image in an allowed format (``instalign.data.images.read_image_size``:
     every decoder failure) and images above ``MAX_PIXELS``. ``what`` names it in errors."""
-    from instalign.data.images import CorruptImageError, read_image_size
-
     try:
         width, height = read_image_size(data, source=what, max_pixels=0)  # MAX_PIXELS below, in our words
     except CorruptImageError as e:
@@ -128,10 +139,8 @@ def image_size(what: str, data: bytes) -> tuple[int, int]:
 def decode_image(what: str, data: bytes):
     """Encoded ``data`` as an RGB PIL image, exactly as ``Predictor.predict`` decodes bytes
     (``instalign.predictor.load_image``: EXIF orientation applied). Check :func:`image_size` first."""
-    from instalign.predictor import load_image as decode
-
     try:
-        return decode(data)
+        return load_image(data)
     except ValueError as e:  # CorruptImageError (every decoder failure), or empty bytes
         raise _unreadable(what, e) from None
 
@@ -200,10 +209,6 @@ class InstAlignPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         """Load the checkpoint and the serving limits (``model_config`` keys, else the
         ``INSTALIGN_SERVING_*`` environment, else defaults: ``pipelines.models.limits.ServingLimits``)."""
-        import torch
-
-        from instalign.predictor import Predictor
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"], device=device)
         self.limits = ServingLimits.load(getattr(context, "model_config", None))
@@ -332,17 +337,12 @@ def pip_requirements() -> list[str]:
 
 def input_example() -> pd.DataFrame:
     """A one-row request: a small PNG and an expression."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (120, 90, 60)).save(buf, format="PNG")
     return pd.DataFrame({"image": [buf.getvalue()], "text": ["the object on the left"]})
 
 
 def signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
-
     rle = Object([Property("size", Array("long")), Property("counts", "string")])
     instance = Object([
         Property("query", "long"),
@@ -396,18 +396,6 @@ def log_model(checkpoint_dir: str | os.PathLike, *, name: str = "model", registe
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint {str(checkpoint_dir)!r}: not a directory")
-    from mlflow.models import Model
-
-    from instalign.checkpoint import CONFIG_FILE, export_inference_checkpoint
-    from instalign.config import load_config
-    from pipelines.models.card import MODEL_CARD, link_run_metrics, model_card
-    # MLflow validates the input example by loading the just-saved model, which puts the
-    # model's temporary code/ directory first on sys.path. Importing the predictor's modules
-    # now binds ``instalign`` to this installation, so the process never half-imports a copy
-    # from a directory that is deleted once logging returns.
-    import instalign.predictor  # noqa: F401
-    from pipelines.core.tracking import redacted_context_tags
-
     client = mlflow.MlflowClient()
     active = mlflow.active_run()
     run = client.get_run(active.info.run_id) if active is not None else None

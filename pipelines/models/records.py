@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from instalign.data.masks import rle_decode, rle_encode
+from instalign.predictor import InstancePrediction, Prediction
+
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     """(h, w) bool → COCO compressed RLE ``{"size": [h, w], "counts": str}``."""
-    from instalign.data.masks import rle_encode
-
     mask = np.asarray(mask, dtype=bool)
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": rle_encode(mask)}
 
@@ -52,8 +53,6 @@ def prediction_to_record(prediction) -> dict[str, Any]:
 
 def record_to_prediction(record: dict[str, Any]):
     """The inverse of :func:`prediction_to_record` (masks decoded), e.g. to draw a served answer."""
-    from instalign.data.masks import rle_decode
-    from instalign.predictor import InstancePrediction, Prediction
 
     def decode(rle: dict[str, Any]) -> np.ndarray:
         h, w = rle["size"]

@@ -25,9 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+import mlflow
 import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+from instalign.cache import cache_root
+from instalign.checkpoint import REQUIRED_FILES, SEAL_KIND
 
 from instalign.errors import InstAlignError
+from instalign.integrity import IntegrityError, build_once
+from pipelines.core.tracking import resolve_tracking_uri
 
 #: Artifact key of the checkpoint directory inside the pyfunc model (see ``pipelines.models.pyfunc``).
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -47,10 +56,6 @@ def is_model_uri(source: str | os.PathLike) -> bool:
 def configure_tracking(tracking_uri: str | None) -> str:
     """Point MLflow at ``tracking_uri`` (else ``$MLFLOW_TRACKING_URI``, else MLflow's default
     ``sqlite:///<cwd>/mlflow.db``) and return the URI in use."""
-    import mlflow
-
-    from pipelines.core.tracking import resolve_tracking_uri
-
     uri = resolve_tracking_uri(tracking_uri)  # the cwd default made absolute: same store in every process
     mlflow.set_tracking_uri(uri)
     return uri
@@ -72,14 +77,6 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint {str(source)!r}: not a directory (nor a models:/ URI)")
         return path
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    from instalign.cache import cache_root
-    from instalign.checkpoint import REQUIRED_FILES, SEAL_KIND
-    from instalign.integrity import IntegrityError, build_once
 
     uri = str(source).rstrip("/")
     client = mlflow.MlflowClient()
@@ -134,10 +131,6 @@ class ModelRef:
 def model_ref(uri: str) -> ModelRef:
     """Resolve ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/m-<id>`` to the
     version and logged model it means now (an alias is read once, here)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
     client = MlflowClient()
     uri = str(uri).rstrip("/")
     try:
