@@ -15,19 +15,23 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
 
+from instalign.data.masks import rle_decode
+from instalign.metrics import GRESMetrics
+from instalign.predictor import Predictor
 from pipelines.inference.tables import ACTOR_SCHEMA, BatchPredictError
+from pipelines.models.limits import FileTooLarge, read_regular_file
+from pipelines.models.pyfunc import MAX_FILE_BYTES, PyfuncInputError, check_text, decode_image, image_size
+from pipelines.models.records import prediction_to_record
+from pipelines.models.source import materialise
 
 def _read_image_file(what: str, path: str) -> bytes:
     """A local file or a ``pyarrow.fs`` URI, at most ``pyfunc.MAX_FILE_BYTES`` (regular files only)."""
-    from pipelines.models.pyfunc import MAX_FILE_BYTES, PyfuncInputError
-    from pipelines.models.limits import FileTooLarge, read_regular_file
-
     try:
         if "://" not in path or path.startswith("file://"):
             return read_regular_file(path.removeprefix("file://"), MAX_FILE_BYTES)
-        import pyarrow.fs as pafs
-
         fs, inner = pafs.FileSystem.from_uri(path)
         info = fs.get_file_info(inner)
         if info.type == pafs.FileType.NotFound:
@@ -70,13 +74,7 @@ class BatchPredictor:
     """
 
     def __init__(self, *, checkpoint: Any, device: str, top_words: int = 3) -> None:
-        from instalign.predictor import Predictor
-
         if isinstance(checkpoint, list):
-            import ray
-
-            from pipelines.models.source import materialise
-
             self._local = materialise(ray.get(checkpoint[0]))  # removed with the actor
             directory = self._local.name
         else:
@@ -85,8 +83,6 @@ class BatchPredictor:
 
     def _check(self, row: dict[str, Any]):
         """Row → (decoded image, text); raises :class:`_Rejected` with the first problem found."""
-        from pipelines.models.pyfunc import PyfuncInputError, check_text, decode_image, image_size
-
         what = f"row {row['row_id']}"
         try:
             text = check_text(row["row_id"], row["text"], tokenizer=self.predictor.tokenizer,
@@ -108,10 +104,6 @@ class BatchPredictor:
             raise _Rejected(getattr(e, "reason", "unreadable_image"), str(e)) from None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from instalign.data.masks import rle_decode
-        from instalign.metrics import GRESMetrics
-        from pipelines.models.records import prediction_to_record
-
         rows = batch.to_pylist()
         out: list[Optional[dict[str, Any]]] = [None] * len(rows)
         good, pictures, texts = [], [], []

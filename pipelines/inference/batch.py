@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -51,13 +52,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import mlflow
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 
+from instalign.checkpoint import checkpoint_files
+from instalign.errors import USAGE, InstAlignError
+from instalign.metrics import GRESMetrics
+from pipelines.core.output_dirs import MARKER_NAME, claim_output, replaceable_output
+from pipelines.core.ray_cluster import init_ray
+from pipelines.core.redaction import redacted_output, write_json
+from pipelines.core.resources import check_leaves_room_for_data, cluster_cpus, default_cpus_per_worker
+from pipelines.core.tracking import ensure_experiment, metric_key, redact_data, redacted_context_tags
 from pipelines.inference.actor import BatchPredictor
+from pipelines.inference.batch_flags import add_data_arguments
 from pipelines.inference.tables import PREDICTION_SCHEMA, REJECT_SCHEMA, BatchPredictError, is_prepared, read_pairs
+from pipelines.models.source import checkpoint_payload, configure_tracking, is_model_uri, resolve_checkpoint
 
-__all__ = ["BatchPredictConfig", "batch_predict", "add_arguments", "add_data_arguments", "run"]
+__all__ = ["BatchPredictConfig", "batch_predict", "add_arguments", "run"]
 
 @dataclass(frozen=True)
 class BatchPredictConfig:
@@ -106,13 +123,8 @@ class BatchPredictConfig:
 
 def _model_tags(model: str) -> dict[str, str]:
     """Tags that link the run to the registered version it used (resolved now: an alias moves)."""
-    from pipelines.models.source import is_model_uri
-
     tags = {"instalign.model_uri": model}
     if is_model_uri(model):
-        import mlflow
-        from mlflow.store.artifact.utils.models import get_model_name_and_version
-
         key = get_model_name_and_version(mlflow.MlflowClient(), model.rstrip("/"))
         if len(key) == 2:
             tags.update({"instalign.model_name": str(key[0]), "instalign.model_version": str(key[1])})
@@ -123,8 +135,6 @@ def _model_tags(model: str) -> dict[str, str]:
 
 def _owns(rel: str) -> bool:
     """The job's layout under ``--out``: the marker, ``summary.json``, ``predictions/`` and ``rejects/`` Parquet."""
-    from pipelines.core.output_dirs import MARKER_NAME
-
     top, slash, rest = rel.partition("/")
     if not slash:
         return rel in (MARKER_NAME, "summary.json")
@@ -133,12 +143,6 @@ def _owns(rel: str) -> bool:
 
 def _prepare_out(out: str, data: str) -> Path:
     """A new or empty ``--out``, marked first; never ``--data`` or above it (``pipelines.core.output_dirs``)."""
-    import os
-
-    import pyarrow.fs as pafs
-
-    from pipelines.core.output_dirs import claim_output, replaceable_output
-
     fs, path = pafs.LocalFileSystem(), os.path.abspath(out)
     if replaceable_output(fs, path, owns=_owns, inputs=[data], error=BatchPredictError):
         raise BatchPredictError(f"--out {out}: exists and is not an empty directory (an earlier run's output); "
@@ -153,20 +157,6 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     The model's version is resolved and its checkpoint downloaded before Ray starts; the
     actors' output is materialised once (masks as RLE: small) and split into the two tables.
     """
-    import mlflow
-    import pyarrow.compute as pc
-    import ray
-
-    from instalign.metrics import GRESMetrics
-    from pipelines.models.source import checkpoint_payload
-    from pipelines.core.ray_cluster import init_ray
-    from pipelines.core.redaction import write_json
-    from pipelines.core.resources import check_leaves_room_for_data, cluster_cpus, default_cpus_per_worker
-    from pipelines.models.source import resolve_checkpoint
-    from pipelines.core.tracking import ensure_experiment, metric_key, redact_data, redacted_context_tags
-
-    from instalign.checkpoint import checkpoint_files
-
     checkpoint = resolve_checkpoint(cfg.model)
     checkpoint_files(checkpoint)  # an incomplete checkpoint: one message here, not a crash in every actor
     tags = _model_tags(cfg.model)
@@ -217,8 +207,6 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
         if count:
             select(status_, schema).write_parquet(str(out / name))
         else:  # Ray writes no file for no rows; readers still find the table and its schema
-            import pyarrow.parquet as pq
-
             (out / name).mkdir()
             pq.write_table(schema.empty_table(), out / name / "empty.parquet")
 
@@ -253,23 +241,6 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
 
 # --- CLI --------------------------------------------------------------------------------------
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options ``instalign predict`` adds for ``--data`` (its ``--model``, ``--out``,
-    ``--top-words`` and ``--tracking-uri`` are shared)."""
-    parser.add_argument("--data", default=None, metavar="DATASET_DIR|TABLE.csv|TABLE.parquet",
-                        help="predict every (image, expression) pair of a prepared dataset split or a table "
-                             "(columns text + image_path or image); --out is then an output directory")
-    parser.add_argument("--split", default="val", help="split of a prepared dataset (default: val)")
-    parser.add_argument("--num-workers", type=int, default=1, help="model replicas (Ray actors)")
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per replica (0: CPU)")
-    parser.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per replica")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per model call")
-    parser.add_argument("--limit", type=int, default=0, help="predict only the first N rows (0: all)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (auto, HOST:PORT); default: a private local cluster")
-    parser.add_argument("--experiment", default="instalign-batch-predict", help="MLflow experiment of the run")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Standalone parser (``python -m pipelines.inference.batch``)."""
     parser.add_argument("--model", required=True, metavar="DIR|models:/NAME@ALIAS|models:/NAME/VERSION")
@@ -281,9 +252,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from instalign.errors import USAGE, InstAlignError
-    from pipelines.models.source import configure_tracking
-
     if not args.out:
         raise InstAlignError("--data needs --out DIR (the output directory)", exit_code=USAGE)
     configure_tracking(args.tracking_uri)
@@ -304,8 +272,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from pipelines.core.redaction import redacted_output
-
     _parser = argparse.ArgumentParser(prog="python -m pipelines.inference.batch", description=__doc__.split("\n")[0])
     add_arguments(_parser)
     with redacted_output():  # as every ``instalign`` verb's output (pipelines.cli.main)

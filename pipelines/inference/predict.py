@@ -21,11 +21,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from instalign.data.masks import rle_area
+from instalign.errors import USAGE, InstAlignError
+from instalign.predictor import Predictor
+from instalign.visualize import save_overlay
+from pipelines.core import flags
+from pipelines.core.output_dirs import looks_like_image, replaceable_file
+from pipelines.inference.batch_flags import add_data_arguments
+from pipelines.models.pyfunc import PyfuncInputError, check_text, load_local_image
+from pipelines.models.records import prediction_to_record
+from pipelines.models.source import configure_tracking, is_model_uri, resolve_checkpoint
+
 
 def describe(record: dict[str, Any], *, text: str, image: str, width: int, height: int) -> str:
     """A human-readable report of one pyfunc-format record."""
-    from instalign.data.masks import rle_area
-
     area = rle_area(record["mask"]["counts"], height, width)
     lines = [
         f"expression : {text!r}",
@@ -42,7 +51,6 @@ def describe(record: dict[str, Any], *, text: str, image: str, width: int, heigh
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.core import flags
     flags.add_model(parser)
     parser.add_argument("--image", default=None, help="image file (JPEG, PNG, ...)")
     parser.add_argument("--text", default=None, help="the referring expression")
@@ -53,33 +61,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--top-words", type=int, default=3, help="words reported per instance")
     flags.add_tracking_uri(parser)
-    from pipelines.inference.batch import add_data_arguments
-
     add_data_arguments(parser)  # --data --split --num-workers --gpus-per-worker ... (batch inference on Ray Data)
 
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "data", None):
-        from pipelines.inference import batch
-        return batch.run(args)
-    from instalign.errors import USAGE, InstAlignError
+        from pipelines.inference import batch  # lazy: Ray and Ray Data only with --data (batch_flags says why)
 
+        return batch.run(args)
     if not args.image or args.text is None:
         raise InstAlignError("give --image and --text (one image), or --data and --out (a dataset or table)",
                              exit_code=USAGE)
-    from pipelines.models.records import prediction_to_record
-    from pipelines.models.pyfunc import PyfuncInputError, check_text, load_local_image
-    from pipelines.models.source import configure_tracking, is_model_uri, resolve_checkpoint
-
     if args.out:  # an image this project wrote, or a new file: never the input image nor a user's file
-        from pipelines.core.output_dirs import looks_like_image, replaceable_file
-
         replaceable_file(args.out, kind="an image", looks_ours=looks_like_image, inputs=[args.image])
     if is_model_uri(args.model):
         configure_tracking(args.tracking_uri)
     checkpoint = resolve_checkpoint(args.model)
-    from instalign.predictor import Predictor
-
     predictor = Predictor.from_checkpoint(checkpoint, device=args.device, top_words=args.top_words)
     image = load_local_image(args.image)
     try:
@@ -91,8 +88,6 @@ def run(args: argparse.Namespace) -> int:
     record = prediction_to_record(prediction)
     width, height = image.size
     if args.out:
-        from instalign.visualize import save_overlay
-
         out = save_overlay(image, prediction, text, args.out, top_words=args.top_words)
         record["overlay"] = str(Path(out).resolve())
     if args.json:

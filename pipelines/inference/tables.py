@@ -18,6 +18,15 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from instalign.data.masks import rle_decode_many, rle_encode
+from instalign.data.parquet import split_files
+from instalign.data.records import MANIFEST_NAME
 
 from instalign.errors import InstAlignError
 
@@ -86,11 +95,7 @@ ACTOR_SCHEMA = pa.schema(list(PREDICTION_SCHEMA) + [
 # --- reading DATA -----------------------------------------------------------------------------
 
 def is_prepared(data: str) -> bool:
-    from instalign.data.records import MANIFEST_NAME
-
     if "://" in data:
-        import pyarrow.fs as pafs
-
         fs, root = pafs.FileSystem.from_uri(data)
         return fs.get_file_info(f"{root.rstrip('/')}/{MANIFEST_NAME}").type == pafs.FileType.File
     return os.path.isfile(os.path.join(data, MANIFEST_NAME))
@@ -99,8 +104,6 @@ def is_prepared(data: str) -> bool:
 def _explode_prepared(batch: pa.Table) -> pa.Table:
     """Ray Data UDF: prepared image rows → one :data:`INPUT_SCHEMA` row per sentence, the
     target union (eq. 8's ground truth) encoded once per sentence at the stored size."""
-    from instalign.data.masks import rle_decode_many, rle_encode
-
     rows = []
     for image in batch.to_pylist():
         h, w = int(image["height"]), int(image["width"])
@@ -174,8 +177,6 @@ def _table_base(data: str) -> Path:
 def _read_csv(data: str) -> pa.Table:
     """A CSV table of pairs as :data:`INPUT_SCHEMA` rows, read on the driver (it holds paths,
     not pixels)."""
-    import pyarrow.csv as pacsv
-
     try:
         # Every column as text: an id like 007 or a path like 1e5.png must stay what it is.
         with open(data, newline="", encoding="utf-8") as f:
@@ -195,8 +196,6 @@ def plan_parquet(data: str, limit: int = 0) -> list[dict]:
     ``pyarrow.parquet.read_table`` reads them) to read, up to ``limit`` rows (0: all): one
     ``{"path", "row_group", "first", "rows"}`` per row group, ``first`` being the number of
     its first row in the whole table. Only the files' footers are read, never a row."""
-    import pyarrow.parquet as pq
-
     path = Path(data)
     pieces, first = [], 0
     try:
@@ -228,8 +227,6 @@ def plan_parquet(data: str, limit: int = 0) -> list[dict]:
 def read_piece(piece: dict, base: str) -> Iterator[pa.Table]:
     """One planned row group (:func:`plan_parquet`) as :data:`INPUT_SCHEMA` tables of at most
     :data:`READ_ROWS` rows each, reading only :data:`TABLE_COLUMNS`."""
-    import pyarrow.parquet as pq
-
     first, end = piece["first"], piece["first"] + piece["rows"]
     with pq.ParquetFile(piece["path"]) as f:
         columns = [c for c in TABLE_COLUMNS if c in f.schema_arrow.names]
@@ -255,8 +252,6 @@ def _read_table(data: str, limit: int = 0):
     (:func:`read_piece`), on the driver's node — where the file is — so memory stays bounded
     by a row group, whatever the table's size. Row numbers are the table's, as planned.
     """
-    import ray
-
     suffix = Path(data).suffix.lower()
     if suffix == ".csv":
         return ray.data.from_arrow(_read_csv(data))
@@ -273,11 +268,7 @@ def _read_table(data: str, limit: int = 0):
 
 def read_pairs(data: str, *, split: str = "val", limit: int = 0):
     """``data`` (split ``split`` of a prepared dataset, or a table; the first ``limit`` rows if set) as a ``ray.data.Dataset`` of :data:`INPUT_SCHEMA` rows; also says which kind it was."""
-    import ray
-
     if is_prepared(data):
-        from instalign.data.parquet import split_files
-
         fs, paths = split_files(data, split)
         if not paths:
             raise BatchPredictError(f"{data}: split {split!r} has no Parquet file")
