@@ -25,18 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-import mlflow
 import yaml
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from instalign.cache import cache_root
-from instalign.checkpoint import REQUIRED_FILES, SEAL_KIND
 
 from instalign.errors import InstAlignError
 from instalign.integrity import IntegrityError, build_once
 from pipelines.core.tracking import resolve_tracking_uri
+
+# MLflow and instalign.checkpoint (torch) are imported by the functions that use the registry:
+# Ray workers import this module (evaluate's actors call ``materialise``), and those two
+# imports cost 2.5 CPU-s per worker (measured), for nothing there.
 
 #: Artifact key of the checkpoint directory inside the pyfunc model (see ``pipelines.models.pyfunc``).
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -56,6 +55,8 @@ def is_model_uri(source: str | os.PathLike) -> bool:
 def configure_tracking(tracking_uri: str | None) -> str:
     """Point MLflow at ``tracking_uri`` (else ``$MLFLOW_TRACKING_URI``, else MLflow's default
     ``sqlite:///<cwd>/mlflow.db``) and return the URI in use."""
+    import mlflow
+
     uri = resolve_tracking_uri(tracking_uri)  # the cwd default made absolute: same store in every process
     mlflow.set_tracking_uri(uri)
     return uri
@@ -77,6 +78,12 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint {str(source)!r}: not a directory (nor a models:/ URI)")
         return path
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    from instalign.checkpoint import REQUIRED_FILES, SEAL_KIND
 
     uri = str(source).rstrip("/")
     client = mlflow.MlflowClient()
@@ -131,6 +138,10 @@ class ModelRef:
 def model_ref(uri: str) -> ModelRef:
     """Resolve ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/m-<id>`` to the
     version and logged model it means now (an alias is read once, here)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
     client = MlflowClient()
     uri = str(uri).rstrip("/")
     try:
