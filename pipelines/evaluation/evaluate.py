@@ -50,9 +50,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import ray
+import torch
 
+from instalign.checkpoint import CONFIG_FILE, TEXT_ENCODER_DIR, checkpoint_files, load_model
+from instalign.config import load_config
+from instalign.data.parquet import read_manifest
+from instalign.engine import evaluate, resolve_precision
+from instalign.errors import InstAlignError
 from instalign.metrics import GRESMetrics, NoTargetScores, RefZOMMetrics
-from pipelines.models.source import checkpoint_payload, materialise
+from pipelines.core import flags
+from pipelines.core.ray_cluster import init_ray
+from pipelines.core.redaction import redact, write_json
+from pipelines.core.resources import check_leaves_room_for_data, default_cpus_per_worker
+from pipelines.core.tracking import MANIFEST_HASH_TAG, ensure_experiment, metric_key, redact_data, run_context_tags
+from pipelines.data.loader import load_samples, rows_to_batch
+from pipelines.models.source import (RegistryError, checkpoint_payload, configure_tracking, is_model_uri, materialise,
+                                     model_ref, resolve_checkpoint)
+from pipelines.training.run_inputs import log_dataset_input, manifest_digest
+
+# MLflow (1.4 CPU-s) is imported where an evaluation is recorded: Ray workers import this
+# module to build BatchEvaluator actors, which record nothing.
 
 METRICS = {"gres": GRESMetrics, "refzom": RefZOMMetrics}
 #: Which metrics a dataset is reported with by default (the manifest names the dataset).
@@ -71,14 +89,7 @@ class BatchEvaluator:
     """
 
     def __init__(self, *, checkpoint: Any, metrics: str, device: str, precision: str = "auto") -> None:
-        import torch
-
-        from instalign.checkpoint import load_model
-        from instalign.engine import resolve_precision
-
         if isinstance(checkpoint, list):
-            import ray
-
             self._local = materialise(ray.get(checkpoint[0]))
             directory = Path(self._local.name)
         else:
@@ -90,9 +101,6 @@ class BatchEvaluator:
         self.worker = uuid.uuid4().hex[:8]  # which replica summed a row: shows the work was spread
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from instalign.engine import evaluate
-        from pipelines.data.loader import rows_to_batch
-
         batch = rows_to_batch(rows, device=self.device)
         scores = NoTargetScores()
         acc = evaluate(self.model, [batch], device=self.device, precision=self.precision, metrics=self.metrics_cls(),
@@ -106,9 +114,6 @@ class BatchEvaluator:
 def checkpoint_config(checkpoint_dir: Path):
     """The checkpoint's config, its text encoder pointed at the tokenizer saved inside it
     (also what ``pipelines.evaluation.promote`` measures the trivial baselines with)."""
-    from instalign.checkpoint import CONFIG_FILE, TEXT_ENCODER_DIR, checkpoint_files
-    from instalign.config import load_config
-
     checkpoint_files(checkpoint_dir)  # a clear error naming what is missing
     cfg = load_config(checkpoint_dir / CONFIG_FILE)
     text = dataclasses.replace(cfg.model.text_encoder, name=str((checkpoint_dir / TEXT_ENCODER_DIR).resolve()),
@@ -141,14 +146,6 @@ def evaluate_dataset(checkpoint: str, data_dir: str, *, split: str = "val", metr
         AUROC) plus ``samples``, ``batches``, ``workers_used`` (replicas that summed at
         least one batch) and ``seconds``.
     """
-    import ray
-
-    from instalign.data.parquet import read_manifest
-    from pipelines.data.loader import load_samples
-    from pipelines.core.ray_cluster import init_ray
-    from pipelines.core.resources import check_leaves_room_for_data, default_cpus_per_worker
-    from pipelines.models.source import resolve_checkpoint
-
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if batch_size < 1:
@@ -213,10 +210,6 @@ def _scores_on(ckpt_dir: Path, data_dir: str, split: str, *, cfg: Any, text_cfg:
                num_workers: int, gpus_per_worker: float, cpus_per_worker: float, batch_size: int, max_samples: int,
                precision: str) -> NoTargetScores:
     """The p̂_nt histograms of ``split`` (to choose a threshold on), with the same actors' code."""
-    import ray
-
-    from pipelines.data.loader import load_samples
-
     ds = load_samples(str(data_dir), split, text_cfg=text_cfg, image_size=cfg.model.image_size,
                       max_tokens=cfg.model.text_encoder.max_tokens, shuffle=False, limit=max_samples)
     rows = ds.repartition(target_num_rows_per_block=batch_size).map_batches(
@@ -260,14 +253,8 @@ def log_evaluation(result: Mapping[str, float], *, model: str, data_dir: str, sp
         params: the evaluation's settings, logged as params (redacted).
         started: ``time.time()`` when the evaluation began (the run's start time).
     """
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # lazy: see the imports
     from mlflow.entities import LoggedModelInput, Metric, Param
-
-    from instalign.data.parquet import read_manifest
-    from pipelines.core.redaction import redact
-    from pipelines.models.source import is_model_uri, model_ref
-    from pipelines.training.run_inputs import log_dataset_input, manifest_digest
-    from pipelines.core.tracking import MANIFEST_HASH_TAG, ensure_experiment, metric_key, redact_data, run_context_tags
 
     client = MlflowClient(tracking_uri=tracking_uri)
     manifest = read_manifest(str(data_dir))
@@ -315,7 +302,6 @@ def log_evaluation(result: Mapping[str, float], *, model: str, data_dir: str, sp
 # --- CLI -------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.core import flags
     flags.add_model(parser)  # --model (alias --checkpoint)
     parser.add_argument("--data", required=True, metavar="PARQUET_DIR", help="a dataset written by `instalign prepare`")
     parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
@@ -340,10 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlflow.exceptions import MlflowException
-
-    from instalign.errors import InstAlignError
-    from pipelines.models.source import RegistryError, configure_tracking, is_model_uri
+    from mlflow.exceptions import MlflowException  # lazy: see the imports
 
     tracking_uri = configure_tracking(args.tracking_uri) if is_model_uri(args.model) or not args.no_track else None
     started = time.time()
@@ -359,8 +342,6 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(tuned, title=f"NOT the paper's rule: no-target threshold chosen on {args.threshold_from}"))
         result.update(tuned)
     if args.json:
-        from pipelines.core.redaction import write_json
-
         write_json(args.json, result)
     if args.no_track:
         return 0
@@ -372,7 +353,5 @@ def run(args: argparse.Namespace) -> int:
                                 params={**settings, "data": args.data, "model": args.model}, started=started)
     except (RegistryError, MlflowException) as e:
         raise InstAlignError(f"the metrics above were not recorded in MLflow ({tracking_uri}): {e}") from e
-    from pipelines.core.redaction import redact
-
     print(f"\nrecorded as MLflow run {run_id} in experiment {args.experiment!r} ({redact(tracking_uri)})")
     return 0

@@ -35,13 +35,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import math
+import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
-from instalign.metrics import SLICES
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from torch.utils.data import DataLoader
+
+from instalign.cache import cache_root
+from instalign.data.parquet import ParquetGRES
+from instalign.data.transforms import GRESTransform
+from instalign.errors import InstAlignError
+from instalign.integrity import exclusive
+from instalign.metrics import SLICES, GRESMetrics
+from instalign.modeling.text_encoder import load_tokenizer
+from pipelines.core import flags
+from pipelines.evaluation.evaluate import checkpoint_config, evaluate_dataset, log_evaluation
+from pipelines.models.registry import annotate_version, set_alias
+from pipelines.models.source import RegistryError, configure_tracking, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -165,14 +185,6 @@ def baselines(data_dir: str, split: str, *, image_size: int, text_cfg: Any) -> d
     Slices included (each sample's target count, as ``engine.evaluate`` passes it). One plain
     process, no Ray: a loop over the split's samples, no model.
     """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from instalign.data.parquet import ParquetGRES
-    from instalign.data.transforms import GRESTransform
-    from instalign.metrics import GRESMetrics
-    from instalign.modeling.text_encoder import load_tokenizer
-
     transform = GRESTransform(image_size=image_size, max_tokens=text_cfg.max_tokens, tokenizer=load_tokenizer(text_cfg))
     ds = ParquetGRES(data_dir, split, transform)
     empty, no_target = GRESMetrics(), GRESMetrics()
@@ -199,11 +211,6 @@ class Move:
 
 def aliases(name: str) -> dict[str, str]:
     """``{alias: version}`` of registered model ``name`` (``RegistryError`` if it does not exist)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.models.source import RegistryError
-
     try:
         return {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
     except MlflowException as e:
@@ -218,14 +225,6 @@ def _model_lock(name: str) -> Iterator[None]:
     Where no lock file can be made (a read-only cache) it goes on without one: the re-read
     under the lock and the read-back still refuse a stale or lost move.
     """
-    import hashlib
-    from urllib.parse import quote
-
-    from mlflow import MlflowClient
-
-    from instalign.cache import cache_root
-    from instalign.integrity import exclusive
-
     store = hashlib.sha256(MlflowClient().tracking_uri.encode()).hexdigest()[:12]
     path = cache_root() / "locks" / "registry" / store / f"{quote(name, safe='')}.lock"
     with contextlib.ExitStack() as stack:
@@ -244,8 +243,6 @@ def move_champion(name: str, version: str | int, *, expected: str | None) -> Mov
     — the comparison no longer holds. Reports a loss when, read back after moving,
     ``@champion`` is not ``version`` (another machine moved it in the same instant).
     """
-    from pipelines.models.registry import set_alias
-
     version = str(version)
     with _model_lock(name):
         now = aliases(name)
@@ -296,14 +293,6 @@ def promote(name: str, version: str | int, data_dir: str, *, split: str = "val",
         experiment: where each evaluation made here is recorded as a run (as ``instalign
             evaluate`` records one; the version's tag ``instalign.eval.<split>.run_id`` names it).
     """
-    import time
-
-    import mlflow
-
-    from pipelines.evaluation.evaluate import checkpoint_config, evaluate_dataset, log_evaluation
-    from pipelines.models.registry import annotate_version
-    from pipelines.models.source import resolve_checkpoint
-
     version = str(version)
     _setting("margin", margin), _setting("slice tolerance", slice_tolerance)  # before minutes of evaluation
     champion_version = aliases(name).get(CHAMPION)
@@ -367,7 +356,6 @@ def comparison_table(columns: Mapping[str, Metrics]) -> str:
 # --- CLI -------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.core import flags
     parser.add_argument("--name", required=True, help="registered model name")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--version", help="the candidate version")
@@ -387,11 +375,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _candidate_version(name: str, version: str | None, alias: str | None) -> str:
     if version is not None:
         return str(version)
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.models.source import RegistryError
-
     try:
         return str(MlflowClient().get_model_version_by_alias(name, alias).version)
     except MlflowException as e:
@@ -399,10 +382,6 @@ def _candidate_version(name: str, version: str | None, alias: str | None) -> str
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from pipelines.models.source import configure_tracking
-
     # A per-file progress bar for each of the two models' downloads would bury the decision.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -420,8 +399,6 @@ def run(args: argparse.Namespace) -> int:
     print(comparison_table({**columns, **out.baselines}))
     print(out.text)
     if not out.promoted:
-        from instalign.errors import InstAlignError
-
         raise InstAlignError(f"models:/{out.name}/{out.version} not promoted: {out.reason}")
     print(f"models:/{out.name}@champion -> version {out.version}"
           + (f" (@previous -> version {out.champion_version})" if out.champion_version else ""))

@@ -197,18 +197,18 @@ def test_a_stale_comparison_is_refused_and_changes_nothing(registry):
 
 def test_a_crash_between_the_two_moves_leaves_champion_where_it_was(registry, monkeypatch):
     """@previous is moved first: if the process dies before @champion moves, what serves is unchanged."""
-    import pipelines.models.registry
+    from pipelines.evaluation import promote
     from pipelines.evaluation.promote import aliases, move_champion
 
     name = registry("crash", versions=2, champion="1")
-    real = pipelines.models.registry.set_alias
+    real = promote.set_alias
 
     def dies_before_champion(model, version, alias):
         if alias == "champion":
             raise KeyboardInterrupt("killed between the two alias moves")
         return real(model, version, alias)
 
-    monkeypatch.setattr(pipelines.models.registry, "set_alias", dies_before_champion)
+    monkeypatch.setattr(promote, "set_alias", dies_before_champion)
     with pytest.raises(KeyboardInterrupt):
         move_champion(name, "2", expected="1")
     assert aliases(name)["champion"] == "1"
