@@ -231,7 +231,7 @@ def test_bad_batch_arguments(setup, tmp_path):
 
 # ------------------------------------------------------------- the batched device path
 def _per_sample_reference(predictor: Predictor, pictures, texts) -> list[Prediction]:
-    """The predictor as it was before the batched device path (commit 0be1696's ``_run``): fp32
+    """The predictor as it was before the batched device path (``_run`` at commit 38621e0): fp32
     normalisation on the host per image, ``postprocess`` per sample, one instance map at a time.
     The oracle the new path must reproduce."""
     from instalign.engine import postprocess
@@ -353,7 +353,7 @@ def test_large_images_are_upsampled_in_chunks_with_the_same_answer():
 #: tests/support/host_sync_counter.py): transformers' RoBERTa padding check in the forward, the
 #: one copy of decisions, merged masks and word weights, and the one copy of the kept
 #: instances' masks (none when no instance is kept: 2). Before the batched path (commit
-#: 0be1696), 3 + 7 per pair + 2 per kept instance + 1 per pair keeping any: 10 for one pair
+#: 38621e0), 3 + 7 per pair + 2 per kept instance + 1 per pair keeping any: 10 for one pair
 #: keeping none, 38 for five, 123 for five keeping 8 each.
 PREDICT_BATCH_SYNCS = 3
 
@@ -375,3 +375,17 @@ def test_host_syncs_per_batch_not_per_sample(setup, some_kept):
     assert [k for k, _, _ in five.events if k in ("h2d_blocking", "implicit_h2d", "data_dependent")] == [], where
     sites = [site.split(":")[0] for kind, _, site in five.events if kind == "d2h"]
     assert sites.count("instalign/predictor.py") == 2, where
+
+
+def test_bf16_autocast_outputs_come_back_as_fp32_and_bool(setup, some_kept):
+    """precision='bf16' (autocast; the weights stay fp32): the model's bf16 outputs go through the
+    same post-processing and the one copy (which knows fp32 and bool, not bf16)."""
+    cfg, model, tokenizer, _ = setup
+    predictor = Predictor(model, cfg, tokenizer, "cpu", precision="bf16", mask_prob=True)
+    assert predictor.precision == "bf16" and next(model.parameters()).dtype == torch.float32
+    batched = predictor.predict_batch([p for p, _ in MIXED], [t for _, t in MIXED], batch_size=len(MIXED))
+    for (picture, _), pred in zip(MIXED, batched):
+        assert pred.mask.shape == pred.mask_prob.shape == (picture.height, picture.width)
+        assert pred.mask.dtype == bool and pred.mask_prob.dtype == np.float32 and 0 <= pred.no_target_prob <= 1
+        assert all(i.mask.dtype == bool and i.mask.shape == pred.mask.shape for i in pred.instances)
+    assert any(pred.instances for pred in batched)
