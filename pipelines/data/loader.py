@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -40,8 +41,11 @@ import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import FileShuffleConfig
 
+from instalign.config import TextEncoderConfig
 from instalign.data.batch import Batch
 from instalign.data.parquet import columns_to_batch, row_to_samples, samples_to_columns, split_files
+from instalign.data.transforms import GRESTransform
+from instalign.modeling.text_encoder import load_tokenizer
 
 __all__ = ["load_samples", "rows_to_batch", "RowsToBatch", "transform_from_text_cfg"]
 
@@ -56,12 +60,6 @@ _COLUMNS = ["image_id", "dataset", "split", "width", "height", "image", "instanc
 @functools.lru_cache(maxsize=4)
 def transform_from_text_cfg(text_cfg_json: str, image_size: int, max_tokens: int) -> Any:
     """A ``GRESTransform`` with the text encoder's tokenizer, built once per process."""
-    import json
-
-    from instalign.config import TextEncoderConfig
-    from instalign.data.transforms import GRESTransform
-    from instalign.modeling.text_encoder import load_tokenizer
-
     text_cfg = TextEncoderConfig(**json.loads(text_cfg_json))
     return GRESTransform(image_size=image_size, max_tokens=max_tokens, tokenizer=load_tokenizer(text_cfg))
 
@@ -150,8 +148,6 @@ def load_samples(
 
 
 def _to_json(text_cfg: Any) -> str:
-    import json
-
     data = dataclasses.asdict(text_cfg) if dataclasses.is_dataclass(text_cfg) else dict(text_cfg)
     return json.dumps(data, sort_keys=True)  # hashable: the per-worker cache key
 

@@ -16,7 +16,10 @@ import json
 import math
 from typing import Any
 
+import pandas as pd
+
 from instalign.errors import InstAlignError
+from pipelines.serving.bounded_json import LimitExceeded, loads
 
 
 class RequestError(InstAlignError):
@@ -41,8 +44,6 @@ def read_json(body: bytes, *, max_rows: int):
     as soon as its rows (:data:`ROWS_AT`) pass ``max_rows`` or it holds more than 64 values per
     row allowed (a guard on what lies outside the rows), 400 past 32 levels of nesting or when
     it is not JSON — nothing over a bound is built first."""
-    from pipelines.serving.bounded_json import LimitExceeded, loads
-
     try:
         return loads(body.decode(json.detect_encoding(body), "surrogatepass"), rows_at=ROWS_AT, max_rows=max_rows,
                      max_values=64 * (max_rows + 1))
@@ -62,8 +63,6 @@ def parse_invocation(body: bytes, *, max_rows: int = 16):
     Accepts MLflow's ``dataframe_records`` and ``dataframe_split`` (``columns`` + ``data``),
     with at most ``max_rows`` rows, counted while the body is read (:func:`read_json`).
     """
-    import pandas as pd
-
     payload = read_json(body, max_rows=max_rows)
     if not isinstance(payload, dict):
         raise RequestError(400, "the body must be a JSON object with 'dataframe_records' or 'dataframe_split'")
