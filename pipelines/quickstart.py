@@ -33,10 +33,30 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import mlflow
+import pandas as pd
+import pyarrow.parquet as pq
+import ray
+
+from instalign.config import load_config
+from instalign.data.parquet import split_files
+from instalign.data.synthetic import generate_grefcoco
+from instalign.visualize import save_overlay
+from pipelines.core import flags
+from pipelines.core.ray_cluster import init_ray
+from pipelines.data.prepare import prepare_dataset
+from pipelines.evaluation.evaluate import evaluate_dataset, log_evaluation
+from pipelines.evaluation.promote import baselines, promote
+from pipelines.models.records import record_to_prediction
+from pipelines.models.source import configure_tracking
+from pipelines.training.job import resolve_data_options
+from pipelines.training.train import train
 
 DEFAULT_WORKDIR = "instalign-quickstart"
 MODEL_NAME = "instalign-quickstart"
@@ -63,9 +83,6 @@ def stage(number: int, total: int, title: str) -> Iterator[None]:
 
 def pick_val_sample(data_dir: str, split: str) -> dict[str, Any]:
     """A val sample worth showing: the first with several targets (else any with one)."""
-    from instalign.data.parquet import split_files
-    import pyarrow.parquet as pq
-
     fs, paths = split_files(data_dir, split)
     fallback = None
     for path in paths:
@@ -103,18 +120,6 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
     The summary is also written to ``<workdir>/summary.json``. ``promoted`` says whether the
     model cleared the baselines and became ``@champion``.
     """
-    import ray
-
-    from instalign.config import load_config
-    from instalign.data.synthetic import generate_grefcoco
-    from pipelines.evaluation.evaluate import evaluate_dataset, log_evaluation
-    from pipelines.training.job import resolve_data_options
-    from pipelines.data.prepare import prepare_dataset
-    from pipelines.evaluation.promote import baselines, promote
-    from pipelines.core.ray_cluster import init_ray
-    from pipelines.models.source import configure_tracking
-    from pipelines.training.train import train
-
     t_start = time.perf_counter()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -214,12 +219,6 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
 
 def serve_one(model_uri: str, sample: dict[str, Any], out: Path) -> Path:
     """Load ``model_uri`` with plain ``mlflow.pyfunc``, segment ``sample``, draw the served answer."""
-    import mlflow
-    import pandas as pd
-
-    from instalign.visualize import save_overlay
-    from pipelines.models.records import record_to_prediction
-
     model = mlflow.pyfunc.load_model(model_uri)
     record = model.predict(pd.DataFrame({"image": [sample["image"]], "text": [sample["text"]]})).iloc[0].to_dict()
     prediction = record_to_prediction(record)
@@ -263,7 +262,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (CPU)")
     parser.add_argument("--seed", type=int, default=0, help="data and training seed")
-    from pipelines.core import flags
     flags.add_address(parser)
     flags.add_data_order(parser)
     parser.set_defaults(data_order="ordered")
@@ -271,8 +269,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     # A per-file progress bar for every registry download would bury the stage output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     summary = quickstart(args.workdir, num_images=args.num_images, epochs=args.epochs, workers=args.workers,
