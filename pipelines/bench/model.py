@@ -40,10 +40,16 @@ import time
 from typing import Any
 
 import torch
+from transformers import RobertaConfig
 
 from instalign.config import TextEncoderConfig, load_config
 from instalign.data.batch import Batch
+from instalign.engine import autocast, resolve_precision
+from instalign.losses import build_criterion
+from instalign.modeling import TextEncoderLoadError, build_model, ms_deform_attn_memory
+from instalign.optim import build_optimizer
 from pipelines.core import flags
+from pipelines.core.output_dirs import check_report_path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     flags.add_config(parser, default="paper")
     flags.add_overrides(parser)
@@ -85,8 +91,6 @@ def synthetic_batch(*, batch_size: int, image_size: int, max_tokens: int, vocab_
 
 
 def _build(model_cfg) -> tuple[Any, str]:
-    from instalign.modeling import TextEncoderLoadError, build_model
-
     # random weights: speed does not depend on them, and no download is needed
     model_cfg = dataclasses.replace(
         model_cfg,
@@ -98,8 +102,6 @@ def _build(model_cfg) -> tuple[Any, str]:
     except TextEncoderLoadError:
         if model_cfg.text_encoder.name != "roberta-base":
             raise
-    from transformers import RobertaConfig
-
     local = tempfile.mkdtemp(prefix="bench-roberta-base-")
     RobertaConfig().save_pretrained(local)  # the defaults are roberta-base's architecture
     text = TextEncoderConfig(name=local, pretrained=False, config_overrides=model_cfg.text_encoder.config_overrides,
@@ -121,10 +123,6 @@ def _peak_bytes(device: torch.device) -> int:
 
 
 def measure(args: argparse.Namespace, cfg, mode: str) -> dict[str, Any]:
-    from instalign.engine import autocast, resolve_precision
-    from instalign.losses import build_criterion
-    from instalign.optim import build_optimizer
-
     device = torch.device(args.device)
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(args.seed)
@@ -204,8 +202,6 @@ def deform_memory(args: argparse.Namespace) -> int:
     Saved bytes do not depend on the device, so they are counted on CPU with saved-tensor
     hooks (``instalign.modeling.ms_deform_attn_memory``); the figures go to docs/performance.md.
     """
-    from instalign.modeling import ms_deform_attn_memory
-
     if args.deform_memory < 1:
         raise SystemExit("bench model: --deform-memory BATCH must be >= 1")
     cfg = load_config(args.config, args.overrides)
@@ -223,8 +219,6 @@ def deform_memory(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.core.output_dirs import check_report_path
-
     check_report_path(args.json)  # before minutes of measuring: never a file this project did not write
     if args.deform_memory is not None:
         return deform_memory(args)

@@ -31,7 +31,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoConfig, RobertaConfig
+
+from instalign.config import load_config
+from instalign.modeling.builders import build_model
+from instalign.modeling.text_encoder import load_tokenizer, resolve_source
+from instalign.modeling.tiny_text import ensure_tiny_roberta
+from instalign.predictor import Predictor
 from pipelines.core import flags
+from pipelines.core.output_dirs import check_report_path
 #: roberta-base's config.json (the paper's text encoder), for an offline stand-in of the same shape.
 ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
@@ -44,11 +55,6 @@ def _offline_text_encoder(cfg: Any, workdir: Path) -> str | None:
 
     Returns a note for the report, or ``None`` when the configured encoder loads as is.
     """
-    from transformers import AutoConfig, RobertaConfig
-
-    from instalign.modeling.text_encoder import resolve_source
-    from instalign.modeling.tiny_text import ensure_tiny_roberta
-
     try:
         AutoConfig.from_pretrained(resolve_source(cfg.model.text_encoder.name))
         return None
@@ -70,13 +76,6 @@ def _offline_text_encoder(cfg: Any, workdir: Path) -> str | None:
 
 def build_predictor(*, config: str, overrides: list[str], checkpoint: str | None, device: str, workdir: Path):
     """(predictor, notes): from a checkpoint, or a random-init model of ``config``."""
-    import torch
-
-    from instalign.config import load_config
-    from instalign.modeling.builders import build_model
-    from instalign.modeling.text_encoder import load_tokenizer
-    from instalign.predictor import Predictor
-
     if checkpoint:
         return Predictor.from_checkpoint(checkpoint, device=device), [f"checkpoint {checkpoint}"]
     cfg = copy.deepcopy(load_config(config, overrides))
@@ -93,9 +92,6 @@ def build_predictor(*, config: str, overrides: list[str], checkpoint: str | None
 
 def request_image(width: int, height: int) -> bytes:
     """A JPEG with some structure (noise + shapes), as a client would send it."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8))
     draw = ImageDraw.Draw(img)
@@ -132,8 +128,6 @@ def bench(predictor: Any, *, image: bytes, batch_sizes: list[int], iters: int, w
 
 
 def _peak_memory(device: Any) -> str:
-    import torch
-
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU (peak allocated)"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB host RSS (process peak)"
@@ -153,10 +147,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from pipelines.core.output_dirs import check_report_path
-
     check_report_path(args.json)  # before the measurement: never a file this project did not write
 
     if args.threads:
