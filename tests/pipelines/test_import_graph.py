@@ -109,6 +109,14 @@ def test_the_rule_read_from_the_docstrings_is_the_designed_one():
     }
 
 
+def test_only_cli_and_quickstart_sit_above_the_stages():
+    # A new folder is a new stage (its __init__ says what it may import, and STAGES places it);
+    # a new module at the top would be a third entry point.
+    top = {p.stem for p in PIPELINES.glob("*.py") if p.name != "__init__.py"}
+    folders = {p.name for p in PIPELINES.iterdir() if (p / "__init__.py").is_file()}
+    assert (top, folders) == (set(TOP), set(STAGES))
+
+
 def test_no_stage_may_import_bench_or_the_top():
     assert not any("bench" in allowed or set(TOP) & allowed for allowed in ALLOWED.values())
 
