@@ -64,10 +64,10 @@ from pipelines.core.ray_cluster import init_ray
 from pipelines.core.redaction import redact, write_json
 from pipelines.core.resources import check_leaves_room_for_data, default_cpus_per_worker
 from pipelines.core.tracking import MANIFEST_HASH_TAG, ensure_experiment, metric_key, redact_data, run_context_tags
+from pipelines.data.lineage import log_dataset_input, manifest_digest
 from pipelines.data.loader import load_samples, rows_to_batch
 from pipelines.models.source import (RegistryError, checkpoint_payload, configure_tracking, is_model_uri, materialise,
                                      model_ref, resolve_checkpoint)
-from pipelines.training.run_inputs import log_dataset_input, manifest_digest
 
 # MLflow (1.4 CPU-s) is imported where an evaluation is recorded: Ray workers import this
 # module to build BatchEvaluator actors, which record nothing.

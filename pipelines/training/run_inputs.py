@@ -4,34 +4,24 @@
 commit and the dataset manifest's hash as tags, the config YAML, the manifest and the
 driver's system info as artifacts — and the prepared dataset as the run's *input*
 (``run.inputs.dataset_inputs``: name, a digest of its manifest, the source URI and the
-manifest's counts as the profile, :func:`dataset_entity`), so MLflow's lineage links run,
-data and registered model. ``instalign evaluate`` logs its split the same way
-(:func:`log_dataset_input`, context ``evaluation``).
+manifest's counts as the profile), so MLflow's lineage links run, data and registered
+model (``pipelines.data.lineage``, which ``instalign evaluate`` uses for its split too,
+context ``evaluation``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-from pipelines.core.redaction import redact
-from pipelines.core.tracking import GIT_COMMIT_TAG, MANIFEST_HASH_TAG, MlflowTracker, redact_data
-
-# MLflow (~2 s to import) is imported in the functions that log: a verb's module stays cheap to import.
-
-#: MLflow's input tag naming what a dataset was used for (``train``, ``evaluation``).
-DATASET_CONTEXT_TAG = "mlflow.data.context"
-#: Tries to log a dataset input (a concurrent run may insert the same dataset row first).
-_DATASET_ATTEMPTS = 4
+from pipelines.core.tracking import GIT_COMMIT_TAG, MANIFEST_HASH_TAG, MlflowTracker
+from pipelines.data.lineage import log_dataset_input, manifest_digest
 
 
 def git_commit(path: Union[str, Path, None] = None) -> Optional[str]:
@@ -67,72 +57,10 @@ def system_info() -> dict[str, Any]:
     return info
 
 
-def manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """SHA-256 of the manifest's canonical JSON (sorted keys): it names the dataset's content
-    (the manifest lists every shard with its size, and the source's checksums) and provenance,
-    independently of where the dataset is stored."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-
-
-#: MLflow stores a dataset digest in at most 36 characters; 32 hex digits of the manifest's
-#: SHA-256 (the full one is the run tag ``instalign.dataset_manifest_sha256``).
-_DATASET_DIGEST_CHARS = 32
-
-
-def dataset_entity(manifest: Mapping[str, Any], data_dir: str):
-    """The prepared dataset as an ``mlflow.entities.Dataset``: a run input (lineage).
-
-    Name: the dataset named in the manifest; digest: the manifest's (:func:`manifest_digest`);
-    source: the redacted location (``{"uri": ...}``, type ``local`` or the URI's scheme);
-    profile: the manifest's per-split counts, quarantine, format and creation time.
-    """
-    from mlflow.entities import Dataset
-
-    uri = redact(str(data_dir))
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else "local"
-    profile = {key: manifest.get(key) for key in ("counts", "quarantined", "quarantined_samples_dropped", "format",
-                                                  "schema_version", "created", "instalign_version")
-               if key in manifest}
-    return Dataset(name=str(manifest.get("dataset") or "instalign-dataset"),
-                   digest=manifest_digest(manifest)[:_DATASET_DIGEST_CHARS],
-                   source_type=scheme if scheme != "file" else "local",
-                   source=json.dumps({"uri": uri}),
-                   profile=json.dumps(redact_data(profile), sort_keys=True))
-
-
-def log_dataset_input(tracking_uri: str, run_id: str, manifest: Mapping[str, Any], data_dir: str, *,
-                      context: str = "train", split: Optional[str] = None):
-    """Log the prepared dataset as an input of run ``run_id`` (``context``: what it was used
-    for; ``split``: which split, as the input tag ``instalign.split``). Logging the same
-    dataset into the same run again (a resumed run) adds nothing. Returns the entity."""
-    from mlflow import MlflowClient
-    from mlflow.entities import DatasetInput, InputTag
-
-    from mlflow.exceptions import MlflowException
-
-    dataset = dataset_entity(manifest, data_dir)
-    tags = [InputTag(DATASET_CONTEXT_TAG, context)] + ([InputTag("instalign.split", split)] if split else [])
-    client = MlflowClient(tracking_uri=tracking_uri)
-    for attempt in range(_DATASET_ATTEMPTS):
-        try:
-            client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
-            return dataset
-        except MlflowException as e:
-            # An experiment holds one row per (name, digest); the store looks it up, then inserts.
-            # Concurrent runs of one experiment (Tune trials) logging the same dataset race
-            # between the two: the loser's insert breaks the unique constraint. On retry the
-            # lookup finds the winner's row and only the run's link is written.
-            if "UNIQUE constraint" not in str(e) and "Duplicate entry" not in str(e) \
-                    or attempt == _DATASET_ATTEMPTS - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    return dataset
-
-
 def log_run_inputs(tracker: MlflowTracker, cfg: Any, manifest: Mapping[str, Any], data_dir: str,
                    run_params: Mapping[str, Any]) -> None:
     """What a training run starts from: every resolved config field and run setting as a
-    param, the prepared dataset as the run's input (:func:`dataset_entity`), git commit and
+    param, the prepared dataset as the run's input (``pipelines.data.lineage``), git commit and
     dataset manifest hash as tags, the config YAML, the manifest and the driver's system info
     as artifacts.
     """

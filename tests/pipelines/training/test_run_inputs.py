@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from pipelines.core.tracking import MlflowTracker, start_or_resume_run
-from pipelines.training.run_inputs import git_commit, manifest_digest, system_info
+from pipelines.data.lineage import manifest_digest
+from pipelines.training.run_inputs import git_commit, system_info
 
 #: A storage URI with credentials in it (redacted in what the run records).
 S3_WITH_KEYS = "s3://AKIAKEY123:SeCrEt456@bucket/x"
@@ -46,7 +47,8 @@ def test_the_prepared_dataset_is_the_runs_input(store, tiny_cfg):
 
     from mlflow import MlflowClient
 
-    from pipelines.training.run_inputs import DATASET_CONTEXT_TAG, log_run_inputs
+    from pipelines.data.lineage import DATASET_CONTEXT_TAG
+    from pipelines.training.run_inputs import log_run_inputs
     from pipelines.core.tracking import MANIFEST_HASH_TAG
 
     manifest = {"format": "instalign-gres-parquet", "dataset": "grefcoco", "schema_version": 1,
@@ -76,7 +78,7 @@ def test_concurrent_runs_of_one_experiment_log_the_same_dataset(store):
 
     from mlflow import MlflowClient
 
-    from pipelines.training.run_inputs import log_dataset_input
+    from pipelines.data.lineage import log_dataset_input
 
     manifest = {"dataset": "grefcoco", "counts": {"train": {"samples": 12}}, "created": "2026-11-30"}
     for round_ in range(3):  # fresh dataset rows each round: a new digest
