@@ -36,7 +36,7 @@ from PIL import Image
 
 from instalign.data.masks import counts_to_runs, rle_decode, rle_encode
 
-__all__ = ["generate_grefcoco", "COLOURS", "SHAPES", "SPLITS", "Release"]
+__all__ = ["generate_grefcoco", "COLOURS", "SHAPES", "SPLITS", "Release", "SceneObject", "visible_parts", "MIN_VISIBLE"]
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 75, 215), "yellow": (230, 195, 35)}
 SHAPES = ("circle", "square", "triangle")
@@ -44,11 +44,11 @@ SIZES = {"small": (0.08, 0.12), "big": (0.17, 0.23)}  # half-extent as a fractio
 SPLITS = ("train", "val", "testA", "testB")
 _SPLIT_CYCLE = ("train", "val", "train", "testA", "train", "testB", "train", "train", "train", "train")
 _IMAGE_ID0 = 100_000
-_MIN_VISIBLE = 0.5  # an occluded object keeps at least half of its area visible
+MIN_VISIBLE = 0.5  # an occluded object keeps at least half of its area visible
 
 
 @dataclass
-class _Obj:
+class SceneObject:
     ann_id: int
     shape: str
     colour: str
@@ -78,8 +78,8 @@ def _rasterise(shape: str, cx: float, cy: float, r: float, h: int, w: int) -> tu
     return full, poly
 
 
-def _place_objects(rng: np.random.Generator, h: int, w: int, next_ann: int) -> list[_Obj]:
-    objs: list[_Obj] = []
+def _place_objects(rng: np.random.Generator, h: int, w: int, next_ann: int) -> list[SceneObject]:
+    objs: list[SceneObject] = []
     for _ in range(int(rng.integers(1, 5))):
         shape, colour = SHAPES[rng.integers(3)], list(COLOURS)[rng.integers(4)]
         size = "small" if rng.random() < 0.5 else "big"
@@ -90,15 +90,15 @@ def _place_objects(rng: np.random.Generator, h: int, w: int, next_ann: int) -> l
             if not overlap_ok and any(abs(cx - o.cx) < r + o.r + 2 and abs(cy - o.cy) < r + o.r + 2 for o in objs):
                 continue
             full, poly = _rasterise(shape, cx, cy, r, h, w)
-            cand = objs + [_Obj(next_ann + len(objs), shape, colour, size, cx, cy, r, full, poly)]
-            if overlap_ok and any(v.sum() < _MIN_VISIBLE * o.full.sum() for o, v in zip(cand, _visible(cand))):
+            cand = objs + [SceneObject(next_ann + len(objs), shape, colour, size, cx, cy, r, full, poly)]
+            if overlap_ok and any(v.sum() < MIN_VISIBLE * o.full.sum() for o, v in zip(cand, visible_parts(cand))):
                 continue  # would hide too much of an earlier object
             objs = cand
             break
     return objs
 
 
-def _visible(objs: list[_Obj]) -> list[np.ndarray]:
+def visible_parts(objs: list[SceneObject]) -> list[np.ndarray]:
     """What remains of each object under the ones drawn after it (later = on top)."""
     out, above = [], np.zeros_like(objs[0].full)
     for o in reversed(objs):
@@ -107,7 +107,7 @@ def _visible(objs: list[_Obj]) -> list[np.ndarray]:
     return out[::-1]
 
 
-def _segmentation(o: _Obj, vis: np.ndarray, h: int, w: int) -> Any:
+def _segmentation(o: SceneObject, vis: np.ndarray, h: int, w: int) -> Any:
     if o.polygon is not None and np.array_equal(vis, o.full):
         return [o.polygon]
     counts = rle_encode(vis)
@@ -122,7 +122,7 @@ def _phrase(colour: str | None, shape: str | None, size: str | None = None, side
     return " ".join(words) + (f" on the {side}" if side else "")
 
 
-def _single_target(o: _Obj, objs: list[_Obj], w: int) -> list[str]:
+def _single_target(o: SceneObject, objs: list[SceneObject], w: int) -> list[str]:
     """Phrases that select exactly ``o`` (each checked against all objects)."""
     same = lambda **f: [p for p in objs if all(getattr(p, k) == v for k, v in f.items())]  # noqa: E731
     out = []
@@ -145,7 +145,7 @@ def _single_target(o: _Obj, objs: list[_Obj], w: int) -> list[str]:
     return out
 
 
-def _multi_target(objs: list[_Obj]) -> list[tuple[list[_Obj], list[str]]]:
+def _multi_target(objs: list[SceneObject]) -> list[tuple[list[SceneObject], list[str]]]:
     out = []
     for shape in SHAPES:
         group = [o for o in objs if o.shape == shape]
@@ -166,7 +166,7 @@ def _multi_target(objs: list[_Obj]) -> list[tuple[list[_Obj], list[str]]]:
     return out
 
 
-def _no_target(rng: np.random.Generator, objs: list[_Obj]) -> list[str]:
+def _no_target(rng: np.random.Generator, objs: list[SceneObject]) -> list[str]:
     present = {o.key for o in objs}
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
     colour, shape = absent[rng.integers(len(absent))]
@@ -211,13 +211,14 @@ class Release:
         self.refs: list[dict] = []
         self.next_ann, self.next_ref, self.next_sent = 1, 0, 0
 
-    def add_image(self, image_id: int, split: str, pixels: np.ndarray, objs: list[_Obj], *, jpeg_quality: int) -> None:
+    def add_image(self, image_id: int, split: str, pixels: np.ndarray, objs: list[SceneObject], *,
+                  jpeg_quality: int) -> None:
         """Save the picture and annotate what is visible of each object (later = on top)."""
         h, w = pixels.shape[:2]
         file_name = f"COCO_train2014_{image_id:012d}.jpg"
         Image.fromarray(pixels).save(self.image_dir / file_name, quality=jpeg_quality)
         self.images.append({"id": image_id, "file_name": file_name, "width": w, "height": h, "license": 1})
-        for o, v in zip(objs, _visible(objs)):
+        for o, v in zip(objs, visible_parts(objs)):
             ys, xs = np.nonzero(v)
             self.annotations.append({
                 "id": o.ann_id, "image_id": image_id, "category_id": self.categories.index(o.shape) + 1,
@@ -227,7 +228,7 @@ class Release:
         self.counts["images"][split] += 1
 
     def add_refs(self, rng: np.random.Generator, image_id: int, split: str,
-                 specs: list[tuple[list[_Obj], list[str], bool]]) -> None:
+                 specs: list[tuple[list[SceneObject], list[str], bool]]) -> None:
         """One ref per ``(targets, phrases, with sentences?)``; 1–3 of the phrases become its sentences."""
         for targets, phrases, with_sentences in specs:
             sents = _sentences(rng, phrases, self.next_sent) if with_sentences else []
@@ -304,7 +305,7 @@ def generate_grefcoco(root: str | os.PathLike[str], num_images: int = 200, seed:
         release.add_image(image_id, split, pixels, objs, jpeg_quality=jpeg_quality)
 
         # (targets, phrases, keep sentences?) for every ref of this image.
-        specs: list[tuple[list[_Obj], list[str], bool]] = []
+        specs: list[tuple[list[SceneObject], list[str], bool]] = []
         for o in objs:
             phrases = _single_target(o, objs, w)
             if phrases:

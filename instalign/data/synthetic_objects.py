@@ -38,7 +38,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from instalign.data.masks import rle_decode
-from instalign.data.synthetic import _MIN_VISIBLE, Release, _Obj, _visible, check_sizes, image_size
+from instalign.data.synthetic import MIN_VISIBLE, Release, SceneObject, check_sizes, image_size, visible_parts
 
 __all__ = ["generate_objects", "OBJECT_COLOURS", "OBJECT_SHAPES", "STYLE"]
 
@@ -55,7 +55,7 @@ _NO_TARGET_P = 0.3  # no-target refs ~ Binomial(positive refs, 0.3): ~25-30 % of
 
 
 @dataclass
-class _Thing(_Obj):
+class _Thing(SceneObject):
     striped: bool = False
 
     @property
@@ -104,7 +104,7 @@ def _place(rng: np.random.Generator, h: int, w: int, next_ann: int) -> list[_Thi
             if not full.any():
                 continue
             cand = things + [_Thing(next_ann + len(things), shape, colour, "", cx, cy, r, full, poly, striped)]
-            if overlap_ok and any(v.sum() < _MIN_VISIBLE * o.full.sum() for o, v in zip(cand, _visible(cand))):
+            if overlap_ok and any(v.sum() < MIN_VISIBLE * o.full.sum() for o, v in zip(cand, visible_parts(cand))):
                 continue
             things = cand
             break
