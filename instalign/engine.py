@@ -30,7 +30,7 @@ from instalign.metrics import GRESMetrics, NoTargetScores
 from instalign.modeling.outputs import BlockPrediction, InstAlignOutput
 
 __all__ = ["resolve_precision", "autocast", "train_one_epoch", "postprocess", "postprocess_sizes", "masks_at_sizes",
-           "size_chunks", "evaluate", "forward_batch"]
+           "size_chunks", "upsample_budget", "evaluate", "forward_batch"]
 
 Report = Callable[[dict, int], None]
 
@@ -256,16 +256,22 @@ def postprocess(outputs: InstAlignOutput, size: Union[int, tuple[int, int]]) -> 
     return masks, no_target, merged_prob, no_target_prob
 
 
-#: Output pixels one bilinear upsampling step may hold (2**22 fp32 values: 16 MiB). Batches of
-#: large photos are cut into steps below it, so batching keeps the old one-map-at-a-time peak
-#: within a constant instead of multiplying it by the batch size. Not larger: on CPU a 2**25
-#: step was 2x slower (64 maps to 640×480: 80 ms against 42 ms at 2**22, which matches one map
-#: at a time); at 640×480 a step still holds 13 maps, so a GPU launches few kernels.
-UPSAMPLE_BUDGET = 1 << 22
+#: Output pixels one upsampling step (and the sigmoid/threshold passes after it) may hold, by
+#: device type. Batches of large photos are cut into steps below it, so batching keeps the old
+#: one-map-at-a-time peak memory within a constant instead of multiplying it by the batch size.
+#: CPU: 2**19 (2 MiB fp32, one 640×480 map): its passes are memory-bound, and whole-batch steps
+#: fell out of cache (8 maps at 640×480 post-processed at once: 19 ms against 11 ms one by one;
+#: 64 instance maps in 2**25 steps: 80 ms against 42 ms). GPU: 2**24 (64 MiB), a 640×480 batch
+#: of 16 in one step: a few kernel launches, not a few per sample.
+UPSAMPLE_BUDGET = {"cpu": 1 << 19, "cuda": 1 << 24}
 
 
-def size_chunks(sizes: Sequence[tuple[int, int]],
-                budget: int = UPSAMPLE_BUDGET) -> list[tuple[tuple[int, int], list[int]]]:
+def upsample_budget(device: Union[torch.device, str]) -> int:
+    """:data:`UPSAMPLE_BUDGET` for ``device`` (a GPU's for any device type not listed)."""
+    return UPSAMPLE_BUDGET.get(torch.device(device).type, UPSAMPLE_BUDGET["cuda"])
+
+
+def size_chunks(sizes: Sequence[tuple[int, int]], budget: int) -> list[tuple[tuple[int, int], list[int]]]:
     """Positions of ``sizes`` grouped by equal ``(h, w)`` (first-seen order), each group cut into
     chunks of at most ``budget`` output pixels (at least one position per chunk).
 
@@ -283,12 +289,13 @@ def size_chunks(sizes: Sequence[tuple[int, int]],
 
 
 def postprocess_sizes(outputs: InstAlignOutput, sizes: Sequence[tuple[int, int]], *,
-                      budget: int = UPSAMPLE_BUDGET) -> tuple[list[Tensor], Tensor, list[Tensor], Tensor]:
+                      budget: Optional[int] = None) -> tuple[list[Tensor], Tensor, list[Tensor], Tensor]:
     """:func:`postprocess` for a batch whose samples have different sizes (the predictor's
     original image sizes), all on the device and without a host sync.
 
-    Samples of one size go through ``postprocess`` together (:func:`size_chunks`), so every
-    answer is the one ``postprocess`` gives that sample alone. Samples are picked by Python
+    Samples of one size go through ``postprocess`` together (:func:`size_chunks`; ``budget``:
+    :func:`upsample_budget` of the logits' device), so every answer is the one ``postprocess``
+    gives that sample alone. Samples are picked by Python
     integer indexing (views, then a stack): a host index tensor would be a blocking copy.
 
     Returns:
@@ -297,6 +304,7 @@ def postprocess_sizes(outputs: InstAlignOutput, sizes: Sequence[tuple[int, int]]
     """
     if len(sizes) != outputs.merged_logits.shape[0]:
         raise ValueError(f"postprocess_sizes: {len(sizes)} sizes for a batch of {outputs.merged_logits.shape[0]}")
+    budget = budget or upsample_budget(outputs.merged_logits.device)
     masks: list[Any] = [None] * len(sizes)
     probs: list[Any] = [None] * len(sizes)
     no_target: list[Any] = [None] * len(sizes)
@@ -310,12 +318,15 @@ def postprocess_sizes(outputs: InstAlignOutput, sizes: Sequence[tuple[int, int]]
     return masks, torch.stack(no_target), probs, torch.stack(no_target_prob)
 
 
-def masks_at_sizes(logits: Sequence[Tensor], sizes: Sequence[tuple[int, int]], *, budget: int = UPSAMPLE_BUDGET
+def masks_at_sizes(logits: Sequence[Tensor], sizes: Sequence[tuple[int, int]], *, budget: Optional[int] = None
                    ) -> list[Tensor]:
     """``σ(logits) > 0.5`` of each (H, W) logit map at its own ``(h, w)``: upsampled bilinearly
     (``GRESTransform.resize_mask_to``) in per-size chunks, on the logits' device, no host sync.
     """
     out: list[Any] = [None] * len(logits)
+    if not logits:
+        return out
+    budget = budget or upsample_budget(logits[0].device)
     for size, positions in size_chunks(sizes, budget):
         stacked = torch.stack([logits[k] for k in positions]).float()  # (k, H, W)
         masks = GRESTransform.resize_mask_to(stacked, size) > 0  # (k, h, w): σ > 0.5
