@@ -46,6 +46,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 from pyarrow.fs import LocalFileSystem
 
 from instalign.config import tiny
@@ -61,10 +62,10 @@ from pipelines.data.prepare import prepare_dataset
 from pipelines.data.records import plan_tasks
 from pipelines.data.shards import process_task
 
-# Ray, Ray Data and torch are imported inside the functions that use them: the new driver of
-# bench_prepare_job imports this module, and its timed prepare (Ray's import included, as a
-# user's run pays it) and its CPU seconds must not change with what this module imports
-# (torch and the loader: 2.6 CPU-s measured); ``instalign bench data --help`` imports it too.
+# Ray Data and torch are imported inside the functions that use them: the new driver of
+# bench_prepare_job imports this module, and its timed prepare and its CPU seconds must not
+# change with what this module imports (torch and the loader: 2.6 CPU-s measured);
+# ``instalign bench data --help`` imports it too. (Ray itself comes with prepare's init_ray.)
 TARGETS = {"prepare": 100.0, "loader": 150.0}
 _WORDS = dict(
     colour=["red", "blue", "green", "white", "black", "brown", "yellow", "gray"],
@@ -250,8 +251,6 @@ def run(args: argparse.Namespace) -> int:
             rows.append(table_row("prepare", "Ray Data (incl. Ray start)", ray_prepare, cpus, "images/s"))
         # And as a job on a running cluster: a new driver process joins the cluster (the one
         # just started, or --address's) and prepares the same images again.
-        import ray
-
         job = bench_prepare_job(root, out, rows_per_shard=args.rows_per_shard,
                                 address=args.address or ray.get_runtime_context().gcs_address)
         if args.address:  # the cluster's processes are not this process's children: not counted
