@@ -237,8 +237,13 @@ def test_two_rows_two_seeds_end_to_end(prepared_dataset, ray_local, tmp_path):
     with open(report / "table3.csv") as f:
         table = {r["row"]: r for r in csv.DictReader(f)}
     for row, ts in by_row.items():
+        assert len([m["val_gIoU"] for _, m in ts]) == 2
+        # val N-acc is NaN on these 8 targeted samples, and MLflow keeps no NaN: the cell says so.
         for metric, col in (("val_gIoU", "gIoU"), ("val_cIoU", "cIoU"), ("val_N_acc", "N-acc")):
-            mean, std = mean_std([m[metric] for _, m in ts])
+            mean, std = mean_std([m[metric] for _, m in ts if metric in m])
+            if math.isnan(mean):
+                assert table[row][f"{col}_mean"] == table[row][f"{col}_std"] == "n/a"
+                continue
             assert float(table[row][f"{col}_mean"]) == pytest.approx(mean, abs=1e-5)
             assert float(table[row][f"{col}_std"]) == pytest.approx(std, abs=1e-5)
     assert float(table["nt2"]["gIoU_delta"]) == pytest.approx(
