@@ -340,7 +340,9 @@ def test_verbs_that_printed_their_own_error_now_raise_it(argv, status, line, tmp
     import re
 
     monkeypatch.chdir(tmp_path)  # the default MLflow store of a verb lands here, not in the checkout
-    monkeypatch.setattr("pipelines.core.ray_cluster.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    for module in ("pipelines.core.ray_cluster", "pipelines.evaluation.evaluate", "pipelines.inference.batch",
+                   "pipelines.serving.serve"):  # the last three import init_ray at module level
+        monkeypatch.setattr(f"{module}.init_ray", lambda *a, **k: pytest.fail("Ray started"))
     assert main(argv) == status
     assert capsys.readouterr().err == line + "\n"
     with pytest.raises(Exception, match="^" + re.escape(line.split(": ", 1)[1])):
