@@ -287,7 +287,7 @@ def best_checkpoint(result: Any):
     """The kept checkpoint with the highest finite ``val_gIoU`` that verifies (ties: the later), else the latest.
 
     Verified because a resumed run can keep a damaged checkpoint that its workers passed over
-    (``pipelines.training.worker.usable_checkpoint``): Ray still holds it, with its old score.
+    (``pipelines.training.resume.usable_checkpoint``): Ray still holds it, with its old score.
     """
     scored = [(m.get(SCORE_METRIC), m.get("step", 0), c) for c, m in (result.best_checkpoints or [])]
     scored = [s for s in scored if isinstance(s[0], (int, float)) and math.isfinite(s[0])]

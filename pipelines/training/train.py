@@ -13,7 +13,7 @@ The verb and its Python entry point :func:`train` (the quickstart calls it too).
 4. logs the best checkpoint into the run and optionally registers it (alias ``candidate``).
 
 Resume. Re-running with the same ``--name`` (and storage path) resumes from the latest
-usable checkpoint (``pipelines.training.worker.usable_checkpoint``), and the MLflow run is found
+usable checkpoint (``pipelines.training.resume.usable_checkpoint``), and the MLflow run is found
 again by name. After a worker failure (``--max-failures``) Ray restarts the group from the
 latest registered checkpoint through the same code.
 """
