@@ -148,7 +148,7 @@ class LossConfig:
     #: class balance; 1 is the plain BCE (the ``paper`` preset), ``r = (1 - share) / share``
     #: (``share``: the train split's no-target share) balances the classes. ``auto`` (the ``tiny``
     #: preset) is ``sqrt(r)`` of the prepared train split, worked out from its manifest when a job
-    #: is planned (``instalign.losses.balanced_nt_pos_weight``; README, docs/objective.md).
+    #: is planned (``instalign.losses.balanced_nt_pos_weight``; docs/objective.md).
     nt_pos_weight: Union[float, Auto] = 1.0
     score_weight: float = 2.0  # λ_score (eqs. 5, 7)
     mask_weight: float = 5.0  # λ_mask, on BCE + dice (eqs. 5, 7)
@@ -301,12 +301,12 @@ def tiny() -> Config:
     cfg.model.ffn_dim = 64
     cfg.loss.num_points = 1024
     # A random-init toy at the 0.5 threshold learns "no target" only with the classes balanced
-    # (README, "where the paper is silent"): sqrt(targeted / no-target) of the train split.
+    # (docs/objective.md, "where the paper is silent"): sqrt(targeted / no-target) of the train split.
     cfg.loss.nt_pos_weight = "auto"
     cfg.train.batch_size = 8
     # The paper's 1e-4 is for pretrained encoders over 20 epochs; this random-init toy trains for
     # a few hundred steps (the quickstart), where 1e-3 decayed to 1e-4 learned the no-target
-    # head and the masks fastest of the schedules measured (README, "where the paper is silent").
+    # head and the masks fastest of the schedules measured (docs/objective.md, "where the paper is silent").
     cfg.train.lr = 1e-3
     cfg.train.min_lr = 1e-4
     cfg.train.backbone_lr_mult = 1.0  # random init: nothing pretrained to protect

@@ -62,7 +62,7 @@ DEFAULT_WORKDIR = "instalign-quickstart"
 MODEL_NAME = "instalign-quickstart"
 EXPERIMENT = "quickstart"
 #: 240 images → 1519 train / 197 val samples, 189 steps per epoch of 8. Six epochs, measured on
-#: this 2-core machine (README): val gIoU 65.5, N-acc 71.1, T-acc 91.4 in 279 s end to end. The
+#: this 2-core machine (docs/quickstart.md): val gIoU 65.5, N-acc 71.1, T-acc 91.4 in 279 s end to end. The
 #: no-target head separates the classes (AUROC ~0.85) only after 4–5 epochs; with 4, N-acc or
 #: T-acc swing around the promotion gate's floor.
 DEFAULT_NUM_IMAGES = 240

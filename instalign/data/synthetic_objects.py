@@ -3,7 +3,7 @@
 Why: the ``tiny`` preset's defaults are chosen on the quickstart's synthetic set
 (``instalign.data.synthetic``). A recipe that only works there is a tuned demo. This style
 differs from that set in everything that matters to a GRES model, and nothing is ever tuned
-on it: it is only *reported* on (README, "A recipe that carries"; docs/data.md).
+on it: it is only *reported* on (docs/objective.md, the held-out table; docs/data.md).
 
 What differs from the quickstart's set:
 

@@ -12,7 +12,7 @@ MLflow metric names and tunable weights:
   over the batch. ``nt_pos_weight`` weighs the positive (no-target) samples: 1 is the
   paper's plain BCE; ``r = (1 − share) / share`` for a split whose no-target share is
   ``share`` balances the two classes, and the ``tiny`` preset's ``auto`` is √r
-  (:func:`balanced_nt_pos_weight`; the paper is silent on class balance; README has the
+  (:func:`balanced_nt_pos_weight`; the paper is silent on class balance; docs/objective.md has the
   measurements).
 * ``loss_inst`` — eq. 7, after Hungarian matching (eqs. 5–6, :mod:`.matcher`)::
 
@@ -319,7 +319,7 @@ def balanced_nt_pos_weight(samples: int, no_target_samples: int) -> float:
     """``nt_pos_weight = auto``: ``sqrt(targeted / no-target)`` of a train split, to 4 decimals.
 
     The paper is silent on class balance. Measured on the quickstart's data (19 % no-target,
-    ratio r = 4.17; tiny preset, 756 steps; README): the plain BCE (weight 1) never says
+    ratio r = 4.17; tiny preset, 756 steps; docs/objective.md): the plain BCE (weight 1) never says
     "no target" at the 0.5 threshold within the budget (N-acc 0); full balance (weight r)
     says it too often (N-acc 98, T-acc 56); the geometric mean of the two, √r = 2.04, lands
     between (N-acc 59–73, T-acc 78–85). It only shifts where 0.5 falls on p̂_nt; the

@@ -4,7 +4,7 @@ Each benchmark lives in its own module (``pipelines.bench.model``, ``pipelines.b
 ``pipelines.bench.predict``, ``pipelines.bench.fuzz``) exposing ``add_arguments(parser)`` and ``run(args) -> int``,
 like every verb of ``pipelines.cli``. Only the chosen benchmark's module is imported, so
 ``instalign bench predict`` does not pay for Ray Data and ``instalign bench --help`` is instant.
-Speed targets live in these benchmarks and the README's Performance table, never in tests.
+Speed targets live in these benchmarks and docs/performance.md, never in tests.
 """
 
 from __future__ import annotations

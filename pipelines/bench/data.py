@@ -28,7 +28,7 @@ Per core is reported two ways: wall-clock rate / CPUs, and items per CPU-second 
 the whole local process tree (``pipelines.bench.clock``). The release is written by
 ``pipelines.bench.coco_like``.
 
-Targets (README Performance table): prepare ≥ 100 images/s/core, loader ≥ 150 samples/s/core.
+Targets (docs/performance.md): prepare ≥ 100 images/s/core, loader ≥ 150 samples/s/core.
 Speed targets live here, never in tests.
 """
 

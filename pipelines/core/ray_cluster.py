@@ -93,7 +93,7 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             (``ray_logs.setup_worker_logging`` configures Train's loggers; the cluster's workers
             inherit this process's environment, log levels included). On 2 cores the two
             together cost a 3,000-image ``prepare`` ~3.5 s of 15 (the dashboard's nine
-            processes ~1.5 CPU-s; README, Performance). Ignored when joining a cluster.
+            processes ~1.5 CPU-s; docs/performance.md). Ignored when joining a cluster.
 
     Ray's loggers follow ``pipelines.core.ray_logs.set_ray_log_level``; the lines Ray prints on
     every run that nobody can act on are dropped there too.

@@ -115,7 +115,7 @@ class ServingLimits:
     3.7 Mpx, and the pixel budget also admits one 12 Mpx phone photo or 16 rows of 1 Mpx. It
     is the knob for memory: the predictor upsamples the merged mask and every kept instance's
     mask (one at a time) to the original size, so one prediction slot needs up to about
-    ``max_pixels × (22 + 2·k)`` bytes, k ≤ N the instances kept (README "Security and limits").
+    ``max_pixels × (22 + 2·k)`` bytes, k ≤ N the instances kept (docs/security.md).
 
     Args:
         max_rows: rows per request.
