@@ -10,6 +10,7 @@ checked against its type hint (ints are accepted for floats, nothing else is con
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Literal, Union
 
@@ -74,9 +75,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not ok:
             raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
         return value
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
     if origin is Literal:
         return value  # validated in __post_init__ with the allowed values named
-    if origin is Union:
+    if origin in (Union, types.UnionType):  # Optional[X] and X | None alike
         for arm in typing.get_args(hint):
             try:
                 return _coerce(value, arm, where)
