@@ -125,7 +125,10 @@ class BatchPredictor:
             result = {"row_id": row["row_id"], "image_path": row["image_path"], "text": row["text"], "width": w,
                       "height": h, **record, "gt_no_target": row["gt_no_target"], "iou": None, "status": "ok"}
             if row["gt_mask"] is not None:
-                gt = rle_decode(row["gt_mask"], h, w)
+                try:  # a mask that does not fit its image: the prepared split is damaged, name the row
+                    gt = rle_decode(row["gt_mask"], h, w)
+                except ValueError as e:
+                    raise BatchPredictError(f"row {row['row_id']}: ground truth mask: {e}") from None
                 if gt.shape != prediction.mask.shape:
                     raise BatchPredictError(f"row {row['row_id']}: ground truth is {gt.shape}, the image "
                                             f"{prediction.mask.shape}")

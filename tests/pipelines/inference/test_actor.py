@@ -13,7 +13,7 @@ from PIL import Image
 
 from instalign.data.masks import rle_encode
 from pipelines.inference.actor import BatchPredictor
-from pipelines.inference.tables import ACTOR_SCHEMA, INPUT_SCHEMA
+from pipelines.inference.tables import ACTOR_SCHEMA, INPUT_SCHEMA, BatchPredictError
 from tests.support.tiny_checkpoint import make_checkpoint
 
 
@@ -60,3 +60,12 @@ def test_good_rows_are_predicted_together_and_bad_ones_rejected_with_a_reason(ac
     assert 0.0 <= rows["bytes"]["iou"] <= 1.0 and json.loads(rows["bytes"]["metric_state"])["samples"] == 1
     assert rows["file"]["iou"] is None and rows["file"]["metric_state"] is None
 
+
+
+def test_a_ground_truth_that_does_not_fit_its_image_names_the_row(actor):
+    gt = np.zeros((60, 80), bool)  # the image is 40 x 30
+    gt[5:50, 10:70] = True
+    batch = pa.Table.from_pylist([row("mismatch", image=png(40, 30), gt_mask=rle_encode(gt), gt_no_target=False)],
+                                 schema=INPUT_SCHEMA)
+    with pytest.raises(BatchPredictError, match=r"^row mismatch: ground truth mask: "):
+        actor(batch)
