@@ -24,6 +24,7 @@ import importlib
 import sys
 
 from instalign.errors import InstAlignError  # imports nothing: --help stays instant
+from pipelines.core import flags  # the shared flags and their help format (~40 ms: no Ray, no torch)
 
 VERBS: dict[str, tuple[str, str]] = {
     "quickstart": ("pipelines.quickstart", "synthetic data → prepare → train → evaluate → register → predict, locally"),
@@ -47,14 +48,14 @@ DEBUG_HELP = "show the full traceback of an error instead of a one-line message"
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="instalign", description="Generalized referring segmentation with InstAlign.")
+    parser = argparse.ArgumentParser(prog="instalign", description="Generalized referring segmentation with InstAlign.",
+                                     formatter_class=flags.DefaultsShown)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (module, help_text) in VERBS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=flags.DefaultsShown)
         if name == verb:  # only the chosen verb's module is imported
             importlib.import_module(module).add_arguments(p)
-            from pipelines.core import flags
             flags.add_log_level(p)  # every verb: instalign's and Ray's logs (``main``)
         # SUPPRESS: when absent after the verb, the value given before it (or False) stands.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
@@ -111,7 +112,6 @@ def _main(argv: list[str] | None) -> int:
         build_parser().print_help()
         return 2
     if getattr(args, "log_level", None):  # asked for: before the verb's first log line and Ray's start
-        from pipelines.core import flags
         flags.setup_logging(args.log_level)
     try:
         module = importlib.import_module(VERBS[args.verb][0])

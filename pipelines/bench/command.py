@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from pipelines.core import flags
+
 BENCHES: dict[str, tuple[str, str]] = {
     "model": ("pipelines.bench.model", "forward/backward step time and memory of the model"),
     "data": ("pipelines.bench.data", "Ray Data prepare/load throughput"),
@@ -30,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser(name: str) -> argparse.ArgumentParser:
     """The full parser of one benchmark, ``instalign bench NAME``."""
     module, help_text = BENCHES[name]
-    parser = argparse.ArgumentParser(prog=f"instalign bench {name}", description=help_text)
+    parser = argparse.ArgumentParser(prog=f"instalign bench {name}", description=help_text,
+                                     formatter_class=flags.DefaultsShown)
     importlib.import_module(module).add_arguments(parser)
     return parser
 

@@ -14,6 +14,22 @@ from typing import Optional, get_args
 from instalign.config import DataOrder
 from pipelines.core import ray_logs
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it in words.
+
+    Left out: flags (a ``store_true`` is off unless given), ``None`` (the help says what
+    happens when the option is absent) and required options.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.required or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool) or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

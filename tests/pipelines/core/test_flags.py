@@ -61,3 +61,47 @@ def test_setup_logging_sets_the_format_and_the_level_of_instalign_and_ray(monkey
     assert root.level == logging.WARNING
     assert root.handlers[0].formatter._fmt == flags.LOG_FORMAT
     assert os.environ[ray_logs.LOG_LEVEL_ENV] == os.environ["RAY_DATA_LOG_LEVEL"] == "WARNING"
+
+
+def _every_parser():
+    from pipelines import cli
+    from pipelines.bench import command as bench
+
+    for verb in cli.VERBS:
+        top = cli.build_parser(verb)
+        sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+        yield f"instalign {verb}", sub.choices[verb]
+    for name in bench.BENCHES:
+        yield f"instalign bench {name}", bench.build_parser(name)
+
+
+def test_every_options_help_shows_its_default():
+    """``--help`` of every verb and benchmark: an option with a value by default says which
+    (appended by ``DefaultsShown`` unless the help already says it in words)."""
+    silent = []
+    for name, parser in _every_parser():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            default = action.default
+            if (not action.option_strings or action.required or default is None
+                    or default is argparse.SUPPRESS or isinstance(default, bool)):
+                continue
+            text = formatter._expand_help(action)
+            if "default" not in text.lower():
+                silent.append(f"{name} {action.option_strings[-1]}")
+            elif "%(default)" not in (action.help or "") and "default" not in (action.help or "").lower():
+                assert text.endswith(f"(default: {default})"), (name, text)
+    assert not silent, f"options whose help hides their default: {silent}"
+
+
+def test_defaults_shown_leaves_flags_none_and_worded_defaults_alone():
+    parser = argparse.ArgumentParser(formatter_class=flags.DefaultsShown)
+    parser.add_argument("--n", type=int, default=3, help="how many")
+    parser.add_argument("--quiet", action="store_true", help="say less")
+    parser.add_argument("--name", default=None, help="a name (absent: the run's)")
+    parser.add_argument("--mode", default="a", help="the mode (default: a, the fast one)")
+    text = " ".join(parser.format_help().split())
+    assert "how many (default: 3)" in text
+    assert "say less" in text and "say less (default" not in text
+    assert "(absent: the run's)" in text and "(default: None)" not in text
+    assert text.count("(default: a") == 1
