@@ -62,6 +62,32 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width
     return lines or [""]
 
 
+def _fit(draw: ImageDraw.ImageDraw, word: str, font: ImageFont.ImageFont, width: int) -> str:
+    """``word`` cut to ``width`` pixels with an ellipsis (a word wider than the whole image)."""
+    if draw.textlength(word, font=font) <= width:
+        return word
+    while len(word) > 1 and draw.textlength(word + "\u2026", font=font) > width:
+        word = word[:-1]
+    return word + "\u2026"
+
+
+def label_box(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, *, anchor: tuple[int, int],
+              size: tuple[int, int]) -> tuple[list[str], tuple[int, int, int, int]]:
+    """Where an instance's label goes: its lines and box ``(x, y, width, height)``, inside the image.
+
+    The label sits above the instance's top-left corner (``anchor``), moved in to stay whole
+    at the image's edges; a label wider than the image is wrapped onto lines (and a single
+    word wider than it cut with an ellipsis) instead of running off the edge.
+    """
+    w, h = size
+    lines = [_fit(draw, line, font, max(w - 4, 1)) for line in _wrap(draw, text, font, max(w - 4, 1))]
+    tw = int(max(draw.textlength(line, font=font) for line in lines)) + 4
+    th = sum(font.getmetrics()) * len(lines) + 4
+    x = int(np.clip(anchor[0], 0, max(w - tw, 0)))
+    y = int(np.clip(anchor[1] - th, 0, max(h - th, 0)))
+    return lines, (x, y, tw, th)
+
+
 def _label(score: float, words: list[tuple[str, float]], top_words: int) -> str:
     said = " ".join(f"{w}({weight:.2f})" for w, weight in words[:top_words])
     return f"{score:.2f} {said}".strip()
@@ -104,15 +130,14 @@ def overlay(image: ImageInput, prediction: Prediction, expression: str, *, alpha
         ys, xs = np.nonzero(inst.mask)
         if not len(xs):
             continue
-        text = _label(inst.score, inst.words, top_words)
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tw, th = right - left + 4, bottom - top + 4
-        x = int(np.clip(xs.min(), 0, max(w - tw, 0)))
-        y = int(np.clip(ys.min() - th, 0, max(h - th, 0)))
+        lines, (x, y, tw, th) = label_box(draw, _label(inst.score, inst.words, top_words), font,
+                                          anchor=(int(xs.min()), int(ys.min())), size=(w, h))
         colour = PALETTE[k % len(PALETTE)]
         draw.rectangle([x, y, x + tw, y + th], fill=colour)
         ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
-        draw.text((x + 2 - left, y + 2 - top), text, font=font, fill=ink)
+        line_h = sum(font.getmetrics())
+        for i, line in enumerate(lines):
+            draw.text((x + 2, y + 2 + i * line_h), line, font=font, fill=ink)
 
     # Title strip: the expression, then the decision.
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))

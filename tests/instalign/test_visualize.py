@@ -78,3 +78,23 @@ def test_long_expressions_wrap_and_inputs_match(tmp_path):
     assert again.size == short.size and again.mode == "RGB"
     with pytest.raises(ValueError, match="prediction mask"):
         overlay(image.resize((W + 1, H)), pred, "x")
+
+
+@pytest.mark.parametrize("size, anchor", [((64, 48), (60, 2)), ((200, 150), (190, 140)), ((30, 20), (0, 0))])
+def test_a_label_stays_whole_inside_the_image(size, anchor):
+    """A label at the right or bottom edge, or wider than the image, is moved in and wrapped."""
+    from PIL import ImageDraw
+
+    from instalign.visualize import _font, label_box
+
+    draw = ImageDraw.Draw(Image.new("RGB", size))
+    font = _font(10)
+    text = "0.93 elephant(0.41) purple(0.33) the(0.12)"
+    lines, (x, y, tw, th) = label_box(draw, text, font, anchor=anchor, size=size)
+    w, h = size
+    assert 0 <= x and x + tw <= w, (x, tw, w)
+    assert 0 <= y and (y + th <= h or len(lines) * sum(font.getmetrics()) + 4 > h)  # taller than the image: from the top
+    assert all(draw.textlength(line, font=font) <= w - 4 for line in lines)
+    shown = " ".join(lines)
+    if "\u2026" not in shown:
+        assert shown == text  # nothing lost unless a word is wider than the image itself

@@ -108,6 +108,8 @@ def test_page_upload_segment_no_target_and_error(calibrated, url):
             page.goto(url)
             expect(page.locator("h1")).to_have_text("InstAlign")
             expect(page.locator("#model-name")).to_contain_text("instalign-page-test")
+            # No broken-image placeholder ("the chosen image") before an image is chosen.
+            expect(page.locator("#preview")).to_be_hidden()
 
             # Upload, type, submit: the overlay, the target verdict, one legend row per instance.
             page.set_input_files("#image-file", str(calibrated["image"]))
