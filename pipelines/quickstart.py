@@ -34,6 +34,8 @@ import argparse
 import json
 import math
 import os
+import shlex
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -187,8 +189,10 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
             _print("      NOT promoted (train longer: --epochs, --num-images)")
 
     with stage(7, total, f"mlflow.pyfunc.load_model('models:/{MODEL_NAME}@{alias}') → predict one val sample"):
-        overlay_path = serve_one(f"models:/{MODEL_NAME}@{alias}", pick_val_sample(str(prepared), cfg.data.val_split),
-                                 workdir / "overlay.png")
+        sample = pick_val_sample(str(prepared), cfg.data.val_split)
+        overlay_path = serve_one(f"models:/{MODEL_NAME}@{alias}", sample, workdir / "overlay.png")
+        sample_image = workdir / "sample.jpg"  # the closing lines' predict command reads it
+        sample_image.write_bytes(sample["image"])
 
     summary = {
         "workdir": str(workdir),
@@ -206,6 +210,8 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
         "promotion_gate": gate,
         "nt_pos_weight": cfg.loss.nt_pos_weight,
         "overlay": str(overlay_path),
+        "sample_image": str(sample_image),
+        "sample_text": sample["text"],
         "val": {k: metrics[k] for k in ("gIoU", "cIoU", "N_acc", "T_acc", "nt_AUROC", "samples")},
         "baselines": {name: {k: m[k] for k in ("gIoU", "cIoU", "N_acc", "T_acc")} for name, m in base.items()},
         "seconds": round(time.perf_counter() - t_start, 1),
@@ -229,6 +235,13 @@ def serve_one(model_uri: str, sample: dict[str, Any], out: Path) -> Path:
     return save_overlay(sample["image"], prediction, sample["text"], out)
 
 
+def _command(name: str) -> str:
+    """``name`` as a fresh shell finds it: this environment's script (a venv that is not
+    activated there), else the bare name."""
+    script = Path(sys.executable).parent / name
+    return shlex.quote(str(script)) if script.is_file() else name
+
+
 def format_summary(s: dict[str, Any]) -> str:
     val, base = s["val"], s["baselines"]
     lines = [
@@ -247,10 +260,13 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  summary            : {Path(s['workdir']) / 'summary.json'}",
         "",
         "Browse runs, metrics, overlays and the registry:",
-        f"  mlflow ui --backend-store-uri {s['tracking_uri']}",
-        "Predict with the registered model:",
-        f"  MLFLOW_TRACKING_URI={s['tracking_uri']} instalign predict --model {s['model_uri']} "
-        f"--image IMAGE --text \"the red circle\" --out overlay.png",
+        f"  {_command('mlflow')} ui --backend-store-uri {s['tracking_uri']}",
+        "Predict with the registered model (a val image of this run; try your own words):",
+        f"  MLFLOW_TRACKING_URI={shlex.quote(s['tracking_uri'])} {_command('instalign')} predict --model {s['model_uri']} "
+        f"--image {shlex.quote(s['sample_image'])} --text {shlex.quote(s['sample_text'])} "
+        f"--out {shlex.quote(str(Path(s['workdir']) / 'predicted.png'))}",
+        "Serve it, with a page at http://127.0.0.1:8000/ (Ctrl-C stops it):",
+        f"  MLFLOW_TRACKING_URI={shlex.quote(s['tracking_uri'])} {_command('instalign')} serve --model {s['model_uri']}",
     ]
     return "\n".join(lines)
 

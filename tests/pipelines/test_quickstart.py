@@ -56,6 +56,16 @@ def test_quickstart_trains_registers_promotes_and_serves(tmp_path):
     db = workdir / "mlflow.db"
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out
 
+    # The closing lines are commands a fresh shell runs as printed: the environment's own
+    # scripts (no activated venv on PATH), a real image of this run, and a serve line.
+    predict_line = next(line.strip() for line in out.splitlines() if " predict --model " in line)
+    assert "IMAGE" not in predict_line and any(" serve --model " in line for line in out.splitlines())
+    shell_env = {k: v for k, v in env.items() if k not in ("PATH", "VIRTUAL_ENV")}
+    shell = subprocess.run(["bash", "-c", predict_line], env={**shell_env, "PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert shell.returncode == 0, (predict_line, shell.stderr[-3000:])
+    assert (workdir / "predicted.png").is_file()
+
     summary = json.loads((workdir / "summary.json").read_text())
     from pipelines.evaluation.promote import decide
 
