@@ -98,7 +98,7 @@ _SEGMENTATION_DEPTH = 2
 
 # ---------------------------------------------------------------- instances.json
 def _read_instances(path: Path, image_dir: Path, *, need_file_name: bool
-                    ) -> tuple[dict[int, ImageInfo], dict[int, Annotation], set[int]]:
+                    ) -> tuple[dict[int, ImageInfo], dict[int, Annotation], set[int], dict[str, Any]]:
     data = load_json(path)
     if not isinstance(data, dict):
         raise SourceFormatError(f"{path}: top level must be a COCO object with 'images' and 'annotations', "
@@ -136,7 +136,9 @@ def _read_instances(path: Path, image_dir: Path, *, need_file_name: bool
                                          category_id=rec.integer("category_id", bits=32), segmentation=seg)
         if rec.get("iscrowd", lambda v: v in (0, 1), "0 or 1", default=0):
             crowd.add(ann_id)
-    return images, annotations, crowd
+    # COCO's ``info`` is descriptive only: kept when it is a mapping, never a reason to refuse a release.
+    info = data.get("info")
+    return images, annotations, crowd, dict(info) if isinstance(info, dict) else {}
 
 
 # ----------------------------------------------------------------------- refs
@@ -231,10 +233,12 @@ def _refcoco_targets(rec: Record, ann: list[int] | None) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------- readers
-def _finish(files: ReleaseFiles, images: dict, annotations: dict, refs: list[Ref]) -> GRESSource:
+def _finish(files: ReleaseFiles, images: dict, annotations: dict, refs: list[Ref],
+            info: dict[str, Any]) -> GRESSource:
     checksums = release_checksums(files)
     logger.info("%s: %d refs, %d images, %d annotations", files.dataset, len(refs), len(images), len(annotations))
-    return GRESSource(dataset=files.dataset, images=images, annotations=annotations, refs=refs, checksums=checksums)
+    return GRESSource(dataset=files.dataset, images=images, annotations=annotations, refs=refs, checksums=checksums,
+                      info=info)
 
 
 @contextlib.contextmanager
@@ -261,8 +265,8 @@ def gc_paused() -> Iterator[None]:
 @gc_paused()
 def read_release(files: ReleaseFiles) -> GRESSource:
     """Parse and check the located release (layout and quirks in the module docstring)."""
-    images, annotations, crowd = _read_instances(files.instances, files.images,
-                                                 need_file_name=files.dataset == "refzom")
+    images, annotations, crowd, info = _read_instances(files.instances, files.images,
+                                                       need_file_name=files.dataset == "refzom")
     if files.dataset == "grefcoco":
         disagree: list[int] = []
         refs = _parse_refs(files.refs, load_refs(files.refs), _grefcoco_targets(disagree), crowd)
@@ -272,7 +276,7 @@ def read_release(files: ReleaseFiles) -> GRESSource:
     else:
         targets = _refzom_targets if files.dataset == "refzom" else _refcoco_targets
         refs = _parse_refs(files.refs, load_refs(files.refs), targets, crowd)
-    return _finish(files, images, annotations, refs)
+    return _finish(files, images, annotations, refs, info)
 
 
 def read_grefcoco(root: str | os.PathLike[str], *, refs_file: str | os.PathLike[str] | None = None,

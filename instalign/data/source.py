@@ -54,6 +54,9 @@ class GRESSource:
     refs: list[Ref]
     #: Source files read (path → sha256), for the manifest.
     checksums: dict[str, str] = field(default_factory=dict)
+    #: ``instances.json``'s COCO ``info`` block as released (empty when it has none): it says
+    #: what the release is — e.g. ``instalign.data.synthetic``'s description marks a synthetic one.
+    info: dict[str, Any] = field(default_factory=dict)
 
     def splits(self) -> list[str]:
         return sorted({r.split for r in self.refs})

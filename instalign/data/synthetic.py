@@ -36,7 +36,8 @@ from PIL import Image
 
 from instalign.data.masks import counts_to_runs, rle_decode, rle_encode
 
-__all__ = ["generate_grefcoco", "COLOURS", "SHAPES", "SPLITS", "Release", "SceneObject", "visible_parts", "MIN_VISIBLE"]
+__all__ = ["generate_grefcoco", "COLOURS", "SHAPES", "SPLITS", "Release", "SceneObject", "visible_parts", "MIN_VISIBLE",
+           "SYNTHETIC_DESCRIPTION_PREFIX"]
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 75, 215), "yellow": (230, 195, 35)}
 SHAPES = ("circle", "square", "triangle")
@@ -45,6 +46,10 @@ SPLITS = ("train", "val", "testA", "testB")
 _SPLIT_CYCLE = ("train", "val", "train", "testA", "train", "testB", "train", "train", "train", "train")
 _IMAGE_ID0 = 100_000
 MIN_VISIBLE = 0.5  # an occluded object keeps at least half of its area visible
+#: How every synthetic style's ``instances.json`` ``info.description`` begins: ``prepare`` keeps
+#: that block in the manifest (``source_info``) and MLflow's dataset input is then named
+#: ``synthetic-<dataset>`` (``pipelines.data.lineage``), never as if it were the real release.
+SYNTHETIC_DESCRIPTION_PREFIX = "InstAlign synthetic"
 
 
 @dataclass
@@ -288,7 +293,7 @@ def generate_grefcoco(root: str | os.PathLike[str], num_images: int = 200, seed:
     ``{split: n}`` dict, for tests to compare with what the readers and ``prepare`` report.
     """
     check_sizes(num_images, min_size, max_size)
-    release = Release(root, description="InstAlign synthetic gRefCOCO", seed=seed, num_images=num_images,
+    release = Release(root, description=f"{SYNTHETIC_DESCRIPTION_PREFIX} gRefCOCO", seed=seed, num_images=num_images,
                       categories=SHAPES)
     for i in range(num_images):
         rng = np.random.default_rng([seed, i])

@@ -38,7 +38,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from instalign.data.masks import rle_decode
-from instalign.data.synthetic import MIN_VISIBLE, Release, SceneObject, check_sizes, image_size, visible_parts
+from instalign.data.synthetic import (MIN_VISIBLE, SYNTHETIC_DESCRIPTION_PREFIX, Release, SceneObject, check_sizes,
+                                      image_size, visible_parts)
 
 __all__ = ["generate_objects", "OBJECT_COLOURS", "OBJECT_SHAPES", "STYLE"]
 
@@ -237,7 +238,7 @@ def generate_objects(root: str | os.PathLike[str], num_images: int = 200, seed: 
     no-target and multi-target samples.
     """
     check_sizes(num_images, min_size, max_size)
-    release = Release(root, description="InstAlign synthetic GRES, held-out 'objects' style", seed=seed,
+    release = Release(root, description=f"{SYNTHETIC_DESCRIPTION_PREFIX} GRES, held-out 'objects' style", seed=seed,
                       num_images=num_images, categories=OBJECT_SHAPES)
     for i in range(num_images):
         rng = np.random.default_rng([_STREAM, seed, i])

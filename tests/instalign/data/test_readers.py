@@ -177,6 +177,26 @@ def test_malformed_instances_name_the_file_and_the_record(tmp_path, mutate, mess
     assert str(info.value).startswith(str(path))
 
 
+@pytest.mark.parametrize("info, kept", [
+    ({"description": "COCO 2014 Dataset", "url": "http://cocodataset.org", "year": 2014,
+      "extra": {"nested": [1]}}, {"description": "COCO 2014 Dataset", "url": "http://cocodataset.org", "year": 2014,
+                                  "extra": {"nested": [1]}}),
+    ("a release whose info is not a mapping", {}),
+    (None, {}),
+])
+def test_the_instances_info_block_is_kept_as_released_or_empty(tmp_path, info, kept):
+    """COCO's ``info`` is descriptive: kept as it is when it is a mapping, never a reason to refuse."""
+    write_grefcoco(tmp_path)
+    path = tmp_path / "grefcoco" / "instances.json"
+    data = json.loads(path.read_text())
+    if info is None:
+        del data["info"]
+    else:
+        data["info"] = info
+    path.write_text(json.dumps(data))
+    assert read_grefcoco(tmp_path).info == kept
+
+
 def test_instances_not_json(tmp_path):
     write_grefcoco(tmp_path)
     path = tmp_path / "grefcoco" / "instances.json"
