@@ -88,7 +88,8 @@ rename, so there the old prefix is deleted and the new one copied in, manifest l
 dataset is ever replaced (``pipelines.core.output_dirs``): not ``--root`` or a directory above it
 (symlinks resolved), not a home directory, only a directory holding a manifest or the marker
 each build writes first, with nothing else in it. The manifest records the command line and
-the source root redacted (``pipelines.core.redaction``).
+the source root redacted (``pipelines.core.redaction``), and the release's COCO ``info`` block,
+small and redacted, as ``source_info`` (:func:`manifest_source_info`).
 """
 
 from __future__ import annotations
@@ -99,9 +100,11 @@ import datetime as _dt
 import functools
 import json
 import logging
+import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -128,7 +131,7 @@ from pipelines.core.redaction import command_line, redact
 #: The verb's API; the rest of these names are re-exported from the modules that define them.
 __all__ = ["DATASETS", "PrepareError", "prepare_dataset", "add_arguments", "run", "plan_tasks", "process_task",
            "quarantine_record", "plan_shards", "group_shards", "shard_file_name", "resolve_output", "check_output",
-           "replace_output", "write_manifest", "DEFAULT_MAX_IMAGE_PIXELS"]
+           "replace_output", "write_manifest", "manifest_source_info", "DEFAULT_MAX_IMAGE_PIXELS"]
 
 log = logging.getLogger("instalign.prepare")
 
@@ -153,6 +156,7 @@ class _Plan:
     shards: list[tuple[str, int, int, int]]
     split_names: list[str]  # the release's (safe) splits
     checksums: dict[str, str]  # the release's annotation files
+    source_info: dict[str, Any] = dataclasses.field(default_factory=dict)  # manifest_source_info of its info block
 
 
 def _unreadable(dataset: str, root: str, why: BaseException) -> PrepareError:
@@ -190,7 +194,42 @@ def _plan(source: GRESSource, *, splits: list[str] | None, root: str, strict: bo
     ordered, shards = plan_shards(tasks, rows_per_shard)
     return _Plan(records, dict(empty_refs), dropped, to_task_table(ordered, root), shards,
                  split_names=[s for s in source.splits() if is_safe_split_name(s)],
-                 checksums=dict(source.checksums))
+                 checksums=dict(source.checksums), source_info=manifest_source_info(source.info))
+
+
+#: ``source_info``'s bounds: a release's file decides how big its ``info`` block is; the
+#: manifest (and the MLflow dataset profile made from it) keep a few short entries.
+_SOURCE_INFO_KEYS = 16
+_SOURCE_INFO_KEY_CHARS = 64
+_SOURCE_INFO_CHARS = 200
+#: A string longer than this is no description: skipped rather than redacted and cut.
+_SOURCE_INFO_READ_CHARS = 10_000
+
+
+def manifest_source_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The release's COCO ``info`` block as the manifest keeps it (``source_info``).
+
+    Why: it says what the release is (``instalign.data.synthetic`` writes its description
+    there, and ``pipelines.data.lineage`` names a synthetic dataset by it). Kept small and
+    safe to record: its first 16 entries whose key is a string and whose value is a str, an
+    int (64-bit) or a finite float; strings redacted (``pipelines.core.redaction``), keys cut
+    at 64 characters and values at 200; nested values, and strings over 10,000 characters,
+    left out.
+    """
+    out: dict[str, Any] = {}
+    for key, value in info.items():
+        if len(out) == _SOURCE_INFO_KEYS:
+            break
+        if not isinstance(key, str) or len(key) > _SOURCE_INFO_READ_CHARS:
+            continue
+        if type(value) is str:
+            if len(value) > _SOURCE_INFO_READ_CHARS:
+                continue
+            value = redact(value)[:_SOURCE_INFO_CHARS]
+        elif not (type(value) is int and -2 ** 63 <= value < 2 ** 63 or type(value) is float and math.isfinite(value)):
+            continue
+        out[redact(key)[:_SOURCE_INFO_KEY_CHARS]] = value
+    return out
 
 
 def _run_pass(plan: _Plan, *, fs: pafs.FileSystem, out_path: str, dataset: str, **options: Any) -> list[dict]:
@@ -353,6 +392,7 @@ def _build(fs: pafs.FileSystem, out_path: str, plan: _Plan, *, root: str, datase
         quarantined=dict(sorted(Counter(r["reason"] for r in records).items())),
         quarantined_samples_dropped=plan.dropped + sum(r["dropped_samples"] for r in stats),
         source=dict(root=redact(str(root)), checksums=plan.checksums),
+        source_info=plan.source_info,
         options=dict(image_max_side=image_max_side, jpeg_quality=jpeg_quality, rows_per_shard=rows_per_shard,
                      splits=splits, strict=strict, split_by=split_by, max_image_bytes=max_image_bytes,
                      max_image_pixels=max_image_pixels),

@@ -58,6 +58,7 @@ def test_manifest_counts_equal_generator(prepared_dataset, tmp_path):
             assert counts[key] == expected[key][split], (split, key)
     assert manifest["quarantined"] == {} and manifest["quarantined_samples_dropped"] == 0
     assert set(manifest["source"]["checksums"]) == {"grefcoco/grefs(unc).json", "grefcoco/instances.json"}
+    assert manifest["source_info"] == {"description": "InstAlign synthetic gRefCOCO", "seed": 0, "num_images": 24}
     assert manifest["options"]["rows_per_shard"] == 8 and manifest["instalign_version"]
     assert manifest["created"] and "command" in manifest
 
@@ -250,6 +251,28 @@ def test_interrupted_run_leaves_no_manifest_then_overwrite_recovers(ray_local, s
     assert list(manifest["counts"]) == ["val"] and (out / MANIFEST_NAME).is_file()
     assert not list(out.glob(".*tmp"))  # the temporary manifest was renamed, not left behind
     assert json.loads((out / MANIFEST_NAME).read_text()) == manifest
+
+
+def test_the_plan_carries_the_release_info_block_for_the_manifest(synthetic_root):
+    """What ``_build`` writes as the manifest's ``source_info``: planned on the driver, no Ray."""
+    from instalign.data.release_files import locate_release
+
+    plan = prep._read_and_plan(locate_release("grefcoco", synthetic_root), splits=None, root=str(synthetic_root),
+                               strict=False, rows_per_shard=8)
+    assert plan.source_info == {"description": "InstAlign synthetic gRefCOCO", "seed": 0, "num_images": 24}
+
+
+def test_the_manifest_keeps_a_small_redacted_info_block():
+    """A release's file decides its ``info``: the manifest keeps short scalar entries, redacted."""
+    info = {"description": "COCO 2014 Dataset", "year": 2014, "version": 1.0, "flag": True, "nan": float("nan"),
+            "huge": 10 ** 30, "nested": {"a": 1}, "list": [1, 2], 7: "not a string key",
+            "url": "https://alice:hunter2@example.com/coco?token=abc", "long": "x" * 500, "vast": "y" * 20_000,
+            "k" * 100: "long key"}
+    kept = prep.manifest_source_info(info)
+    assert kept == {"description": "COCO 2014 Dataset", "year": 2014, "version": 1.0,
+                    "url": "https://***@example.com/coco?token=***", "long": "x" * 200, "k" * 64: "long key"}
+    assert len(prep.manifest_source_info({f"k{i}": i for i in range(100)})) == 16
+    assert prep.manifest_source_info({}) == {}
 
 
 def test_write_manifest_is_atomic(tmp_path):
