@@ -17,7 +17,7 @@ from typing import Any, Optional
 from pipelines.core.redaction import redact
 from pipelines.core.tracking import redact_data
 
-__all__ = ["DATASET_CONTEXT_TAG", "manifest_digest", "dataset_entity", "log_dataset_input"]
+__all__ = ["DATASET_CONTEXT_TAG", "manifest_digest", "dataset_name", "dataset_entity", "log_dataset_input"]
 
 # MLflow (~2 s to import) is imported in the functions that log: training and evaluation
 # import this module where nothing is logged (Ray workers).
@@ -38,21 +38,37 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
+def dataset_name(manifest: Mapping[str, Any]) -> str:
+    """The dataset's name in MLflow: the manifest's ``dataset``, as ``synthetic-<dataset>`` when
+    the release was one of ``instalign synthetic``'s (its ``source_info`` description says so),
+    so that a synthetic gRefCOCO never reads as the real one in a run's inputs."""
+    # Here, not at the top: the generator's module brings NumPy, Pillow and pycocotools (~0.1 s).
+    from instalign.data.synthetic import SYNTHETIC_DESCRIPTION_PREFIX
+
+    name = str(manifest.get("dataset") or "instalign-dataset")
+    info = manifest.get("source_info")
+    description = info.get("description") if isinstance(info, Mapping) else None
+    if isinstance(description, str) and description.startswith(SYNTHETIC_DESCRIPTION_PREFIX):
+        return f"synthetic-{name}"
+    return name
+
+
 def dataset_entity(manifest: Mapping[str, Any], data_dir: str):
     """The prepared dataset as an ``mlflow.entities.Dataset``: a run input (lineage).
 
-    Name: the dataset named in the manifest; digest: the manifest's (:func:`manifest_digest`);
+    Name: :func:`dataset_name`; digest: the manifest's (:func:`manifest_digest`);
     source: the redacted location (``{"uri": ...}``, type ``local`` or the URI's scheme);
-    profile: the manifest's per-split counts, quarantine, format and creation time.
+    profile: the manifest's per-split counts, quarantine, format, creation time and the
+    release's ``source_info``.
     """
     from mlflow.entities import Dataset
 
     uri = redact(str(data_dir))
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else "local"
     profile = {key: manifest.get(key) for key in ("counts", "quarantined", "quarantined_samples_dropped", "format",
-                                                  "schema_version", "created", "instalign_version")
+                                                  "schema_version", "created", "instalign_version", "source_info")
                if key in manifest}
-    return Dataset(name=str(manifest.get("dataset") or "instalign-dataset"),
+    return Dataset(name=dataset_name(manifest),
                    digest=manifest_digest(manifest)[:_DATASET_DIGEST_CHARS],
                    source_type=scheme if scheme != "file" else "local",
                    source=json.dumps({"uri": uri}),

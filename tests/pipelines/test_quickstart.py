@@ -94,7 +94,7 @@ def test_quickstart_trains_registers_promotes_and_serves(tmp_path):
 
     # The training run: the prepared dataset as its input, system metrics from the workers' node.
     run = client.get_run(summary["mlflow_run_id"])
-    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["grefcoco"]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic-grefcoco"]  # not the real gRefCOCO
     assert "system/node_0/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
     # The evaluation: its own run, linked to the version it evaluated.
     evaluation = client.get_run(summary["evaluation_run_id"])

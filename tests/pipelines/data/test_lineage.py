@@ -34,6 +34,30 @@ def test_the_entity_names_the_dataset_by_its_manifest_with_the_source_redacted()
     assert (local.name, local.source_type) == ("instalign-dataset", "local")
 
 
+def test_a_synthetic_release_is_named_synthetic_and_a_real_one_by_its_dataset(store):
+    """The quickstart's synthetic gRefCOCO must not read as gRefCOCO in a run's inputs: its
+    manifest's ``source_info`` (the generator's ``info`` block) names it ``synthetic-grefcoco``."""
+    from mlflow import MlflowClient
+
+    from instalign.data.synthetic import SYNTHETIC_DESCRIPTION_PREFIX
+    from pipelines.data.lineage import log_dataset_input
+
+    synthetic = {"dataset": "grefcoco", "counts": {"val": {"samples": 5}},
+                 "source_info": {"description": "InstAlign synthetic gRefCOCO", "seed": 0, "num_images": 24}}
+    objects = {"dataset": "grefcoco",
+               "source_info": {"description": f"{SYNTHETIC_DESCRIPTION_PREFIX} GRES, held-out 'objects' style"}}
+    real = {"dataset": "grefcoco", "source_info": {"description": "gRefCOCO", "year": 2023}}
+    assert dataset_entity(synthetic, "/data/s").name == dataset_entity(objects, "/data/o").name == "synthetic-grefcoco"
+    assert [dataset_entity(m, "/data/r").name for m in (real, {"dataset": "refcoco"}, {"dataset": "refcoco",
+            "source_info": "not a mapping"})] == ["grefcoco", "refcoco", "refcoco"]
+    assert json.loads(dataset_entity(synthetic, "/data/s").profile)["source_info"] == synthetic["source_info"]
+
+    run_id = start_or_resume_run(tracking_uri=store, experiment="names", run_name="synthetic")[0]
+    log_dataset_input(store, run_id, synthetic, "/data/s")
+    [logged] = MlflowClient(tracking_uri=store).get_run(run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "synthetic-grefcoco"
+
+
 def test_concurrent_runs_of_one_experiment_log_the_same_dataset(store):
     """Tune's trials start together and each logs the same prepared dataset into one
     experiment: the store's look-up-then-insert races, and the loser's insert breaks the

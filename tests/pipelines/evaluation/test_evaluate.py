@@ -117,11 +117,12 @@ def test_evaluating_a_registered_version_records_a_linked_run(ray_local, prepare
     assert run.data.metrics["val_gIoU"] == pytest.approx(got["gIoU"]) and run.data.metrics["val_samples"] == 6
     assert run.data.params["max_samples"] == "6"
     (inp,) = run.inputs.dataset_inputs
-    assert inp.dataset.name == "grefcoco"
+    assert inp.dataset.name == "synthetic-grefcoco"  # prepared from the synthetic release, and named so
     assert {t.key: t.value for t in inp.tags} == {"mlflow.data.context": "evaluation", "instalign.split": "val"}
     assert [m.model_id for m in run.inputs.model_inputs] == [model_id]
     linked = {m.key: m for m in client.get_logged_model(model_id).metrics if m.run_id == run.info.run_id}
-    assert linked["val_gIoU"].value == pytest.approx(got["gIoU"]) and linked["val_gIoU"].dataset_name == "grefcoco"
+    assert linked["val_gIoU"].value == pytest.approx(got["gIoU"])
+    assert linked["val_gIoU"].dataset_name == "synthetic-grefcoco"
     assert "eval_seconds" not in linked  # run bookkeeping stays on the run
     assert client.get_model_version("instalign-test-eval", "1").tags["instalign.eval.val.run_id"] == run.info.run_id
 
