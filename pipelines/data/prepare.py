@@ -89,7 +89,7 @@ dataset is ever replaced (``pipelines.core.output_dirs``): not ``--root`` or a d
 (symlinks resolved), not a home directory, only a directory holding a manifest or the marker
 each build writes first, with nothing else in it. The manifest records the command line and
 the source root redacted (``pipelines.core.redaction``), and the release's COCO ``info`` block,
-small and redacted, as ``source_info`` (:func:`manifest_source_info`).
+small and redacted, as ``source_info`` (:func:`pipelines.data.records.manifest_source_info`).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ from pipelines.core.forked import ChildFailed, ForkedCall, fork_is_safe
 from pipelines.core.output_dirs import claim_output
 from pipelines.core.ray_cluster import init_ray
 from pipelines.data.output import check_output, replace_output, resolve_output, sibling_path, write_manifest
-from pipelines.data.records import PrepareError, plan_tasks, quarantine_record, to_task_table
+from pipelines.data.records import PrepareError, manifest_source_info, plan_tasks, quarantine_record, to_task_table
 from pipelines.data.shards import (DEFAULT_MAX_IMAGE_PIXELS, ShardWriter, group_shards, plan_shards,
                                       process_task, shard_file_name)
 from pipelines.core.redaction import command_line, redact
@@ -131,7 +131,7 @@ from pipelines.core.redaction import command_line, redact
 #: The verb's API; the rest of these names are re-exported from the modules that define them.
 __all__ = ["DATASETS", "PrepareError", "prepare_dataset", "add_arguments", "run", "plan_tasks", "process_task",
            "quarantine_record", "plan_shards", "group_shards", "shard_file_name", "resolve_output", "check_output",
-           "replace_output", "write_manifest", "manifest_source_info", "DEFAULT_MAX_IMAGE_PIXELS"]
+           "replace_output", "write_manifest", "DEFAULT_MAX_IMAGE_PIXELS"]
 
 log = logging.getLogger("instalign.prepare")
 
@@ -195,41 +195,6 @@ def _plan(source: GRESSource, *, splits: list[str] | None, root: str, strict: bo
     return _Plan(records, dict(empty_refs), dropped, to_task_table(ordered, root), shards,
                  split_names=[s for s in source.splits() if is_safe_split_name(s)],
                  checksums=dict(source.checksums), source_info=manifest_source_info(source.info))
-
-
-#: ``source_info``'s bounds: a release's file decides how big its ``info`` block is; the
-#: manifest (and the MLflow dataset profile made from it) keep a few short entries.
-_SOURCE_INFO_KEYS = 16
-_SOURCE_INFO_KEY_CHARS = 64
-_SOURCE_INFO_CHARS = 200
-#: A string longer than this is no description: skipped rather than redacted and cut.
-_SOURCE_INFO_READ_CHARS = 10_000
-
-
-def manifest_source_info(info: Mapping[str, Any]) -> dict[str, Any]:
-    """The release's COCO ``info`` block as the manifest keeps it (``source_info``).
-
-    Why: it says what the release is (``instalign.data.synthetic`` writes its description
-    there, and ``pipelines.data.lineage`` names a synthetic dataset by it). Kept small and
-    safe to record: its first 16 entries whose key is a string and whose value is a str, an
-    int (64-bit) or a finite float; strings redacted (``pipelines.core.redaction``), keys cut
-    at 64 characters and values at 200; nested values, and strings over 10,000 characters,
-    left out.
-    """
-    out: dict[str, Any] = {}
-    for key, value in info.items():
-        if len(out) == _SOURCE_INFO_KEYS:
-            break
-        if not isinstance(key, str) or len(key) > _SOURCE_INFO_READ_CHARS:
-            continue
-        if type(value) is str:
-            if len(value) > _SOURCE_INFO_READ_CHARS:
-                continue
-            value = redact(value)[:_SOURCE_INFO_CHARS]
-        elif not (type(value) is int and -2 ** 63 <= value < 2 ** 63 or type(value) is float and math.isfinite(value)):
-            continue
-        out[redact(key)[:_SOURCE_INFO_KEY_CHARS]] = value
-    return out
 
 
 def _run_pass(plan: _Plan, *, fs: pafs.FileSystem, out_path: str, dataset: str, **options: Any) -> list[dict]:

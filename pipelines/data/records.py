@@ -14,8 +14,10 @@ workers. Nothing here touches an image file or Ray.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -194,3 +196,38 @@ def to_task_table(tasks: list[dict], root: str) -> pa.Table:
     except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
         raise PrepareError(f"{redact(str(root))}: a record does not fit the dataset schema "
                            f"({type(e).__name__}: {e})") from e
+
+
+#: ``source_info``'s bounds: a release's file decides how big its ``info`` block is; the
+#: manifest (and the MLflow dataset profile made from it) keep a few short entries.
+_SOURCE_INFO_KEYS = 16
+_SOURCE_INFO_KEY_CHARS = 64
+_SOURCE_INFO_CHARS = 200
+#: A string longer than this is no description: skipped rather than redacted and cut.
+_SOURCE_INFO_READ_CHARS = 10_000
+
+
+def manifest_source_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The release's COCO ``info`` block as the manifest keeps it (``source_info``).
+
+    Why: it says what the release is (``instalign.data.synthetic`` writes its description
+    there, and ``pipelines.data.lineage`` names a synthetic dataset by it). Kept small and
+    safe to record: its first 16 entries whose key is a string and whose value is a str, an
+    int (64-bit) or a finite float; strings redacted (``pipelines.core.redaction``), keys cut
+    at 64 characters and values at 200; nested values, and strings over 10,000 characters,
+    left out.
+    """
+    out: dict[str, Any] = {}
+    for key, value in info.items():
+        if len(out) == _SOURCE_INFO_KEYS:
+            break
+        if not isinstance(key, str) or len(key) > _SOURCE_INFO_READ_CHARS:
+            continue
+        if type(value) is str:
+            if len(value) > _SOURCE_INFO_READ_CHARS:
+                continue
+            value = redact(value)[:_SOURCE_INFO_CHARS]
+        elif not (type(value) is int and -2 ** 63 <= value < 2 ** 63 or type(value) is float and math.isfinite(value)):
+            continue
+        out[redact(key)[:_SOURCE_INFO_KEY_CHARS]] = value
+    return out

@@ -25,6 +25,7 @@ from instalign.data.records import IMAGE_SCHEMA, MANIFEST_NAME, QUARANTINE_DIR, 
 from instalign.data.synthetic import generate_grefcoco
 from pipelines.data import prepare as prep
 from pipelines.data.prepare import PrepareError, prepare_dataset
+from pipelines.data.records import manifest_source_info
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -268,11 +269,11 @@ def test_the_manifest_keeps_a_small_redacted_info_block():
             "huge": 10 ** 30, "nested": {"a": 1}, "list": [1, 2], 7: "not a string key",
             "url": "https://alice:hunter2@example.com/coco?token=abc", "long": "x" * 500, "vast": "y" * 20_000,
             "k" * 100: "long key"}
-    kept = prep.manifest_source_info(info)
+    kept = manifest_source_info(info)
     assert kept == {"description": "COCO 2014 Dataset", "year": 2014, "version": 1.0,
                     "url": "https://***@example.com/coco?token=***", "long": "x" * 200, "k" * 64: "long key"}
-    assert len(prep.manifest_source_info({f"k{i}": i for i in range(100)})) == 16
-    assert prep.manifest_source_info({}) == {}
+    assert len(manifest_source_info({f"k{i}": i for i in range(100)})) == 16
+    assert manifest_source_info({}) == {}
 
 
 def test_write_manifest_is_atomic(tmp_path):
