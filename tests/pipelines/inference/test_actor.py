@@ -3,24 +3,17 @@ Arrow batches: a real tiny checkpoint, real image bytes and files, no Ray cluste
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
 
 from instalign.data.masks import rle_encode
 from pipelines.inference.actor import BatchPredictor
 from pipelines.inference.tables import ACTOR_SCHEMA, INPUT_SCHEMA, BatchPredictError
+from tests.support.images import noise_png as png
 from tests.support.tiny_checkpoint import make_checkpoint
-
-
-def png(width: int, height: int) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(out, "PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

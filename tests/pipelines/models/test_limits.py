@@ -15,22 +15,15 @@ import re
 import threading
 import time
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from tests.support.mlflow_store import tracking_store
+from tests.support.images import noise_png as png
 from tests.support.tiny_checkpoint import make_checkpoint
 
 MODEL_NAME = "instalign-serving-limits"
-
-
-def png(w: int, h: int, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def header_only_png(w: int, h: int) -> bytes:

@@ -6,7 +6,6 @@ one fresh Python process that loads the model from the registry with nothing but
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -17,19 +16,12 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from tests.support.mlflow_store import tracking_store
+from tests.support.images import noise_png as png_bytes
 from tests.support.tiny_checkpoint import make_checkpoint
 
 MODEL_NAME = "instalign-test-pyfunc"
-
-
-def png_bytes(w: int, h: int, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,13 +15,8 @@ from instalign.visualize import PALETTE
 from pipelines.models.limits import PredictionGate, ServingLimits
 from pipelines.serving.explain import explain_record, overlay_colours
 from pipelines.serving.invocation import RequestError
+from tests.support.images import noise_png as png
 from tests.support.tiny_checkpoint import make_checkpoint
-
-
-def png(width: int, height: int) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(out, "PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
