@@ -18,6 +18,8 @@ ReLA's ``train_net.py::Trainer.build_optimizer``, which copies it with changes):
   the paper's lr 1e-4 that is 1e-5, the rate ReLA's BERT layers train at. Only
   the Hugging Face model itself counts as "text encoder": the linear projection to the
   model width C is new and trains at the full rate (ours).
+* **A multiplier of 0 freezes the part — ours** (:func:`freeze_zero_rate_parts`): no gradient,
+  no optimiser group, e.g. a frozen pretrained text encoder (``train.text_encoder_lr_mult=0``).
 * **No weight decay on normalisation layers and embeddings — Mask2Former**
   (``SOLVER.WEIGHT_DECAY_NORM = 0`` for the norm module types, ``WEIGHT_DECAY_EMBED = 0``
   for ``nn.Embedding``: the learned queries and their positional embeddings, level
@@ -44,7 +46,7 @@ from torch.optim.lr_scheduler import LinearLR
 
 from instalign.checkpoint import unwrap_model
 
-__all__ = ["build_optimizer", "build_scheduler", "param_groups"]
+__all__ = ["build_optimizer", "build_scheduler", "freeze_zero_rate_parts", "param_groups"]
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
@@ -100,6 +102,28 @@ def _named_params_with_owner(model: nn.Module) -> Iterator[tuple[str, nn.Module,
                 continue
             seen.add(id(param))
             yield (f"{mod_name}.{p_name}" if mod_name else p_name), module, param
+
+
+def freeze_zero_rate_parts(model: nn.Module, *, backbone_lr_mult: float, text_encoder_lr_mult: float) -> list[str]:
+    """Freeze each pretrained part whose lr multiplier is 0 (``requires_grad=False``); return their names.
+
+    Why not leave it in the optimiser at rate 0: its weights would not move, but its backward
+    pass would still run (all-MiniLM-L6-v2 is most of the ``tiny`` model's parameters), its
+    gradient would count in the clipped norm and DDP would all-reduce it for nothing. Frozen
+    parameters are left out by :func:`param_groups`. Call it before DDP wraps the model: DDP
+    fixes the parameters it waits for when it is built. Only the pretrained model itself is
+    frozen; the text encoder's new projection to C still trains (:func:`_text_encoder_modules`).
+    """
+    model = unwrap_model(model)
+    parts = {"backbone": (backbone_lr_mult, _backbone_modules(model)),
+             "text_encoder": (text_encoder_lr_mult, _text_encoder_modules(model))}
+    frozen = []
+    for name, (mult, modules) in parts.items():
+        if mult == 0 and modules:
+            for module in modules:
+                module.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float,

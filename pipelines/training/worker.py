@@ -58,7 +58,7 @@ import torch.distributed as dist
 
 from instalign.checkpoint import load_model, load_training_state, unwrap_model
 from instalign.config import Config, DataOrder
-from instalign.engine import evaluate, resolve_precision, train_one_epoch
+from instalign.engine import evaluate, resolve_compile, resolve_precision, train_one_epoch
 from instalign.metrics import GRESMetrics, NoTargetScores
 from instalign.tracking import NullTracker, finite_metrics
 from pipelines.core.tracking import MlflowTracker
@@ -107,6 +107,18 @@ def leaves_parameters_unused(cfg: Config) -> bool:
             and cfg.loss.instance_supervision != "phrase_aligned")
 
 
+def eval_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model validation runs: the training model without DDP, compiled when training is.
+
+    Why without DDP: its hooks expect every rank to run the same forwards, and the val shards
+    may differ in length. Why compiled again: unwrapping ``torch.compile`` too would validate
+    the compiled run's model eagerly. Compiling is lazy, so calling this costs nothing until
+    the first validation batch; the weights are the training model's own.
+    """
+    bare = unwrap_model(model)
+    return torch.compile(bare) if hasattr(model, "_orig_mod") else bare  # ``_orig_mod``: torch.compile's wrapper
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -122,7 +134,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from instalign.losses import build_criterion
     from instalign.modeling.builders import build_model
     from instalign.modeling.text_encoder import load_tokenizer
-    from instalign.optim import build_optimizer, build_scheduler
+    from instalign.optim import build_optimizer, build_scheduler, freeze_zero_rate_parts
 
     cfg, spec = config["config"], config["run"]
     ctx = ray.train.get_context()
@@ -144,11 +156,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             tokenizer = load_tokenizer(cfg.model.text_encoder)
         if t.activation_checkpointing:
             model.set_activation_checkpointing(True)
+        # A pretrained part at lr multiplier 0 is frozen, before DDP fixes the parameters it waits for.
+        freeze_zero_rate_parts(model, backbone_lr_mult=t.backbone_lr_mult, text_encoder_lr_mult=t.text_encoder_lr_mult)
         # DDP (+ device move); a no-op wrapper for 1 worker. Only configs that leave parameters
         # without a gradient pay for DDP's unused-parameter search (see ``leaves_parameters_unused``).
         model = ray.train.torch.prepare_model(
             model, parallel_strategy_kwargs={"find_unused_parameters": leaves_parameters_unused(cfg)})
-        if t.compile:
+        if resolve_compile(t.compile, device):  # ``auto``: on CUDA, eager on CPU
             model = torch.compile(model)  # checkpoint/optimizer code unwraps ``_orig_mod`` and ``module``
         optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, backbone_lr_mult=t.backbone_lr_mult,
                                     text_encoder_lr_mult=t.text_encoder_lr_mult)
@@ -212,6 +226,7 @@ class _Worker:
         self.observers, self.checkpoints = observers, checkpoints
         self.accum = cfg.train.grad_accum_steps
         self.local_batch = cfg.train.batch_size // world // self.accum  # one micro-batch
+        self.eval_model = eval_model(model)
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
         self._epoch = 0
@@ -313,10 +328,9 @@ class _Worker:
         self.observers.finished(step)
 
     def _validate(self, step: int) -> dict[str, float]:
-        model = unwrap_model(self.model)  # no DDP hooks in eval: shards may differ in length
         batches = self.val_shard.iter_torch_batches(batch_size=self.local_batch, collate_fn=RowsToBatch(self.device))
         scores = NoTargetScores()  # the no-target head's AUROC and score quartiles per class
-        local = evaluate(model, batches, device=self.device, precision=self.precision, scores=scores)
+        local = evaluate(self.eval_model, batches, device=self.device, precision=self.precision, scores=scores)
         merged, merged_scores = GRESMetrics(), NoTargetScores()
         for s, h in self._gather((local.state_dict(), scores.state_dict())):
             merged.merge(GRESMetrics.from_state(s))
@@ -324,5 +338,5 @@ class _Worker:
         val = {f"val_{k}": v for k, v in {**merged.compute(), **merged_scores.compute()}.items()}
         val["val_samples"] = merged.state_dict()["samples"]
         if self.rank == 0:
-            self.observers.validated(val, step, self._epoch, model)
+            self.observers.validated(val, step, self._epoch, unwrap_model(self.model))
         return val

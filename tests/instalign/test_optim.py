@@ -10,7 +10,7 @@ import torch
 from instalign.checkpoint import load_training_state, save_checkpoint
 from instalign.config import tiny
 from instalign.modeling.builders import build_model
-from instalign.optim import build_optimizer, build_scheduler, param_groups
+from instalign.optim import build_optimizer, build_scheduler, freeze_zero_rate_parts, param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,3 +130,23 @@ def test_a_checkpoint_with_the_old_lambda_lr_state_resumes_on_the_same_curve(tmp
     assert load_training_state(tmp_path / "step_3", resumed, scheduler)["step"] == 3
     assert scheduler.last_epoch == 3
     assert sum(_rates(resumed, scheduler, 10), []) == pytest.approx(sum(expected, []), rel=1e-12)
+
+
+@pytest.mark.parametrize("backbone_mult, text_mult, frozen", [(1.0, 0.0, ["text_encoder"]), (0.0, 1.0, ["backbone"]),
+                                                               (0.1, 0.1, [])])
+def test_a_multiplier_of_zero_freezes_that_pretrained_part(backbone_mult, text_mult, frozen):
+    torch.manual_seed(0)
+    model = build_model(tiny().model)
+    mults = dict(backbone_lr_mult=backbone_mult, text_encoder_lr_mult=text_mult)
+    assert freeze_zero_rate_parts(model, **mults) == frozen
+    assert all(p.requires_grad for p in model.text_encoder.proj.parameters())  # new: trains at the full rate
+    assert all(p.requires_grad != ("text_encoder" in frozen) for p in model.text_encoder.encoder.parameters())
+    assert all(p.requires_grad != ("backbone" in frozen) for p in model.backbone.parameters())
+    names = {g["name"].removesuffix("_no_decay") for g in param_groups(model, lr=1e-3, weight_decay=0.05, **mults)}
+    assert names == {"backbone", "text_encoder", "decoder"} - set(frozen)
+
+    ids = torch.tensor([[1, 2, 3]])
+    model.text_encoder(ids, torch.ones_like(ids)).sum().backward()
+    grads = [p.grad is not None for p in model.text_encoder.encoder.parameters()]
+    assert (not any(grads)) if "text_encoder" in frozen else any(grads)
+    assert model.text_encoder.proj.weight.grad is not None
