@@ -219,7 +219,11 @@ class TrainConfig:
     print_every_steps: int = 50
     checkpoint_every_steps: int = 0  # 0 = only at epoch end
     keep_checkpoints: int = 2  # top-k by val gIoU
-    compile: bool = False
+    #: ``torch.compile`` the model for training and validation: ``auto`` (default) compiles on
+    #: CUDA, where fused kernels pay for the compilation many times over, and stays eager on CPU,
+    #: where compiling costs minutes of a short run (the quickstart's numbers are eager);
+    #: ``true``/``false`` force it (``instalign.engine.resolve_compile``).
+    compile: Union[bool, Auto] = "auto"
     #: Recompute activations in the backward pass instead of storing them (less memory, one more
     #: forward of those parts per step): timm's ``set_grad_checkpointing`` on the Swin backbone and
     #: ``torch.utils.checkpoint`` around each pixel-decoder layer. Gradients are unchanged.
@@ -227,6 +231,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_literal(self, "precision")
+        check(isinstance(self.compile, bool) or self.compile == "auto",
+              f"train.compile={self.compile!r}: expected true, false or 'auto'")
         check(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
         check(self.epochs >= 1, "train.epochs must be >= 1")
         check(self.batch_size >= 1, "train.batch_size must be >= 1")

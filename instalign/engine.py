@@ -29,7 +29,7 @@ from instalign.data.transforms import GRESTransform
 from instalign.metrics import GRESMetrics, NoTargetScores
 from instalign.modeling.outputs import BlockPrediction, InstAlignOutput
 
-__all__ = ["resolve_precision", "autocast", "train_one_epoch", "postprocess", "postprocess_sizes", "masks_at_sizes",
+__all__ = ["resolve_precision", "resolve_compile", "autocast", "train_one_epoch", "postprocess", "postprocess_sizes", "masks_at_sizes",
            "size_chunks", "upsample_budget", "evaluate", "forward_batch"]
 
 Report = Callable[[dict, int], None]
@@ -50,6 +50,21 @@ def resolve_precision(cfg_precision: str, device: Union[torch.device, str]) -> s
     if cfg_precision == "bf16" and device.type == "cuda" and not cuda_bf16:
         raise ValueError(f"precision='bf16' requested but {device} does not support bfloat16")
     return cfg_precision
+
+
+def resolve_compile(setting: Union[bool, str], device: Union[torch.device, str]) -> bool:
+    """Whether to ``torch.compile`` the model on ``device``: ``auto`` → on CUDA only; a bool forces it.
+
+    Why CUDA only by default: there compiling fuses the elementwise glue around the matmuls into
+    few kernels, and a run is long enough to repay the compile time; on CPU compiling costs a
+    large share of a short run, and the quickstart's figures are those of the eager model.
+    Used by training and validation (``train.compile``) and by the ``Predictor`` (``compile=``).
+    """
+    if isinstance(setting, bool):
+        return setting
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    raise ValueError(f"compile={setting!r}: expected True, False or 'auto'")
 
 
 def autocast(device: Union[torch.device, str], precision: str):
