@@ -20,6 +20,7 @@ Letters: B batch, N queries, L tokens, H×W the stride-4 grid, h×w the original
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,11 +35,13 @@ from torch import Tensor, nn
 from instalign.config import Config
 from instalign.data.images import decode_image, open_image, to_rgb
 from instalign.data.transforms import GRESTransform
-from instalign.engine import autocast, masks_at_sizes, postprocess_sizes, resolve_precision
+from instalign.engine import autocast, masks_at_sizes, postprocess_sizes, resolve_compile, resolve_precision
 
 __all__ = ["Predictor", "Prediction", "InstancePrediction", "load_image", "ImageInput"]
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes, bytearray, memoryview]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -177,10 +180,15 @@ class Predictor:
         mask_prob: also return ``Prediction.mask_prob``, σ(M_merged) as float32 at the original
             size (4 bytes a pixel copied back from the device; no output of this project reads
             it, so it is off unless asked for).
+        compile: ``auto`` (default: ``torch.compile`` the forward on CUDA, eager on CPU), ``True``
+            or ``False`` (the off switch); ``engine.resolve_compile``. ``self.model`` stays the
+            plain module. Should the compiler fail on some input, the predictor warns once and
+            answers eagerly from then on: a compiler problem never fails a request.
     """
 
     def __init__(self, model: nn.Module, cfg: Config, tokenizer: Any, device: Union[str, torch.device, None] = None,
-                 *, precision: str = "auto", top_words: int = 3, mask_prob: bool = False) -> None:
+                 *, precision: str = "auto", top_words: int = 3, mask_prob: bool = False,
+                 compile: Union[bool, str] = "auto") -> None:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.cfg = cfg
@@ -190,6 +198,8 @@ class Predictor:
         self.precision = resolve_precision(precision, self.device)
         self.top_words = top_words
         self.mask_prob = bool(mask_prob)
+        self.compiled = resolve_compile(compile, self.device)
+        self._compiled_model = torch.compile(self.model) if self.compiled else None  # lazy: compiles on first use
         # The aggregation's own selection rule (eq. 8 weights by p̂; fixed_threshold unions p̂ > τ).
         self.instance_threshold = cfg.model.score_threshold if cfg.model.aggregation == "fixed_threshold" else 0.5
 
@@ -224,6 +234,17 @@ class Predictor:
             out.extend(self._run(pictures, texts[start:start + batch_size]))
         return out
 
+    def _forward(self, *inputs: Tensor) -> Any:
+        """The model's forward, compiled when ``self.compiled``; eager for good if compiling fails."""
+        if self._compiled_model is not None:
+            try:
+                return self._compiled_model(*inputs)
+            except torch._dynamo.exc.TorchDynamoException as e:  # the compiler's failure, not the input's
+                log.warning("torch.compile failed (%s: %s); this predictor runs eagerly from now on",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self._compiled_model, self.compiled = None, False
+        return self.model(*inputs)
+
     def _upload(self, host: Tensor) -> Tensor:
         """Host → device without blocking the host: pinned and asynchronous on CUDA."""
         if self.device.type == "cuda":
@@ -241,7 +262,7 @@ class Predictor:
         images = self.transform.normalize(self._upload(pixels))  # (B, 3, S, S) float32, on the device
         input_ids, attention_mask = self.transform.tokenize(texts)  # (B, L) each, host
         with autocast(self.device, self.precision):
-            outputs = self.model(images, self._upload(input_ids), self._upload(attention_mask))
+            outputs = self._forward(images, self._upload(input_ids), self._upload(attention_mask))
         masks, no_target, merged_prob, nt_prob = postprocess_sizes(outputs, sizes)
         scores = outputs.final.score_logits.float().sigmoid()  # (B, N)
         keep = (scores > self.instance_threshold) & ~no_target[:, None]  # (B, N): the instances reported

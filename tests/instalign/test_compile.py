@@ -46,3 +46,52 @@ def test_a_saved_config_with_the_old_boolean_still_loads(tmp_path):
     path.write_text(tiny().to_yaml().replace("compile: auto", "compile: false"))
     assert "compile: false" in path.read_text()
     assert load_config(path).train.compile is False
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    from instalign.modeling.builders import build_model
+    from instalign.modeling.text_encoder import load_tokenizer
+
+    cfg = tiny()
+    torch.manual_seed(0)
+    return cfg, build_model(cfg.model), load_tokenizer(cfg.model.text_encoder)
+
+
+def test_the_predictor_is_eager_on_cpu_by_default_and_compiles_when_asked(tiny_parts):
+    from instalign.predictor import Predictor
+
+    cfg, model, tokenizer = tiny_parts
+    eager = Predictor(model, cfg, tokenizer, "cpu")
+    assert eager.compiled is False and eager._compiled_model is None
+    forced = Predictor(model, cfg, tokenizer, "cpu", compile=True)  # compiling is lazy: nothing runs here
+    assert forced.compiled is True and forced._compiled_model._orig_mod is forced.model is model
+    assert Predictor(model, cfg, tokenizer, "cpu", compile=False).compiled is False
+    with pytest.raises(ValueError, match="compile="):
+        Predictor(model, cfg, tokenizer, "cpu", compile="sometimes")
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_answer(tiny_parts, caplog):
+    """A real ``torch.compile`` whose backend fails: the request is answered, eagerly, and equal."""
+    import numpy as np
+
+    from instalign.predictor import Predictor
+
+    cfg, model, tokenizer = tiny_parts
+    calls = []
+
+    def broken_backend(graph_module, example_inputs):
+        calls.append(len(example_inputs))
+        raise RuntimeError("no kernels today")
+
+    image = np.full((40, 50, 3), 120, np.uint8)
+    want = Predictor(model, cfg, tokenizer, "cpu").predict(image, "the thing on the left")
+    predictor = Predictor(model, cfg, tokenizer, "cpu", compile=True)
+    predictor._compiled_model = torch.compile(model, backend=broken_backend)
+    with caplog.at_level("WARNING", logger="instalign.predictor"):
+        got = predictor.predict(image, "the thing on the left")
+    assert calls, "the compiled forward was not the one called"
+    assert predictor.compiled is False and "runs eagerly from now on" in caplog.text
+    assert np.array_equal(got.mask, want.mask) and got.no_target_prob == want.no_target_prob
+    predictor.predict(image, "the thing on the left")  # eager now: the broken backend is not tried again
+    assert len(calls) == 1
