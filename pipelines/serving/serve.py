@@ -24,9 +24,13 @@ when one is assigned) behind a FastAPI ingress:
 Dynamic batching (``@serve.batch``): a request is checked and decoded in a worker thread by
 ``predict_records``; its rows then join the replica's batch queue, where rows of concurrent
 requests are run through the model together (up to ``max_batch_size`` rows, waiting at most
-``batch_wait_timeout_s`` for a batch to fill). The serving gate (``PredictionGate``) lets as
+``batch_wait_timeout_s`` for a batch to fill: :data:`DEFAULT_BATCH_WAIT_S`). The serving gate (``PredictionGate``) lets as
 many requests decode at once as a batch has rows, so decoded images in memory stay bounded
 by ``max_batch_size`` requests of at most ``pyfunc._CHUNK`` rows each.
+
+Devices: each replica asks Ray for ``--gpus-per-replica`` GPUs — by default one when the
+cluster has GPUs, none otherwise (:func:`resolve_gpus_per_replica`) — and puts its model on
+CUDA exactly when Ray assigned it a GPU (:func:`replica_device`).
 
 Where it listens: ``serve.start(http_options={"host", "port"})`` — loopback unless
 ``--host`` says otherwise. The page and ``/invocations`` have no authentication: put a proxy
@@ -62,6 +66,7 @@ from ray import serve
 from instalign.checkpoint import checkpoint_files
 from instalign.predictor import Predictor
 from pipelines.core.ray_cluster import init_ray
+from pipelines.core.resources import cluster_totals, resolve_gpus_per_worker
 from pipelines.models.limits import ENV, PredictionGate, ServingLimits
 from pipelines.models.pyfunc import predict_records
 from pipelines.models.source import configure_tracking, is_model_uri, resolve_checkpoint
@@ -75,6 +80,13 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 #: Files of the page served under ``/static`` (a fixed list: nothing else under WEB_DIR is reachable).
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 APP_NAME = "instalign"
+#: Rows per model call across concurrent requests.
+DEFAULT_MAX_BATCH_SIZE = 8
+#: How long a batch waits to fill (``--batch-wait-ms``). Every lone request pays it in full,
+#: while requests that arrive together join a batch within a fraction of it: 2 ms is a small
+#: share of the < 30 ms a single request is meant to take on a GPU (issue 28), where the
+#: 10 ms used before was a third of it.
+DEFAULT_BATCH_WAIT_S = 0.002
 
 api = FastAPI(title="InstAlign", docs_url=None, redoc_url=None, openapi_url=None)
 api.add_middleware(RequestGuard)
@@ -126,12 +138,14 @@ class InstAlignService:
         top_words: words reported per instance.
     """
 
-    def __init__(self, model: str, tracking_uri: Optional[str] = None, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, top_words: int = 3) -> None:
+    def __init__(self, model: str, tracking_uri: Optional[str] = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S, top_words: int = 3) -> None:
+        import ray
+
         if is_model_uri(model):
             configure_tracking(tracking_uri)
         checkpoint = resolve_checkpoint(model)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = replica_device(ray.get_gpu_ids(), torch.cuda.is_available())
         self.predictor = Predictor.from_checkpoint(checkpoint, device=device, top_words=top_words)
         self.model = model
         self.limits = ServingLimits.load()
@@ -146,10 +160,12 @@ class InstAlignService:
         self.predict_row.set_max_batch_size(max_batch_size)
         self.predict_row.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.stats = _Stats()
+        self.batching = {"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_timeout_s * 1000.0,
+                         "device": device}
         self.samples = json.loads((WEB_DIR / "samples" / "samples.json").read_text())["samples"]
         log.info("InstAlign replica ready: %s on %s, batches of up to %d rows", model, device, max_batch_size)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def predict_row(self, items: list[tuple[Any, str]]) -> list[Any]:
         """A batch of (decoded image, text) rows from any requests → their ``Prediction``\\ s."""
         pictures, texts = [p for p, _ in items], [t for _, t in items]
@@ -182,8 +198,10 @@ class InstAlignService:
         return Response("\n", media_type="text/plain")
 
     @api.get("/stats")
-    def batch_stats(self) -> dict[str, int]:
-        return {"batches": self.stats.batches, "rows": self.stats.rows, "largest_batch": self.stats.largest}
+    def batch_stats(self) -> dict[str, Any]:
+        """Batches run so far, and how this replica batches (its limits and its device)."""
+        return {"batches": self.stats.batches, "rows": self.stats.rows, "largest_batch": self.stats.largest,
+                **self.batching}
 
     @api.post("/invocations")
     async def invocations(self, request: Request) -> Response:
@@ -239,8 +257,39 @@ class InstAlignService:
 
 # --- building and running the application ----------------------------------------------------
 
+def replica_device(gpu_ids: list, cuda_available: bool) -> str:
+    """``"cuda"`` when Ray assigned this replica a GPU (``ray.get_gpu_ids()``) and torch can use
+    it, else ``"cpu"``.
+
+    Asked of Ray rather than of torch alone: a replica without ``num_gpus`` on a GPU node may
+    still see the node's GPUs, and would then share one with the replicas that reserved it.
+    A GPU that torch cannot use (a CPU build of torch) is said in the log, not hidden.
+    """
+    if not gpu_ids:
+        return "cpu"
+    if not cuda_available:
+        log.warning("Ray assigned this replica GPU %s but torch sees no CUDA device: the model runs on CPU",
+                    ",".join(map(str, gpu_ids)))
+        return "cpu"
+    return "cuda"
+
+
+def resolve_gpus_per_replica(requested: Optional[float], cluster: dict[str, float]) -> float:
+    """GPUs per replica: ``requested`` when given (0: CPU replicas), else one when the cluster
+    advertises GPUs (``cluster``: ``pipelines.core.resources.cluster_totals``), the same rule as
+    Train workers (``resolve_gpus_per_worker``): a GPU cluster serving from CPU would do so
+    silently and many times slower. A cluster whose GPU nodes are still to come advertises
+    none yet: pass ``--gpus-per-replica 1`` there.
+    """
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"--gpus-per-replica must be >= 0, got {requested:g}")
+        return float(requested)
+    return resolve_gpus_per_worker(None, float(cluster.get("GPU", 0.0)))
+
 def build_app(model: str, *, tracking_uri: Optional[str] = None, replicas: int = 1, gpus_per_replica: float = 0.0,
-              cpus_per_replica: float = 1.0, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+              cpus_per_replica: float = 1.0, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+              batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
               top_words: int = 3, allowed_hosts: Optional[list[str]] = None) -> serve.Application:
     """The Serve application for ``model`` (a checkpoint directory or ``models:/`` URI).
 
@@ -277,19 +326,25 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     if "model" not in args:
         raise ValueError("app_builder: args need 'model' (a models:/NAME@ALIAS URI or a checkpoint directory)")
     return InstAlignService.bind(str(args["model"]), args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
-                                 int(args.get("max_batch_size", 8)), float(args.get("batch_wait_timeout_s", 0.01)),
+                                 int(args.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
+                                 float(args.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_S)),
                                  int(args.get("top_words", 3)))
 
 
 def start(model: str, *, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
-          tracking_uri: Optional[str] = None, allowed_hosts: tuple[str, ...] = (), **options: Any) -> str:
+          tracking_uri: Optional[str] = None, allowed_hosts: tuple[str, ...] = (),
+          gpus_per_replica: Optional[float] = None, **options: Any) -> str:
     """Connect to Ray (``ray_cluster.init_ray``), start Serve's HTTP proxy on ``host:port`` and
-    deploy the application, answering to :func:`bound_hosts`; returns its URL once every
-    replica is ready."""
+    deploy the application, answering to :func:`bound_hosts`, on GPUs when the cluster has them
+    (:func:`resolve_gpus_per_replica`); returns its URL once every replica is ready."""
     init_ray(address)
+    cluster = cluster_totals()
+    gpus = resolve_gpus_per_replica(gpus_per_replica, cluster)
+    log.info("serving on %s (the cluster has %g GPUs, %g CPUs)",
+             f"GPU: {gpus:g} per replica" if gpus else "CPU", cluster["GPU"], cluster["CPU"])
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(model, tracking_uri=tracking_uri, allowed_hosts=bound_hosts(host, port, allowed_hosts),
-                        **options), name=APP_NAME, route_prefix="/")
+                        gpus_per_replica=gpus, **options), name=APP_NAME, route_prefix="/")
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
 
@@ -300,12 +355,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to deploy on (auto, HOST:PORT); default: a private local cluster")
     parser.add_argument("--replicas", type=int, default=1, help="model replicas (default: 1)")
-    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (0: CPU)")
+    parser.add_argument("--gpus-per-replica", type=float, default=None,
+                        help="GPUs per replica (0: CPU; default: 1 when the cluster has GPUs, else 0)")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (default: 1)")
-    parser.add_argument("--max-batch-size", type=int, default=8,
-                        help="rows run through the model together across concurrent requests (default: 8)")
-    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
-                        help="how long a batch waits to fill, in milliseconds (default: 10)")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help="rows run through the model together across concurrent requests (default: %(default)s)")
+    parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_S * 1000.0,
+                        help="how long a batch waits to fill, in milliseconds (default: %(default)g; a lone request "
+                             "waits this long)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 exposes "
                              "an unauthenticated server)")
