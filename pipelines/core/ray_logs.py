@@ -38,9 +38,17 @@ LOG_LEVEL_ENV = "INSTALIGN_RAY_LOG_LEVEL"
 #: actor keeps its constructor arguments in the object store while it may restart
 #: (ray-project/ray#53727), logged in every run; and the GCS failing to kill an actor whose
 #: process had already exited ("Socket closed"), a race when Train and Data tear down their
-#: actors. Applied by :func:`skip_known_worker_lines`.
+#: actors. And the raylet's first note that many worker processes started, on a node of one or
+#: two CPUs: Ray expects at most as many starting workers as CPUs (``maximum_startup_concurrency``,
+#: not settable from ``ray.init``) and warns at 4x, which Train's fractional-CPU workers, Ray
+#: Data's tasks and helper actors reach on such a node by design (the quickstart on 2 cores: 8).
+#: Its 5x and later notes, and any note on a bigger node, still show. Applied by
+#: :func:`skip_known_worker_lines`; the lines stay in Ray's own logs (``raylet.err`` in the
+#: session directory).
 SKIP_WORKER_LINES = (r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
-                     r"|Failed to kill actor \w+, return status: Invalid: KillActor RPC failed .*Socket closed")
+                     r"|Failed to kill actor \w+, return status: Invalid: KillActor RPC failed .*Socket closed"
+                     r"|WARNING: \d+ PYTHON worker processes have been started on node: .* which is 4x the maximum "
+                     r"expected startup concurrency \([12]\)")
 SKIP_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
 
 
