@@ -84,19 +84,24 @@ def test_cli_parses_the_documented_options():
 
 # --- a real search -------------------------------------------------------------------------
 
+#: ``loss.nt_pos_weight=1.0``: the tiny preset's ``auto`` class weight (≈2 on this data) makes 4
+#: steps at lr 1e-2 answer "no target" for all 8 targeted val samples (gIoU 0, as the lr=1e-9
+#: trials), which leaves ASHA nothing to tell apart at its first rung; plain BCE does not.
 BASE_OVERRIDES = ["data.max_train_samples=32", "data.max_val_samples=8", "data.num_overlays=0", "train.epochs=2",
-                  "train.batch_size=8", "train.min_lr=0.0", "train.log_every_steps=1", "loss.num_points=256"]
+                  "train.batch_size=8", "train.min_lr=0.0", "train.log_every_steps=1", "loss.num_points=256",
+                  "loss.nt_pos_weight=1.0"]
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_asha_search_tracks_trials_registers_the_best_and_resumes(prepared_dataset, ray_local, tmp_path, caplog,
                                                                    capfd):
-    """4 trials × 2 epochs × 4 steps, one 0.45-CPU worker each, 2 at a time (grid order: the two
-    lr=1e-2 trials first). The lr=1e-9 trials cannot move the weights: their val gIoU stays the
-    initial model's, 0 on these 8 targeted samples (it calls every sample no-target); after 4
-    steps at 1e-2 the model predicts targets (gIoU 19–31 in 4 of 4 offline runs of this setup,
-    nt_weight 0.5). The first lr=1e-9 trial reaches ASHA's first rung (grace 1, rate 2) after
+    """4 trials × 2 epochs × 8 steps of 4 samples, one 0.45-CPU worker each, 2 at a time (grid
+    order: the two lr=1e-2 trials first). The lr=1e-9 trials cannot move the weights: their val
+    gIoU stays the initial model's, 0 on these 8 targeted samples (it calls every sample
+    no-target); after a few steps at 1e-2 the model predicts targets (gIoU 19–31 in 4 of 4
+    offline runs at 4 steps of 8, nt_weight 0.5; one of two trials still at 0 after 4 steps in
+    one run: 8 smaller steps make that rarer at the same cost). The first lr=1e-9 trial reaches ASHA's first rung (grace 1, rate 2) after
     both others recorded there, and is stopped unless both of them also scored 0. While it runs,
     the driver prints Tune's trial table and logs each result beside the best trial so far."""
     import logging
@@ -113,7 +118,8 @@ def test_asha_search_tracks_trials_registers_the_best_and_resumes(prepared_datas
         "train.lr": {"type": "grid", "values": [GOOD_LR, TINY_LR]},
         "loss.nt_weight": {"type": "grid", "values": [0.5, 1.0]}}}))
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    kwargs = dict(config="tiny", overrides=tuple(BASE_OVERRIDES), max_concurrent=2, workers_per_trial=1,
+    overrides = (*BASE_OVERRIDES, "train.batch_size=4")
+    kwargs = dict(config="tiny", overrides=overrides, max_concurrent=2, workers_per_trial=1,
                   cpus_per_worker=0.45, name="lr-search", storage_path=str(tmp_path / "ray"), experiment="test-tune",
                   tracking_uri=store, scheduler="asha", max_iterations=2, grace_period=1, reduction_factor=2,
                   max_failures=1)
@@ -140,7 +146,7 @@ def test_asha_search_tracks_trials_registers_the_best_and_resumes(prepared_datas
 
     # The best config: a complete training config with the best trial's values.
     best_cfg = load_config(result.best_config_path)
-    assert best_cfg == trial_config(load_config("tiny", BASE_OVERRIDES), result.best.params)
+    assert best_cfg == trial_config(load_config("tiny", list(overrides)), result.best.params)
     assert best_cfg.train.lr == GOOD_LR and best_cfg.loss.nt_weight == result.best.params["loss.nt_weight"]
 
     # MLflow: the parent holds the search; each trial's training run is its child.
@@ -175,7 +181,7 @@ def test_asha_search_tracks_trials_registers_the_best_and_resumes(prepared_datas
                                   filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 4
     # ...but a different search under that name is refused before anything runs.
     with pytest.raises(ValueError, match="'lr-search' already exists .* choose a new --name"):
-        tune(str(space), str(prepared_dataset), **{**kwargs, "overrides": (*BASE_OVERRIDES, "train.epochs=3")})
+        tune(str(space), str(prepared_dataset), **{**kwargs, "overrides": (*overrides, "train.epochs=3")})
 
 
 @pytest.mark.ray
