@@ -29,8 +29,8 @@ from instalign.data.transforms import GRESTransform
 from instalign.metrics import GRESMetrics, NoTargetScores
 from instalign.modeling.outputs import BlockPrediction, InstAlignOutput
 
-__all__ = ["resolve_precision", "resolve_compile", "autocast", "train_one_epoch", "postprocess", "postprocess_sizes", "masks_at_sizes",
-           "size_chunks", "upsample_budget", "evaluate", "forward_batch"]
+__all__ = ["resolve_precision", "resolve_compile", "autocast", "train_one_epoch", "postprocess", "postprocess_sizes",
+           "masks_at_sizes", "size_chunks", "upsample_budget", "evaluate", "forward_batch"]
 
 Report = Callable[[dict, int], None]
 

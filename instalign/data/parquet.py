@@ -182,7 +182,7 @@ def samples_to_columns(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # --- columns → Batch (the collate of both loaders) -------------------------------------------
 
 def columns_to_batch(columns: Mapping[str, Any], *, device: torch.device | str = "cpu",
-                     transform: Any | None = None) -> Batch:
+                     transform: Any | None = None, pin_memory: bool = False) -> Batch:
     """Columns of B samples → a ``Batch`` on ``device``, instance masks padded per batch.
 
     The image travels as uint8 and is normalised on the device (``GRESTransform.normalize``): on a
@@ -192,6 +192,10 @@ def columns_to_batch(columns: Mapping[str, Any], *, device: torch.device | str =
         columns: ``SAMPLE_FIELDS`` as arrays (``instance_masks`` a sequence of (M_i, S, S)).
         device: where the batch goes.
         transform: whose mean/std normalise the images (default: ImageNet's, as ``GRESTransform``).
+        pin_memory: stage the host tensors in pinned memory before their non-blocking copies to
+            ``device``, so the copies are truly asynchronous DMA (from pageable memory CUDA copies
+            through a staging buffer and the host waits). For a CUDA ``device`` only: pinning is
+            a pure cost on CPU (``pipelines.data.loader.pin_host_memory`` decides).
     """
     # Channels-first while still uint8: a 1-byte copy (which also makes Ray's read-only buffers
     # writable for torch); normalising a strided channels-last view instead is ~2× slower.
@@ -200,6 +204,11 @@ def columns_to_batch(columns: Mapping[str, Any], *, device: torch.device | str =
     if transform is None:
         transform = _default_normalizer(s)
     device = torch.device(device)
+
+    def upload(array: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(array)
+        return (host.pin_memory() if pin_memory else host).to(device, non_blocking=True)
+
     if device.type == "cpu":
         # One sample at a time into one output: the float temporaries stay small enough for the
         # allocator to reuse, instead of three fresh (B, 3, S, S) buffers whose page faults
@@ -209,7 +218,7 @@ def columns_to_batch(columns: Mapping[str, Any], *, device: torch.device | str =
         for i in range(b):
             images[i: i + 1] = transform.normalize(pixels[i: i + 1])
     else:
-        images = transform.normalize(torch.from_numpy(images).to(device, non_blocking=True))  # (B, 3, S, S)
+        images = transform.normalize(upload(images))  # (B, 3, S, S)
     masks = [np.asarray(m) for m in columns["instance_masks"]]  # B × (M_i, S, S), bool or 0/1 uint8
     counts = np.asarray(columns["num_instances"], dtype=np.int64)
     for i, m in enumerate(masks):
@@ -222,14 +231,14 @@ def columns_to_batch(columns: Mapping[str, Any], *, device: torch.device | str =
         padded[i, : m.shape[0]] = m
         if m.shape[0]:
             m.any(axis=0, out=union[i])  # numpy: ~40× less CPU than torch's any(dim=1) over (B, M, S, S)
-    instance_masks = torch.from_numpy(padded).to(device, non_blocking=True)  # one transfer, then views
+    instance_masks = upload(padded)  # one transfer, then views
     return Batch(
         images=images,
-        input_ids=torch.from_numpy(np.array(columns["input_ids"], dtype=np.int64)).to(device),
-        attention_mask=torch.from_numpy(np.array(columns["attention_mask"], dtype=np.int64)).to(device),
+        input_ids=upload(np.array(columns["input_ids"], dtype=np.int64)),
+        attention_mask=upload(np.array(columns["attention_mask"], dtype=np.int64)),
         instance_masks=[instance_masks[i, :n] for i, n in enumerate(counts.tolist())],
-        union_masks=torch.from_numpy(union).to(device, non_blocking=True),
-        no_target=torch.from_numpy(np.array(columns["no_target"], dtype=bool)).to(device),
+        union_masks=upload(union),
+        no_target=upload(np.array(columns["no_target"], dtype=bool)),
         sample_ids=[str(x) for x in columns["sample_id"]],
     )
 

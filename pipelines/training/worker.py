@@ -62,7 +62,7 @@ from instalign.engine import evaluate, resolve_compile, resolve_precision, train
 from instalign.metrics import GRESMetrics, NoTargetScores
 from instalign.tracking import NullTracker, finite_metrics
 from pipelines.core.tracking import MlflowTracker
-from pipelines.data.loader import RowsToBatch, rows_to_batch
+from pipelines.data.loader import PREFETCH_BATCHES, rows_to_batch, torch_batches
 from pipelines.training.observers import (Checkpoints, Observer, Observers, Overlays, Place, ProgressLines, Tracking,
                                           observer_from_env)
 from pipelines.training.progress import peak_memory_bytes
@@ -263,8 +263,7 @@ class _Worker:
     def _train_batches(self, epoch: int, skip: int) -> Iterator[Any]:
         """This worker's ``Batch``-es of ``epoch`` (module docstring: the two data orders)."""
         if self.spec.data_order == "streaming":
-            return iter(self.train_shard.iter_torch_batches(batch_size=self.local_batch, drop_last=True,
-                                                            collate_fn=RowsToBatch(self.device)))
+            return torch_batches(self.train_shard, batch_size=self.local_batch, device=self.device, drop_last=True)
         b, r, micro = self.local_batch, self.rank, self.local_batch * self.world
         # Each global batch is ``accum`` consecutive micro global batches; this rank's slice of each.
         mine = ({k: v[j * micro + r * b:j * micro + (r + 1) * b] for k, v in rows.items()}
@@ -280,7 +279,9 @@ class _Worker:
         """
         size = self.cfg.train.batch_size
         window = size * ORDERED_WINDOW_BATCHES
-        for k, rows in enumerate(self.train_shard.iter_batches(batch_size=window, batch_format="numpy")):
+        windows = self.train_shard.iter_batches(batch_size=window, batch_format="numpy",
+                                                prefetch_batches=PREFETCH_BATCHES)
+        for k, rows in enumerate(windows):
             n = len(rows["sample_id"])
             perm = np.random.default_rng([self.cfg.train.seed, epoch, k]).permutation(n)
             for start in range(0, n - size + 1, size):  # a partial global batch at the end is dropped
@@ -328,7 +329,7 @@ class _Worker:
         self.observers.finished(step)
 
     def _validate(self, step: int) -> dict[str, float]:
-        batches = self.val_shard.iter_torch_batches(batch_size=self.local_batch, collate_fn=RowsToBatch(self.device))
+        batches = torch_batches(self.val_shard, batch_size=self.local_batch, device=self.device)
         scores = NoTargetScores()  # the no-target head's AUROC and score quartiles per class
         local = evaluate(self.eval_model, batches, device=self.device, precision=self.precision, scores=scores)
         merged, merged_scores = GRESMetrics(), NoTargetScores()
