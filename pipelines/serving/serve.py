@@ -65,6 +65,7 @@ from ray import serve
 
 from instalign.checkpoint import checkpoint_files
 from instalign.predictor import Predictor
+from pipelines.core import flags
 from pipelines.core.ray_cluster import init_ray
 from pipelines.core.resources import cluster_totals, resolve_gpus_per_worker
 from pipelines.models.limits import ENV, PredictionGate, ServingLimits
@@ -109,6 +110,25 @@ class _Stats:
         self.batches, self.rows, self.largest = self.batches + 1, self.rows + n, max(self.largest, n)
 
 
+def replica_device(gpu_ids: list, cuda_available: bool) -> str:
+    """``"cuda"`` when Ray assigned this replica a GPU (``ray.get_gpu_ids()``) and torch can use
+    it, else ``"cpu"``.
+
+    Asked of Ray rather than of torch alone: a replica without ``num_gpus`` on a GPU node may
+    still see the node's GPUs, and would then share one with the replicas that reserved it.
+    A GPU that torch cannot use (a CPU build of torch) is said in the log, not hidden. Defined
+    above :class:`InstAlignService`: Serve pickles that class as it is decorated, with only the
+    module's names defined by then.
+    """
+    if not gpu_ids:
+        return "cpu"
+    if not cuda_available:
+        log.warning("Ray assigned this replica GPU %s but torch sees no CUDA device: the model runs on CPU",
+                    ",".join(map(str, gpu_ids)))
+        return "cpu"
+    return "cuda"
+
+
 class _QueuedModel:
     """What ``pyfunc.predict_records`` sees as the predictor: the real transform (for the text
     checks) and a ``predict_batch`` that queues each row on the replica's event loop, where
@@ -124,7 +144,14 @@ class _QueuedModel:
         return [f.result() for f in futures]
 
 
-@serve.deployment(name="InstAlign", max_ongoing_requests=32)
+#: How often a replica told to stop looks for requests still in flight (Serve's
+#: ``graceful_shutdown_wait_loop_s``). Serve waits one such period before its first look, so
+#: with its default of 2 s an idle replica took 2 s to stop and Ctrl-C as much longer. Requests
+#: in flight are still drained, for up to Serve's ``graceful_shutdown_timeout_s`` (20 s).
+SHUTDOWN_CHECK_S = 0.1
+
+
+@serve.deployment(name="InstAlign", max_ongoing_requests=32, graceful_shutdown_wait_loop_s=SHUTDOWN_CHECK_S)
 @serve.ingress(api)
 class InstAlignService:
     """One replica: the model, the serving limits, the batch queue.
@@ -257,23 +284,6 @@ class InstAlignService:
 
 # --- building and running the application ----------------------------------------------------
 
-def replica_device(gpu_ids: list, cuda_available: bool) -> str:
-    """``"cuda"`` when Ray assigned this replica a GPU (``ray.get_gpu_ids()``) and torch can use
-    it, else ``"cpu"``.
-
-    Asked of Ray rather than of torch alone: a replica without ``num_gpus`` on a GPU node may
-    still see the node's GPUs, and would then share one with the replicas that reserved it.
-    A GPU that torch cannot use (a CPU build of torch) is said in the log, not hidden.
-    """
-    if not gpu_ids:
-        return "cpu"
-    if not cuda_available:
-        log.warning("Ray assigned this replica GPU %s but torch sees no CUDA device: the model runs on CPU",
-                    ",".join(map(str, gpu_ids)))
-        return "cpu"
-    return "cuda"
-
-
 def resolve_gpus_per_replica(requested: Optional[float], cluster: dict[str, float]) -> float:
     """GPUs per replica: ``requested`` when given (0: CPU replicas), else one when the cluster
     advertises GPUs (``cluster``: ``pipelines.core.resources.cluster_totals``), the same rule as
@@ -378,6 +388,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    flags.setup_logging(getattr(args, "log_level", None))  # the cluster and device lines, as train and tune show
     tracking_uri = configure_tracking(args.tracking_uri) if is_model_uri(args.model) else None
     # A wrong name, alias or directory fails here, in one line (pipelines.cli), before Ray starts.
     checkpoint_files(resolve_checkpoint(args.model))
