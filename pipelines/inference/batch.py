@@ -26,12 +26,17 @@ What DATA can be:
 
 How it runs: the checkpoint (a directory, or ``models:/NAME@ALIAS`` resolved once by
 ``pipelines.models.registry.resolve_checkpoint``) goes into the object store once; DATA is read as
-``pipelines.inference.tables.read_pairs`` says; ``map_batches`` runs :class:`BatchPredictor`
-(``pipelines.inference.actor``), a callable class — an actor pool whose actors (GPU or CPU) each
-build the ``Predictor`` once. An actor checks every row with the serving boundary's own
-functions (``pipelines.models.pyfunc``: ``check_text``, ``image_size``, ``decode_image``; files capped
-at ``pyfunc.MAX_FILE_BYTES`` like ``instalign predict --image``), predicts the good rows of the
-batch together and marks the others rejected with a reason. A bad row never fails the job
+``pipelines.inference.tables.read_pairs`` says; then three stages stream blocks of
+:data:`BLOCK_ROWS` rows into one another. Decode (``pipelines.inference.decode``, Ray tasks on
+CPUs) reads and checks every row with the serving boundary's own functions
+(``pipelines.models.pyfunc``: ``check_text_size``, ``image_size``, ``decode_image``; files capped
+at ``pyfunc.MAX_FILE_BYTES`` like ``instalign predict --image``) and decodes its image. The model
+stage (``pipelines.inference.actor.ModelStage``) is an actor pool whose actors (on a GPU each when
+the cluster has GPUs) build the ``Predictor`` once, check the texts' token counts and predict
+the good rows ``--batch-size`` at a time. Encode (``pipelines.inference.encode``, Ray tasks on
+CPUs) writes the masks as RLE records and scores rows with ground truth. A row that fails a
+check is marked rejected with a reason at the stage that found it and carried to the end: a
+bad row never fails the job and is never dropped
 (Ray's ``max_errored_blocks`` would drop whole blocks without a count; PLATFORM-FACTS).
 
 Output, under OUT: ``predictions/`` (Parquet, :data:`PREDICTION_SCHEMA`), ``rejects/``
@@ -67,9 +72,12 @@ from instalign.metrics import GRESMetrics
 from pipelines.core.output_dirs import MARKER_NAME, claim_output, replaceable_output
 from pipelines.core.ray_cluster import init_ray
 from pipelines.core.redaction import redacted_output, write_json
-from pipelines.core.resources import check_leaves_room_for_data, cluster_cpus, default_cpus_per_worker
+from pipelines.core.resources import (check_leaves_room_for_data, cluster_cpus, cluster_totals,
+                                      default_cpus_per_worker, resolve_gpus_per_worker)
 from pipelines.core.tracking import ensure_experiment, metric_key, redact_data, redacted_context_tags
-from pipelines.inference.actor import BatchPredictor
+from pipelines.inference.actor import ModelStage
+from pipelines.inference.decode import decode_rows
+from pipelines.inference.encode import encode_rows
 from pipelines.inference.batch_flags import add_data_arguments
 from pipelines.inference.tables import PREDICTION_SCHEMA, REJECT_SCHEMA, BatchPredictError, is_prepared, read_pairs
 from pipelines.models.source import checkpoint_payload, configure_tracking, is_model_uri, resolve_checkpoint
@@ -86,9 +94,9 @@ class BatchPredictConfig:
         out: output directory (must not exist, or be empty).
         split: split of a prepared dataset.
         num_workers: model replicas (Ray actors).
-        gpus_per_worker: GPUs per replica (0: CPU inference).
+        gpus_per_worker: GPUs per replica (0: CPU inference; default: 1 when the cluster has GPUs).
         cpus_per_worker: CPUs per replica (default: 1 with a GPU, else a share leaving CPUs to reading).
-        batch_size: rows per model call.
+        batch_size: rows per model call (default: :data:`GPU_BATCH` on a GPU, :data:`CPU_BATCH` on a CPU).
         top_words: words reported per instance.
         limit: predict the first ``limit`` rows only (0: all).
         address: Ray cluster to join (default: a private local cluster; ``ray_cluster.init_ray``).
@@ -100,9 +108,9 @@ class BatchPredictConfig:
     out: str
     split: str = "val"
     num_workers: int = 1
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: Optional[float] = None
     cpus_per_worker: Optional[float] = None
-    batch_size: int = 8
+    batch_size: Optional[int] = None
     top_words: int = 3
     limit: int = 0
     address: Optional[str] = None
@@ -111,15 +119,43 @@ class BatchPredictConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise BatchPredictError(f"--num-workers must be >= 1, got {self.num_workers}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise BatchPredictError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.gpus_per_worker < 0:
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise BatchPredictError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if self.limit < 0:
             raise BatchPredictError(f"--limit must be >= 0, got {self.limit}")
 
 
 # --- the job ----------------------------------------------------------------------------------
+
+#: Rows per model call by default: on a GPU a batch of 32 keeps it busy (issue 28's target
+#: setting); on a CPU 8 — larger batches were not faster there (docs/performance.md).
+GPU_BATCH, CPU_BATCH = 32, 8
+#: Rows per block through the CPU stages: each Ray task and each hand-over between stages
+#: costs milliseconds whatever its size, so blocks far larger than a model call (blocks of 8:
+#: 625 decode, model, encode and write tasks for 5,000 rows) keep that cost per row small.
+BLOCK_ROWS = 128
+
+
+def _stages(ds, payload, cfg: BatchPredictConfig, *, cpus: float, gpus: float, batch_size: int):
+    """Decode (Ray tasks on CPUs) → model (the actor pool, GPUs when given) → encode (Ray tasks
+    on CPUs): each stage streams blocks to the next, so on a GPU node the CPUs decode and
+    encode while the GPU predicts, and the model's process does nothing else."""
+    blocks = ds.repartition(target_num_rows_per_block=max(BLOCK_ROWS, batch_size))
+    decoded = blocks.map_batches(decode_rows, batch_format="pyarrow", batch_size=None)
+    predicted = decoded.map_batches(
+        ModelStage,
+        fn_constructor_kwargs=dict(checkpoint=[payload], device="cuda" if gpus > 0 else "cpu",
+                                   top_words=cfg.top_words),
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        num_cpus=cpus,
+        num_gpus=gpus or None,
+    )
+    return predicted.map_batches(encode_rows, batch_format="pyarrow", batch_size=None)
+
 
 def _model_tags(model: str) -> dict[str, str]:
     """Tags that link the run to the registered version it used (resolved now: an alias moves)."""
@@ -165,7 +201,9 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     out = _prepare_out(cfg.out, cfg.data)
 
     init_ray(cfg.address, data_only=True)
-    use_gpu = cfg.gpus_per_worker > 0
+    gpus = resolve_gpus_per_worker(cfg.gpus_per_worker, cluster_totals()["GPU"])
+    use_gpu = gpus > 0
+    batch_size = cfg.batch_size or (GPU_BATCH if use_gpu else CPU_BATCH)
     cpus = cfg.cpus_per_worker
     if cpus is None:
         cpus = default_cpus_per_worker(cfg.num_workers, use_gpu=use_gpu)
@@ -180,16 +218,7 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     ds, kind = read_pairs(cfg.data, split=cfg.split, limit=cfg.limit)
     payload = ray.put(checkpoint_payload(checkpoint))
-    results = ds.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
-        BatchPredictor,
-        fn_constructor_kwargs=dict(checkpoint=[payload], device="cuda" if use_gpu else "cpu",
-                                   top_words=cfg.top_words),
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        num_cpus=cpus,
-        num_gpus=cfg.gpus_per_worker or None,
-    ).materialize()
+    results = _stages(ds, payload, cfg, cpus=cpus, gpus=gpus, batch_size=batch_size).materialize()
 
     def select(status: str, schema: pa.Schema):
         def keep(table: pa.Table) -> pa.Table:
@@ -219,7 +248,7 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
         "rows": int(status.num_rows), "predicted": predicted, "rejected": int(sum(reasons.values())),
         "reasons": dict(sorted(reasons.items())), "seconds": round(seconds, 3),
         "rows_per_s": round(status.num_rows / seconds, 3) if seconds > 0 else None,
-        "num_workers": cfg.num_workers, "cpus_per_worker": cpus, "gpus_per_worker": cfg.gpus_per_worker,
+        "num_workers": cfg.num_workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus,
         "metrics": metrics.compute() if metrics.state_dict()["samples"] else {},
         "out": str(out.resolve()),
     }
@@ -229,7 +258,8 @@ def batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.get_tracking_uri(), cfg.experiment))
     with mlflow.start_run(run_name="batch-predict", tags={**redacted_context_tags(), **redact_data(tags),
                                                           "instalign.task": "batch-predict"}) as run:
-        mlflow.log_params(redact_data({k: v for k, v in asdict(cfg).items() if v is not None}))
+        params = {**asdict(cfg), "gpus_per_worker": gpus, "batch_size": batch_size}  # as resolved
+        mlflow.log_params(redact_data({k: v for k, v in params.items() if v is not None}))
         mlflow.log_metrics({"rows": summary["rows"], "predicted": predicted, "rejected": summary["rejected"],
                             "seconds": seconds, "rows_per_s": summary["rows_per_s"] or 0.0,
                             **{metric_key(k): v for k, v in summary["metrics"].items() if np.isfinite(v)}})

@@ -19,9 +19,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                              "(columns text + image_path or image); --out is then an output directory")
     parser.add_argument("--split", default="val", help="split of a prepared dataset (default: val)")
     parser.add_argument("--num-workers", type=int, default=1, help="model replicas (Ray actors)")
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per replica (0: CPU)")
+    parser.add_argument("--gpus-per-worker", type=float, default=None,
+                        help="GPUs per replica (0: CPU; default: 1 when the cluster has GPUs, else 0)")
     parser.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per replica")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per model call")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="rows per model call (default: 32 on a GPU, 8 on a CPU)")
     parser.add_argument("--limit", type=int, default=0, help="predict only the first N rows (0: all)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (auto, HOST:PORT); default: a private local cluster")

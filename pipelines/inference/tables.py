@@ -3,8 +3,10 @@
 DATA — a prepared dataset split (``instalign prepare``) or a ``.csv`` / ``.parquet`` table of
 (image, expression) pairs — becomes one :data:`INPUT_SCHEMA` row per pair (:func:`read_pairs`;
 prepared image rows are exploded into their sentences, with the target union as ground truth,
-eq. 8). The actors (``pipelines.inference.actor``) answer in :data:`ACTOR_SCHEMA`, which the job
-splits into :data:`PREDICTION_SCHEMA` and :data:`REJECT_SCHEMA` Parquet tables under OUT.
+eq. 8). Three stages answer them: decode (``pipelines.inference.decode``: :data:`DECODED_SCHEMA`),
+model (``pipelines.inference.actor``: :data:`PREDICTED_SCHEMA`) and encode
+(``pipelines.inference.encode``: :data:`ACTOR_SCHEMA`), which the job splits into
+:data:`PREDICTION_SCHEMA` and :data:`REJECT_SCHEMA` Parquet tables under OUT.
 A Parquet table is streamed a row group at a time (:func:`plan_parquet`, :func:`read_piece`):
 one that carries its images must not have to fit in the driver's memory.
 """
@@ -82,12 +84,35 @@ REJECT_SCHEMA = pa.schema([
     ("detail", pa.string()),
 ])
 
-#: What the actors emit: both of the above in one table, split by ``status`` on the driver.
-ACTOR_SCHEMA = pa.schema(list(PREDICTION_SCHEMA) + [
-    ("status", pa.string()),  # "ok" | "rejected"
-    ("reason", pa.string()),
-    ("detail", pa.string()),
+#: A row's fate so far: ``status`` "ok" | "rejected", and for a reject its reason code and message.
+_STATUS = [("status", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+
+#: What the last stage emits: both of the above in one table, split by ``status`` on the driver.
+ACTOR_SCHEMA = pa.schema(list(PREDICTION_SCHEMA) + _STATUS + [
     ("metric_state", pa.string()),  # JSON GRESMetrics state of this one row (ground truth only)
+])
+
+#: The pair and its ground truth, as every stage passes them on.
+_PAIR = [f for f in INPUT_SCHEMA if f.name != "image"]
+
+#: What the decode stage (``pipelines.inference.decode``) hands the model stage: each row's
+#: image read, checked and decoded to RGB pixels (``height × width × 3`` bytes), or the row
+#: rejected with its reason. The encoded bytes are dropped there: they are not read again.
+DECODED_SCHEMA = pa.schema(_PAIR + [("pixels", pa.binary()), ("width", pa.int64()), ("height", pa.int64())]
+                           + _STATUS)
+
+#: What the model stage (``pipelines.inference.actor``) hands the encode stage: the answer
+#: with its masks as ``numpy.packbits`` of the ``height × width`` bool arrays (an eighth of
+#: the bytes; RLE and the record format happen after, off the model's process).
+PREDICTED_SCHEMA = pa.schema(list(DECODED_SCHEMA.remove(DECODED_SCHEMA.get_field_index("pixels"))) + [
+    ("mask_bits", pa.binary()),
+    ("no_target", pa.bool_()),
+    ("no_target_prob", pa.float64()),
+    ("inst_query", pa.list_(pa.int64())),
+    ("inst_score", pa.list_(pa.float64())),
+    ("inst_bits", pa.list_(pa.binary())),
+    ("inst_words", pa.list_(pa.list_(pa.string()))),
+    ("inst_weights", pa.list_(pa.list_(pa.float64()))),
 ])
 
 

@@ -15,7 +15,7 @@ def test_the_options_and_their_defaults():
     add_data_arguments(parser)
     args = parser.parse_args([])
     assert (args.data, args.split, args.num_workers, args.gpus_per_worker, args.cpus_per_worker, args.batch_size,
-            args.limit, args.address, args.experiment) == (None, "val", 1, 0.0, None, 8, 0, None,
+            args.limit, args.address, args.experiment) == (None, "val", 1, None, None, None, 0, None,
                                                            "instalign-batch-predict")
     args = parser.parse_args(["--data", "t.parquet", "--num-workers", "2", "--limit", "5"])
     assert (args.data, args.num_workers, args.limit) == ("t.parquet", 2, 5)
