@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from instalign.predictor import Predictor
-from pipelines.inference.tables import PREDICTION_SCHEMA, REJECT_SCHEMA, _read_csv
+from pipelines.inference.tables import PREDICTION_SCHEMA, REJECT_SCHEMA, read_csv
 from pipelines.models.limits import read_regular_file
 from pipelines.models.pyfunc import MAX_FILE_BYTES, PyfuncInputError, check_text, decode_image, image_size
 from pipelines.models.records import prediction_to_record
@@ -38,7 +38,7 @@ def _checked(predictor: Predictor, row: dict):
 def run(checkpoint: str, table: str, out: str, batch_size: int) -> tuple[int, int]:
     """Predict every row of ``table``; returns (predicted, rejected)."""
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
-    rows = _read_csv(table).to_pylist()
+    rows = read_csv(table).to_pylist()
     done, rejected = [], []
     for start in range(0, len(rows), batch_size):
         good, pictures, texts = [], [], []

@@ -199,7 +199,7 @@ def _table_base(data: str) -> Path:
     return path.parent if path.is_file() else path
 
 
-def _read_csv(data: str) -> pa.Table:
+def read_csv(data: str) -> pa.Table:
     """A CSV table of pairs as :data:`INPUT_SCHEMA` rows, read on the driver (it holds paths,
     not pixels)."""
     try:
@@ -279,7 +279,7 @@ def _read_table(data: str, limit: int = 0):
     """
     suffix = Path(data).suffix.lower()
     if suffix == ".csv":
-        return ray.data.from_arrow(_read_csv(data))
+        return ray.data.from_arrow(read_csv(data))
     if suffix != ".parquet" and not Path(data).is_dir():
         raise BatchPredictError(f"{data}: expected a prepared dataset directory, a .csv or a .parquet table")
     pieces = plan_parquet(data, limit)
