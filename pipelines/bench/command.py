@@ -1,7 +1,7 @@
-"""``instalign bench {model,data,predict,fuzz}``: one verb, four benchmark modules.
+"""``instalign bench {model,data,predict,fuzz,gpu}``: one verb, five benchmark modules.
 
 Each benchmark lives in its own module (``pipelines.bench.model``, ``pipelines.bench.data``,
-``pipelines.bench.predict``, ``pipelines.bench.fuzz``) exposing ``add_arguments(parser)`` and ``run(args) -> int``,
+``pipelines.bench.predict``, ``pipelines.bench.fuzz``, ``pipelines.bench.gpu``) exposing ``add_arguments(parser)`` and ``run(args) -> int``,
 like every verb of ``pipelines.cli``. Only the chosen benchmark's module is imported, so
 ``instalign bench predict`` does not pay for Ray Data and ``instalign bench --help`` is instant.
 Speed targets live in these benchmarks and docs/performance.md, never in tests.
@@ -19,12 +19,14 @@ BENCHES: dict[str, tuple[str, str]] = {
     "data": ("pipelines.bench.data", "Ray Data prepare/load throughput"),
     "predict": ("pipelines.bench.predict", "single-request latency and batched throughput of the predictor"),
     "fuzz": ("pipelines.bench.fuzz", "property-based fuzzing of the trust boundaries, tallied per boundary"),
+    "gpu": ("pipelines.bench.gpu", "one JSON of the paper preset on one GPU: training samples/s eager and compiled, "
+                                   "peak memory, inference pairs/s and p50/p99 latency"),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The benchmark's own options are parsed in ``run`` by its module's parser: argparse
-    # cannot add them lazily, and importing all four modules up front would cost seconds.
+    # cannot add them lazily, and importing all five modules up front would cost seconds.
     parser.add_argument("bench", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the chosen benchmark (see --help)")
 
