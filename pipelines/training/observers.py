@@ -223,7 +223,9 @@ class Overlays(Observer):
 
     def validated(self, val: dict[str, float], step: int, epoch: int, model: Any) -> None:
         n = self.cfg.data.num_overlays
-        predictor = Predictor(model, self.cfg, self.tokenizer, self.device, precision=self.cfg.train.precision)
+        # A few pictures per epoch: compiling them (the Predictor's CUDA default) would cost more than it saves.
+        predictor = Predictor(model, self.cfg, self.tokenizer, self.device, precision=self.cfg.train.precision,
+                              compile=False)
         try:
             for rows in self.shard.iter_batches(batch_size=n, batch_format="numpy"):
                 images = [Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in rows["image"]]
