@@ -31,8 +31,9 @@ browser:
 
 # --durations: every run ends with its slowest tests, so a test that starts to wait shows up.
 # test-fast starts no Ray cluster (tests/conftest.py keeps the ray marker true).
+# test: the Ray tier and the tier without Ray side by side (tests/run-suite.sh says why).
 test: install browser
-	$(BIN)/python -m pytest -q --durations=25
+	bash tests/run-suite.sh $(BIN)/python
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not ray and not slow" --durations=15
