@@ -50,7 +50,7 @@ from instalign.config import load_config
 from instalign.data.parquet import split_files
 from instalign.data.synthetic import generate_grefcoco
 from instalign.visualize import save_overlay
-from pipelines.core import flags
+from pipelines.core import flags, ray_logs
 from pipelines.core.ray_cluster import init_ray
 from pipelines.data.prepare import prepare_dataset
 from pipelines.evaluation.evaluate import evaluate_dataset, log_evaluation
@@ -137,6 +137,7 @@ def quickstart(workdir: str | Path = DEFAULT_WORKDIR, *, num_images: int = DEFAU
         _print(f"      samples per split: {dict(sorted(counts['samples'].items()))}")
     with stage(2, total, "local Ray + Ray Data prepare → sharded Parquet"):
         init_ray(address)
+        ray_logs.route_actor_restart_advisory(workdir)  # Ray Data's pools trigger it; not the user's to act on
         _print(f"      Ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs")
         manifest = prepare_dataset(dataset="grefcoco", root=str(raw), out=str(prepared), overwrite=True,
                                    rows_per_shard=64, splits=["train", "val"], progress=False)

@@ -10,7 +10,9 @@ directory: pass ``--log-level DEBUG`` to debug Ray Data). Output that is not a t
 colour codes (``RAY_COLOR_PREFIX=0``) and no progress bars (:func:`show_progress_bars`); a
 terminal keeps Ray Data's progress bars. Lines Ray prints on every normal run that a user
 cannot act on are dropped (:func:`skip_known_worker_lines`, :data:`DROPPED_RECORDS`), and one
-deprecation warning inside Ray Train (:data:`IGNORED_WARNINGS`).
+deprecation warning inside Ray Train (:data:`IGNORED_WARNINGS`); Ray core's advisory about
+restartable actors, which Ray Data's actor pools trigger, goes to a file
+(:func:`route_actor_restart_advisory`).
 
 Nothing here runs on import: ``pipelines.core.ray_cluster.init_ray`` and the CLI
 (``pipelines.cli``) call these functions when they set Ray up. Ray is imported only inside
@@ -202,3 +204,52 @@ def plain_repeat_notes() -> None:
 
     if callable(getattr(ray_logging, "_color", None)):
         ray_logging._color = str
+
+
+#: Where :func:`route_actor_restart_advisory` writes Ray core's advisory (in the directory it is given).
+ADVISORY_LOG_NAME = "ray-driver-advisories.log"
+
+
+def route_actor_restart_advisory(log_dir: str | os.PathLike) -> Optional[str]:
+    """Ray core's actor-restart advisory goes to ``log_dir``/:data:`ADVISORY_LOG_NAME`, not the terminal.
+
+    A driver that creates an actor which may restart and takes constructor arguments from the
+    object store logs, once per process and from C++ straight to its stderr (no Python setting
+    reaches it), ``ERROR … core_worker.cc: Actor with class name: … has constructor arguments in
+    the object store and max_restarts > 0`` (ray-project/ray#53727). Ray Data 2.60 creates every
+    actor-pool worker that way — its ``DataContext`` and transform go by reference, restarts on —
+    so ``prepare``, ``evaluate`` and batch ``predict`` print it whatever they pass; Ray Data holds
+    those objects for the whole run, so a restarted worker finds them, and nothing else here
+    creates such actors. Turning restarts off would remove the cause, but a dead actor then hangs
+    Ray Data (``tests/pipelines/data/test_prepare_streaming.py``). So the one line is spent here,
+    on a placeholder actor that needs a resource no node has (never placed, no process; killed at
+    once) while this process's stderr points at the file; the advisory keeps its text there.
+
+    Call after ``ray.init`` in the driver, before any dataset runs. Returns the file's path, or
+    ``None`` when Ray is not connected (nothing done).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    path = os.path.join(os.fspath(log_dir), ADVISORY_LOG_NAME)
+
+    @ray.remote(num_cpus=0, resources={"instalign-placeholder-never-placed": 1}, max_restarts=1)
+    class _Placeholder:
+        def __init__(self, _arg) -> None:
+            pass
+
+    arg = ray.put(b"")  # an argument in the object store: what the advisory is about
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log_file:
+            os.dup2(log_file.fileno(), 2)
+            try:
+                placeholder = _Placeholder.remote(arg)  # Ray logs the advisory here, synchronously
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+    ray.kill(placeholder, no_restart=True)
+    return path

@@ -16,6 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[3]
 PREEMPTION_LINE = ("ERROR actor_manager.py: Actor with class name: 'PreemptionWatcher' and ID: 1 has constructor "
                    "arguments in the object store and max_restarts > 0.")
@@ -113,3 +115,50 @@ def test_the_raylets_first_many_workers_note_on_a_small_node_is_dropped_and_late
     out = run_python(DEDUP.format(first="import ray._private.ray_logging", then="skip_known_worker_lines()",
                                   line=_workers_started_line(8, 4, 2)))
     assert out.strip() == '[["epoch 1 step 2 loss 0.5"]]'
+
+
+ACTOR_POOL = """\
+import os, sys
+from pipelines.core.ray_cluster import init_ray
+from pipelines.core import ray_logs
+import ray, ray.data
+
+class Same:
+    def __call__(self, batch):
+        return batch
+
+init_ray(None, data_only=True)
+if {route!r}:
+    print("routed to", ray_logs.route_actor_restart_advisory({log_dir!r}), flush=True)
+pool = ray.data.ActorPoolStrategy(size=1)  # as prepare, evaluate and batch predict run their actors
+rows = ray.data.range(6, override_num_blocks=3).map_batches(Same, compute=pool, batch_size=2, num_cpus=0.5).take_all()
+print("rows", len(rows), flush=True)
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_ray_cores_actor_restart_advisory_goes_to_a_file_not_the_terminal(tmp_path):
+    """A Ray Data actor pool makes the driver's Ray core print ``ERROR … core_worker.cc: … has
+    constructor arguments in the object store and max_restarts > 0`` (issue 29: the quickstart's
+    prepare and evaluation), whatever the pool's own arguments: Ray Data passes its context and
+    transform by reference. Routed, the line is in the file and the terminal has none of it; the
+    dataset runs as before. Fresh interpreters: Ray logs it once per process."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), RAY_DATA_DISABLE_PROGRESS_BARS="1")
+
+    def run(route: bool) -> subprocess.CompletedProcess:
+        code = ACTOR_POOL.format(route=route, log_dir=str(tmp_path))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env=env)
+        assert done.returncode == 0 and "rows 6" in done.stdout, done.stderr[-3000:]
+        return done
+
+    advisory = "has constructor arguments in the object store and max_restarts > 0"
+    plain = run(route=False)
+    assert advisory in plain.stderr  # Ray's own behaviour: the test can see the line
+    routed = run(route=True)
+    assert advisory not in routed.stdout + routed.stderr and "core_worker" not in routed.stderr, routed.stderr[-3000:]
+    log = (tmp_path / "ray-driver-advisories.log").read_text()
+    assert advisory in log and "core_worker.cc" in log
+    assert f"routed to {tmp_path / 'ray-driver-advisories.log'}" in routed.stdout
