@@ -138,12 +138,20 @@ GPU_BATCH, CPU_BATCH = 32, 8
 BLOCK_ROWS = 128
 
 
+def cpu_stage_cpus(model_cpus: float) -> float:
+    """CPUs per decode or encode task: half a CPU, so both fit beside a 1-CPU model actor on 2
+    cores, and never the model actors' share: Ray Data fuses a task stage into the actor
+    stage after it when their resources are equal (measured: decoding then ran inside the
+    model's process, ``MapBatches(decode_rows)->MapBatches(ModelStage)``)."""
+    return 0.5 if model_cpus != 0.5 else 0.25
+
+
 def _stages(ds, payload, cfg: BatchPredictConfig, *, cpus: float, gpus: float, batch_size: int):
     """Decode (Ray tasks on CPUs) → model (the actor pool, GPUs when given) → encode (Ray tasks
     on CPUs): each stage streams blocks to the next, so on a GPU node the CPUs decode and
     encode while the GPU predicts, and the model's process does nothing else."""
     blocks = ds.repartition(target_num_rows_per_block=max(BLOCK_ROWS, batch_size))
-    decoded = blocks.map_batches(decode_rows, batch_format="pyarrow", batch_size=None)
+    decoded = blocks.map_batches(decode_rows, batch_format="pyarrow", batch_size=None, num_cpus=cpu_stage_cpus(cpus))
     predicted = decoded.map_batches(
         ModelStage,
         fn_constructor_kwargs=dict(checkpoint=[payload], device="cuda" if gpus > 0 else "cpu",
@@ -154,7 +162,7 @@ def _stages(ds, payload, cfg: BatchPredictConfig, *, cpus: float, gpus: float, b
         num_cpus=cpus,
         num_gpus=gpus or None,
     )
-    return predicted.map_batches(encode_rows, batch_format="pyarrow", batch_size=None)
+    return predicted.map_batches(encode_rows, batch_format="pyarrow", batch_size=None, num_cpus=cpu_stage_cpus(cpus))
 
 
 def _model_tags(model: str) -> dict[str, str]:

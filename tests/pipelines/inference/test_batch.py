@@ -204,3 +204,29 @@ def test_workers_that_leave_no_cpu_for_reading_are_refused(registered, ray_local
     table.write_text("image_path,text\na.png,the ball\n")
     with pytest.raises(BatchPredictError, match="would hang"):
         run(_args(registered, table, tmp_path / "out", num_workers=2, cpus_per_worker=0.75))
+
+
+@pytest.mark.parametrize("model_cpus", [1.0, 0.5])
+def test_decode_runs_as_tasks_not_inside_the_model_actor(ray_local, model_cpus, capsys, monkeypatch):
+    """Ray Data fuses a task stage into the actor stage after it when their resources are equal:
+    decoding then ran inside the model's process (measured). The optimized plan keeps them apart;
+    with equal shares (the mistake) the same check sees them fused, so it can tell."""
+    import ray
+    import ray.data
+
+    from pipelines.inference import batch
+    from pipelines.inference.tables import INPUT_SCHEMA
+
+    def plan() -> str:
+        cfg = batch.BatchPredictConfig(model="m", data="d", out="o")
+        ds = batch._stages(ray.data.from_arrow(INPUT_SCHEMA.empty_table()), ray.put(b""), cfg, cpus=model_cpus,
+                           gpus=0.0, batch_size=8)
+        capsys.readouterr()
+        ds.explain()
+        return capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
+
+    optimized = plan()
+    assert "MapBatches(decode_rows)->MapBatches(ModelStage)" not in optimized
+    assert "MapBatches(decode_rows)" in optimized and "ActorPoolMapOperator[MapBatches(ModelStage)]" in optimized
+    monkeypatch.setattr(batch, "cpu_stage_cpus", lambda cpus: cpus)
+    assert "MapBatches(decode_rows)->MapBatches(ModelStage)" in plan()
