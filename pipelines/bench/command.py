@@ -12,7 +12,16 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from instalign.errors import InstAlignError
 from pipelines.core import flags
+
+
+class BenchError(InstAlignError, ValueError):
+    """A benchmark that cannot run as asked (a bad option, nothing to run, no finite figure).
+
+    The CLI prints it as ``instalign bench: <message>``; a bad option exits as a usage error.
+    """
+
 
 BENCHES: dict[str, tuple[str, str]] = {
     "model": ("pipelines.bench.model", "forward/backward step time and memory of the model"),

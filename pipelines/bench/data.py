@@ -52,8 +52,10 @@ from pyarrow.fs import LocalFileSystem
 from instalign.config import tiny
 from instalign.data.readers import read_source
 from instalign.data.records import IMAGE_SCHEMA
+from instalign.errors import USAGE
 from pipelines.bench.clock import Clock, TreeCPU
 from pipelines.bench.coco_like import make_coco_like, release_owns
+from pipelines.bench.command import BenchError
 from pipelines.core import flags
 from pipelines.core.output_dirs import MARKER_NAME, check_report_path, claim_output, replaceable_output
 from pipelines.core.ray_cluster import init_ray
@@ -232,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     stages = {x.strip() for x in args.stages.split(",") if x.strip()}
     unknown = stages - {"prepare", "loader"}
     if unknown:
-        raise SystemExit(f"instalign bench data: unknown stage(s) {sorted(unknown)}; choose from prepare, loader")
+        raise BenchError(f"data: unknown stage(s) {sorted(unknown)}; choose from prepare, loader", exit_code=USAGE)
     rows = []
     # Prepare first, before this process connects to Ray: its time includes Ray's start, as a
     # user's `instalign prepare` does. The plain loop runs first on the same images (both read

@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from instalign.errors import USAGE
+from pipelines.bench.command import BenchError
+
 REPO = Path(__file__).resolve().parents[2]
 #: The environment variables ``tests/support/fuzz_support.py`` reads.
 EXAMPLES_ENV, TALLY_ENV = "INSTALIGN_FUZZ_EXAMPLES", "INSTALIGN_FUZZ_TALLY"
@@ -42,7 +45,7 @@ def fuzz_tests() -> list[Path]:
     """The fuzz test modules of this checkout; a clean exit when there is none (an installed wheel)."""
     files = sorted((REPO / "tests").rglob("test_fuzz_*.py"))
     if not files:
-        raise SystemExit(f"instalign bench fuzz: no tests/**/test_fuzz_*.py under {REPO}; it runs from a source checkout")
+        raise BenchError(f"fuzz: no tests/**/test_fuzz_*.py under {REPO}; it runs from a source checkout")
     return files
 
 
@@ -87,7 +90,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.examples < 1:
-        raise SystemExit("instalign bench fuzz: --examples must be >= 1")
+        raise BenchError("fuzz: --examples must be >= 1", exit_code=USAGE)
     report = run_fuzz(args.examples, args.keyword)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
     print(table, end="")
     if report["pytest_exit"] != 0 or not report["boundaries"]:
         # Tally mode fails no case: a non-zero status is a harness error or a killed process (a crash).
-        print(f"instalign bench fuzz: pytest exited with {report['pytest_exit']}:\n{report['pytest_tail']}",
-              file=sys.stderr)
-        return 1
+        raise BenchError(f"fuzz: pytest exited with {report['pytest_exit']} (the table above is partial)",
+                         hint=f"pytest's last lines: {report['pytest_tail']}")
     bad = sum(row.get(k, 0) for row in report["boundaries"].values() for k in ("traceback", "5xx", "crash", "escape"))
     return 1 if bad else 0

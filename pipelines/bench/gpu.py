@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import tempfile
@@ -37,9 +38,11 @@ import torch
 
 from instalign.config import load_config
 from instalign.engine import resolve_precision, train_one_epoch
+from instalign.errors import USAGE
 from instalign.losses import build_criterion
 from instalign.optim import build_optimizer
-from pipelines.bench.model import _build, _peak_bytes, _sync, synthetic_batch
+from pipelines.bench.command import BenchError
+from pipelines.bench.model import build_bench_model, peak_bytes, sync_device, synthetic_batch
 from pipelines.bench.predict import TEXT, build_predictor, request_image
 from pipelines.core import flags
 from pipelines.core.output_dirs import check_report_path
@@ -73,7 +76,7 @@ def train_figures(cfg: Any, *, device: torch.device, batch_size: int, steps: int
     ``backend`` (``None``: eager). A fresh model per mode, so each peak is that mode's own."""
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(seed)
-    model, text_name = _build(cfg.model)
+    model, text_name = build_bench_model(cfg.model)
     model = model.to(device).train()
     vocab = int(model.text_encoder.encoder.config.vocab_size)
     # No prepared split to balance an ``auto`` weight on; a number costs the same step time.
@@ -96,16 +99,13 @@ def train_figures(cfg: Any, *, device: torch.device, batch_size: int, steps: int
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     run(warmup)
-    _sync(device)
+    sync_device(device)
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     run(steps)
-    _sync(device)
+    sync_device(device)
     step_s = (time.perf_counter() - start) / steps
-    peak = _peak_bytes(device)
-    del runner, model, optimizer, batches
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    peak = peak_bytes(device)
     return {"samples_per_s": batch_size / step_s, "step_s": step_s, "peak_mem_GiB": peak / 2**30,
             "warmup_s": warmup_s, "precision": precision, "text_encoder": text_name}
 
@@ -145,7 +145,7 @@ def _device_name(device: torch.device) -> str:
 def run(args: argparse.Namespace) -> int:
     check_report_path(args.out)  # before minutes of measuring: never a file this project did not write
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.requests < 1:
-        raise SystemExit("bench gpu: --batch-size, --steps and --requests must be >= 1, --warmup >= 0")
+        raise BenchError("gpu: --batch-size, --steps and --requests must be >= 1, --warmup >= 0", exit_code=USAGE)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     backend = args.compile_backend if args.compile_backend != "auto" else \
         ("inductor" if device.type == "cuda" else "aot_eager")
@@ -165,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
         report.update({f"train_{mode}_{k}": v for k, v in figures.items()})
         print(f"train {mode}: {figures['samples_per_s']:.2f} samples/s, {figures['peak_mem_GiB']:.2f} GiB peak",
               flush=True)
+        gc.collect()  # the mode's model, optimiser state and compiled graphs, before the next mode's peak
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory(prefix="instalign-bench-gpu-") as tmp:
         predictor, notes = build_predictor(config=args.config, overrides=args.overrides, checkpoint=None,
                                            device=str(device), workdir=Path(tmp))
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     report["wall_s"] = time.perf_counter() - started
     bad = [k for k in FIGURES if not (isinstance(report.get(k), (int, float)) and math.isfinite(report[k]))]
     if bad:
-        raise SystemExit(f"bench gpu: no finite figure for {bad}")
+        raise BenchError(f"gpu: no finite figure for {bad}")
     text = json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}, indent=2)
     Path(args.out).write_text(text + "\n")
     print(text)

@@ -45,9 +45,11 @@ from transformers import RobertaConfig
 from instalign.config import TextEncoderConfig, load_config
 from instalign.data.batch import Batch
 from instalign.engine import autocast, resolve_precision
+from instalign.errors import USAGE
 from instalign.losses import build_criterion
 from instalign.modeling import TextEncoderLoadError, build_model, ms_deform_attn_memory
 from instalign.optim import build_optimizer
+from pipelines.bench.command import BenchError
 from pipelines.core import flags
 from pipelines.core.output_dirs import check_report_path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +92,7 @@ def synthetic_batch(*, batch_size: int, image_size: int, max_tokens: int, vocab_
                  sample_ids=[f"synthetic:{i}" for i in range(batch_size)])
 
 
-def _build(model_cfg) -> tuple[Any, str]:
+def build_bench_model(model_cfg) -> tuple[Any, str]:
     # random weights: speed does not depend on them, and no download is needed
     model_cfg = dataclasses.replace(
         model_cfg,
@@ -111,12 +113,12 @@ def _build(model_cfg) -> tuple[Any, str]:
     return build_model(dataclasses.replace(model_cfg, text_encoder=text)), "roberta-base (architecture only)"
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _peak_bytes(device: torch.device) -> int:
+def peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
@@ -126,7 +128,7 @@ def measure(args: argparse.Namespace, cfg, mode: str) -> dict[str, Any]:
     device = torch.device(args.device)
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(args.seed)
-    model, text_name = _build(cfg.model)
+    model, text_name = build_bench_model(cfg.model)
     model = model.to(device).train()
     vocab = int(model.text_encoder.encoder.config.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
@@ -153,16 +155,16 @@ def measure(args: argparse.Namespace, cfg, mode: str) -> dict[str, Any]:
     start = time.perf_counter()
     for i in range(args.warmup):
         step(batches[i % 2])
-    _sync(device)
+    sync_device(device)
     warmup_s = time.perf_counter() - start
     times, cpu_times = [], []
     for i in range(args.steps):
         t0, c0 = time.perf_counter(), time.process_time()
         step(batches[i % 2])
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    peak = _peak_bytes(device)
+    peak = peak_bytes(device)
 
     runner.eval()
     one = batches[0]
@@ -171,7 +173,7 @@ def measure(args: argparse.Namespace, cfg, mode: str) -> dict[str, Any]:
         for i in range(args.latency_iters + 2):
             t0 = time.perf_counter()
             runner(one.images[:1], one.input_ids[:1], one.attention_mask[:1])
-            _sync(device)
+            sync_device(device)
             if i >= 2:  # two warm-up forwards (compile for batch 1 happens here)
                 lat.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
@@ -203,7 +205,7 @@ def deform_memory(args: argparse.Namespace) -> int:
     hooks (``instalign.modeling.ms_deform_attn_memory``); the figures go to docs/performance.md.
     """
     if args.deform_memory < 1:
-        raise SystemExit("bench model: --deform-memory BATCH must be >= 1")
+        raise BenchError("model: --deform-memory BATCH must be >= 1", exit_code=USAGE)
     cfg = load_config(args.config, args.overrides)
     pd = cfg.model.pixel_decoder
     rows = ms_deform_attn_memory.measure(batch=args.deform_memory, image_size=cfg.model.image_size,
@@ -225,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.latency_iters < 0:
-        raise SystemExit("bench model: --batch-size and --steps must be >= 1, --warmup/--latency-iters >= 0")
+        raise BenchError("model: --batch-size and --steps must be >= 1, --warmup/--latency-iters >= 0", exit_code=USAGE)
     cfg = load_config(args.config, args.overrides)
     choice = args.compile
     if choice == "auto":

@@ -41,6 +41,7 @@ from instalign.modeling.builders import build_model
 from instalign.modeling.text_encoder import load_tokenizer, resolve_source
 from instalign.modeling.tiny_text import ensure_tiny_roberta
 from instalign.predictor import Predictor
+from pipelines.bench.command import BenchError
 from pipelines.core import flags
 from pipelines.core.output_dirs import check_report_path
 #: roberta-base's config.json (the paper's text encoder), for an offline stand-in of the same shape.
@@ -61,7 +62,7 @@ def _offline_text_encoder(cfg: Any, workdir: Path) -> str | None:
     except (OSError, ValueError):
         pass
     if cfg.model.text_encoder.name != "roberta-base":
-        raise SystemExit(f"bench predict: text encoder {cfg.model.text_encoder.name!r} is not available offline")
+        raise BenchError(f"predict: text encoder {cfg.model.text_encoder.name!r} is not available offline")
     local = workdir / "roberta-base-shape"
     local.mkdir(parents=True, exist_ok=True)
     RobertaConfig(**ROBERTA_BASE).save_pretrained(local)

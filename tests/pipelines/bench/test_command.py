@@ -15,8 +15,8 @@ def test_every_benchmark_has_its_own_parser(name):
 
 def test_the_benchmarks_options_reach_its_module(tmp_path, capsys):
     # bench fuzz's own check of --examples runs: the options after the name were parsed by its parser.
-    with pytest.raises(SystemExit, match="--examples must be >= 1"):
-        main(["bench", "fuzz", "--examples", "0", "--out", str(tmp_path)])
+    assert main(["bench", "fuzz", "--examples", "0", "--out", str(tmp_path)]) == 2  # a usage error
+    assert "instalign bench: fuzz: --examples must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "fuzz", "--no-such-option"])
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err

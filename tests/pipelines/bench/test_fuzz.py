@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from pipelines.bench.command import BenchError
+
 from pipelines.bench import fuzz
 
 
@@ -40,5 +42,5 @@ def test_the_table_names_the_first_input_of_each_bad_outcome():
 
 
 def test_no_examples_is_refused_in_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="--examples must be >= 1"):
+    with pytest.raises(BenchError, match="--examples must be >= 1"):
         fuzz.run(argparse.Namespace(examples=0, out=str(tmp_path), keyword=None))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from pipelines.bench.command import BenchError
+
 from pipelines.bench.model import synthetic_batch
 
 
@@ -54,6 +56,6 @@ def test_bench_model_deform_memory_rows(tmp_path, capsys):
     assert op["pytorch (default: recompute)"]["saved_bytes"] < op["reference (naive stack)"]["saved_bytes"]
     assert module["pytorch"]["saved_bytes"] < module["reference"]["saved_bytes"]
     assert "| attention op | reference (naive stack) |" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="BATCH must be >= 1"):
+    with pytest.raises(BenchError, match="BATCH must be >= 1"):
         bench_model.run(parser.parse_args(["--config", "tiny", "--deform-memory", "0"]))
 
