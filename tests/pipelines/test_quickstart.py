@@ -53,6 +53,11 @@ def test_quickstart_trains_registers_promotes_and_serves(tmp_path):
     # No Python warning from inside Ray a user cannot act on (Ray Train's exclude_resources one
     # came through the driver in the ordered data order the quickstart uses).
     assert "RayDeprecationWarning" not in out + proc.stderr, proc.stderr[-4000:]
+    # Nor Ray core's advisory that every Ray Data actor pool triggers (prepare, evaluation: in the
+    # workdir's ray-driver-advisories.log instead), nor the raylet's 4x worker note on 2 cores.
+    assert "core_worker" not in out + proc.stderr, proc.stderr[-4000:]
+    assert "worker processes have been started" not in out + proc.stderr, proc.stderr[-4000:]
+    assert "has constructor arguments in the object store" in (workdir / "ray-driver-advisories.log").read_text()
     db = workdir / "mlflow.db"
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out
 
