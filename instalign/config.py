@@ -131,6 +131,11 @@ class ModelConfig:
         for name in ("aggregation", "no_target_input", "decoder"):
             check_literal(self, name)
         check(self.image_size % 32 == 0, f"model.image_size={self.image_size}: must be a multiple of 32")
+        # The backbone is built for model.image_size (``img_size``); a second size in its kwargs
+        # would win there and fail at the first forward pass with timm's own assertion.
+        img_size = self.backbone.kwargs.get("img_size", self.image_size)
+        check(img_size == self.image_size, f"model.backbone.kwargs.img_size={img_size} differs from "
+              f"model.image_size={self.image_size}: drop it, the backbone is built for model.image_size")
         check(self.hidden_dim % self.num_heads == 0, "model.hidden_dim must be divisible by model.num_heads")
         check(self.num_queries >= 1, "model.num_queries must be >= 1")
         check(self.num_blocks >= 1, "model.num_blocks must be >= 1")
@@ -295,7 +300,7 @@ def tiny() -> Config:
     cfg.model.backbone = BackboneConfig(
         name="swin_tiny_patch4_window7_224",
         pretrained=False,
-        kwargs=dict(img_size=128, embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 6], window_size=4),
+        kwargs=dict(embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 6], window_size=4),
     )
     cfg.model.text_encoder = TextEncoderConfig(name=TINY_TEXT_ENCODER, pretrained=False, max_tokens=20)
     cfg.model.pixel_decoder = PixelDecoderConfig(num_layers=1, num_heads=4, num_points=2, ffn_dim=64)
