@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if is_model_uri(args.model):
         configure_tracking(args.tracking_uri)
     checkpoint = resolve_checkpoint(args.model)
-    predictor = Predictor.from_checkpoint(checkpoint, device=args.device, top_words=args.top_words)
+    # One image, one forward: compiling (tens of seconds on a GPU) would never be repaid.
+    predictor = Predictor.from_checkpoint(checkpoint, device=args.device, top_words=args.top_words, compile=False)
     image = load_local_image(args.image)
     try:
         text = check_text(0, args.text, tokenizer=predictor.tokenizer, max_tokens=predictor.transform.max_tokens)

@@ -130,3 +130,22 @@ def test_bench_json_replaces_only_a_json_report(tmp_path, capsys):
     assert main(["bench", "predict", "--json", str(tmp_path)]) == 1
     assert "exists and is not a regular file" in capsys.readouterr().err
     assert notes.read_text() == "my notes"
+
+
+def test_one_image_is_never_compiled_for(checkpoint, image_path, monkeypatch, capsys):
+    """``instalign predict --image`` runs one forward: the predictor it builds is eager on any
+    device (on a GPU the default would compile first, tens of seconds, for a single answer)."""
+    from instalign.predictor import Predictor
+    from pipelines.cli import main
+
+    seen = []
+    real_init = Predictor.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("compile", "auto"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "__init__", spy)
+    assert main(["predict", "--model", str(checkpoint), "--image", str(image_path), "--text", "the red circle",
+                 "--device", "cpu"]) == 0
+    assert seen == [False]
