@@ -415,7 +415,7 @@ def stop(*, private: bool) -> None:
     Measured on the 2-core machine, Ctrl-C to exit: 6.5 s before (an idle replica waited out
     Serve's 2 s drain period: :data:`SHUTDOWN_CHECK_S`), 5.0 s with that gone, of which ~2 s
     were the interpreter's teardown after ``ray.shutdown`` (C-level, nothing left to do: no
-    Python frame running); ending with ``os._exit`` once everything is flushed, ~3.2 s. On a
+    Python frame running); ending with ``os._exit`` once everything is flushed, 2.5 s. On a
     cluster the verb joined (``--address``), only the application goes, and the process
     ends as any other.
     """
