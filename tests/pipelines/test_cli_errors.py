@@ -252,7 +252,7 @@ def test_too_old_a_ray_is_one_line(fake_verb, capsys):
 INTERNAL_ERRORS = {
     "pipelines.core.forked.ChildFailed": "pipelines.data.prepare reports it as a PrepareError",
     "pipelines.core.forked.RemoteTraceback": "the __cause__ carrying a child's traceback text, never raised alone",
-    "pipelines.inference.actor._Rejected": "a row for the rejects table, caught in the actor",
+    "pipelines.inference.decode.Rejected": "a row for the rejects table, caught in the decode stage",
     "pipelines.models.limits.FileTooLarge": "becomes a PyfuncInputError or a rejected row",
     "pipelines.serving.bounded_json.LimitExceeded": "becomes a 413 RequestError",
 }

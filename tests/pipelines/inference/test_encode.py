@@ -1,7 +1,7 @@
-"""Batch prediction's three stages called directly on Arrow batches (no Ray cluster): decode
-(``pipelines.inference.decode``), model (``pipelines.inference.actor.ModelStage``) and encode
-(``pipelines.inference.encode``). A row rejected at any stage reaches the last one with its
-reason, in its place; the good rows' answers equal the checkpoint's own ``Predictor``'s."""
+"""Batch prediction's encode stage (``pipelines.inference.encode``), and the three stages called
+in turn on Arrow batches (no Ray cluster): decode, model (``pipelines.inference.actor.ModelStage``)
+and encode. A row rejected at any stage reaches the last one with its reason, in its place;
+the good rows' answers equal the checkpoint's own ``Predictor``'s."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from instalign.predictor import Predictor
 from pipelines.inference.actor import ModelStage
 from pipelines.inference.decode import decode_rows
 from pipelines.inference.encode import encode_rows, pack_mask, unpack_mask
-from pipelines.inference.tables import ACTOR_SCHEMA, DECODED_SCHEMA, INPUT_SCHEMA, PREDICTED_SCHEMA
+from pipelines.inference.tables import ACTOR_SCHEMA, INPUT_SCHEMA, PREDICTED_SCHEMA
 from pipelines.models.records import prediction_to_record
+from tests.support.batch_rows import row
 from tests.support.images import noise_png as png
 from tests.support.tiny_checkpoint import make_checkpoint
 
@@ -22,30 +23,6 @@ from tests.support.tiny_checkpoint import make_checkpoint
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return str(make_checkpoint(tmp_path_factory.mktemp("stages") / "ckpt", score_bias=4.0, no_target_bias=-4.0))
-
-
-def row(row_id: str, **fields) -> dict:
-    return {"row_id": row_id, "image": None, "image_path": None, "text": "the red square", "gt_mask": None,
-            "gt_no_target": None, "gt_num_targets": None, **fields}
-
-
-def test_the_decode_stage_rejects_with_reasons_and_hands_on_pixels_in_order(tmp_path):
-    (tmp_path / "a.png").write_bytes(png(40, 30))
-    (tmp_path / "fake.png").write_bytes(b"not an image")
-    decoded = decode_rows(pa.Table.from_pylist([
-        row("file", image_path=str(tmp_path / "a.png")),
-        row("missing", image_path=str(tmp_path / "gone.png")),
-        row("empty", image=png(40, 30), text="  "),
-        row("garbage", image_path=str(tmp_path / "fake.png")),
-        row("bytes", image=png(20, 10)),
-    ], schema=INPUT_SCHEMA))
-    assert decoded.schema == DECODED_SCHEMA
-    rows = decoded.to_pylist()
-    assert [(r["row_id"], r["status"], r["reason"]) for r in rows] == [
-        ("file", "ok", None), ("missing", "rejected", "missing_image"), ("empty", "rejected", "empty_text"),
-        ("garbage", "rejected", "unreadable_image"), ("bytes", "ok", None)]
-    assert (rows[0]["width"], rows[0]["height"], len(rows[0]["pixels"])) == (40, 30, 40 * 30 * 3)
-    assert rows[1]["pixels"] is None and "does not exist" in rows[1]["detail"]
 
 
 def test_rejects_of_every_stage_reach_the_output_and_the_counts_add_up(checkpoint, tmp_path, one_thread):
