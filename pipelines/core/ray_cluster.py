@@ -117,6 +117,7 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, **common)
         ray_logs.apply_ray_log_level()
+        _route_data_advisory(data_only)
         return
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
@@ -140,6 +141,22 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=not data_only, dashboard_host="127.0.0.1",
              dashboard_port=port, **common)
     ray_logs.apply_ray_log_level()
+    _route_data_advisory(data_only)
+
+
+def _route_data_advisory(data_only: bool) -> Optional[str]:
+    """A Ray Data job's driver (``data_only``: prepare, evaluate, batch predict) would print Ray
+    core's actor-restart advisory once, as an ERROR line, for the first actor pool
+    (:func:`ray_logs.route_actor_restart_advisory` says why nothing we pass avoids it): it goes
+    to this session's Ray log folder instead, beside Ray's own logs. Training jobs create no such
+    actor; the quickstart routes it into its workdir itself."""
+    if not data_only:
+        return None
+    try:
+        logs = ray._private.worker._global_node.get_logs_dir_path()  # Ray's session logs, on this host
+    except AttributeError:  # not a local node (a Ray Client connection): nothing to route
+        return None
+    return ray_logs.route_actor_restart_advisory(logs)
 
 
 #: The first Ray with token authentication (``RAY_AUTH_MODE=token``; Ray's docs, "Ray token

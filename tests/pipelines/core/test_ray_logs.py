@@ -127,9 +127,11 @@ class Same:
     def __call__(self, batch):
         return batch
 
-init_ray(None, data_only=True)
-if {route!r}:
+mode = {mode!r}
+init_ray(None, data_only=mode == "data_only")  # a data-only job's driver routes the advisory itself
+if mode == "route":  # as the quickstart does, into its workdir
     print("routed to", ray_logs.route_actor_restart_advisory({log_dir!r}), flush=True)
+print("session logs", ray._private.worker._global_node.get_logs_dir_path(), flush=True)
 pool = ray.data.ActorPoolStrategy(size=1)  # as prepare, evaluate and batch predict run their actors
 rows = ray.data.range(6, override_num_blocks=3).map_batches(Same, compute=pool, batch_size=2, num_cpus=0.5).take_all()
 print("rows", len(rows), flush=True)
@@ -147,18 +149,23 @@ def test_ray_cores_actor_restart_advisory_goes_to_a_file_not_the_terminal(tmp_pa
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=str(REPO), RAY_DATA_DISABLE_PROGRESS_BARS="1")
 
-    def run(route: bool) -> subprocess.CompletedProcess:
-        code = ACTOR_POOL.format(route=route, log_dir=str(tmp_path))
+    def run(mode: str) -> subprocess.CompletedProcess:
+        code = ACTOR_POOL.format(mode=mode, log_dir=str(tmp_path))
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
                               env=env)
         assert done.returncode == 0 and "rows 6" in done.stdout, done.stderr[-3000:]
         return done
 
     advisory = "has constructor arguments in the object store and max_restarts > 0"
-    plain = run(route=False)
-    assert advisory in plain.stderr  # Ray's own behaviour: the test can see the line
-    routed = run(route=True)
+    plain = run("plain")  # a training job's init routes nothing: Ray's own behaviour shows
+    assert advisory in plain.stderr
+    routed = run("route")
     assert advisory not in routed.stdout + routed.stderr and "core_worker" not in routed.stderr, routed.stderr[-3000:]
     log = (tmp_path / "ray-driver-advisories.log").read_text()
     assert advisory in log and "core_worker.cc" in log
     assert f"routed to {tmp_path / 'ray-driver-advisories.log'}" in routed.stdout
+    # prepare, evaluate and batch predict (init_ray's data_only): into the session's Ray logs.
+    data = run("data_only")
+    assert advisory not in data.stdout + data.stderr and "core_worker" not in data.stderr, data.stderr[-3000:]
+    logs = next(line.split(" ", 2)[2] for line in data.stdout.splitlines() if line.startswith("session logs "))
+    assert advisory in (Path(logs) / "ray-driver-advisories.log").read_text()
