@@ -404,28 +404,6 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping", file=sys.stderr, flush=True)
-        stop(private=not (args.address or os.environ.get("RAY_ADDRESS")))
+        serve.delete(APP_NAME)  # Serve drains requests in flight first; Ray's own exit hook shuts it down
     return 0
 
-
-def stop(*, private: bool) -> None:
-    """Ctrl-C: the application is deleted (Serve drains requests in flight first); on the
-    verb's private cluster Ray is then shut down and the process ends at once.
-
-    Measured on the 2-core machine, Ctrl-C to exit: 6.5 s before (an idle replica waited out
-    Serve's 2 s drain period: :data:`SHUTDOWN_CHECK_S`), 5.0 s with that gone, of which ~2 s
-    were the interpreter's teardown after ``ray.shutdown`` (C-level, nothing left to do: no
-    Python frame running); ending with ``os._exit`` once everything is flushed, 2.5 s. On a
-    cluster the verb joined (``--address``), only the application goes, and the process
-    ends as any other.
-    """
-    import ray
-
-    serve.delete(APP_NAME)
-    if not private:
-        return
-    ray.shutdown()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
