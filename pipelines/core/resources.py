@@ -71,7 +71,7 @@ def cluster_totals() -> dict[str, float]:
     return {"CPU": float(resources.get("CPU", 0.0)), "GPU": float(resources.get("GPU", 0.0))}
 
 
-def resolve_gpus_per_worker(requested: Optional[float], total_gpus: float) -> float:
+def resolve_gpus_per_worker(requested: Optional[float], total_gpus: float, *, flag: str = "--gpus-per-worker") -> float:
     """GPUs per Train worker: ``requested`` when given (0: CPU workers), else 1 when the cluster has GPUs.
 
     The default follows the cluster because a GPU cluster that trains on CPU does so silently
@@ -79,12 +79,12 @@ def resolve_gpus_per_worker(requested: Optional[float], total_gpus: float) -> fl
     nodes still to come (an autoscaler's) advertises none yet: pass ``--gpus-per-worker 1`` there.
 
     Raises:
-        ValueError: a negative request.
+        ValueError: a negative request (named as ``flag``, the option the user gave it with).
     """
     if requested is None:
         return 1.0 if total_gpus >= 1 else 0.0
     if requested < 0:
-        raise ValueError(f"--gpus-per-worker must be >= 0, got {requested:g}")
+        raise ValueError(f"{flag} must be >= 0, got {requested:g}")
     return float(requested)
 
 

@@ -291,11 +291,7 @@ def resolve_gpus_per_replica(requested: Optional[float], cluster: dict[str, floa
     silently and many times slower. A cluster whose GPU nodes are still to come advertises
     none yet: pass ``--gpus-per-replica 1`` there.
     """
-    if requested is not None:
-        if requested < 0:
-            raise ValueError(f"--gpus-per-replica must be >= 0, got {requested:g}")
-        return float(requested)
-    return resolve_gpus_per_worker(None, float(cluster.get("GPU", 0.0)))
+    return resolve_gpus_per_worker(requested, float(cluster.get("GPU", 0.0)), flag="--gpus-per-replica")
 
 def build_app(model: str, *, tracking_uri: Optional[str] = None, replicas: int = 1, gpus_per_replica: float = 0.0,
               cpus_per_replica: float = 1.0, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
