@@ -8,9 +8,6 @@ it needs the model's tokenizer), predicts the good rows of the batch together (p
 eqs. 1, 8, 12) and hands on the masks bit-packed; the encode stage
 (``pipelines.inference.encode``) turns them into RLE records off this process. A rejected row
 passes through with its reason: a bad row never fails the job.
-
-:class:`BatchPredictor` runs the three stages in one process (input rows in, output rows out),
-for callers without a Ray Data pipeline.
 """
 
 from __future__ import annotations
@@ -23,8 +20,8 @@ import ray
 from PIL import Image
 
 from instalign.predictor import Predictor
-from pipelines.inference.decode import decode_rows, text_rejected
-from pipelines.inference.encode import encode_rows, pack_mask
+from pipelines.inference.decode import text_rejected
+from pipelines.inference.encode import pack_mask
 from pipelines.inference.tables import PREDICTED_SCHEMA
 from pipelines.models.pyfunc import PyfuncInputError, check_text_tokens
 from pipelines.models.source import materialise
@@ -86,10 +83,3 @@ class ModelStage:
                 inst_words=[[str(w) for w, _ in i.words] for i in instances],
                 inst_weights=[[float(x) for _, x in i.words] for i in instances])
         return pa.Table.from_pylist(rows, schema=PREDICTED_SCHEMA)
-
-
-class BatchPredictor(ModelStage):
-    """The three stages in one process: ``INPUT_SCHEMA`` rows in, ``ACTOR_SCHEMA`` rows out."""
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return encode_rows(super().__call__(decode_rows(batch)))

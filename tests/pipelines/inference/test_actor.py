@@ -1,5 +1,6 @@
-"""Batch prediction's model actor (``pipelines.inference.actor.BatchPredictor``), called directly on
-Arrow batches: a real tiny checkpoint, real image bytes and files, no Ray cluster."""
+"""Batch prediction's model stage (``pipelines.inference.actor.ModelStage``) between its decode
+and encode stages, called directly on Arrow batches: a real tiny checkpoint, real image bytes
+and files, no Ray cluster."""
 
 from __future__ import annotations
 
@@ -10,20 +11,20 @@ import pyarrow as pa
 import pytest
 
 from instalign.data.masks import rle_encode
-from pipelines.inference.actor import BatchPredictor
+from pipelines.inference.actor import ModelStage
+from pipelines.inference.decode import decode_rows
+from pipelines.inference.encode import encode_rows
 from pipelines.inference.tables import ACTOR_SCHEMA, INPUT_SCHEMA, BatchPredictError
+from tests.support.batch_rows import row
 from tests.support.images import noise_png as png
 from tests.support.tiny_checkpoint import make_checkpoint
 
 
 @pytest.fixture(scope="module")
 def actor(tmp_path_factory, one_thread):
-    return BatchPredictor(checkpoint=str(make_checkpoint(tmp_path_factory.mktemp("actor") / "ckpt")), device="cpu")
-
-
-def row(row_id: str, **fields) -> dict:
-    return {"row_id": row_id, "image": None, "image_path": None, "text": "the red square", "gt_mask": None,
-            "gt_no_target": None, "gt_num_targets": None, **fields}
+    """The three stages in turn, as the pipeline runs them: input rows in, output rows out."""
+    model = ModelStage(checkpoint=str(make_checkpoint(tmp_path_factory.mktemp("actor") / "ckpt")), device="cpu")
+    return lambda batch: encode_rows(model(decode_rows(batch)))
 
 
 def test_good_rows_are_predicted_together_and_bad_ones_rejected_with_a_reason(actor, tmp_path):
